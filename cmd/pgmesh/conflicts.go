@@ -1,0 +1,62 @@
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"os"
+	"strconv"
+	"text/tabwriter"
+	"time"
+
+	"github.com/pgmesh/pgmesh/daemon"
+)
+
+func cmdConflicts(ctx context.Context, args []string) error {
+	fs := flag.NewFlagSet("pgmesh conflicts", flag.ContinueOnError)
+	api := apiFlag(fs)
+	asJSON := fs.Bool("json", false, "print JSON")
+	limit := fs.Int("limit", 20, "show at most this many, newest first")
+	table := fs.String("table", "", "only this table (schema.table; public. may be left out)")
+	typ := fs.String("type", "", "only this conflict type, e.g. update_origin_differs")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if *limit < 1 {
+		return fmt.Errorf("--limit %d: give a positive number", *limit)
+	}
+	q := url.Values{"limit": {strconv.Itoa(*limit)}, "table": {*table}, "type": {*typ}}
+	var rows []daemon.Conflict
+	if err := call(ctx, *api, http.MethodGet, "/v1/conflicts?"+q.Encode(), nil, &rows); err != nil {
+		return err
+	}
+	if *asJSON {
+		return printJSON(os.Stdout, rows)
+	}
+	printConflicts(os.Stdout, rows)
+	return nil
+}
+
+func printConflicts(out io.Writer, rows []daemon.Conflict) {
+	if len(rows) == 0 {
+		fmt.Fprintln(out, "no conflicts recorded")
+		return
+	}
+	w := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(w, "ID\tWHEN\tTABLE\tTYPE\tRESOLUTION\tFROM\tKEY\tLOCAL\tREMOTE")
+	for _, c := range rows {
+		fmt.Fprintf(w, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", c.ID, c.OccurredAt.Local().Format(time.DateTime),
+			c.Relation, c.Type, c.Resolution, c.OriginNode, raw(c.KeyTuple), raw(c.LocalTuple), raw(c.RemoteTuple))
+	}
+	w.Flush()
+}
+
+func raw(b []byte) string {
+	if len(b) == 0 || string(b) == "null" {
+		return "-"
+	}
+	return string(b)
+}

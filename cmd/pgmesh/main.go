@@ -1,0 +1,89 @@
+// Command pgmesh is the pgmesh daemon (pgmesh run) and its CLI.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+)
+
+const usage = `pgmesh: multi-master replication for PostgreSQL
+
+Usage:
+  pgmesh run --config pgmesh.yaml            run the daemon beside the local Postgres
+  pgmesh group create NAME                   start a node group with this node alone
+  pgmesh group join --via HOST:PORT --token T
+                                             join the group of the daemon at HOST:PORT
+  pgmesh node part NAME                      remove a node from the group
+  pgmesh status [--json]                     nodes, states and per-peer streams
+  pgmesh conflicts [--json] [--limit N] [--table T] [--type TYPE]
+                                             recent conflicts from pgmesh.conflict_history
+
+CLI commands talk to the local daemon at --api (env PGMESH_API, default 127.0.0.1:7400).
+`
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	err := dispatch(ctx, os.Args[1:])
+	stop()
+	if err != nil {
+		if !errors.Is(err, errUsage) && !errors.Is(err, flag.ErrHelp) {
+			// One line per problem (errors.Join separates them by newlines).
+			for _, line := range strings.Split(err.Error(), "\n") {
+				fmt.Fprintln(os.Stderr, "pgmesh:", line)
+			}
+		}
+		os.Exit(1)
+	}
+}
+
+var errUsage = errors.New("usage")
+
+func dispatch(ctx context.Context, args []string) error {
+	if len(args) == 0 {
+		fmt.Fprint(os.Stderr, usage)
+		return errUsage
+	}
+	switch args[0] {
+	case "run":
+		return cmdRun(ctx, args[1:])
+	case "group":
+		if len(args) > 1 && args[1] == "create" {
+			return cmdGroupCreate(ctx, args[2:])
+		}
+		if len(args) > 1 && args[1] == "join" {
+			return cmdGroupJoin(ctx, args[2:])
+		}
+	case "node":
+		if len(args) > 1 && args[1] == "part" {
+			return cmdNodePart(ctx, args[2:])
+		}
+	case "status":
+		return cmdStatus(ctx, args[1:])
+	case "conflicts":
+		return cmdConflicts(ctx, args[1:])
+	case "help", "-h", "--help":
+		fmt.Print(usage)
+		return nil
+	}
+	return fmt.Errorf("unknown command %q: run 'pgmesh help' for the list", joinArgs(args))
+}
+
+func joinArgs(args []string) string {
+	if len(args) > 2 {
+		args = args[:2]
+	}
+	s := ""
+	for i, a := range args {
+		if i > 0 {
+			s += " "
+		}
+		s += a
+	}
+	return s
+}

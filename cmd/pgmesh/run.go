@@ -1,0 +1,141 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"sort"
+	"strings"
+
+	"gopkg.in/yaml.v3"
+
+	"github.com/pgmesh/pgmesh/daemon"
+)
+
+// configKey is one daemon setting: a YAML key, a flag (--node-name) and an
+// environment variable (PGMESH_NODE_NAME). Flags beat env, env beats the file.
+type configKey struct {
+	name  string
+	usage string
+	dst   func(*daemon.Config) *string
+}
+
+var configKeys = []configKey{
+	{"node_name", "unique name of this node ([a-z][a-z0-9_]{0,39})", func(c *daemon.Config) *string { return &c.NodeName }},
+	{"dsn", "local Postgres the daemon applies to and administers", func(c *daemon.Config) *string { return &c.DSN }},
+	{"public_dsn", "how peers reach this Postgres, without password (default: dsn without its password)", func(c *daemon.Config) *string { return &c.PublicDSN }},
+	{"listen_api", "HTTP API address (default " + daemon.DefaultListenAPI + ")", func(c *daemon.Config) *string { return &c.ListenAPI }},
+	{"advertise_api", "API address peers use (default listen_api)", func(c *daemon.Config) *string { return &c.AdvertiseAPI }},
+	{"listen_raft", "Raft transport address (default " + daemon.DefaultListenRaft + ")", func(c *daemon.Config) *string { return &c.ListenRaft }},
+	{"advertise_raft", "Raft address peers use (default listen_raft)", func(c *daemon.Config) *string { return &c.AdvertiseRaft }},
+	{"data_dir", "Raft log, snapshots and local state (default " + daemon.DefaultDataDir + ")", func(c *daemon.Config) *string { return &c.DataDir }},
+	{"log_level", "debug, info, warn or error (default info)", nil},
+}
+
+func flagName(key string) string { return strings.ReplaceAll(key, "_", "-") }
+func envName(key string) string  { return "PGMESH_" + strings.ToUpper(key) }
+
+// loadConfig merges the config file, the environment and the flags.
+func loadConfig(args []string, getenv func(string) string) (daemon.Config, string, error) {
+	fs := flag.NewFlagSet("pgmesh run", flag.ContinueOnError)
+	configPath := fs.String("config", getenv("PGMESH_CONFIG"), "YAML config file (env PGMESH_CONFIG)")
+	flags := map[string]*string{}
+	for _, k := range configKeys {
+		flags[k.name] = fs.String(flagName(k.name), "", k.usage+" (env "+envName(k.name)+")")
+	}
+	if err := fs.Parse(args); err != nil {
+		return daemon.Config{}, "", err
+	}
+	if fs.NArg() > 0 {
+		return daemon.Config{}, "", fmt.Errorf("unexpected argument %q: settings are given as --key value", fs.Arg(0))
+	}
+	values := map[string]string{}
+	if *configPath != "" {
+		file, err := readConfigFile(*configPath)
+		if err != nil {
+			return daemon.Config{}, "", err
+		}
+		values = file
+	}
+	for _, k := range configKeys {
+		if v := getenv(envName(k.name)); v != "" {
+			values[k.name] = v
+		}
+	}
+	fs.Visit(func(f *flag.Flag) {
+		if f.Name != "config" {
+			values[strings.ReplaceAll(f.Name, "-", "_")] = f.Value.String()
+		}
+	})
+	var cfg daemon.Config
+	for _, k := range configKeys {
+		if k.dst != nil {
+			*k.dst(&cfg) = values[k.name]
+		}
+	}
+	return cfg, values["log_level"], nil
+}
+
+func readConfigFile(path string) (map[string]string, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("read config file: %w", err)
+	}
+	var raw map[string]any
+	if err := yaml.Unmarshal(b, &raw); err != nil {
+		return nil, fmt.Errorf("config file %s is not valid YAML (%v): fix the syntax", path, err)
+	}
+	known := map[string]bool{}
+	var names []string
+	for _, k := range configKeys {
+		known[k.name] = true
+		names = append(names, k.name)
+	}
+	sort.Strings(names)
+	out := map[string]string{}
+	for k, v := range raw {
+		if !known[k] {
+			return nil, fmt.Errorf("config file %s has unknown key %q: valid keys are %s", path, k, strings.Join(names, ", "))
+		}
+		switch v := v.(type) {
+		case string:
+			out[k] = v
+		case int, float64, bool:
+			out[k] = fmt.Sprint(v)
+		case nil:
+		default:
+			return nil, fmt.Errorf("config file %s: key %q must be a single value, not %T", path, k, v)
+		}
+	}
+	return out, nil
+}
+
+func parseLevel(s string) (slog.Level, error) {
+	var l slog.Level
+	if s == "" {
+		return slog.LevelInfo, nil
+	}
+	if err := l.UnmarshalText([]byte(s)); err != nil {
+		return l, fmt.Errorf("log_level %q is not one of debug, info, warn, error", s)
+	}
+	return l, nil
+}
+
+func cmdRun(ctx context.Context, args []string) error {
+	cfg, level, err := loadConfig(args, os.Getenv)
+	if err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return nil
+		}
+		return err
+	}
+	lvl, err := parseLevel(level)
+	if err != nil {
+		return err
+	}
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: lvl}))
+	return daemon.Run(ctx, cfg, log)
+}

@@ -1,0 +1,81 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"text/tabwriter"
+	"time"
+
+	"github.com/pgmesh/pgmesh/daemon"
+	"github.com/pgmesh/pgmesh/internal/dsn"
+)
+
+func cmdStatus(ctx context.Context, args []string) error {
+	fs := flag.NewFlagSet("pgmesh status", flag.ContinueOnError)
+	api := apiFlag(fs)
+	asJSON := fs.Bool("json", false, "print JSON")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	var rep daemon.StatusReport
+	if err := call(ctx, *api, http.MethodGet, "/v1/status", nil, &rep); err != nil {
+		return err
+	}
+	if *asJSON {
+		return printJSON(os.Stdout, rep)
+	}
+	printStatus(os.Stdout, rep)
+	return nil
+}
+
+func printJSON(w io.Writer, v any) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+func printStatus(out io.Writer, rep daemon.StatusReport) {
+	group := rep.Group
+	if group == "" {
+		group = "(none)"
+	}
+	fmt.Fprintf(out, "node %s: %s, group %s, raft %s (leader %s)\n\n", rep.Node, rep.State, group, rep.RaftState, orDash(rep.RaftLeader))
+	w := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(w, "NODE\tID\tSTATE\tAPI\tPOSTGRES")
+	for _, n := range rep.Nodes {
+		fmt.Fprintf(w, "%s\t%d\t%s\t%s\t%s\n", n.Name, n.ID, n.State, n.API, dsn.Describe(n.DSN))
+	}
+	w.Flush()
+	if len(rep.Peers) > 0 {
+		fmt.Fprintln(out)
+		w = tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
+		fmt.Fprintln(w, "PEER\tCONNECTED\tLAST APPLIED COMMIT\tLAG BYTES\tLAG SECONDS\tTXNS\tROWS\tCONFLICTS\tLAST ERROR")
+		for _, p := range rep.Peers {
+			last := "-"
+			if p.LastCommitTS != nil {
+				last = p.LastCommitTS.Local().Format(time.DateTime + ".000")
+			}
+			fmt.Fprintf(w, "%s\t%v\t%s\t%d\t%.1f\t%d\t%d\t%d\t%s\n", p.Peer, p.Connected, last, p.LagBytes,
+				p.LagSeconds, p.AppliedTxns, p.AppliedRows, p.Conflicts, orDash(p.LastError))
+		}
+		w.Flush()
+	}
+	if len(rep.Problems) > 0 {
+		fmt.Fprintln(out, "\nproblems:")
+		for _, p := range rep.Problems {
+			fmt.Fprintln(out, "  -", p)
+		}
+	}
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}

@@ -1,0 +1,185 @@
+package daemon
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/pgmesh/pgmesh/membership"
+	"github.com/pgmesh/pgmesh/replicator"
+)
+
+// The API has two parts: /v1/* for the local CLI, and /v1/cluster/* for
+// other members, which must present the group's join token.
+func (d *Daemon) routes() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /v1/status", d.handleStatus)
+	mux.HandleFunc("GET /v1/conflicts", d.handleConflicts)
+	mux.HandleFunc("POST /v1/group/create", d.handleCreate)
+	mux.HandleFunc("POST /v1/group/join", d.handleJoin)
+	mux.HandleFunc("POST /v1/node/part", d.handlePart)
+	mux.HandleFunc("POST /v1/cluster/join", d.handleClusterJoin)
+	mux.HandleFunc("POST /v1/cluster/state", d.handleClusterState)
+	mux.HandleFunc("POST /v1/cluster/part", d.handleClusterPart)
+	return mux
+}
+
+func writeJSON(w http.ResponseWriter, code int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	_ = enc.Encode(v)
+}
+
+func writeErr(w http.ResponseWriter, code int, err error) {
+	var ae *APIError
+	if errors.As(err, &ae) {
+		code = ae.Status
+	}
+	writeJSON(w, code, errorBody{Error: err.Error()})
+}
+
+func readJSON(r *http.Request, v any) error {
+	dec := json.NewDecoder(http.MaxBytesReader(nil, r.Body, 1<<20))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return &APIError{Status: http.StatusBadRequest, Message: "malformed request: " + err.Error()}
+	}
+	return nil
+}
+
+// StatusReport is the answer of GET /v1/status and `pgmesh status --json`.
+type StatusReport struct {
+	Node       string              `json:"node"`
+	Group      string              `json:"group,omitempty"`
+	State      string              `json:"state"`
+	RaftState  string              `json:"raft_state"`
+	RaftLeader string              `json:"raft_leader,omitempty"`
+	Nodes      []*membership.Node  `json:"nodes"`
+	Peers      []replicator.Status `json:"peers"`
+	Problems   []string            `json:"problems"`
+}
+
+// Status assembles this node's view of the group.
+func (d *Daemon) Status() StatusReport {
+	g, _ := d.store.Group()
+	rep := StatusReport{Node: d.cfg.NodeName, State: "not in a group", RaftState: d.store.RaftState(),
+		RaftLeader: d.store.Leader(), Nodes: []*membership.Node{}, Peers: d.streamStatuses()}
+	if g != nil {
+		rep.Group = g.Name
+		rep.Nodes = g.Sorted()
+		if me := g.Nodes[d.cfg.NodeName]; me != nil {
+			rep.State = string(me.State)
+		}
+	}
+	d.mu.Lock()
+	rep.Problems = append([]string{}, d.problems...)
+	d.mu.Unlock()
+	for _, p := range rep.Peers {
+		if p.LastError != "" {
+			rep.Problems = append(rep.Problems, fmt.Sprintf("stream from %s: %s", p.Peer, p.LastError))
+		}
+	}
+	return rep
+}
+
+func (d *Daemon) handleStatus(w http.ResponseWriter, r *http.Request) {
+	writeJSON(w, http.StatusOK, d.Status())
+}
+
+// Conflict is one pgmesh.conflict_history row as the API returns it.
+type Conflict struct {
+	ID             int64           `json:"id"`
+	OccurredAt     time.Time       `json:"occurred_at"`
+	LocalNode      string          `json:"local_node"`
+	OriginNode     string          `json:"origin_node"`
+	Relation       string          `json:"relation"`
+	Type           string          `json:"conflict_type"`
+	Resolution     string          `json:"resolution"`
+	KeyTuple       json.RawMessage `json:"key_tuple"`
+	LocalTuple     json.RawMessage `json:"local_tuple"`
+	RemoteTuple    json.RawMessage `json:"remote_tuple"`
+	AppliedTuple   json.RawMessage `json:"applied_tuple"`
+	LocalCommitTS  *time.Time      `json:"local_commit_ts"`
+	LocalOrigin    *string         `json:"local_origin"`
+	RemoteCommitTS *time.Time      `json:"remote_commit_ts"`
+	RemoteLSN      *string         `json:"remote_commit_lsn"`
+	RemoteXID      *int64          `json:"remote_xid"`
+	Reason         *string         `json:"reason"`
+}
+
+func (d *Daemon) handleConflicts(w http.ResponseWriter, r *http.Request) {
+	limit := 50
+	if s := r.URL.Query().Get("limit"); s != "" {
+		n, err := strconv.Atoi(s)
+		if err != nil || n < 1 {
+			writeErr(w, http.StatusBadRequest, fmt.Errorf("limit %q is not a positive number", s))
+			return
+		}
+		limit = n
+	}
+	rows, err := d.db.Query(r.Context(), `SELECT id, occurred_at, local_node, origin_node, relation,
+		conflict_type, resolution, key_tuple, local_tuple, remote_tuple, applied_tuple,
+		local_commit_ts, local_origin, remote_commit_ts, remote_commit_lsn::text, remote_xid, reason
+		FROM pgmesh.conflict_history
+		WHERE ($1 = '' OR relation = $1 OR relation = 'public.' || $1) AND ($2 = '' OR conflict_type = $2)
+		ORDER BY id DESC LIMIT $3`, r.URL.Query().Get("table"), r.URL.Query().Get("type"), limit)
+	if err != nil {
+		writeErr(w, http.StatusInternalServerError, fmt.Errorf("read pgmesh.conflict_history: %w", err))
+		return
+	}
+	out, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (Conflict, error) {
+		var c Conflict
+		err := row.Scan(&c.ID, &c.OccurredAt, &c.LocalNode, &c.OriginNode, &c.Relation, &c.Type, &c.Resolution,
+			&c.KeyTuple, &c.LocalTuple, &c.RemoteTuple, &c.AppliedTuple, &c.LocalCommitTS, &c.LocalOrigin,
+			&c.RemoteCommitTS, &c.RemoteLSN, &c.RemoteXID, &c.Reason)
+		return c, err
+	})
+	if err != nil {
+		writeErr(w, http.StatusInternalServerError, fmt.Errorf("read pgmesh.conflict_history: %w", err))
+		return
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+// authorized checks the bearer token of a member-to-member call.
+func (d *Daemon) authorized(r *http.Request) (*membership.Group, error) {
+	g, _ := d.store.Group()
+	if g == nil {
+		return nil, &APIError{Status: http.StatusConflict, Message: fmt.Sprintf("node %q is not in a node group: point --via at a member of the group", d.cfg.NodeName)}
+	}
+	token, _ := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+	if !g.CheckToken(token) {
+		return nil, &APIError{Status: http.StatusForbidden, Message: fmt.Sprintf("the join token was refused by group %q: use the token printed by 'pgmesh group create'", g.Name)}
+	}
+	return g, nil
+}
+
+// forward sends a member-to-member call on to the Raft leader when this node
+// is not it. It reports whether it handled the request.
+func (d *Daemon) forward(w http.ResponseWriter, r *http.Request, g *membership.Group, in any) bool {
+	if d.store.IsLeader() {
+		return false
+	}
+	leader := g.Nodes[d.store.Leader()]
+	if leader == nil {
+		writeErr(w, http.StatusServiceUnavailable, errors.New("the node group has no Raft leader right now (is a majority of members down?): joins and parts need a majority; try again when it is back"))
+		return true
+	}
+	token, _ := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+	var out json.RawMessage
+	if err := Call(r.Context(), leader.API, r.Method, r.URL.Path, token, in, &out); err != nil {
+		writeErr(w, http.StatusBadGateway, err)
+		return true
+	}
+	w.Header().Set("Content-Type", "application/json")
+	_, _ = w.Write(out)
+	return true
+}

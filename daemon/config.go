@@ -1,0 +1,98 @@
+// Package daemon is the pgmesh node daemon: it checks and prepares the local
+// Postgres, keeps the node's Raft membership, runs one replication stream per
+// active peer, and serves the HTTP API the CLI and peers use.
+package daemon
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"regexp"
+	"strings"
+
+	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/pgmesh/pgmesh/internal/dsn"
+)
+
+// Config holds the daemon's settings (DESIGN.md §1).
+type Config struct {
+	NodeName      string
+	DSN           string
+	PublicDSN     string
+	ListenAPI     string
+	AdvertiseAPI  string
+	ListenRaft    string
+	AdvertiseRaft string
+	DataDir       string
+}
+
+// Defaults for the optional keys.
+const (
+	DefaultListenAPI  = "127.0.0.1:7400"
+	DefaultListenRaft = "127.0.0.1:7401"
+	DefaultDataDir    = "./pgmesh-data"
+)
+
+var nodeNameRE = regexp.MustCompile(`^[a-z][a-z0-9_]{0,39}$`)
+
+// ValidNodeName reports whether name is a legal node name.
+func ValidNodeName(name string) bool { return nodeNameRE.MatchString(name) }
+
+// Normalize fills defaults and checks every key, returning one sentence per
+// problem.
+func (c *Config) Normalize() error {
+	var errs []error
+	if c.NodeName == "" {
+		errs = append(errs, errors.New("node_name is not set: give each node a unique name with --node-name, PGMESH_NODE_NAME or node_name in the config file"))
+	} else if !ValidNodeName(c.NodeName) {
+		errs = append(errs, fmt.Errorf("node_name %q is not valid: use 1 to 40 lowercase letters, digits or underscores, starting with a letter", c.NodeName))
+	}
+	if c.DSN == "" {
+		errs = append(errs, errors.New("dsn is not set: point it at the local Postgres database, e.g. --dsn 'postgres://pgmesh@127.0.0.1:5432/app'"))
+	} else if _, err := pgconn.ParseConfig(c.DSN); err != nil {
+		errs = append(errs, fmt.Errorf("dsn cannot be parsed (%v): use a postgres:// URL or key=value connection string", redactErr(err)))
+	}
+	if c.PublicDSN == "" {
+		// Peers must never receive our password: they use their own.
+		c.PublicDSN = dsn.StripPassword(c.DSN)
+	} else if dsn.HasPassword(c.PublicDSN) {
+		errs = append(errs, errors.New("public_dsn contains a password, which would be shared with every node: remove it and give peers the password through their own PGPASSWORD or ~/.pgpass"))
+	} else if _, err := pgconn.ParseConfig(c.PublicDSN); err != nil {
+		errs = append(errs, fmt.Errorf("public_dsn cannot be parsed (%v): use a postgres:// URL or key=value connection string", redactErr(err)))
+	}
+	if c.ListenAPI == "" {
+		c.ListenAPI = DefaultListenAPI
+	}
+	if c.AdvertiseAPI == "" {
+		c.AdvertiseAPI = c.ListenAPI
+	}
+	if c.ListenRaft == "" {
+		c.ListenRaft = DefaultListenRaft
+	}
+	if c.AdvertiseRaft == "" {
+		c.AdvertiseRaft = c.ListenRaft
+	}
+	for _, kv := range [][2]string{{"listen_api", c.ListenAPI}, {"advertise_api", c.AdvertiseAPI}, {"listen_raft", c.ListenRaft}, {"advertise_raft", c.AdvertiseRaft}} {
+		if _, _, err := net.SplitHostPort(kv[1]); err != nil {
+			errs = append(errs, fmt.Errorf("%s %q is not a host:port address: write it like 127.0.0.1:7400", kv[0], kv[1]))
+		}
+	}
+	if c.ListenAPI == c.ListenRaft {
+		errs = append(errs, fmt.Errorf("listen_api and listen_raft are both %s: give them different ports", c.ListenAPI))
+	}
+	if c.DataDir == "" {
+		c.DataDir = DefaultDataDir
+	}
+	return errors.Join(errs...)
+}
+
+// redactErr drops the connection string that pgconn's parse errors quote
+// (it may hold a password) and keeps the reason.
+func redactErr(err error) string {
+	msg := err.Error()
+	if i := strings.Index(msg, "`: "); i >= 0 {
+		msg = msg[i+3:]
+	}
+	return msg
+}

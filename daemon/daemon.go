@@ -1,0 +1,448 @@
+package daemon
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/pgmesh/pgmesh/internal/dsn"
+	"github.com/pgmesh/pgmesh/membership"
+	"github.com/pgmesh/pgmesh/origin"
+	"github.com/pgmesh/pgmesh/replicator"
+	pgsql "github.com/pgmesh/pgmesh/sql"
+)
+
+// Daemon is one running pgmesh node.
+type Daemon struct {
+	cfg   Config
+	log   *slog.Logger
+	db    *pgxpool.Pool
+	store *membership.Store
+
+	mu       sync.Mutex
+	streams  map[string]*running
+	problems []string // current problems found by checks, for status
+	lastSync string   // group state last written to pgmesh.node
+}
+
+type running struct {
+	stream *replicator.Stream
+	dsn    string
+	cancel context.CancelFunc
+	done   chan struct{}
+}
+
+// reconcileEvery bounds how long a missed change or a repairable problem
+// waits for the next reconcile pass.
+const reconcileEvery = 5 * time.Second
+
+// Run starts the daemon and blocks until ctx ends or a fatal error occurs.
+func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
+	if err := cfg.Normalize(); err != nil {
+		return err
+	}
+	log = log.With("node", cfg.NodeName)
+	d := &Daemon{cfg: cfg, log: log, streams: map[string]*running{}}
+
+	poolCfg, err := pgxpool.ParseConfig(cfg.DSN)
+	if err != nil {
+		return fmt.Errorf("parse dsn: %s", redactErr(err))
+	}
+	poolCfg.MaxConns = 4
+	poolCfg.ConnConfig.RuntimeParams["application_name"] = "pgmesh admin"
+	cctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	conn, err := pgx.ConnectConfig(cctx, poolCfg.ConnConfig)
+	cancel()
+	if err != nil {
+		return fmt.Errorf("cannot connect to local Postgres %s (%s): check dsn and that Postgres is running", dsn.Describe(cfg.DSN), redactErr(err))
+	}
+	err = preflight(ctx, conn)
+	if err == nil {
+		var from, to int
+		if from, to, err = pgsql.Install(ctx, conn); err == nil && from != to {
+			log.Info("installed pgmesh schema", "from_version", from, "to_version", to)
+		}
+	}
+	if err == nil {
+		err = ensurePublication(ctx, conn)
+	}
+	conn.Close(ctx)
+	if err != nil {
+		return err
+	}
+	if d.db, err = pgxpool.NewWithConfig(ctx, poolCfg); err != nil {
+		return fmt.Errorf("open pool to local Postgres: %w", err)
+	}
+	defer d.db.Close()
+
+	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
+		return fmt.Errorf("create data_dir %s: %w", cfg.DataDir, err)
+	}
+	if d.store, err = membership.Open(membership.Config{NodeName: cfg.NodeName, DataDir: cfg.DataDir,
+		ListenRaft: cfg.ListenRaft, AdvertiseRaft: cfg.AdvertiseRaft}); err != nil {
+		return err
+	}
+	defer d.store.Close()
+
+	ln, err := net.Listen("tcp", cfg.ListenAPI)
+	if err != nil {
+		return fmt.Errorf("listen for the API on %s: %w: choose a free address with listen_api", cfg.ListenAPI, err)
+	}
+	if host, _, _ := net.SplitHostPort(cfg.ListenAPI); !isLoopback(host) {
+		log.Warn("the API listens beyond loopback without TLS; restrict access to it with a firewall", "listen_api", cfg.ListenAPI)
+	}
+	srv := &http.Server{Handler: d.routes(), ReadHeaderTimeout: 10 * time.Second}
+	serveErr := make(chan error, 1)
+	go func() { serveErr <- srv.Serve(ln) }()
+	log.Info("pgmesh daemon started", "dsn", dsn.Describe(cfg.DSN), "api", cfg.ListenAPI, "raft", cfg.ListenRaft)
+
+	err = d.loop(ctx, serveErr)
+
+	shutCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	_ = srv.Shutdown(shutCtx)
+	d.stopAll()
+	log.Info("pgmesh daemon stopped")
+	return err
+}
+
+func isLoopback(host string) bool {
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}
+
+// loop reconciles on every membership change and periodically.
+func (d *Daemon) loop(ctx context.Context, serveErr <-chan error) error {
+	t := time.NewTicker(reconcileEvery)
+	defer t.Stop()
+	for {
+		g, changed := d.store.Group()
+		d.reconcile(ctx, g)
+		select {
+		case <-ctx.Done():
+			return nil
+		case err := <-serveErr:
+			return fmt.Errorf("api server: %w", err)
+		case <-changed:
+		case <-t.C:
+		}
+	}
+}
+
+// reconcile makes the local streams, origins and slots match the group.
+func (d *Daemon) reconcile(ctx context.Context, g *membership.Group) {
+	var problems []string
+	if err := d.checkTables(ctx, &problems); err != nil {
+		problems = append(problems, err.Error())
+	}
+	if g == nil {
+		d.setProblems(problems)
+		return
+	}
+	if err := d.syncNodeTable(ctx, g); err != nil {
+		d.log.Warn("update pgmesh.node", "err", err)
+	}
+	me := g.Nodes[d.cfg.NodeName]
+	want := map[string]*membership.Node{}
+	if me != nil && me.State != membership.Parted {
+		for _, n := range g.Nodes {
+			if n.Name != me.Name && n.State == membership.Active {
+				want[n.Name] = n
+			}
+		}
+	}
+	d.mu.Lock()
+	for name, r := range d.streams {
+		if n, ok := want[name]; !ok || n.DSN != r.dsn {
+			d.stopLocked(name)
+		}
+	}
+	for name, n := range want {
+		if _, ok := d.streams[name]; !ok {
+			d.startLocked(ctx, n, g)
+		}
+	}
+	d.mu.Unlock()
+
+	for _, n := range g.Nodes {
+		if n.State == membership.Parted && n.Name != d.cfg.NodeName {
+			if err := d.forgetPeer(ctx, n.Name); err != nil {
+				problems = append(problems, err.Error())
+			}
+		}
+	}
+	if me != nil && me.State == membership.Parted {
+		if err := d.forgetAll(ctx); err != nil {
+			problems = append(problems, err.Error())
+		}
+	}
+	d.setProblems(problems)
+}
+
+func (d *Daemon) setProblems(p []string) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for _, s := range p {
+		if !contains(d.problems, s) {
+			d.log.Error("problem", "err", s)
+		}
+	}
+	d.problems = p
+}
+
+func contains(list []string, s string) bool {
+	for _, x := range list {
+		if x == s {
+			return true
+		}
+	}
+	return false
+}
+
+func (d *Daemon) startLocked(ctx context.Context, n *membership.Node, g *membership.Group) {
+	ids := map[string]int{}
+	for _, m := range g.Nodes {
+		ids[m.Name] = m.ID
+	}
+	s := replicator.New(replicator.Config{
+		LocalNode: d.cfg.NodeName,
+		LocalDSN:  d.cfg.DSN,
+		Peer:      replicator.Peer{Name: n.Name, ID: n.ID, DSN: n.DSN},
+		NodeID:    func(name string) int { return ids[name] },
+		Logger:    d.log,
+	})
+	sctx, cancel := context.WithCancel(ctx)
+	r := &running{stream: s, dsn: n.DSN, cancel: cancel, done: make(chan struct{})}
+	d.streams[n.Name] = r
+	go func() {
+		defer close(r.done)
+		s.Run(sctx)
+	}()
+}
+
+func (d *Daemon) stopLocked(name string) {
+	r := d.streams[name]
+	r.cancel()
+	<-r.done
+	delete(d.streams, name)
+}
+
+func (d *Daemon) stopAll() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for name := range d.streams {
+		d.stopLocked(name)
+	}
+}
+
+// forgetPeer drops what this node kept for a parted peer: its origin here and
+// the slot it consumed here.
+func (d *Daemon) forgetPeer(ctx context.Context, peer string) error {
+	conn, err := d.db.Acquire(ctx)
+	if err != nil {
+		return fmt.Errorf("connect to local Postgres: %w", err)
+	}
+	defer conn.Release()
+	if err := origin.Drop(ctx, conn.Conn(), peer); err != nil {
+		return err
+	}
+	return dropSlot(ctx, conn.Conn(), origin.SlotName(peer))
+}
+
+// forgetAll is forgetPeer for every pgmesh origin and slot, once this node
+// itself has been parted.
+func (d *Daemon) forgetAll(ctx context.Context) error {
+	d.stopAll()
+	rows, err := d.db.Query(ctx, `SELECT roname FROM pg_replication_origin WHERE roname LIKE 'pgmesh\_%'
+		UNION SELECT slot_name FROM pg_replication_slots WHERE slot_name LIKE 'pgmesh\_%'`)
+	if err != nil {
+		return fmt.Errorf("list pgmesh origins and slots: %w", err)
+	}
+	names, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		return err
+	}
+	for _, n := range names {
+		if peer, ok := origin.NodeOf(n); ok {
+			if err := d.forgetPeer(ctx, peer); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+func dropSlot(ctx context.Context, conn *pgx.Conn, slot string) error {
+	// A walsender still serving the slot must go first.
+	if _, err := conn.Exec(ctx, `SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots
+		WHERE slot_name = $1 AND active_pid IS NOT NULL`, slot); err != nil {
+		return fmt.Errorf("stop walsender of slot %s: %w", slot, err)
+	}
+	if _, err := conn.Exec(ctx, `SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+		WHERE slot_name = $1 AND active_pid IS NULL`, slot); err != nil {
+		return fmt.Errorf("drop replication slot %s: %w", slot, err)
+	}
+	return nil
+}
+
+// syncNodeTable mirrors the group into pgmesh.node for SQL users.
+func (d *Daemon) syncNodeTable(ctx context.Context, g *membership.Group) error {
+	b, _ := json.Marshal(g)
+	if string(b) == d.lastSync {
+		return nil
+	}
+	err := pgx.BeginFunc(ctx, d.db, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, `DELETE FROM pgmesh.node`); err != nil {
+			return err
+		}
+		for _, n := range g.Nodes {
+			if _, err := tx.Exec(ctx, `INSERT INTO pgmesh.node (node_name, node_id, state, is_local, api_addr)
+				VALUES ($1, $2, $3, $4, $5)`, n.Name, n.ID, string(n.State), n.Name == d.cfg.NodeName, n.API); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err == nil {
+		d.lastSync = string(b)
+	}
+	return err
+}
+
+// userSchemas lists the schemas pgmesh replicates: every schema but the
+// system ones and its own.
+const userSchemas = `SELECT nspname FROM pg_catalog.pg_namespace
+	WHERE nspname NOT IN ('pg_catalog', 'information_schema', 'pgmesh')
+	  AND nspname NOT LIKE 'pg\_%' ORDER BY 1`
+
+// ensurePublication keeps the publication covering every user schema, so new
+// tables in them replicate without further steps, and never pgmesh's own.
+func ensurePublication(ctx context.Context, conn *pgx.Conn) error {
+	rows, err := conn.Query(ctx, userSchemas)
+	if err != nil {
+		return fmt.Errorf("list schemas: %w", err)
+	}
+	want, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		return fmt.Errorf("list schemas: %w", err)
+	}
+	var exists bool
+	if err := conn.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)`, replicator.Publication).Scan(&exists); err != nil {
+		return fmt.Errorf("look up publication: %w", err)
+	}
+	pub := pgx.Identifier{replicator.Publication}.Sanitize()
+	if !exists {
+		sql := "CREATE PUBLICATION " + pub
+		if len(want) > 0 {
+			sql += " FOR TABLES IN SCHEMA " + quoteList(want)
+		}
+		if _, err := conn.Exec(ctx, sql); err != nil {
+			return fmt.Errorf("create publication %s: %w", replicator.Publication, err)
+		}
+		return nil
+	}
+	rows, err = conn.Query(ctx, `SELECT n.nspname FROM pg_publication_namespace pn
+		JOIN pg_publication p ON p.oid = pn.pnpubid JOIN pg_namespace n ON n.oid = pn.pnnspid
+		WHERE p.pubname = $1`, replicator.Publication)
+	if err != nil {
+		return fmt.Errorf("read publication: %w", err)
+	}
+	have, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		return fmt.Errorf("read publication: %w", err)
+	}
+	var missing []string
+	for _, s := range want {
+		if !contains(have, s) {
+			missing = append(missing, s)
+		}
+	}
+	if len(missing) > 0 {
+		if _, err := conn.Exec(ctx, "ALTER PUBLICATION "+pub+" ADD TABLES IN SCHEMA "+quoteList(missing)); err != nil {
+			return fmt.Errorf("add schemas %v to publication: %w", missing, err)
+		}
+	}
+	return nil
+}
+
+func quoteList(names []string) string {
+	q := make([]string, len(names))
+	for i, n := range names {
+		q[i] = pgx.Identifier{n}.Sanitize()
+	}
+	return strings.Join(q, ", ")
+}
+
+// checkTables keeps the publication current and reports replicated tables
+// whose updates and deletes cannot replicate for lack of a key.
+func (d *Daemon) checkTables(ctx context.Context, problems *[]string) error {
+	conn, err := d.db.Acquire(ctx)
+	if err != nil {
+		return fmt.Errorf("cannot connect to local Postgres %s: %w", dsn.Describe(d.cfg.DSN), err)
+	}
+	defer conn.Release()
+	if err := ensurePublication(ctx, conn.Conn()); err != nil {
+		return err
+	}
+	rows, err := conn.Query(ctx, `SELECT format('%I.%I', n.nspname, c.relname)
+		FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+		JOIN pg_publication_tables pt ON pt.schemaname = n.nspname AND pt.tablename = c.relname AND pt.pubname = $1
+		WHERE c.relkind = 'r' AND (c.relreplident = 'n' OR (c.relreplident = 'd'
+		      AND NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)))
+		ORDER BY 1`, replicator.Publication)
+	if err != nil {
+		return fmt.Errorf("check replica identities: %w", err)
+	}
+	names, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		return fmt.Errorf("check replica identities: %w", err)
+	}
+	for _, t := range names {
+		*problems = append(*problems, fmt.Sprintf("table %s has no primary key or replica identity, so its updates and deletes fail and cannot replicate: add a primary key (or ALTER TABLE %s REPLICA IDENTITY FULL)", t, t))
+	}
+	return nil
+}
+
+// tokenPath is where a member keeps the group's join token (mode 0600) to
+// authenticate its calls to other members.
+func (d *Daemon) tokenPath() string { return filepath.Join(d.cfg.DataDir, "join-token") }
+
+func (d *Daemon) saveToken(token string) error {
+	return os.WriteFile(d.tokenPath(), []byte(token), 0o600)
+}
+
+func (d *Daemon) loadToken() (string, error) {
+	b, err := os.ReadFile(d.tokenPath())
+	if errors.Is(err, os.ErrNotExist) {
+		return "", errors.New("this node holds no join token (it is not in a group)")
+	}
+	return strings.TrimSpace(string(b)), err
+}
+
+// streamStatuses returns every stream's status, ordered by peer name.
+func (d *Daemon) streamStatuses() []replicator.Status {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	out := make([]replicator.Status, 0, len(d.streams))
+	for _, r := range d.streams {
+		out = append(out, r.stream.Status())
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Peer < out[j].Peer })
+	return out
+}

@@ -1,0 +1,323 @@
+package daemon
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"net/http"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/pgmesh/pgmesh/membership"
+	"github.com/pgmesh/pgmesh/origin"
+	"github.com/pgmesh/pgmesh/replicator"
+)
+
+// CreateRequest asks the local daemon to bootstrap a group.
+type CreateRequest struct {
+	Name string `json:"name"`
+}
+
+// CreateResponse carries the join token, shown once.
+type CreateResponse struct {
+	Group string           `json:"group"`
+	Node  *membership.Node `json:"node"`
+	Token string           `json:"token"`
+}
+
+// JoinRequest asks the local daemon to join the group of the daemon at Via.
+type JoinRequest struct {
+	Via   string `json:"via"`
+	Token string `json:"token"`
+}
+
+// JoinResponse reports the node as registered.
+type JoinResponse struct {
+	Group string           `json:"group"`
+	Node  *membership.Node `json:"node"`
+}
+
+// PartRequest asks to remove a node from the group.
+type PartRequest struct {
+	Name  string `json:"name"`
+	Force bool   `json:"force,omitempty"`
+}
+
+// clusterStateRequest sets a member's state (member-to-member).
+type clusterStateRequest struct {
+	Name  string           `json:"name"`
+	State membership.State `json:"state"`
+}
+
+// clusterJoinRequest registers a node (member-to-member).
+type clusterJoinRequest struct {
+	Node membership.Node `json:"node"`
+}
+
+func (d *Daemon) self() membership.Node {
+	return membership.Node{Name: d.cfg.NodeName, DSN: d.cfg.PublicDSN, API: d.cfg.AdvertiseAPI, Raft: d.cfg.AdvertiseRaft}
+}
+
+func newToken() (string, error) {
+	b := make([]byte, 32)
+	if _, err := rand.Read(b); err != nil {
+		return "", err
+	}
+	return "pgmesh_" + base64.RawURLEncoding.EncodeToString(b), nil
+}
+
+func (d *Daemon) handleCreate(w http.ResponseWriter, r *http.Request) {
+	var req CreateRequest
+	if err := readJSON(r, &req); err != nil {
+		writeErr(w, 0, err)
+		return
+	}
+	if !ValidNodeName(req.Name) {
+		writeErr(w, http.StatusBadRequest, fmt.Errorf("group name %q is not valid: use 1 to 40 lowercase letters, digits or underscores, starting with a letter", req.Name))
+		return
+	}
+	if g, _ := d.store.Group(); g != nil {
+		writeErr(w, http.StatusConflict, fmt.Errorf("node %q already belongs to node group %q", d.cfg.NodeName, g.Name))
+		return
+	}
+	token, err := newToken()
+	if err == nil {
+		err = d.saveToken(token)
+	}
+	if err != nil {
+		writeErr(w, http.StatusInternalServerError, fmt.Errorf("make join token: %w", err))
+		return
+	}
+	n, err := d.store.Create(r.Context(), req.Name, membership.HashToken(token), d.self())
+	if err != nil {
+		writeErr(w, http.StatusInternalServerError, err)
+		return
+	}
+	d.log.Info("created node group", "group", req.Name, "node_id", n.ID)
+	writeJSON(w, http.StatusOK, CreateResponse{Group: req.Name, Node: n, Token: token})
+}
+
+// handleJoin runs the joining side: register through a member, prepare the
+// slots in both directions, then go active.
+func (d *Daemon) handleJoin(w http.ResponseWriter, r *http.Request) {
+	var req JoinRequest
+	if err := readJSON(r, &req); err != nil {
+		writeErr(w, 0, err)
+		return
+	}
+	resp, err := d.join(r.Context(), req)
+	if err != nil {
+		writeErr(w, http.StatusBadRequest, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, resp)
+}
+
+func (d *Daemon) join(ctx context.Context, req JoinRequest) (*JoinResponse, error) {
+	if req.Via == "" || req.Token == "" {
+		return nil, errors.New("join needs --via HOST:PORT (a member's API address) and --token (printed by 'pgmesh group create')")
+	}
+	if g, _ := d.store.Group(); g != nil {
+		if me := g.Nodes[d.cfg.NodeName]; me != nil && me.State != membership.Joining {
+			return nil, fmt.Errorf("node %q is already %s in node group %q", d.cfg.NodeName, me.State, g.Name)
+		}
+	}
+	if err := d.checkEmpty(ctx); err != nil {
+		return nil, err
+	}
+	var reg JoinResponse
+	if err := Call(ctx, req.Via, http.MethodPost, "/v1/cluster/join", req.Token, clusterJoinRequest{Node: d.self()}, &reg); err != nil {
+		return nil, fmt.Errorf("join through %s: %w", req.Via, err)
+	}
+	if err := d.saveToken(req.Token); err != nil {
+		return nil, fmt.Errorf("save join token: %w", err)
+	}
+	g, err := d.waitForSelf(ctx)
+	if err != nil {
+		return nil, err
+	}
+	// Slots on every member for this node, and here for every member, exist
+	// before anyone streams, so no change committed after this point is missed.
+	for _, m := range g.Sorted() {
+		if m.Name == d.cfg.NodeName || m.State != membership.Active {
+			continue
+		}
+		if err := createSlotAt(ctx, m.DSN, origin.SlotName(d.cfg.NodeName)); err != nil {
+			return nil, fmt.Errorf("create this node's slot on member %q: %w", m.Name, err)
+		}
+		if err := createSlotAt(ctx, d.cfg.DSN, origin.SlotName(m.Name)); err != nil {
+			return nil, fmt.Errorf("create slot for member %q here: %w", m.Name, err)
+		}
+	}
+	var done JoinResponse
+	if err := Call(ctx, req.Via, http.MethodPost, "/v1/cluster/state", req.Token,
+		clusterStateRequest{Name: d.cfg.NodeName, State: membership.Active}, &done); err != nil {
+		return nil, fmt.Errorf("activate through %s: %w", req.Via, err)
+	}
+	d.log.Info("joined node group", "group", done.Group, "node_id", done.Node.ID)
+	return &done, nil
+}
+
+// waitForSelf waits until Raft has replicated this node's registration here.
+func (d *Daemon) waitForSelf(ctx context.Context) (*membership.Group, error) {
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		g, changed := d.store.Group()
+		if g != nil && g.Nodes[d.cfg.NodeName] != nil {
+			return g, nil
+		}
+		if time.Now().After(deadline) {
+			return nil, fmt.Errorf("registered, but the group's Raft state did not reach this node within 60s: check that the members can reach listen_raft %s (advertised as %s)", d.cfg.ListenRaft, d.cfg.AdvertiseRaft)
+		}
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-changed:
+		case <-time.After(time.Second):
+		}
+	}
+}
+
+// checkEmpty refuses a join while replicated tables here hold rows: this
+// version does not copy or reconcile existing data.
+func (d *Daemon) checkEmpty(ctx context.Context) error {
+	rows, err := d.db.Query(ctx, `SELECT format('%I.%I', schemaname, tablename) FROM pg_publication_tables
+		WHERE pubname = $1 ORDER BY 1`, replicator.Publication)
+	if err != nil {
+		return fmt.Errorf("list replicated tables: %w", err)
+	}
+	tables, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		return fmt.Errorf("list replicated tables: %w", err)
+	}
+	for _, t := range tables {
+		var any bool
+		if err := d.db.QueryRow(ctx, "SELECT EXISTS (SELECT 1 FROM "+t+")").Scan(&any); err != nil {
+			return fmt.Errorf("check table %s: %w", t, err)
+		}
+		if any {
+			return fmt.Errorf("table %s on this node already holds rows, and joining does not merge existing data: join with empty tables (same schema as the group), or empty %s first", t, t)
+		}
+	}
+	return nil
+}
+
+// createSlotAt creates a pgoutput slot on the database at dsn unless it exists.
+func createSlotAt(ctx context.Context, dsn, slot string) error {
+	conn, err := pgx.Connect(ctx, dsn)
+	if err != nil {
+		return err
+	}
+	defer conn.Close(ctx)
+	_, err = conn.Exec(ctx, `SELECT pg_create_logical_replication_slot($1, 'pgoutput')
+		WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)`, slot)
+	return err
+}
+
+func (d *Daemon) handleClusterJoin(w http.ResponseWriter, r *http.Request) {
+	var req clusterJoinRequest
+	if err := readJSON(r, &req); err != nil {
+		writeErr(w, 0, err)
+		return
+	}
+	g, err := d.authorized(r)
+	if err != nil {
+		writeErr(w, 0, err)
+		return
+	}
+	if d.forward(w, r, g, req) {
+		return
+	}
+	n := req.Node
+	if !ValidNodeName(n.Name) || n.DSN == "" || n.API == "" || n.Raft == "" {
+		writeErr(w, http.StatusBadRequest, fmt.Errorf("join request for node %q lacks a valid name, public_dsn, API or Raft address", n.Name))
+		return
+	}
+	added, err := d.store.AddNode(n)
+	if err != nil {
+		writeErr(w, http.StatusConflict, err)
+		return
+	}
+	d.log.Info("registered joining node", "joining", added.Name, "node_id", added.ID)
+	writeJSON(w, http.StatusOK, JoinResponse{Group: g.Name, Node: added})
+}
+
+func (d *Daemon) handleClusterState(w http.ResponseWriter, r *http.Request) {
+	var req clusterStateRequest
+	if err := readJSON(r, &req); err != nil {
+		writeErr(w, 0, err)
+		return
+	}
+	g, err := d.authorized(r)
+	if err != nil {
+		writeErr(w, 0, err)
+		return
+	}
+	if d.forward(w, r, g, req) {
+		return
+	}
+	if req.State != membership.Active {
+		writeErr(w, http.StatusBadRequest, fmt.Errorf("state %q cannot be set this way", req.State))
+		return
+	}
+	n, err := d.store.SetState(req.Name, req.State)
+	if err != nil {
+		writeErr(w, http.StatusConflict, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, JoinResponse{Group: g.Name, Node: n})
+}
+
+func (d *Daemon) handlePart(w http.ResponseWriter, r *http.Request) {
+	var req PartRequest
+	if err := readJSON(r, &req); err != nil {
+		writeErr(w, 0, err)
+		return
+	}
+	g, _ := d.store.Group()
+	if g == nil {
+		writeErr(w, http.StatusConflict, fmt.Errorf("node %q is not in a node group", d.cfg.NodeName))
+		return
+	}
+	if n := g.Nodes[req.Name]; n == nil || n.State == membership.Parted {
+		writeErr(w, http.StatusNotFound, fmt.Errorf("node %q is not a member of group %q: 'pgmesh status' lists the members", req.Name, g.Name))
+		return
+	}
+	token, err := d.loadToken()
+	if err != nil {
+		writeErr(w, http.StatusConflict, err)
+		return
+	}
+	var out JoinResponse
+	if err := Call(r.Context(), d.cfg.AdvertiseAPI, http.MethodPost, "/v1/cluster/part", token, req, &out); err != nil {
+		writeErr(w, http.StatusBadGateway, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+func (d *Daemon) handleClusterPart(w http.ResponseWriter, r *http.Request) {
+	var req PartRequest
+	if err := readJSON(r, &req); err != nil {
+		writeErr(w, 0, err)
+		return
+	}
+	g, err := d.authorized(r)
+	if err != nil {
+		writeErr(w, 0, err)
+		return
+	}
+	if d.forward(w, r, g, req) {
+		return
+	}
+	n, err := d.store.Part(req.Name)
+	if err != nil {
+		writeErr(w, http.StatusConflict, err)
+		return
+	}
+	d.log.Info("parted node", "parted", req.Name)
+	writeJSON(w, http.StatusOK, JoinResponse{Group: g.Name, Node: n})
+}

@@ -1,0 +1,253 @@
+// Package pgtest starts throwaway PostgreSQL clusters for tests, benchmarks
+// and the demo: initdb into a temporary directory, configured for logical
+// replication, listening on a free port on 127.0.0.1.
+//
+// When the caller runs as root, the server runs as the unprivileged user
+// "postgres" (or "nobody"), because PostgreSQL refuses to run as root.
+package pgtest
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"os/user"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// Options tune a cluster. The zero value gives the defaults the tests use.
+type Options struct {
+	// BinDir holds initdb, pg_ctl and postgres; empty means FindBinDir().
+	BinDir string
+	// Settings are extra postgresql.conf lines (key -> value).
+	Settings map[string]string
+	// Port to listen on; 0 picks a free one.
+	Port int
+}
+
+// Cluster is one running (or stopped) throwaway PostgreSQL cluster.
+type Cluster struct {
+	Dir    string // parent temp dir (removed by Remove)
+	Data   string // PGDATA
+	Port   int
+	binDir string
+	cred   *syscall.Credential
+}
+
+// FindBinDir returns the directory holding the PostgreSQL server binaries:
+// $PGMESH_PG_BIN if set, else the newest /usr/lib/postgresql/*/bin (15 or later).
+func FindBinDir() (string, error) {
+	if d := os.Getenv("PGMESH_PG_BIN"); d != "" {
+		if _, err := os.Stat(filepath.Join(d, "postgres")); err != nil {
+			return "", fmt.Errorf("PGMESH_PG_BIN=%s has no postgres binary: point it at a PostgreSQL bin directory", d)
+		}
+		return d, nil
+	}
+	best, bestVer := "", 0
+	dirs, _ := filepath.Glob("/usr/lib/postgresql/*/bin")
+	for _, d := range dirs {
+		v, err := strconv.Atoi(filepath.Base(filepath.Dir(d)))
+		if err != nil || v < 15 {
+			continue
+		}
+		if _, err := os.Stat(filepath.Join(d, "postgres")); err == nil && v > bestVer {
+			best, bestVer = d, v
+		}
+	}
+	if best == "" {
+		return "", errors.New("no PostgreSQL 15+ server found under /usr/lib/postgresql: install it (apt-get install postgresql-15) or set PGMESH_PG_BIN")
+	}
+	return best, nil
+}
+
+// FreePort asks the kernel for a free TCP port on 127.0.0.1.
+func FreePort() (int, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port, nil
+}
+
+// Start runs initdb and starts the server. The caller must Remove the cluster.
+func Start(ctx context.Context, opts Options) (*Cluster, error) {
+	bin := opts.BinDir
+	if bin == "" {
+		var err error
+		if bin, err = FindBinDir(); err != nil {
+			return nil, err
+		}
+	}
+	port := opts.Port
+	if port == 0 {
+		var err error
+		if port, err = FreePort(); err != nil {
+			return nil, fmt.Errorf("find a free port: %w", err)
+		}
+	}
+	dir, err := os.MkdirTemp("", "pgmesh-pg-")
+	if err != nil {
+		return nil, fmt.Errorf("create temp dir: %w", err)
+	}
+	c := &Cluster{Dir: dir, Data: filepath.Join(dir, "data"), Port: port, binDir: bin}
+	if os.Geteuid() == 0 {
+		if c.cred, err = unprivilegedUser(); err != nil {
+			os.RemoveAll(dir)
+			return nil, err
+		}
+		if err := os.Chown(dir, int(c.cred.Uid), int(c.cred.Gid)); err != nil {
+			os.RemoveAll(dir)
+			return nil, fmt.Errorf("chown %s: %w", dir, err)
+		}
+	}
+	if err := c.run(ctx, "initdb", "-D", c.Data, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8", "--no-sync"); err != nil {
+		os.RemoveAll(dir)
+		return nil, err
+	}
+	conf := map[string]string{
+		"listen_addresses":        "'127.0.0.1'",
+		"port":                    strconv.Itoa(port),
+		"unix_socket_directories": "'" + dir + "'",
+		"wal_level":               "logical",
+		"track_commit_timestamp":  "on",
+		"max_replication_slots":   "32",
+		"max_wal_senders":         "32",
+		"max_worker_processes":    "16",
+		"fsync":                   "off",
+		"synchronous_commit":      "off",
+		"full_page_writes":        "off",
+		"shared_buffers":          "64MB",
+		"log_min_messages":        "warning",
+		"logging_collector":       "off",
+		"wal_sender_timeout":      "60s",
+		"max_connections":         "100",
+		"log_line_prefix":         "'%m [%p] '",
+	}
+	for k, v := range opts.Settings {
+		conf[k] = v
+	}
+	var b strings.Builder
+	b.WriteString("\n# pgtest\n")
+	for k, v := range conf {
+		fmt.Fprintf(&b, "%s = %s\n", k, v)
+	}
+	f, err := os.OpenFile(filepath.Join(c.Data, "postgresql.conf"), os.O_APPEND|os.O_WRONLY, 0)
+	if err == nil {
+		_, err = f.WriteString(b.String())
+		f.Close()
+	}
+	if err != nil {
+		os.RemoveAll(dir)
+		return nil, fmt.Errorf("write postgresql.conf: %w", err)
+	}
+	if err := c.Start(ctx); err != nil {
+		os.RemoveAll(dir)
+		return nil, err
+	}
+	return c, nil
+}
+
+func unprivilegedUser() (*syscall.Credential, error) {
+	for _, name := range []string{"postgres", "nobody"} {
+		u, err := user.Lookup(name)
+		if err != nil {
+			continue
+		}
+		uid, _ := strconv.Atoi(u.Uid)
+		gid, _ := strconv.Atoi(u.Gid)
+		return &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid)}, nil
+	}
+	return nil, errors.New("running as root but no 'postgres' or 'nobody' user exists to run PostgreSQL: create one (useradd postgres)")
+}
+
+func (c *Cluster) run(ctx context.Context, prog string, args ...string) error {
+	cmd := exec.CommandContext(ctx, filepath.Join(c.binDir, prog), args...)
+	if c.cred != nil {
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: c.cred}
+	}
+	cmd.Dir = c.Dir
+	cmd.Env = append(os.Environ(), "LC_ALL=C.UTF-8")
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("%s %s: %w\n%s", prog, strings.Join(args, " "), err, out)
+	}
+	return nil
+}
+
+// Start starts a stopped cluster and waits until it accepts connections.
+func (c *Cluster) Start(ctx context.Context) error {
+	return c.run(ctx, "pg_ctl", "-D", c.Data, "-l", filepath.Join(c.Dir, "server.log"), "-w", "-t", "60", "start")
+}
+
+// Stop shuts the server down cleanly (fast mode).
+func (c *Cluster) Stop(ctx context.Context) error {
+	return c.run(ctx, "pg_ctl", "-D", c.Data, "-m", "fast", "-w", "-t", "60", "stop")
+}
+
+// Crash stops the server without a shutdown checkpoint (immediate mode),
+// as a power cut would; the next start runs crash recovery.
+func (c *Cluster) Crash(ctx context.Context) error {
+	return c.run(ctx, "pg_ctl", "-D", c.Data, "-m", "immediate", "-w", "-t", "60", "stop")
+}
+
+// Restart stops and starts the server.
+func (c *Cluster) Restart(ctx context.Context) error {
+	if err := c.Stop(ctx); err != nil {
+		return err
+	}
+	return c.Start(ctx)
+}
+
+// Remove stops the server if it runs and deletes its files.
+func (c *Cluster) Remove() {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if _, err := os.Stat(filepath.Join(c.Data, "postmaster.pid")); err == nil {
+		_ = c.run(ctx, "pg_ctl", "-D", c.Data, "-m", "immediate", "-w", "stop")
+	}
+	os.RemoveAll(c.Dir)
+}
+
+// DSN is a connection string for the "postgres" database as superuser.
+func (c *Cluster) DSN() string {
+	return c.DBDSN("postgres")
+}
+
+// DBDSN is a connection string for the named database.
+func (c *Cluster) DBDSN(db string) string {
+	return fmt.Sprintf("postgres://postgres@127.0.0.1:%d/%s?sslmode=disable", c.Port, db)
+}
+
+// Connect opens a pgx connection to the "postgres" database.
+func (c *Cluster) Connect(ctx context.Context) (*pgx.Conn, error) {
+	return pgx.Connect(ctx, c.DSN())
+}
+
+// Exec runs SQL statements on the cluster through a fresh connection.
+func (c *Cluster) Exec(ctx context.Context, sql string, args ...any) error {
+	conn, err := c.Connect(ctx)
+	if err != nil {
+		return err
+	}
+	defer conn.Close(ctx)
+	_, err = conn.Exec(ctx, sql, args...)
+	return err
+}
+
+// LogTail returns the last n bytes of the server log, for failure messages.
+func (c *Cluster) LogTail(n int) string {
+	b, _ := os.ReadFile(filepath.Join(c.Dir, "server.log"))
+	if len(b) > n {
+		b = b[len(b)-n:]
+	}
+	return string(b)
+}

@@ -1,0 +1,210 @@
+package membership
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/raft"
+)
+
+// State is a node's place in the group's life cycle.
+type State string
+
+const (
+	Joining State = "joining" // registered; slots being prepared
+	Active  State = "active"  // replicating in both directions
+	Parted  State = "parted"  // removed; its id is never reused
+)
+
+// MaxNodeID bounds node ids: they must fit the 10 bits global sequences use.
+const MaxNodeID = 1023
+
+// Node is one member as recorded in the Raft state. It holds no secrets:
+// peers take passwords from their own environment or pgpass.
+type Node struct {
+	Name     string    `json:"name"`
+	ID       int       `json:"id"`
+	DSN      string    `json:"public_dsn"`
+	API      string    `json:"api_addr"`
+	Raft     string    `json:"raft_addr"`
+	State    State     `json:"state"`
+	JoinedAt time.Time `json:"joined_at"`
+}
+
+// Group is the replicated control-plane state.
+type Group struct {
+	Name string `json:"name"`
+	// TokenHash is the hex SHA-256 of the join token; the token itself is
+	// never stored.
+	TokenHash string           `json:"token_hash"`
+	NextID    int              `json:"next_id"`
+	Nodes     map[string]*Node `json:"nodes"`
+}
+
+// Clone returns a deep copy safe to read without locks.
+func (g *Group) Clone() *Group {
+	if g == nil {
+		return nil
+	}
+	c := *g
+	c.Nodes = make(map[string]*Node, len(g.Nodes))
+	for k, v := range g.Nodes {
+		n := *v
+		c.Nodes[k] = &n
+	}
+	return &c
+}
+
+// Sorted returns the nodes ordered by id.
+func (g *Group) Sorted() []*Node {
+	var ns []*Node
+	for _, n := range g.Nodes {
+		ns = append(ns, n)
+	}
+	sort.Slice(ns, func(i, j int) bool { return ns[i].ID < ns[j].ID })
+	return ns
+}
+
+// command is one Raft log entry.
+type command struct {
+	Op        string `json:"op"`
+	Group     string `json:"group,omitempty"`
+	TokenHash string `json:"token_hash,omitempty"`
+	Node      *Node  `json:"node,omitempty"`
+	Name      string `json:"name,omitempty"`
+	State     State  `json:"state,omitempty"`
+}
+
+// fsm applies commands to the group state and wakes watchers on change.
+type fsm struct {
+	mu      sync.Mutex
+	group   *Group
+	changed chan struct{}
+}
+
+func newFSM() *fsm { return &fsm{changed: make(chan struct{})} }
+
+func (f *fsm) notify() {
+	close(f.changed)
+	f.changed = make(chan struct{})
+}
+
+// Apply returns the affected node (a copy) or an error.
+func (f *fsm) Apply(l *raft.Log) any {
+	var c command
+	if err := json.Unmarshal(l.Data, &c); err != nil {
+		return fmt.Errorf("decode raft command: %w", err)
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	res := f.apply(c)
+	if _, isErr := res.(error); !isErr {
+		f.notify()
+	}
+	return res
+}
+
+func (f *fsm) apply(c command) any {
+	switch c.Op {
+	case "create_group":
+		if f.group != nil {
+			return fmt.Errorf("this node already belongs to node group %q", f.group.Name)
+		}
+		f.group = &Group{Name: c.Group, TokenHash: c.TokenHash, NextID: 1, Nodes: map[string]*Node{}}
+		return f.addNode(c.Node)
+	case "add_node":
+		if f.group == nil {
+			return fmt.Errorf("no node group exists")
+		}
+		return f.addNode(c.Node)
+	case "set_state":
+		n, err := f.node(c.Name)
+		if err != nil {
+			return err
+		}
+		n.State = c.State
+		cp := *n
+		return &cp
+	default:
+		return fmt.Errorf("unknown raft command %q", c.Op)
+	}
+}
+
+func (f *fsm) node(name string) (*Node, error) {
+	if f.group == nil {
+		return nil, fmt.Errorf("no node group exists")
+	}
+	n, ok := f.group.Nodes[name]
+	if !ok {
+		return nil, fmt.Errorf("node %q is not a member of group %q", name, f.group.Name)
+	}
+	return n, nil
+}
+
+// addNode registers a node, or re-registers one whose earlier join did not
+// finish. Ids are never reused: a parted node that joins again gets a new one.
+func (f *fsm) addNode(n *Node) any {
+	if old, ok := f.group.Nodes[n.Name]; ok {
+		switch old.State {
+		case Joining:
+			old.DSN, old.API, old.Raft = n.DSN, n.API, n.Raft
+			cp := *old
+			return &cp
+		case Active:
+			return fmt.Errorf("node name %q is already an active member of group %q: choose another node_name, or part the old node first", n.Name, f.group.Name)
+		}
+	}
+	if f.group.NextID > MaxNodeID {
+		return fmt.Errorf("group %q has used all %d node ids", f.group.Name, MaxNodeID)
+	}
+	nn := *n
+	nn.ID = f.group.NextID
+	f.group.NextID++
+	f.group.Nodes[nn.Name] = &nn
+	cp := nn
+	return &cp
+}
+
+func (f *fsm) snapshotState() (*Group, <-chan struct{}) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.group.Clone(), f.changed
+}
+
+func (f *fsm) Snapshot() (raft.FSMSnapshot, error) {
+	g, _ := f.snapshotState()
+	b, err := json.Marshal(g)
+	if err != nil {
+		return nil, err
+	}
+	return &snapshot{data: b}, nil
+}
+
+func (f *fsm) Restore(rc io.ReadCloser) error {
+	defer rc.Close()
+	var g *Group
+	if err := json.NewDecoder(rc).Decode(&g); err != nil {
+		return fmt.Errorf("decode raft snapshot: %w", err)
+	}
+	f.mu.Lock()
+	f.group = g
+	f.notify()
+	f.mu.Unlock()
+	return nil
+}
+
+type snapshot struct{ data []byte }
+
+func (s *snapshot) Persist(sink raft.SnapshotSink) error {
+	if _, err := sink.Write(s.data); err != nil {
+		sink.Cancel()
+		return err
+	}
+	return sink.Close()
+}
+
+func (s *snapshot) Release() {}

@@ -1,0 +1,311 @@
+// Package replicator runs one stream per peer: a logical replication
+// connection to the peer (pgoutput), decoding, and an apply connection to the
+// local database, with feedback that never runs ahead of what is committed.
+package replicator
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgproto3"
+
+	"github.com/pgmesh/pgmesh/origin"
+)
+
+// Publication is the publication pgmesh maintains on every node.
+const Publication = "pgmesh"
+
+// Peer is a node this node streams from.
+type Peer struct {
+	Name string
+	ID   int
+	DSN  string // how to reach the peer's Postgres (no password inside)
+}
+
+// Config describes one stream.
+type Config struct {
+	LocalNode string
+	LocalDSN  string
+	Peer      Peer
+	// NodeID returns the id of a node by name (0 if unknown); it is used to
+	// break last-update-wins ties and must be safe for concurrent use.
+	NodeID func(name string) int
+	Logger *slog.Logger
+	// StatusInterval is how often feedback is sent (default 1s).
+	StatusInterval time.Duration
+}
+
+// Stream replicates one peer into the local database until its context ends.
+type Stream struct {
+	cfg   Config
+	stats *stats
+	log   *slog.Logger
+}
+
+// New returns a stream; call Run to start it.
+func New(cfg Config) *Stream {
+	if cfg.StatusInterval == 0 {
+		cfg.StatusInterval = time.Second
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	return &Stream{cfg: cfg, stats: newStats(cfg.Peer.Name),
+		log: cfg.Logger.With("peer", cfg.Peer.Name)}
+}
+
+// Status returns a snapshot of the stream's progress.
+func (s *Stream) Status() Status { return s.stats.snapshot() }
+
+// Run streams until ctx is done, reconnecting with backoff after errors. A
+// change that fails to apply is retried from the same position after each
+// reconnect: nothing is skipped.
+func (s *Stream) Run(ctx context.Context) {
+	backoff := 500 * time.Millisecond
+	for {
+		start := time.Now()
+		err := s.runOnce(ctx)
+		s.stats.setConnected(false)
+		if ctx.Err() != nil {
+			return
+		}
+		s.stats.setError(err)
+		s.log.Error("stream to peer stopped; retrying", "err", err, "retry_in", backoff)
+		if time.Since(start) > time.Minute {
+			backoff = 500 * time.Millisecond
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(backoff):
+		}
+		backoff = min(backoff*2, 15*time.Second)
+	}
+}
+
+func (s *Stream) runOnce(ctx context.Context) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+
+	applyConn, progress, err := s.connectApply(ctx)
+	if err != nil {
+		return err
+	}
+	defer applyConn.Close(context.Background())
+
+	repl, err := connectReplication(ctx, s.cfg.Peer.DSN, "pgmesh_"+s.cfg.LocalNode)
+	if err != nil {
+		return fmt.Errorf("connect to peer %q for replication: %w", s.cfg.Peer.Name, err)
+	}
+	defer repl.Close(context.Background())
+
+	slot := origin.SlotName(s.cfg.LocalNode)
+	if err := checkSlot(ctx, repl, slot, s.cfg.Peer.Name); err != nil {
+		return err
+	}
+	args := []string{"proto_version '1'", "publication_names '" + Publication + "'"}
+	if major := serverMajor(repl); major >= 16 {
+		// Ask the sender to drop forwarded transactions itself.
+		args = append(args, "origin 'none'")
+	}
+	if err := pglogrepl.StartReplication(ctx, repl, slot, progress,
+		pglogrepl.StartReplicationOptions{PluginArgs: args}); err != nil {
+		return fmt.Errorf("start replication from slot %s on peer %q: %w", slot, s.cfg.Peer.Name, err)
+	}
+	s.stats.setConnected(true)
+	s.stats.setApplied(progress)
+	s.log.Info("streaming from peer", "from_lsn", progress)
+
+	go s.pollPeer(ctx)
+
+	a := newApplier(applyConn.PgConn(), &s.cfg, progress, s.stats)
+	defer a.rollback(context.Background())
+	return s.receive(ctx, repl, a, progress)
+}
+
+// connectApply opens the local apply connection: replica role (user triggers
+// and FK checks already ran on the origin), an empty search_path (names are
+// always qualified, so nothing in a user schema can hijack them), and the
+// peer's replication origin.
+func (s *Stream) connectApply(ctx context.Context) (*pgx.Conn, pglogrepl.LSN, error) {
+	cfg, err := pgx.ParseConfig(s.cfg.LocalDSN)
+	if err != nil {
+		return nil, 0, fmt.Errorf("parse local dsn: %w", err)
+	}
+	cfg.RuntimeParams["application_name"] = "pgmesh apply from " + s.cfg.Peer.Name
+	cfg.RuntimeParams["session_replication_role"] = "replica"
+	cfg.RuntimeParams["search_path"] = ""
+	conn, err := pgx.ConnectConfig(ctx, cfg)
+	if err != nil {
+		return nil, 0, fmt.Errorf("connect to local Postgres: %w", err)
+	}
+	if err := origin.Ensure(ctx, conn, s.cfg.Peer.Name); err != nil {
+		conn.Close(ctx)
+		return nil, 0, err
+	}
+	progress, err := origin.SessionSetup(ctx, conn, s.cfg.Peer.Name)
+	if err != nil {
+		conn.Close(ctx)
+		return nil, 0, err
+	}
+	return conn, progress, nil
+}
+
+// connectReplication opens a logical replication connection (replication=database).
+func connectReplication(ctx context.Context, dsn, appName string) (*pgconn.PgConn, error) {
+	cfg, err := pgconn.ParseConfig(dsn)
+	if err != nil {
+		return nil, fmt.Errorf("parse peer dsn: %w", err)
+	}
+	cfg.RuntimeParams["replication"] = "database"
+	cfg.RuntimeParams["application_name"] = appName
+	cctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	defer cancel()
+	return pgconn.ConnectConfig(cctx, cfg)
+}
+
+func serverMajor(c *pgconn.PgConn) int {
+	v := c.ParameterStatus("server_version")
+	major, _ := strconv.Atoi(strings.SplitN(v, ".", 2)[0])
+	return major
+}
+
+// checkSlot makes sure this node's slot exists on the peer. A missing slot is
+// never recreated silently: what the peer committed since it vanished would
+// be lost.
+func checkSlot(ctx context.Context, repl *pgconn.PgConn, slot, peer string) error {
+	res, err := repl.Exec(ctx, "SELECT plugin FROM pg_catalog.pg_replication_slots WHERE slot_name = '"+slot+"'").ReadAll()
+	if err != nil {
+		return fmt.Errorf("look up slot %s on peer %q: %w", slot, peer, err)
+	}
+	if len(res) == 0 || len(res[0].Rows) == 0 {
+		return fmt.Errorf("replication slot %s is missing on peer %q, so changes made there since it was dropped cannot be streamed: part this node and join it again (pgmesh node part, pgmesh group join)", slot, peer)
+	}
+	if p := string(res[0].Rows[0][0]); p != "pgoutput" {
+		return fmt.Errorf("slot %s on peer %q uses plugin %q, not pgoutput: drop it on the peer and rejoin this node", slot, peer, p)
+	}
+	return nil
+}
+
+// receive reads the stream with bounded waits, applies changes as they
+// arrive (a large transaction is streamed, not buffered), and reports
+// progress. flushed is the position up to which everything the peer sent is
+// committed here (or was not for us), the only position ever confirmed.
+func (s *Stream) receive(ctx context.Context, repl *pgconn.PgConn, a *applier, flushed pglogrepl.LSN) error {
+	received := flushed
+	lastHeard := time.Now()
+	silence := max(15*time.Second, 10*s.cfg.StatusInterval)
+	nextStatus := time.Now()
+	for {
+		if now := time.Now(); !now.Before(nextStatus) {
+			if now.Sub(lastHeard) > silence {
+				return fmt.Errorf("peer %q sent nothing for %s: connection presumed dead", s.cfg.Peer.Name, silence.Round(time.Second))
+			}
+			if err := pglogrepl.SendStandbyStatusUpdate(ctx, repl, pglogrepl.StandbyStatusUpdate{
+				WALWritePosition: received, WALFlushPosition: flushed, WALApplyPosition: flushed,
+				ReplyRequested: true,
+			}); err != nil {
+				return fmt.Errorf("send feedback to peer %q: %w", s.cfg.Peer.Name, err)
+			}
+			nextStatus = now.Add(s.cfg.StatusInterval)
+		}
+		rctx, cancel := context.WithDeadline(ctx, nextStatus)
+		raw, err := repl.ReceiveMessage(rctx)
+		cancel()
+		if err != nil {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			if pgconn.Timeout(err) {
+				continue
+			}
+			return fmt.Errorf("receive from peer %q: %w", s.cfg.Peer.Name, err)
+		}
+		lastHeard = time.Now()
+		switch msg := raw.(type) {
+		case *pgproto3.CopyData:
+			if len(msg.Data) == 0 {
+				continue
+			}
+			switch msg.Data[0] {
+			case pglogrepl.PrimaryKeepaliveMessageByteID:
+				ka, err := pglogrepl.ParsePrimaryKeepaliveMessage(msg.Data[1:])
+				if err != nil {
+					return fmt.Errorf("parse keepalive: %w", err)
+				}
+				// Between transactions, everything the sender read up to
+				// ka.ServerWALEnd has reached us: nothing below it is pending.
+				if !a.filter.InTxn() && ka.ServerWALEnd > flushed {
+					flushed, received = ka.ServerWALEnd, max(received, ka.ServerWALEnd)
+					s.stats.setApplied(flushed)
+				}
+				if ka.ReplyRequested {
+					nextStatus = time.Now()
+				}
+			case pglogrepl.XLogDataByteID:
+				xld, err := pglogrepl.ParseXLogData(msg.Data[1:])
+				if err != nil {
+					return fmt.Errorf("parse XLogData: %w", err)
+				}
+				received = max(received, xld.WALStart)
+				end, err := a.handle(ctx, xld.WALData)
+				if err != nil {
+					return err
+				}
+				if end > 0 {
+					flushed, received = max(flushed, end), max(received, end)
+					s.stats.setApplied(flushed)
+				}
+			}
+		case *pgproto3.ErrorResponse:
+			return fmt.Errorf("peer %q: %w", s.cfg.Peer.Name, pgconn.ErrorResponseToPgError(msg))
+		case *pgproto3.CopyDone:
+			return fmt.Errorf("peer %q ended the stream", s.cfg.Peer.Name)
+		}
+	}
+}
+
+// pollPeer samples the peer's WAL position every second over an ordinary
+// connection, for lag in bytes and seconds. It ends with ctx.
+func (s *Stream) pollPeer(ctx context.Context) {
+	var conn *pgx.Conn
+	defer func() {
+		if conn != nil {
+			conn.Close(context.Background())
+		}
+	}()
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	for {
+		if conn == nil {
+			c, err := pgx.Connect(ctx, s.cfg.Peer.DSN)
+			if err == nil {
+				conn = c
+			}
+		}
+		if conn != nil {
+			var lsn pglogrepl.LSN
+			qctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			err := conn.QueryRow(qctx, "SELECT pg_current_wal_lsn()").Scan(&lsn)
+			cancel()
+			if err != nil {
+				conn.Close(context.Background())
+				conn = nil
+			} else {
+				s.stats.sample(time.Now(), lsn)
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}

@@ -1,0 +1,187 @@
+//go:build integration
+
+// Package systemtest runs whole pgmesh nodes (real Postgres clusters and
+// daemon processes) and checks the invariants of DESIGN.md §3 end to end.
+package systemtest
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/pgmesh/pgmesh/internal/localmesh"
+	"github.com/pgmesh/pgmesh/internal/pgtest"
+)
+
+var bin string
+
+func TestMain(m *testing.M) {
+	if _, err := pgtest.FindBinDir(); err != nil {
+		// Fail loudly: a run without Postgres proves nothing.
+		fmt.Fprintln(os.Stderr, "systemtest:", err)
+		os.Exit(2)
+	}
+	dir, err := os.MkdirTemp("", "pgmesh-bin-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(2)
+	}
+	bin, err = localmesh.Build(context.Background(), dir)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(2)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// ctxFor returns a context bounded by the test's deadline (or 5 minutes).
+func ctxFor(t *testing.T) context.Context {
+	deadline, ok := t.Deadline()
+	if !ok {
+		deadline = time.Now().Add(5 * time.Minute)
+	}
+	ctx, cancel := context.WithDeadline(context.Background(), deadline.Add(-5*time.Second))
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// startNodes starts n Postgres clusters with their daemons (not yet in a
+// group), runs schema on each, and cleans up after the test.
+func startNodes(t *testing.T, ctx context.Context, schema string, names ...string) []*localmesh.Node {
+	t.Helper()
+	var nodes []*localmesh.Node
+	for _, name := range names {
+		n, err := localmesh.NewNode(ctx, bin, name, pgtest.Options{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		nodes = append(nodes, n)
+		t.Cleanup(func() {
+			if t.Failed() {
+				t.Logf("daemon log of %s:\n%s", n.Name, n.LogTail(6000))
+			}
+			n.Remove()
+		})
+		if schema != "" {
+			if err := n.PG.Exec(ctx, schema); err != nil {
+				t.Fatalf("schema on %s: %v", name, err)
+			}
+		}
+		if err := n.Start(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return nodes
+}
+
+// mesh starts and forms a group of the named nodes and waits until every
+// stream is connected.
+func mesh(t *testing.T, ctx context.Context, schema string, names ...string) []*localmesh.Node {
+	t.Helper()
+	nodes := startNodes(t, ctx, schema, names...)
+	if _, err := localmesh.Form(ctx, "test", nodes...); err != nil {
+		t.Fatal(err)
+	}
+	if err := localmesh.WaitConnected(ctx, 30*time.Second, nodes...); err != nil {
+		t.Fatal(err)
+	}
+	return nodes
+}
+
+func connect(t *testing.T, ctx context.Context, n *localmesh.Node) *pgx.Conn {
+	t.Helper()
+	c, err := n.PG.Connect(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close(context.Background()) })
+	return c
+}
+
+func exec(t *testing.T, ctx context.Context, n *localmesh.Node, sql string, args ...any) {
+	t.Helper()
+	if err := n.PG.Exec(ctx, sql, args...); err != nil {
+		t.Fatalf("on %s: %s: %v", n.Name, sql, err)
+	}
+}
+
+// dump returns a table's rows as text, ordered, for comparing nodes.
+func dump(ctx context.Context, n *localmesh.Node, table string) (string, error) {
+	c, err := n.PG.Connect(ctx)
+	if err != nil {
+		return "", err
+	}
+	defer c.Close(ctx)
+	rows, err := c.Query(ctx, fmt.Sprintf("SELECT t::text FROM %s t ORDER BY 1", table))
+	if err != nil {
+		return "", err
+	}
+	vals, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	return strings.Join(vals, "\n"), err
+}
+
+// eventually polls cond every 100ms until it returns nil or the timeout
+// passes, then fails with the last error.
+func eventually(t *testing.T, timeout time.Duration, what string, cond func() error) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		err := cond()
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: not true after %s: %v", what, timeout, err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// converged waits until table holds the same rows on every node, and
+// returns them.
+func converged(t *testing.T, ctx context.Context, timeout time.Duration, table string, nodes ...*localmesh.Node) string {
+	t.Helper()
+	var first string
+	eventually(t, timeout, table+" identical on all nodes", func() error {
+		var err error
+		first, err = dump(ctx, nodes[0], table)
+		if err != nil {
+			return err
+		}
+		for _, n := range nodes[1:] {
+			other, err := dump(ctx, n, table)
+			if err != nil {
+				return err
+			}
+			if other != first {
+				return fmt.Errorf("%s differs from %s:\n%s\n--- vs ---\n%s", n.Name, nodes[0].Name, clip(first), clip(other))
+			}
+		}
+		return nil
+	})
+	return first
+}
+
+func clip(s string) string {
+	if len(s) > 1500 {
+		return s[:1500] + "..."
+	}
+	return s
+}
+
+func count(t *testing.T, ctx context.Context, n *localmesh.Node, sql string, args ...any) int64 {
+	t.Helper()
+	c := connect(t, ctx, n)
+	var v int64
+	if err := c.QueryRow(ctx, sql, args...).Scan(&v); err != nil {
+		t.Fatalf("on %s: %s: %v", n.Name, sql, err)
+	}
+	return v
+}
