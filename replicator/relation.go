@@ -109,12 +109,17 @@ func (r *relation) lookupSQL(match []int) string {
 		}
 		where = append(where, fmt.Sprintf("t.%s %s $%d", quote(r.cols[c]), op, i+1))
 	}
-	return fmt.Sprintf(`SELECT t.ctid,
+	// Lock first, then read the commit time of the row version that was
+	// locked: when a concurrent apply updated the row meanwhile, READ
+	// COMMITTED re-checks and locks the newest version, and only a separate
+	// step sees that version's xmin (a function joined in the locking query
+	// could pair the new row with the old version's commit time).
+	return fmt.Sprintf(`WITH l AS (SELECT t.ctid, t.xmin FROM %s t WHERE %s LIMIT 1 FOR UPDATE)
+SELECT l.ctid,
 	(extract(epoch FROM c.timestamp) * 1000000)::bigint,
 	coalesce(c.roident, 0),
-	coalesce(t.xmin = (pg_catalog.pg_current_xact_id_if_assigned()::text::numeric %% 4294967296)::text::xid, false)
-FROM %s t LEFT JOIN LATERAL pg_catalog.pg_xact_commit_timestamp_origin(t.xmin) c ON true
-WHERE %s LIMIT 1 FOR UPDATE OF t`, r.qualified, strings.Join(where, " AND "))
+	coalesce(l.xmin = (pg_catalog.pg_current_xact_id_if_assigned()::text::numeric %% 4294967296)::text::xid, false)
+FROM l LEFT JOIN LATERAL pg_catalog.pg_xact_commit_timestamp_origin(l.xmin) c ON true`, r.qualified, strings.Join(where, " AND "))
 }
 
 // updateSQL sets the given columns of the row at ctid $1.

@@ -1,6 +1,8 @@
 package main
 
 import (
+	"bytes"
+	"encoding/json"
 	"context"
 	"flag"
 	"fmt"
@@ -54,9 +56,11 @@ func printConflicts(out io.Writer, rows []daemon.Conflict) {
 	w.Flush()
 }
 
+// raw prints a tuple on one line.
 func raw(b []byte) string {
-	if len(b) == 0 || string(b) == "null" {
+	var buf bytes.Buffer
+	if len(b) == 0 || string(b) == "null" || json.Compact(&buf, b) != nil {
 		return "-"
 	}
-	return string(b)
+	return buf.String()
 }
