@@ -22,7 +22,7 @@ func updateAll(ctx context.Context, n *localmesh.Node, tag string) error {
 func TestConcurrentAppliesOnThirdNodeConverge(t *testing.T) {
 	ctx := ctxFor(t)
 	nodes := mesh(t, ctx, itemsSchema, "a", "b", "c")
-	exec(t, ctx, nodes[0], `INSERT INTO items SELECT g, 'seed', 0 FROM generate_series(1, 2000) g`)
+	mustExec(t, ctx, nodes[0], `INSERT INTO items SELECT g, 'seed', 0 FROM generate_series(1, 2000) g`)
 	converged(t, ctx, 30*time.Second, "items", nodes...)
 	for round := 0; round < 5; round++ {
 		var wg sync.WaitGroup

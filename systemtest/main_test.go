@@ -105,7 +105,7 @@ func connect(t *testing.T, ctx context.Context, n *localmesh.Node) *pgx.Conn {
 	return c
 }
 
-func exec(t *testing.T, ctx context.Context, n *localmesh.Node, sql string, args ...any) {
+func mustExec(t *testing.T, ctx context.Context, n *localmesh.Node, sql string, args ...any) {
 	t.Helper()
 	if err := n.PG.Exec(ctx, sql, args...); err != nil {
 		t.Fatalf("on %s: %s: %v", n.Name, sql, err)
@@ -178,7 +178,11 @@ func clip(s string) string {
 
 func count(t *testing.T, ctx context.Context, n *localmesh.Node, sql string, args ...any) int64 {
 	t.Helper()
-	c := connect(t, ctx, n)
+	c, err := n.PG.Connect(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close(ctx)
 	var v int64
 	if err := c.QueryRow(ctx, sql, args...).Scan(&v); err != nil {
 		t.Fatalf("on %s: %s: %v", n.Name, sql, err)

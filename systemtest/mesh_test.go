@@ -18,9 +18,9 @@ func TestThreeNodesWriteEverywhere(t *testing.T) {
 	const perNode = 200
 	for i, n := range nodes {
 		for j := 0; j < perNode; j++ {
-			exec(t, ctx, n, `INSERT INTO items (id, origin) VALUES ($1, $2)`, i*1000+j, n.Name)
+			mustExec(t, ctx, n, `INSERT INTO items (id, origin) VALUES ($1, $2)`, i*1000+j, n.Name)
 		}
-		exec(t, ctx, n, `UPDATE items SET n = n + 1 WHERE origin = $1 AND id % 2 = 0`, n.Name)
+		mustExec(t, ctx, n, `UPDATE items SET n = n + 1 WHERE origin = $1 AND id % 2 = 0`, n.Name)
 	}
 	rows := converged(t, ctx, 60*time.Second, "items", nodes...)
 	for _, n := range nodes {
