@@ -9,7 +9,11 @@ import "time"
 type Type string
 
 const (
-	InsertExists            Type = "insert_exists"
+	InsertExists Type = "insert_exists"
+	// InsertDeleted is pgmesh's own: an insert arrives for a key that a
+	// newer delete already removed here (the delete came first, from
+	// another node); the insert is skipped.
+	InsertDeleted           Type = "insert_deleted"
 	UpdateOriginDiffers     Type = "update_origin_differs"
 	UpdateExists            Type = "update_exists"
 	UpdateMissing           Type = "update_missing"
@@ -81,27 +85,46 @@ type Decision struct {
 	Reason string
 }
 
-// Decide settles a remote change against the local row version. local is nil
-// when no row with the change's key exists here. ownTxn is true when the local
-// row was written earlier in the transaction being applied (so it is the same
-// origin's doing, not a conflict).
-func Decide(change Change, local *Version, ownTxn bool, remote Version) Decision {
-	if local == nil {
-		switch change {
-		case Insert:
+// Local is what the node holds for the key a remote change addresses.
+type Local struct {
+	// Row is the local row's version, nil when no row has the key.
+	Row *Version
+	// OwnTxn is true when the row was written earlier in the transaction
+	// being applied (the same origin's doing, not a conflict).
+	OwnTxn bool
+	// Tombstone is the newest delete of the key, nil when none is known.
+	Tombstone *Version
+	// FullRow is true when the remote change carries every column, so an
+	// update can be applied as an insert.
+	FullRow bool
+}
+
+// Decide settles a remote change against what the node holds for its key.
+func Decide(change Change, l Local, remote Version) Decision {
+	if l.Row == nil {
+		deletedLater := l.Tombstone != nil && Newer(*l.Tombstone, remote)
+		switch {
+		case change == Insert && deletedLater:
+			return Decision{Conflict: true, Type: InsertDeleted, Resolution: Skip,
+				Reason: "a newer delete of this key was applied here first"}
+		case change == Insert:
 			return Decision{Apply: true}
-		case Update:
-			// Without tombstones we cannot tell a row deleted here later
-			// from one not yet inserted here; skipping loses nothing that a
-			// newer local delete did not already mean to remove.
+		case change == Update && deletedLater:
+			return Decision{Conflict: true, Type: UpdateDeleted, Resolution: Skip,
+				Reason: "the row was deleted later than this update"}
+		case change == Update && l.FullRow:
+			return Decision{Conflict: true, Type: UpdateMissing, Resolution: ApplyAsInsert, Apply: true,
+				Reason: "no local row and no newer delete: the row is inserted"}
+		case change == Update:
 			return Decision{Conflict: true, Type: UpdateMissing, Resolution: Skip,
-				Reason: "no local row with this key"}
+				Reason: "no local row, and the update lacks unchanged TOAST values needed to insert it"}
 		default:
 			return Decision{Conflict: true, Type: DeleteMissing, Resolution: Skip,
 				Reason: "no local row with this key"}
 		}
 	}
-	if ownTxn {
+	local := l.Row
+	if l.OwnTxn {
 		return Decision{Apply: true}
 	}
 	if change != Insert && local.Known() && local.Node == remote.Node {
@@ -116,4 +139,36 @@ func Decide(change Change, local *Version, ownTxn bool, remote Version) Decision
 	}
 	return Decision{Conflict: true, Type: typ, Resolution: KeepLocal,
 		Reason: "local row is newer (last update wins)"}
+}
+
+// Unique settles a remote insert or update that collides on a unique index
+// other than the key with local rows (blockers). The remote row wins only
+// if it is newer than every blocker; each blocker older than the remote row
+// loses and is removed either way. Every node meets the same rows and
+// decides the same, so all keep the same winner.
+func Unique(change Change, blockers []Version, remote Version) (d Decision, losers []int) {
+	d = Decision{Conflict: true, Type: UpdateExists, Apply: true, Resolution: ApplyRemote,
+		Reason: "remote row is newer than the row holding the same unique value, which is removed"}
+	if change == Insert {
+		d.Type = InsertExists
+	}
+	if len(blockers) > 1 {
+		d.Type = MultipleUniqueConflicts
+		d.Reason = "remote row is newer than every row holding its unique values, which are removed"
+	}
+	for i, b := range blockers {
+		if Newer(remote, b) {
+			losers = append(losers, i)
+		} else {
+			d.Apply = false
+		}
+	}
+	if !d.Apply {
+		d.Resolution = KeepLocal
+		d.Reason = "a local row holding the same unique value is newer; the remote row loses"
+		if change == Update {
+			d.Reason += " and the row it updates is removed"
+		}
+	}
+	return d, losers
 }

@@ -42,26 +42,53 @@ func TestDecide(t *testing.T) {
 	cases := []struct {
 		name   string
 		change Change
-		local  *Version
-		own    bool
+		local  Local
 		want   Decision
 	}{
-		{"plain insert", Insert, nil, false, Decision{Apply: true}},
-		{"insert over older row", Insert, older, false, Decision{Conflict: true, Type: InsertExists, Resolution: ApplyRemote, Apply: true}},
-		{"insert under newer row", Insert, newer, false, Decision{Conflict: true, Type: InsertExists, Resolution: KeepLocal}},
-		{"update same origin", Update, sameOrigin, false, Decision{Apply: true}},
-		{"update row written in this txn", Update, newer, true, Decision{Apply: true}},
-		{"update origin differs, remote newer", Update, older, false, Decision{Conflict: true, Type: UpdateOriginDiffers, Resolution: ApplyRemote, Apply: true}},
-		{"update origin differs, local newer", Update, newer, false, Decision{Conflict: true, Type: UpdateOriginDiffers, Resolution: KeepLocal}},
-		{"update missing", Update, nil, false, Decision{Conflict: true, Type: UpdateMissing, Resolution: Skip}},
-		{"delete origin differs, local newer", Delete, newer, false, Decision{Conflict: true, Type: DeleteOriginDiffers, Resolution: KeepLocal}},
-		{"delete missing", Delete, nil, false, Decision{Conflict: true, Type: DeleteMissing, Resolution: Skip}},
+		{"plain insert", Insert, Local{}, Decision{Apply: true}},
+		{"insert after an older delete", Insert, Local{Tombstone: older}, Decision{Apply: true}},
+		{"insert overtaken by a newer delete", Insert, Local{Tombstone: newer}, Decision{Conflict: true, Type: InsertDeleted, Resolution: Skip}},
+		{"insert over older row", Insert, Local{Row: older}, Decision{Conflict: true, Type: InsertExists, Resolution: ApplyRemote, Apply: true}},
+		{"insert under newer row", Insert, Local{Row: newer}, Decision{Conflict: true, Type: InsertExists, Resolution: KeepLocal}},
+		{"update same origin", Update, Local{Row: sameOrigin}, Decision{Apply: true}},
+		{"update row written in this txn", Update, Local{Row: newer, OwnTxn: true}, Decision{Apply: true}},
+		{"update origin differs, remote newer", Update, Local{Row: older}, Decision{Conflict: true, Type: UpdateOriginDiffers, Resolution: ApplyRemote, Apply: true}},
+		{"update origin differs, local newer", Update, Local{Row: newer}, Decision{Conflict: true, Type: UpdateOriginDiffers, Resolution: KeepLocal}},
+		{"update missing, full row", Update, Local{FullRow: true}, Decision{Conflict: true, Type: UpdateMissing, Resolution: ApplyAsInsert, Apply: true}},
+		{"update missing, older delete", Update, Local{FullRow: true, Tombstone: older}, Decision{Conflict: true, Type: UpdateMissing, Resolution: ApplyAsInsert, Apply: true}},
+		{"update missing, TOAST not sent", Update, Local{}, Decision{Conflict: true, Type: UpdateMissing, Resolution: Skip}},
+		{"update deleted later", Update, Local{FullRow: true, Tombstone: newer}, Decision{Conflict: true, Type: UpdateDeleted, Resolution: Skip}},
+		{"delete origin differs, local newer", Delete, Local{Row: newer}, Decision{Conflict: true, Type: DeleteOriginDiffers, Resolution: KeepLocal}},
+		{"delete origin differs, remote newer", Delete, Local{Row: older}, Decision{Conflict: true, Type: DeleteOriginDiffers, Resolution: ApplyRemote, Apply: true}},
+		{"delete missing", Delete, Local{}, Decision{Conflict: true, Type: DeleteMissing, Resolution: Skip}},
 	}
 	for _, c := range cases {
-		got := Decide(c.change, c.local, c.own, remote)
+		got := Decide(c.change, c.local, remote)
 		got.Reason = ""
 		if got != c.want {
 			t.Errorf("%s: got %+v, want %+v", c.name, got, c.want)
 		}
+	}
+}
+
+func TestUnique(t *testing.T) {
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	remote := Version{CommitTS: t0.Add(time.Second), NodeID: 2}
+	older := Version{CommitTS: t0, NodeID: 1}
+	newer := Version{CommitTS: t0.Add(time.Hour), NodeID: 1}
+
+	d, losers := Unique(Update, []Version{older}, remote)
+	if d.Type != UpdateExists || !d.Apply || d.Resolution != ApplyRemote || len(losers) != 1 {
+		t.Errorf("newer remote update: %+v losers %v", d, losers)
+	}
+	d, losers = Unique(Insert, []Version{newer}, remote)
+	if d.Type != InsertExists || d.Apply || d.Resolution != KeepLocal || len(losers) != 0 {
+		t.Errorf("older remote insert: %+v losers %v", d, losers)
+	}
+	// Against two rows, one older and one newer: the remote row loses, and
+	// so does the older blocker.
+	d, losers = Unique(Update, []Version{older, newer}, remote)
+	if d.Type != MultipleUniqueConflicts || d.Apply || len(losers) != 1 || losers[0] != 0 {
+		t.Errorf("mixed blockers: %+v losers %v", d, losers)
 	}
 }

@@ -24,6 +24,8 @@ func (d *Daemon) routes() http.Handler {
 	mux.HandleFunc("POST /v1/group/create", d.handleCreate)
 	mux.HandleFunc("POST /v1/group/join", d.handleJoin)
 	mux.HandleFunc("POST /v1/node/part", d.handlePart)
+	mux.HandleFunc("POST /v1/delta-column", d.handleDelta)
+	mux.HandleFunc("POST /v1/cluster/delta-column", d.handleClusterDelta)
 	mux.HandleFunc("POST /v1/cluster/join", d.handleClusterJoin)
 	mux.HandleFunc("POST /v1/cluster/state", d.handleClusterState)
 	mux.HandleFunc("POST /v1/cluster/part", d.handleClusterPart)

@@ -9,6 +9,7 @@ import (
 	"net"
 	"regexp"
 	"strings"
+	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
 
@@ -25,6 +26,10 @@ type Config struct {
 	ListenRaft    string
 	AdvertiseRaft string
 	DataDir       string
+	// ConflictRetention is how long conflict_history rows are kept.
+	ConflictRetention time.Duration
+	// HousekeepingInterval is how often tombstones and old conflicts are pruned.
+	HousekeepingInterval time.Duration
 }
 
 // Defaults for the optional keys.
@@ -32,6 +37,9 @@ const (
 	DefaultListenAPI  = "127.0.0.1:7400"
 	DefaultListenRaft = "127.0.0.1:7401"
 	DefaultDataDir    = "./pgmesh-data"
+	// DefaultConflictRetention keeps a month of conflict_history.
+	DefaultConflictRetention    = 30 * 24 * time.Hour
+	DefaultHousekeepingInterval = 30 * time.Second
 )
 
 var nodeNameRE = regexp.MustCompile(`^[a-z][a-z0-9_]{0,39}$`)
@@ -83,6 +91,15 @@ func (c *Config) Normalize() error {
 	}
 	if c.DataDir == "" {
 		c.DataDir = DefaultDataDir
+	}
+	if c.ConflictRetention == 0 {
+		c.ConflictRetention = DefaultConflictRetention
+	}
+	if c.HousekeepingInterval == 0 {
+		c.HousekeepingInterval = DefaultHousekeepingInterval
+	}
+	if c.ConflictRetention < 0 || c.HousekeepingInterval < 0 {
+		errs = append(errs, errors.New("conflict_retention and housekeeping_interval must be positive durations, like 720h or 30s"))
 	}
 	return errors.Join(errs...)
 }

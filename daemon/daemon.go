@@ -13,6 +13,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -36,6 +37,15 @@ type Daemon struct {
 	streams  map[string]*running
 	problems []string // current problems found by checks, for status
 	lastSync string   // group state last written to pgmesh.node
+	ids      atomic.Pointer[map[string]int]
+}
+
+// nodeID returns a node's id by name (0 if unknown), for tie-breaks.
+func (d *Daemon) nodeID(name string) int {
+	if m := d.ids.Load(); m != nil {
+		return (*m)[name]
+	}
+	return 0
 }
 
 type running struct {
@@ -109,7 +119,13 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	go func() { serveErr <- srv.Serve(ln) }()
 	log.Info("pgmesh daemon started", "dsn", dsn.Describe(cfg.DSN), "api", cfg.ListenAPI, "raft", cfg.ListenRaft)
 
+	hkCtx, stopHK := context.WithCancel(ctx)
+	hkDone := make(chan struct{})
+	go func() { defer close(hkDone); d.housekeeping(hkCtx) }()
+
 	err = d.loop(ctx, serveErr)
+	stopHK()
+	<-hkDone
 
 	shutCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -158,6 +174,11 @@ func (d *Daemon) reconcile(ctx context.Context, g *membership.Group) {
 	if err := d.syncNodeTable(ctx, g); err != nil {
 		d.log.Warn("update pgmesh.node", "err", err)
 	}
+	ids := make(map[string]int, len(g.Nodes))
+	for _, n := range g.Nodes {
+		ids[n.Name] = n.ID
+	}
+	d.ids.Store(&ids)
 	me := g.Nodes[d.cfg.NodeName]
 	want := map[string]*membership.Node{}
 	if me != nil && me.State != membership.Parted {
@@ -175,7 +196,7 @@ func (d *Daemon) reconcile(ctx context.Context, g *membership.Group) {
 	}
 	for name, n := range want {
 		if _, ok := d.streams[name]; !ok {
-			d.startLocked(ctx, n, g)
+			d.startLocked(ctx, n)
 		}
 	}
 	d.mu.Unlock()
@@ -215,16 +236,12 @@ func contains(list []string, s string) bool {
 	return false
 }
 
-func (d *Daemon) startLocked(ctx context.Context, n *membership.Node, g *membership.Group) {
-	ids := map[string]int{}
-	for _, m := range g.Nodes {
-		ids[m.Name] = m.ID
-	}
+func (d *Daemon) startLocked(ctx context.Context, n *membership.Node) {
 	s := replicator.New(replicator.Config{
 		LocalNode: d.cfg.NodeName,
 		LocalDSN:  d.cfg.DSN,
 		Peer:      replicator.Peer{Name: n.Name, ID: n.ID, DSN: n.DSN},
-		NodeID:    func(name string) int { return ids[name] },
+		NodeID:    d.nodeID,
 		Logger:    d.log,
 	})
 	sctx, cancel := context.WithCancel(ctx)
@@ -398,6 +415,9 @@ func (d *Daemon) checkTables(ctx context.Context, problems *[]string) error {
 	}
 	defer conn.Release()
 	if err := ensurePublication(ctx, conn.Conn()); err != nil {
+		return err
+	}
+	if err := d.ensureTombstoneTriggers(ctx, conn.Conn()); err != nil {
 		return err
 	}
 	rows, err := conn.Query(ctx, `SELECT format('%I.%I', n.nspname, c.relname)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/jackc/pglogrepl"
@@ -29,13 +30,15 @@ type applier struct {
 	begin     pglogrepl.BeginMessage
 	localOpen bool // a local transaction is open
 	rows      int64
-	conflicts int64
+	conflicts map[string]int64 // by type, in the current transaction
 	stats     *stats
+	warned    map[string]bool
 }
 
 func newApplier(pc *pgconn.PgConn, cfg *Config, progress pglogrepl.LSN, st *stats) *applier {
 	return &applier{pc: pc, cfg: cfg, progress: progress, stats: st,
-		rels: map[uint32]*relation{}, stmts: map[string]string{}, origins: map[uint32]string{}}
+		rels: map[uint32]*relation{}, stmts: map[string]string{}, origins: map[uint32]string{},
+		conflicts: map[string]int64{}, warned: map[string]bool{}}
 }
 
 // handle applies one pgoutput message. It returns the end LSN of a
@@ -49,11 +52,12 @@ func (a *applier) handle(ctx context.Context, data []byte) (pglogrepl.LSN, error
 	case *pglogrepl.BeginMessage:
 		a.begin = *m
 		a.filter.Begin()
-		a.rows, a.conflicts = 0, 0
+		a.rows = 0
+		clear(a.conflicts)
 		if m.FinalLSN < a.progress {
 			// Already applied before a restart (the server may resend
 			// from the slot's older confirmed position).
-			a.filter.Origin()
+			_ = a.filter.Origin()
 		}
 	case *pglogrepl.OriginMessage:
 		// Forwarded from a third node: that node streams it to us itself.
@@ -74,8 +78,6 @@ func (a *applier) handle(ctx context.Context, data []byte) (pglogrepl.LSN, error
 		return 0, a.truncate(ctx, m)
 	case *pglogrepl.CommitMessage:
 		return a.commit(ctx, m)
-	case *pglogrepl.LogicalDecodingMessage:
-		// Not used yet.
 	}
 	return 0, nil
 }
@@ -91,7 +93,7 @@ func (a *applier) change(ctx context.Context, relID uint32, apply func(*relation
 	if err := a.openLocal(ctx); err != nil {
 		return err
 	}
-	if !r.loaded {
+	if r.stale() {
 		if err := r.load(ctx, a.pc, a.cfg.Peer.Name); err != nil {
 			return err
 		}
@@ -153,38 +155,102 @@ func pick(t *pglogrepl.TupleData, cols []int) [][]byte {
 	return out
 }
 
-// localRow is the local row version a remote change meets.
+// valueOf returns the value of column c among cols/vals, and whether it is there.
+func valueOf(cols []int, vals [][]byte, c int) ([]byte, bool) {
+	for i, x := range cols {
+		if x == c {
+			return vals[i], true
+		}
+	}
+	return nil, false
+}
+
+// localRow is a local row version a remote change meets.
 type localRow struct {
 	ctid    []byte
 	version conflict.Version
 	ownTxn  bool
 }
 
-func (a *applier) lookup(ctx context.Context, r *relation, keyVals [][]byte) (*localRow, error) {
-	res := a.exec(ctx, r.lookupSQL(r.matchCols()), keyVals)
+func (a *applier) versions(ctx context.Context, sql string, params [][]byte) ([]localRow, error) {
+	res := a.exec(ctx, sql, params)
 	if res.Err != nil {
-		return nil, fmt.Errorf("look up local row: %w", res.Err)
+		return nil, res.Err
+	}
+	var out []localRow
+	for _, row := range res.Rows {
+		lr := localRow{ctid: append([]byte(nil), row[0]...), ownTxn: string(row[3]) == "t"}
+		if row[1] != nil {
+			us, err := strconv.ParseInt(string(row[1]), 10, 64)
+			if err != nil {
+				return nil, fmt.Errorf("parse commit timestamp %q: %w", row[1], err)
+			}
+			lr.version.CommitTS = time.UnixMicro(us).UTC()
+		}
+		roident, _ := strconv.ParseUint(string(row[2]), 10, 32)
+		name, err := a.originNode(ctx, uint32(roident))
+		if err != nil {
+			return nil, err
+		}
+		lr.version.Node, lr.version.NodeID = name, a.cfg.NodeID(name)
+		out = append(out, lr)
+	}
+	return out, nil
+}
+
+// lookup finds and locks the local row with the given identity.
+func (a *applier) lookup(ctx context.Context, r *relation, match []int, nullSafe bool, keyVals [][]byte) (*localRow, error) {
+	var p params
+	sql := lockedVersions(fmt.Sprintf("SELECT t.ctid, t.xmin FROM %s t WHERE %s LIMIT 1 FOR UPDATE",
+		r.qualified, r.where(&p, match, keyVals, nullSafe)))
+	rows, err := a.versions(ctx, sql, p.vals)
+	if err != nil || len(rows) == 0 {
+		return nil, err
+	}
+	return &rows[0], nil
+}
+
+// tombstone returns the newest known delete of the key, or nil.
+func (a *applier) tombstone(ctx context.Context, r *relation, match []int, keyVals [][]byte) (*conflict.Version, error) {
+	if !samePK(r, match) {
+		return nil, nil // tombstones are kept for tables with a primary key
+	}
+	var p params
+	rel := p.add([]byte(r.tombName))
+	sql := fmt.Sprintf(`SELECT (extract(epoch FROM coalesce(t.deleted_at, pg_catalog.pg_xact_commit_timestamp(t.xmin))) * 1000000)::bigint,
+	t.deleted_by FROM pgmesh.tombstone t WHERE t.relation = %s AND t.key = %s`, rel, r.keyJSON(&p, match, keyVals))
+	res := a.exec(ctx, sql, p.vals)
+	if res.Err != nil {
+		return nil, fmt.Errorf("read tombstone: %w", res.Err)
 	}
 	if len(res.Rows) == 0 {
 		return nil, nil
 	}
-	row := res.Rows[0]
-	lr := &localRow{ctid: append([]byte(nil), row[0]...), ownTxn: string(row[3]) == "t"}
-	if row[1] != nil {
-		us, err := strconv.ParseInt(string(row[1]), 10, 64)
+	v := &conflict.Version{Node: a.cfg.LocalNode}
+	if b := res.Rows[0][0]; b != nil {
+		us, err := strconv.ParseInt(string(b), 10, 64)
 		if err != nil {
-			return nil, fmt.Errorf("parse commit timestamp %q: %w", row[1], err)
+			return nil, err
 		}
-		lr.version.CommitTS = time.UnixMicro(us).UTC()
+		v.CommitTS = time.UnixMicro(us).UTC()
 	}
-	roident, _ := strconv.ParseUint(string(row[2]), 10, 32)
-	name, err := a.originNode(ctx, uint32(roident))
-	if err != nil {
-		return nil, err
+	if b := res.Rows[0][1]; b != nil {
+		v.Node = string(b)
 	}
-	lr.version.Node = name
-	lr.version.NodeID = a.cfg.NodeID(name)
-	return lr, nil
+	v.NodeID = a.cfg.NodeID(v.Node)
+	return v, nil
+}
+
+func samePK(r *relation, match []int) bool {
+	if r.pk == nil || len(match) != len(r.pk) {
+		return false
+	}
+	for i := range match {
+		if match[i] != r.pk[i] {
+			return false
+		}
+	}
+	return true
 }
 
 // originNode maps a replication origin id to the node it stands for; 0 is
@@ -211,77 +277,254 @@ func (a *applier) originNode(ctx context.Context, roident uint32) (string, error
 	return a.origins[roident], nil
 }
 
-func (a *applier) remoteVersion() conflict.Version {
+func (a *applier) remote() conflict.Version {
 	return conflict.Version{CommitTS: a.begin.CommitTime, NodeID: a.cfg.Peer.ID, Node: a.cfg.Peer.Name}
 }
 
 func (a *applier) insert(ctx context.Context, r *relation, m *pglogrepl.InsertMessage) error {
 	cols, vals := values(m.Tuple)
-	res := a.exec(ctx, r.insertSQL(cols), vals)
-	if res.Err != nil {
-		return res.Err
-	}
-	if res.CommandTag.RowsAffected() == 1 {
-		return nil
-	}
-	match := r.matchCols()
+	match, nullSafe := r.match(m.Tuple)
 	keyVals := pick(m.Tuple, match)
-	var local *localRow
-	if len(match) > 0 {
-		var err error
-		if local, err = a.lookup(ctx, r, keyVals); err != nil {
-			return err
-		}
-	}
-	if local == nil {
-		// Another unique constraint than the identity blocks the row.
-		d := conflict.Decision{Conflict: true, Type: conflict.InsertExists, Resolution: conflict.Skip,
-			Reason: "a unique constraint other than the replica identity blocks the row"}
-		return a.record(ctx, r, d, nil, match, keyVals, cols, vals)
-	}
-	d := conflict.Decide(conflict.Insert, &local.version, local.ownTxn, a.remoteVersion())
-	if err := a.record(ctx, r, d, local, match, keyVals, cols, vals); err != nil {
+	// Fast path: one statement that inserts unless the key exists, another
+	// unique value is taken, or a delete of the key is remembered.
+	n, err := a.insertRow(ctx, r, cols, vals, match)
+	if err != nil || n == 1 {
 		return err
 	}
-	if !d.Apply {
-		return nil
+	local, err := a.lookup(ctx, r, match, nullSafe, keyVals)
+	if err != nil {
+		return err
 	}
-	return a.updateRow(ctx, r, local.ctid, cols, vals)
+	if local != nil {
+		d := conflict.Decide(conflict.Insert, conflict.Local{Row: &local.version, OwnTxn: local.ownTxn}, a.remote())
+		if err := a.record(ctx, r, d, []localRow{*local}, match, keyVals, cols, vals); err != nil {
+			return err
+		}
+		if !d.Apply {
+			return nil
+		}
+		return a.updateChecked(ctx, r, local.ctid, match, keyVals, cols, vals, nil)
+	}
+	tomb, err := a.tombstone(ctx, r, match, keyVals)
+	if err != nil {
+		return err
+	}
+	d := conflict.Decide(conflict.Insert, conflict.Local{Tombstone: tomb, FullRow: true}, a.remote())
+	if d.Conflict {
+		return a.record(ctx, r, d, nil, match, keyVals, cols, vals)
+	}
+	// An older tombstone or another unique value stopped the fast path.
+	return a.insertChecked(ctx, r, conflict.Insert, match, keyVals, cols, vals)
+}
+
+// insertRow inserts unless the row's key exists, another unique value is
+// taken, or (when match is set) a tombstone of the key exists. It returns
+// the number of rows inserted.
+func (a *applier) insertRow(ctx context.Context, r *relation, cols []int, vals [][]byte, match []int) (int64, error) {
+	var p params
+	var names, exprs []string
+	for i, c := range cols {
+		names = append(names, quote(r.cols[c]))
+		exprs = append(exprs, p.add(vals[i]))
+	}
+	guard := ""
+	if match != nil && samePK(r, match) {
+		keyVals := make([][]byte, len(match))
+		for i, c := range match {
+			keyVals[i], _ = valueOf(cols, vals, c)
+		}
+		rel := p.add([]byte(r.tombName))
+		guard = fmt.Sprintf(" WHERE NOT EXISTS (SELECT 1 FROM pgmesh.tombstone t WHERE t.relation = %s AND t.key = %s)",
+			rel, r.keyJSON(&p, match, keyVals))
+	}
+	// VALUES types each parameter as its target column; the SELECT form
+	// (needed for the guard) would leave them unknown, hence the casts.
+	var sql string
+	if guard == "" {
+		sql = fmt.Sprintf("INSERT INTO %s (%s) VALUES (%s) ON CONFLICT DO NOTHING", r.qualified, strings.Join(names, ", "), strings.Join(exprs, ", "))
+	} else {
+		for i, c := range cols {
+			exprs[i] += "::" + r.localType[c]
+		}
+		sql = fmt.Sprintf("INSERT INTO %s (%s) SELECT %s%s ON CONFLICT DO NOTHING", r.qualified, strings.Join(names, ", "), strings.Join(exprs, ", "), guard)
+	}
+	res := a.exec(ctx, sql, p.vals)
+	if res.Err != nil {
+		return 0, res.Err
+	}
+	return res.CommandTag.RowsAffected(), nil
+}
+
+// insertChecked inserts a row whose key is free here, first settling any
+// other unique index it collides on.
+func (a *applier) insertChecked(ctx context.Context, r *relation, change conflict.Change, match []int, keyVals [][]byte, cols []int, vals [][]byte) error {
+	ok, err := a.settleUnique(ctx, r, change, nil, match, keyVals, cols, vals)
+	if err != nil || !ok {
+		return err
+	}
+	n, err := a.insertRow(ctx, r, cols, vals, nil)
+	if err == nil && n != 1 {
+		err = fmt.Errorf("insert blocked by a unique constraint that pgmesh cannot resolve (a partial, deferrable or expression index?)")
+	}
+	return err
+}
+
+// settleUnique looks for local rows other than self that hold the row's
+// values in a unique index other than the key, and settles the collision by
+// last-update-wins (conflict.Unique). It reports whether the write may go on.
+func (a *applier) settleUnique(ctx context.Context, r *relation, change conflict.Change, self []byte, match []int, keyVals [][]byte, cols []int, vals [][]byte) (bool, error) {
+	if len(r.uniques) == 0 {
+		return true, nil
+	}
+	var p params
+	var ors []string
+	for _, idx := range r.uniques {
+		var and []string
+		for _, c := range idx {
+			v, ok := valueOf(cols, vals, c)
+			if !ok || v == nil {
+				and = nil // unchanged or NULL: cannot collide anew
+				break
+			}
+			and = append(and, "t."+quote(r.cols[c])+" = "+p.add(v))
+		}
+		if and != nil {
+			ors = append(ors, "("+strings.Join(and, " AND ")+")")
+		}
+	}
+	if len(ors) == 0 {
+		return true, nil
+	}
+	where := strings.Join(ors, " OR ")
+	if self != nil {
+		where = "(" + where + ") AND t.ctid <> " + p.add(self) + "::tid"
+	}
+	blockers, err := a.versions(ctx, lockedVersions(fmt.Sprintf("SELECT t.ctid, t.xmin FROM %s t WHERE %s ORDER BY t.ctid FOR UPDATE", r.qualified, where)), p.vals)
+	if err != nil || len(blockers) == 0 {
+		return true, err
+	}
+	vs := make([]conflict.Version, len(blockers))
+	for i, b := range blockers {
+		vs[i] = b.version
+	}
+	d, losers := conflict.Unique(change, vs, a.remote())
+	if err := a.record(ctx, r, d, blockers, match, keyVals, cols, vals); err != nil {
+		return false, err
+	}
+	for _, i := range losers {
+		if err := a.deleteRow(ctx, r, blockers[i].ctid, a.remote()); err != nil {
+			return false, err
+		}
+	}
+	if !d.Apply && self != nil {
+		// The remote update lost: the row it updates loses with it, as it
+		// does on the node that wrote it once the winner arrives there.
+		return false, a.deleteRow(ctx, r, self, a.remote())
+	}
+	return d.Apply, nil
 }
 
 func (a *applier) update(ctx context.Context, r *relation, m *pglogrepl.UpdateMessage) error {
-	match := r.matchCols()
-	if len(match) == 0 {
-		return fmt.Errorf("table %s has no primary key or replica identity on peer %q, so its updates cannot be matched: add a primary key (or ALTER TABLE ... REPLICA IDENTITY FULL) on every node", r.qualified, a.cfg.Peer.Name)
-	}
 	keySrc := m.NewTuple
 	if m.OldTuple != nil {
 		keySrc = m.OldTuple
 	}
+	match, nullSafe := r.match(keySrc)
 	keyVals := pick(keySrc, match)
-	local, err := a.lookup(ctx, r, keyVals)
+	local, err := a.lookup(ctx, r, match, nullSafe, keyVals)
 	if err != nil {
 		return err
 	}
 	cols, vals := values(m.NewTuple)
-	var lv *conflict.Version
-	if local != nil {
-		lv = &local.version
+	var old *pglogrepl.TupleData
+	if m.OldTupleType == pglogrepl.UpdateMessageTupleTypeOld {
+		old = m.OldTuple
 	}
-	d := conflict.Decide(conflict.Update, lv, local != nil && local.ownTxn, a.remoteVersion())
+	if local == nil {
+		tomb, err := a.tombstone(ctx, r, match, keyVals)
+		if err != nil {
+			return err
+		}
+		d := conflict.Decide(conflict.Update, conflict.Local{Tombstone: tomb, FullRow: len(cols) == len(r.cols)}, a.remote())
+		if err := a.record(ctx, r, d, nil, match, keyVals, cols, vals); err != nil {
+			return err
+		}
+		if !d.Apply {
+			return nil
+		}
+		// The row may live on under its new key.
+		newMatch, _ := r.match(m.NewTuple)
+		return a.insertChecked(ctx, r, conflict.Update, newMatch, pick(m.NewTuple, newMatch), cols, vals)
+	}
+	d := conflict.Decide(conflict.Update, conflict.Local{Row: &local.version, OwnTxn: local.ownTxn}, a.remote())
+	if !d.Apply && old != nil && hasDelta(r) {
+		// The local row is newer, but increments are never lost.
+		d.Resolution, d.Reason = conflict.Merge, "local row is newer; the remote increments to delta columns are added"
+		if err := a.record(ctx, r, d, []localRow{*local}, match, keyVals, cols, vals); err != nil {
+			return err
+		}
+		return a.updateRow(ctx, r, local.ctid, deltaOnly(r, cols), vals, old)
+	}
 	if d.Conflict {
-		if err := a.record(ctx, r, d, local, match, keyVals, cols, vals); err != nil {
+		if err := a.record(ctx, r, d, []localRow{*local}, match, keyVals, cols, vals); err != nil {
 			return err
 		}
 	}
 	if !d.Apply {
 		return nil
 	}
-	return a.updateRow(ctx, r, local.ctid, cols, vals)
+	if hasDelta(r) && old == nil && !a.warned[r.name] {
+		a.warned[r.name] = true
+		a.cfg.Logger.Warn("table has delta columns but the peer does not send old values, so its updates overwrite them: run SELECT pgmesh.set_delta_column(...) on every node (pgmesh delta-column does)",
+			"table", r.name, "peer", a.cfg.Peer.Name)
+	}
+	return a.updateChecked(ctx, r, local.ctid, match, keyVals, cols, vals, old)
 }
 
-func (a *applier) updateRow(ctx context.Context, r *relation, ctid []byte, cols []int, vals [][]byte) error {
-	res := a.exec(ctx, r.updateSQL(cols), append([][]byte{ctid}, vals...))
+// deltaOnly masks out every column but the delta ones (by setting the
+// others' indexes to -1, which updateRow skips).
+func deltaOnly(r *relation, cols []int) []int {
+	out := make([]int, len(cols))
+	for i, c := range cols {
+		out[i] = -1
+		if r.delta[c] {
+			out[i] = c
+		}
+	}
+	return out
+}
+
+func (a *applier) updateChecked(ctx context.Context, r *relation, ctid []byte, match []int, keyVals [][]byte, cols []int, vals [][]byte, old *pglogrepl.TupleData) error {
+	ok, err := a.settleUnique(ctx, r, conflict.Update, ctid, match, keyVals, cols, vals)
+	if err != nil || !ok {
+		return err
+	}
+	return a.updateRow(ctx, r, ctid, cols, vals, old)
+}
+
+// updateRow sets the given columns of the row at ctid. Delta columns get
+// the remote increment (new - old) added when the old tuple is known.
+func (a *applier) updateRow(ctx context.Context, r *relation, ctid []byte, cols []int, vals [][]byte, old *pglogrepl.TupleData) error {
+	var p params
+	at := p.add(ctid)
+	var sets []string
+	for i, c := range cols {
+		if c < 0 {
+			continue
+		}
+		col := quote(r.cols[c])
+		if r.delta[c] && old != nil && c < len(old.Columns) && old.Columns[c].DataType != pglogrepl.TupleDataTypeToast {
+			oldVal := pick(old, []int{c})[0]
+			sets = append(sets, fmt.Sprintf("%s = coalesce(t.%s, 0) + (coalesce(%s, 0) - coalesce(%s, 0))",
+				col, col, r.typed(&p, c, vals[i]), r.typed(&p, c, oldVal)))
+			continue
+		}
+		sets = append(sets, col+" = "+p.add(vals[i]))
+	}
+	if len(sets) == 0 {
+		return nil
+	}
+	res := a.exec(ctx, fmt.Sprintf("UPDATE %s t SET %s WHERE t.ctid = %s::tid", r.qualified, strings.Join(sets, ", "), at), p.vals)
 	if res.Err != nil {
 		return res.Err
 	}
@@ -292,48 +535,89 @@ func (a *applier) updateRow(ctx context.Context, r *relation, ctid []byte, cols 
 }
 
 func (a *applier) delete(ctx context.Context, r *relation, m *pglogrepl.DeleteMessage) error {
-	match := r.matchCols()
-	if len(match) == 0 || m.OldTuple == nil {
+	if m.OldTuple == nil {
 		return fmt.Errorf("table %s has no primary key or replica identity on peer %q, so its deletes cannot be matched: add a primary key (or ALTER TABLE ... REPLICA IDENTITY FULL) on every node", r.qualified, a.cfg.Peer.Name)
 	}
+	match, nullSafe := r.match(m.OldTuple)
 	keyVals := pick(m.OldTuple, match)
-	local, err := a.lookup(ctx, r, keyVals)
+	local, err := a.lookup(ctx, r, match, nullSafe, keyVals)
 	if err != nil {
 		return err
 	}
-	var lv *conflict.Version
-	if local != nil {
-		lv = &local.version
+	if local == nil {
+		d := conflict.Decide(conflict.Delete, conflict.Local{}, a.remote())
+		if err := a.record(ctx, r, d, nil, match, keyVals, nil, nil); err != nil {
+			return err
+		}
+		// Remember the delete: the row's insert or an older update may
+		// still be on its way from another node.
+		return a.saveTombstone(ctx, r, match, keyVals)
 	}
-	d := conflict.Decide(conflict.Delete, lv, local != nil && local.ownTxn, a.remoteVersion())
+	d := conflict.Decide(conflict.Delete, conflict.Local{Row: &local.version, OwnTxn: local.ownTxn}, a.remote())
 	if d.Conflict {
-		if err := a.record(ctx, r, d, local, match, keyVals, nil, nil); err != nil {
+		if err := a.record(ctx, r, d, []localRow{*local}, match, keyVals, nil, nil); err != nil {
 			return err
 		}
 	}
 	if !d.Apply {
 		return nil
 	}
-	res := a.exec(ctx, r.deleteSQL(), [][]byte{local.ctid})
-	return res.Err
+	return a.deleteRow(ctx, r, local.ctid, a.remote())
 }
+
+// tombstoneUpsert is the tail of a statement writing a tombstone, keeping
+// the newest delete of a key.
+const tombstoneUpsert = ` ON CONFLICT (relation, key) DO UPDATE SET deleted_at = EXCLUDED.deleted_at, deleted_by = EXCLUDED.deleted_by
+WHERE coalesce(t.deleted_at, pg_catalog.pg_xact_commit_timestamp(t.xmin), '-infinity') < EXCLUDED.deleted_at`
+
+// deleteRow deletes the row at ctid and, for tables with a primary key,
+// records a tombstone stamped with the deleting change's time and origin,
+// in one statement.
+func (a *applier) deleteRow(ctx context.Context, r *relation, ctid []byte, by conflict.Version) error {
+	var p params
+	at := p.add(ctid)
+	if r.pk == nil {
+		return a.exec(ctx, fmt.Sprintf("DELETE FROM %s t WHERE t.ctid = %s::tid", r.qualified, at), p.vals).Err
+	}
+	var kv []string
+	for _, c := range r.pk {
+		kv = append(kv, pgLiteral(r.cols[c]), "t."+quote(r.cols[c]))
+	}
+	sql := fmt.Sprintf(`WITH d AS (DELETE FROM %s t WHERE t.ctid = %s::tid RETURNING jsonb_build_object(%s) AS k)
+INSERT INTO pgmesh.tombstone AS t (relation, key, deleted_at, deleted_by)
+SELECT %s, d.k, %s::timestamptz, %s FROM d`+tombstoneUpsert,
+		r.qualified, at, strings.Join(kv, ", "), p.add([]byte(r.tombName)), p.add([]byte(pgTime(by.CommitTS))), p.add([]byte(by.Node)))
+	return a.exec(ctx, sql, p.vals).Err
+}
+
+// saveTombstone records a delete of a key that has no row here.
+func (a *applier) saveTombstone(ctx context.Context, r *relation, match []int, keyVals [][]byte) error {
+	if !samePK(r, match) {
+		return nil
+	}
+	var p params
+	rel := p.add([]byte(r.tombName))
+	key := r.keyJSON(&p, match, keyVals)
+	sql := fmt.Sprintf(`INSERT INTO pgmesh.tombstone AS t (relation, key, deleted_at, deleted_by) VALUES (%s, %s, %s::timestamptz, %s)`+tombstoneUpsert,
+		rel, key, p.add([]byte(pgTime(a.begin.CommitTime))), p.add([]byte(a.cfg.Peer.Name)))
+	return a.exec(ctx, sql, p.vals).Err
+}
+
+func pgLiteral(s string) string { return "'" + strings.ReplaceAll(s, "'", "''") + "'" }
 
 func (a *applier) truncate(ctx context.Context, m *pglogrepl.TruncateMessage) error {
 	if a.filter.Skip() {
 		return nil
 	}
-	var names string
-	for i, id := range m.RelationIDs {
+	var names []string
+	for _, id := range m.RelationIDs {
 		r, ok := a.rels[id]
 		if !ok {
 			return fmt.Errorf("peer %q truncated relation id %d without describing it first (protocol error)", a.cfg.Peer.Name, id)
 		}
-		if i > 0 {
-			names += ", "
-		}
-		names += r.qualified
+		names = append(names, r.qualified)
 	}
-	sql := "TRUNCATE " + names
+	sql := "TRUNCATE " + strings.Join(names, ", ")
 	if m.Option&pglogrepl.TruncateOptionRestartIdentity != 0 {
 		sql += " RESTART IDENTITY"
 	}
@@ -356,7 +640,7 @@ func (a *applier) truncate(ctx context.Context, m *pglogrepl.TruncateMessage) er
 func (a *applier) commit(ctx context.Context, m *pglogrepl.CommitMessage) (pglogrepl.LSN, error) {
 	defer a.filter.End()
 	if !a.localOpen {
-		a.stats.skipped(a.filter.Skip())
+		a.stats.skipped(a.filter.Skip(), m.CommitTime)
 		return m.TransactionEndLSN, nil
 	}
 	sql := fmt.Sprintf("SELECT pg_catalog.pg_replication_origin_xact_setup('%s', '%s'); COMMIT",
@@ -383,44 +667,55 @@ func pgTime(t time.Time) string {
 }
 
 // record writes a conflict_history row in the transaction being applied,
-// before the change, so local_tuple is the row as it was.
-func (a *applier) record(ctx context.Context, r *relation, d conflict.Decision, local *localRow,
+// before the change, so local_tuple is the row (or rows) as it was.
+func (a *applier) record(ctx context.Context, r *relation, d conflict.Decision, locals []localRow,
 	keyCols []int, keyVals [][]byte, remoteCols []int, remoteVals [][]byte) error {
-	var ctid, localTS []byte
-	localOrigin := []byte(nil)
-	if local != nil {
-		ctid = local.ctid
-		if local.version.Known() {
-			localTS = []byte(pgTime(local.version.CommitTS))
+	if !d.Conflict {
+		return nil
+	}
+	var p params
+	var ctids []string
+	var localTS, localOrigin []byte
+	for _, l := range locals {
+		ctids = append(ctids, `"`+string(l.ctid)+`"`)
+	}
+	if len(locals) > 0 {
+		if locals[0].version.Known() {
+			localTS = []byte(pgTime(locals[0].version.CommitTS))
 		}
-		localOrigin = []byte(local.version.Node)
+		localOrigin = []byte(locals[0].version.Node)
 	}
-	params := [][]byte{
-		[]byte(a.cfg.LocalNode), []byte(a.cfg.Peer.Name), []byte(r.msg.Namespace + "." + r.msg.RelationName),
-		[]byte(d.Type), []byte(d.Resolution), ctid, localTS, localOrigin,
-		[]byte(pgTime(a.begin.CommitTime)), []byte(a.begin.FinalLSN.String()),
-		[]byte(strconv.FormatUint(uint64(a.begin.Xid), 10)), []byte(d.Reason),
+	ctidArr := p.add([]byte("{" + strings.Join(ctids, ",") + "}"))
+	localJSON := fmt.Sprintf("(SELECT to_jsonb(t) FROM %s t WHERE t.ctid = ANY(%s::tid[]))", r.qualified, ctidArr)
+	if len(locals) > 1 {
+		localJSON = fmt.Sprintf("(SELECT jsonb_agg(to_jsonb(t)) FROM %s t WHERE t.ctid = ANY(%s::tid[]))", r.qualified, ctidArr)
 	}
-	keyJSON := r.tupleJSON(keyCols, len(params)+1)
-	params = append(params, keyVals...)
-	remoteJSON := r.tupleJSON(remoteCols, len(params)+1)
-	params = append(params, remoteVals...)
-	localJSON := fmt.Sprintf("(SELECT to_jsonb(t) FROM %s t WHERE t.ctid = $6::tid)", r.qualified)
+	var remoteFields []string
+	for i, c := range remoteCols {
+		remoteFields = append(remoteFields, r.typed(&p, c, remoteVals[i])+" AS "+quote(r.cols[c]))
+	}
+	remoteJSON := "NULL::jsonb"
+	if len(remoteFields) > 0 {
+		remoteJSON = "(SELECT to_jsonb(v) FROM (SELECT " + strings.Join(remoteFields, ", ") + ") v)"
+	}
 	applied := "NULL::jsonb"
 	switch {
 	case d.Apply && remoteCols != nil:
 		applied = remoteJSON
-	case !d.Apply && d.Resolution == conflict.KeepLocal:
+	case d.Resolution == conflict.KeepLocal:
 		applied = localJSON
 	}
 	sql := fmt.Sprintf(`INSERT INTO pgmesh.conflict_history (local_node, origin_node, relation,
 	conflict_type, resolution, key_tuple, local_tuple, remote_tuple, applied_tuple,
 	local_commit_ts, local_origin, remote_commit_ts, remote_commit_lsn, remote_xid, reason)
-VALUES ($1, $2, $3, $4, $5, %s, %s, %s, %s, $7::timestamptz, $8, $9::timestamptz, $10::pg_lsn, $11::bigint, $12)`,
-		keyJSON, localJSON, remoteJSON, applied)
-	if res := a.pc.ExecParams(ctx, sql, params, nil, nil, nil).Read(); res.Err != nil {
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s::timestamptz, %s, %s::timestamptz, %s::pg_lsn, %s::bigint, %s)`,
+		p.add([]byte(a.cfg.LocalNode)), p.add([]byte(a.cfg.Peer.Name)), p.add([]byte(r.name)),
+		p.add([]byte(d.Type)), p.add([]byte(d.Resolution)), r.keyJSON(&p, keyCols, keyVals), localJSON, remoteJSON, applied,
+		p.add(localTS), p.add(localOrigin), p.add([]byte(pgTime(a.begin.CommitTime))), p.add([]byte(a.begin.FinalLSN.String())),
+		p.add([]byte(strconv.FormatUint(uint64(a.begin.Xid), 10))), p.add([]byte(d.Reason)))
+	if res := a.pc.ExecParams(ctx, sql, p.vals, nil, nil, nil).Read(); res.Err != nil {
 		return fmt.Errorf("write conflict_history: %w", res.Err)
 	}
-	a.conflicts++
+	a.conflicts[string(d.Type)]++
 	return nil
 }

@@ -3,7 +3,9 @@ package replicator
 import (
 	"context"
 	"fmt"
+	"strconv"
 	"strings"
+	"time"
 
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
@@ -14,16 +16,28 @@ import (
 // column name against the local table of the same name.
 type relation struct {
 	msg       *pglogrepl.RelationMessage
-	qualified string   // quoted "schema"."table"
+	qualified string   // quoted "schema"."table", for statements
+	name      string   // schema.table, for conflict_history
 	cols      []string // remote column names, in the remote order
-	keys      []int    // indexes into cols of the replica identity columns
-	full      bool     // REPLICA IDENTITY FULL: match on every column
+	keys      []int    // remote replica identity columns (indexes into cols)
+	full      bool     // REPLICA IDENTITY FULL on the peer
+
+	// From the local catalog (reloaded now and then, see stale).
 	localType []string // local type of each remote column, format_type() text
-	loaded    bool
+	tombName  string   // format('%I.%I'), the relation's name in pgmesh.tombstone
+	pk        []int    // local primary key columns (nil: none usable)
+	uniques   [][]int  // other local unique indexes on plain columns
+	delta     []bool   // delta columns, by remote column index
+	loadedAt  time.Time
 }
 
+// metadataTTL bounds how long local catalog facts are trusted (delta
+// columns and indexes can change without the peer resending the relation).
+const metadataTTL = 10 * time.Second
+
 func newRelation(m *pglogrepl.RelationMessage) *relation {
-	r := &relation{msg: m, qualified: pgx.Identifier{m.Namespace, m.RelationName}.Sanitize()}
+	r := &relation{msg: m, qualified: pgx.Identifier{m.Namespace, m.RelationName}.Sanitize(),
+		name: m.Namespace + "." + m.RelationName}
 	r.full = m.ReplicaIdentity == 'f'
 	for i, c := range m.Columns {
 		r.cols = append(r.cols, c.Name)
@@ -34,14 +48,18 @@ func newRelation(m *pglogrepl.RelationMessage) *relation {
 	return r
 }
 
-// load reads the local table's column types and checks that every column the
-// peer sends exists here. Errors name the cause and the fix: the stream stops
-// at this change and resumes from it once the schema matches.
+func (r *relation) stale() bool { return time.Since(r.loadedAt) > metadataTTL }
+
+// load reads the local table's columns, keys and delta columns, and checks
+// that every column the peer sends exists here. Errors name the cause and
+// the fix: the stream stops at this change and resumes from it once the
+// schema matches.
 func (r *relation) load(ctx context.Context, pc *pgconn.PgConn, peer string) error {
+	reg := [][]byte{[]byte(r.qualified)}
 	res := pc.ExecParams(ctx, `SELECT a.attname, format_type(a.atttypid, a.atttypmod)
 		FROM pg_catalog.pg_attribute a
 		WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''`,
-		[][]byte{[]byte(r.qualified)}, nil, nil, nil).Read()
+		reg, nil, nil, nil).Read()
 	if res.Err != nil {
 		return fmt.Errorf("read columns of %s: %w", r.qualified, res.Err)
 	}
@@ -52,98 +70,194 @@ func (r *relation) load(ctx context.Context, pc *pgconn.PgConn, peer string) err
 	for _, row := range res.Rows {
 		types[string(row[0])] = string(row[1])
 	}
+	pos := make(map[string]int, len(r.cols))
 	r.localType = r.localType[:0]
-	for _, c := range r.cols {
+	for i, c := range r.cols {
 		t, ok := types[c]
 		if !ok {
 			return fmt.Errorf("peer %q sends column %s of table %s, which this node lacks: add the column (same type as on %q), and the stream resumes from the same change", peer, quote(c), r.qualified, peer)
 		}
 		r.localType = append(r.localType, t)
+		pos[c] = i
 	}
-	if len(r.keys) == 0 && !r.full {
-		// Inserts still apply; updates and deletes cannot be sent by the peer at all.
-		r.keys = nil
+
+	// Unique indexes on plain columns, primary key first; partial and
+	// deferrable ones cannot block an insert the same way and are left out.
+	res = pc.ExecParams(ctx, `SELECT i.indexrelid, i.indisprimary, a.attname
+		FROM pg_catalog.pg_index i
+		CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY k(attnum, ord)
+		JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+		WHERE i.indrelid = to_regclass($1) AND i.indisunique AND i.indisvalid AND i.indimmediate
+		  AND i.indpred IS NULL AND i.indexprs IS NULL
+		ORDER BY i.indisprimary DESC, i.indexrelid, k.ord`, reg, nil, nil, nil).Read()
+	if res.Err != nil {
+		return fmt.Errorf("read indexes of %s: %w", r.qualified, res.Err)
 	}
-	r.loaded = true
+	r.pk, r.uniques = nil, nil
+	var cur []int
+	var curID string
+	curPK, usable := false, true
+	flush := func() {
+		if curID == "" || !usable {
+			return
+		}
+		if curPK {
+			r.pk = cur
+		} else {
+			r.uniques = append(r.uniques, cur)
+		}
+	}
+	for _, row := range res.Rows {
+		if id := string(row[0]); id != curID {
+			flush()
+			curID, curPK, cur, usable = id, string(row[1]) == "t", nil, true
+		}
+		if p, ok := pos[string(row[2])]; ok {
+			cur = append(cur, p)
+		} else {
+			usable = false // the peer does not send this column
+		}
+	}
+	flush()
+
+	res = pc.ExecParams(ctx, `SELECT format('%I.%I', n.nspname, c.relname),
+		coalesce((SELECT array_agg(d.column_name::text) FROM pgmesh.delta_column d
+		          WHERE d.relation = format('%I.%I', n.nspname, c.relname)), '{}')::text
+		FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+		WHERE c.oid = to_regclass($1)`, reg, nil, nil, nil).Read()
+	if res.Err != nil {
+		return fmt.Errorf("read delta columns of %s: %w", r.qualified, res.Err)
+	}
+	r.tombName = string(res.Rows[0][0])
+	r.delta = make([]bool, len(r.cols))
+	for _, d := range parseTextArray(string(res.Rows[0][1])) {
+		if p, ok := pos[d]; ok {
+			r.delta[p] = true
+		}
+	}
+	r.loadedAt = time.Now()
 	return nil
+}
+
+// parseTextArray parses a one-dimensional text[] in text output form.
+func parseTextArray(s string) []string {
+	s = strings.TrimSuffix(strings.TrimPrefix(s, "{"), "}")
+	var out []string
+	for len(s) > 0 {
+		if s[0] == '"' {
+			var b strings.Builder
+			i := 1
+			for ; i < len(s) && s[i] != '"'; i++ {
+				if s[i] == '\\' && i+1 < len(s) {
+					i++
+				}
+				b.WriteByte(s[i])
+			}
+			out = append(out, b.String())
+			s = strings.TrimPrefix(s[min(i+1, len(s)):], ",")
+			continue
+		}
+		v, rest, _ := strings.Cut(s, ",")
+		out, s = append(out, v), rest
+	}
+	return out
 }
 
 func quote(name string) string { return pgx.Identifier{name}.Sanitize() }
 
-// matchCols are the columns that identify a row: the replica identity, or
-// every column under REPLICA IDENTITY FULL.
-func (r *relation) matchCols() []int {
-	if r.full {
-		all := make([]int, len(r.cols))
-		for i := range all {
-			all[i] = i
+func hasDelta(r *relation) bool {
+	for _, d := range r.delta {
+		if d {
+			return true
 		}
-		return all
 	}
-	return r.keys
+	return false
 }
 
-// insertSQL inserts the given columns; a unique violation inserts nothing, so
-// the caller learns of the conflict from the row count instead of an aborted
-// transaction.
-func (r *relation) insertSQL(cols []int) string {
-	var names, params []string
-	for i, c := range cols {
-		names = append(names, quote(r.cols[c]))
-		params = append(params, fmt.Sprintf("$%d", i+1))
+// match picks the columns that identify a row, and whether they must be
+// compared NULL-safely: the local primary key when the key source carries
+// it, else the peer's replica identity, else (REPLICA IDENTITY FULL without
+// a key) every column.
+func (r *relation) match(src *pglogrepl.TupleData) (cols []int, nullSafe bool) {
+	if r.pk != nil && carries(src, r.pk) {
+		return r.pk, false
 	}
-	return fmt.Sprintf("INSERT INTO %s (%s) VALUES (%s) ON CONFLICT DO NOTHING",
-		r.qualified, strings.Join(names, ", "), strings.Join(params, ", "))
+	if len(r.keys) > 0 && !r.full {
+		return r.keys, false
+	}
+	all := make([]int, len(r.cols))
+	for i := range all {
+		all[i] = i
+	}
+	return all, true
 }
 
-// lookupSQL finds and locks the local row matching the identity columns and
-// returns what last-update-wins needs: its ctid, commit time (microseconds
-// since the Unix epoch, or NULL when unknown), origin id, and whether the
-// current transaction wrote it.
-func (r *relation) lookupSQL(match []int) string {
-	var where []string
-	for i, c := range match {
-		op := "="
-		if r.full {
-			op = "IS NOT DISTINCT FROM"
+func carries(t *pglogrepl.TupleData, cols []int) bool {
+	for _, c := range cols {
+		if c >= len(t.Columns) || t.Columns[c].DataType == pglogrepl.TupleDataTypeNull ||
+			t.Columns[c].DataType == pglogrepl.TupleDataTypeToast {
+			return false
 		}
-		where = append(where, fmt.Sprintf("t.%s %s $%d", quote(r.cols[c]), op, i+1))
 	}
-	// Lock first, then read the commit time of the row version that was
-	// locked: when a concurrent apply updated the row meanwhile, READ
-	// COMMITTED re-checks and locks the newest version, and only a separate
-	// step sees that version's xmin (a function joined in the locking query
-	// could pair the new row with the old version's commit time).
-	return fmt.Sprintf(`WITH l AS (SELECT t.ctid, t.xmin FROM %s t WHERE %s LIMIT 1 FOR UPDATE)
-SELECT l.ctid,
-	(extract(epoch FROM c.timestamp) * 1000000)::bigint,
-	coalesce(c.roident, 0),
-	coalesce(l.xmin = (pg_catalog.pg_current_xact_id_if_assigned()::text::numeric %% 4294967296)::text::xid, false)
-FROM l LEFT JOIN LATERAL pg_catalog.pg_xact_commit_timestamp_origin(l.xmin) c ON true`, r.qualified, strings.Join(where, " AND "))
+	return true
 }
 
-// updateSQL sets the given columns of the row at ctid $1.
-func (r *relation) updateSQL(cols []int) string {
-	var sets []string
-	for i, c := range cols {
-		sets = append(sets, fmt.Sprintf("%s = $%d", quote(r.cols[c]), i+2))
-	}
-	return fmt.Sprintf("UPDATE %s SET %s WHERE ctid = $1", r.qualified, strings.Join(sets, ", "))
+// params numbers SQL parameters as a statement is built.
+type params struct {
+	vals [][]byte
 }
 
-func (r *relation) deleteSQL() string {
-	return fmt.Sprintf("DELETE FROM %s WHERE ctid = $1", r.qualified)
+func (p *params) add(v []byte) string {
+	p.vals = append(p.vals, v)
+	return "$" + strconv.Itoa(len(p.vals))
 }
 
-// tupleJSON is an SQL expression building a jsonb object of the given
-// columns from parameters starting at $first, typed as the local columns.
-func (r *relation) tupleJSON(cols []int, first int) string {
+// typed is a parameter cast to the local type of column c.
+func (r *relation) typed(p *params, c int, v []byte) string {
+	return p.add(v) + "::" + r.localType[c]
+}
+
+// keyJSON is an expression building the jsonb key of a row (as
+// pgmesh.tombstone stores it) from the given values.
+func (r *relation) keyJSON(p *params, cols []int, vals [][]byte) string {
 	if len(cols) == 0 {
 		return "NULL::jsonb"
 	}
-	var fields []string
+	var f []string
 	for i, c := range cols {
-		fields = append(fields, fmt.Sprintf("$%d::%s AS %s", first+i, r.localType[c], quote(r.cols[c])))
+		f = append(f, r.typed(p, c, vals[i])+" AS "+quote(r.cols[c]))
 	}
-	return fmt.Sprintf("(SELECT to_jsonb(v) FROM (SELECT %s) v)", strings.Join(fields, ", "))
+	return "(SELECT to_jsonb(v) FROM (SELECT " + strings.Join(f, ", ") + ") v)"
+}
+
+// where is a condition matching cols to vals (on table alias t).
+func (r *relation) where(p *params, cols []int, vals [][]byte, nullSafe bool) string {
+	op := " = "
+	if nullSafe {
+		op = " IS NOT DISTINCT FROM "
+	}
+	var w []string
+	for i, c := range cols {
+		w = append(w, "t."+quote(r.cols[c])+op+p.add(vals[i]))
+	}
+	return strings.Join(w, " AND ")
+}
+
+// lockedVersions wraps a query selecting ctid and xmin of locked rows (CTE
+// "l") to return what last-update-wins needs: ctid, commit time in
+// microseconds since the Unix epoch (NULL when unknown), origin id, and
+// whether the current transaction wrote the row.
+//
+// Locking and reading the commit time are separate steps on purpose: when a
+// concurrent apply updated the row meanwhile, READ COMMITTED re-checks and
+// locks the newest version, and only a separate step sees that version's
+// xmin (a function joined in the locking query can pair the new row with
+// the old version's commit time).
+func lockedVersions(lockQuery string) string {
+	return `WITH l AS (` + lockQuery + `)
+SELECT l.ctid,
+	(extract(epoch FROM c.timestamp) * 1000000)::bigint,
+	coalesce(c.roident, 0),
+	coalesce(l.xmin = (pg_catalog.pg_current_xact_id_if_assigned()::text::numeric % 4294967296)::text::xid, false)
+FROM l LEFT JOIN LATERAL pg_catalog.pg_xact_commit_timestamp_origin(l.xmin) c ON true`
 }

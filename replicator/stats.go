@@ -20,18 +20,26 @@ type Status struct {
 	LagBytes     int64      `json:"lag_bytes"`
 	// LagSeconds is how long the oldest change not yet applied here has
 	// been committed on the peer (to within a second); 0 when caught up.
-	LagSeconds  float64    `json:"lag_seconds"`
-	AppliedTxns int64      `json:"applied_txns"`
-	AppliedRows int64      `json:"applied_rows"`
-	DroppedTxns int64      `json:"forwarded_txns_dropped"`
-	Conflicts   int64      `json:"conflicts"`
-	LastError   string     `json:"last_error,omitempty"`
-	LastErrorAt *time.Time `json:"last_error_at,omitempty"`
+	LagSeconds  float64 `json:"lag_seconds"`
+	AppliedTxns int64   `json:"applied_txns"`
+	AppliedRows int64   `json:"applied_rows"`
+	DroppedTxns int64   `json:"forwarded_txns_dropped"`
+	Conflicts   int64   `json:"conflicts"`
+	// ConflictsByType counts conflicts by conflict_history type.
+	ConflictsByType map[string]int64 `json:"conflicts_by_type,omitempty"`
+	// AppliedThrough is the peer commit time up to which every peer
+	// transaction has been applied here (from the last applied commit, or
+	// the peer's clock when it reported nothing pending).
+	AppliedThrough *time.Time `json:"applied_through,omitempty"`
+	LastError      string     `json:"last_error,omitempty"`
+	LastErrorAt    *time.Time `json:"last_error_at,omitempty"`
 }
 
+// sample is the peer's WAL position at a moment, by our clock (for lag)
+// and by the peer's (for AppliedThrough).
 type sample struct {
-	at  time.Time
-	lsn pglogrepl.LSN
+	at, peerAt time.Time
+	lsn        pglogrepl.LSN
 }
 
 type stats struct {
@@ -64,53 +72,85 @@ func (s *stats) setApplied(lsn pglogrepl.LSN) {
 	if lsn > s.appliedLSN {
 		s.appliedLSN = lsn
 	}
+	s.prune()
 	s.mu.Unlock()
 }
 
-func (s *stats) applied(end pglogrepl.LSN, commitTS time.Time, rows, conflicts int64) {
+// prune drops samples the applied position has passed: everything the peer
+// had written when it took them is applied here.
+func (s *stats) prune() {
+	i := 0
+	for i < len(s.samples) && s.samples[i].lsn <= s.appliedLSN {
+		s.through(s.samples[i].peerAt)
+		i++
+	}
+	s.samples = s.samples[i:]
+}
+
+func (s *stats) applied(end pglogrepl.LSN, commitTS time.Time, rows int64, conflicts map[string]int64) {
 	s.mu.Lock()
 	s.st.AppliedTxns++
 	s.st.AppliedRows += rows
-	s.st.Conflicts += conflicts
+	for t, n := range conflicts {
+		if s.st.ConflictsByType == nil {
+			s.st.ConflictsByType = map[string]int64{}
+		}
+		s.st.ConflictsByType[t] += n
+		s.st.Conflicts += n
+	}
 	ts := commitTS
 	s.st.LastCommitTS = &ts
+	s.through(commitTS)
 	if end > s.appliedLSN {
 		s.appliedLSN = end
 	}
+	s.prune()
 	s.mu.Unlock()
 }
 
-func (s *stats) skipped(forwarded bool) {
-	if !forwarded {
-		return
-	}
+func (s *stats) skipped(forwarded bool, commitTS time.Time) {
 	s.mu.Lock()
-	s.st.DroppedTxns++
+	if forwarded {
+		s.st.DroppedTxns++
+	}
+	s.through(commitTS)
 	s.mu.Unlock()
 }
 
-func (s *stats) sample(at time.Time, peerWAL pglogrepl.LSN) {
+func (s *stats) through(t time.Time) {
+	if s.st.AppliedThrough == nil || t.After(*s.st.AppliedThrough) {
+		s.st.AppliedThrough = &t
+	}
+}
+
+func (s *stats) sample(at, peerAt time.Time, peerWAL pglogrepl.LSN) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.st.PeerWALLSN = peerWAL.String()
 	if n := len(s.samples); n == 0 || s.samples[n-1].lsn < peerWAL {
 		if n >= 3600 {
-			s.samples = append(s.samples[:0], s.samples[n/2:]...)
+			// Keep the oldest (it dates the lag) and the newest half.
+			s.samples = append(s.samples[:1], s.samples[n/2:]...)
 		}
-		s.samples = append(s.samples, sample{at, peerWAL})
+		s.samples = append(s.samples, sample{at, peerAt, peerWAL})
+	} else {
+		// Nothing new on the peer since the last sample: date it anew so
+		// AppliedThrough moves on while the peer is idle.
+		s.samples[n-1].peerAt = peerAt
 	}
+	s.prune()
 }
 
 func (s *stats) snapshot() Status {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	// Samples at or below the applied position are history.
-	i := 0
-	for i < len(s.samples) && s.samples[i].lsn <= s.appliedLSN {
-		i++
-	}
-	s.samples = s.samples[i:]
 	st := s.st
+	if st.ConflictsByType != nil {
+		st.ConflictsByType = make(map[string]int64, len(s.st.ConflictsByType))
+		for k, v := range s.st.ConflictsByType {
+			st.ConflictsByType[k] = v
+		}
+	}
 	st.AppliedLSN = s.appliedLSN.String()
 	st.LagBytes, st.LagSeconds = 0, 0
 	if len(s.samples) > 0 {

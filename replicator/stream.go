@@ -292,14 +292,15 @@ func (s *Stream) pollPeer(ctx context.Context) {
 		}
 		if conn != nil {
 			var lsn pglogrepl.LSN
+			var peerAt time.Time
 			qctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-			err := conn.QueryRow(qctx, "SELECT pg_current_wal_lsn()").Scan(&lsn)
+			err := conn.QueryRow(qctx, "SELECT pg_current_wal_lsn(), clock_timestamp()").Scan(&lsn, &peerAt)
 			cancel()
 			if err != nil {
 				conn.Close(context.Background())
 				conn = nil
 			} else {
-				s.stats.sample(time.Now(), lsn)
+				s.stats.sample(time.Now(), peerAt, lsn)
 			}
 		}
 		select {

@@ -23,6 +23,8 @@ Usage:
   pgmesh status [--json]                     nodes, states and per-peer streams
   pgmesh conflicts [--json] [--limit N] [--table T] [--type TYPE]
                                              recent conflicts from pgmesh.conflict_history
+  pgmesh delta-column [--unset] TABLE COLUMN apply remote updates of a numeric column as increments,
+                                             on every node
 
 CLI commands talk to the local daemon at --api (env PGMESH_API, default 127.0.0.1:7400).
 `
@@ -67,6 +69,8 @@ func dispatch(ctx context.Context, args []string) error {
 		return cmdStatus(ctx, args[1:])
 	case "conflicts":
 		return cmdConflicts(ctx, args[1:])
+	case "delta-column":
+		return cmdDeltaColumn(ctx, args[1:])
 	case "help", "-h", "--help":
 		fmt.Print(usage)
 		return nil

@@ -9,6 +9,7 @@ import (
 	"os"
 	"sort"
 	"strings"
+	"time"
 
 	"gopkg.in/yaml.v3"
 
@@ -20,18 +21,40 @@ import (
 type configKey struct {
 	name  string
 	usage string
-	dst   func(*daemon.Config) *string
+	set   func(c *daemon.Config, v string) error
+}
+
+func str(dst func(*daemon.Config) *string) func(*daemon.Config, string) error {
+	return func(c *daemon.Config, v string) error { *dst(c) = v; return nil }
+}
+
+func duration(key string, dst func(*daemon.Config) *time.Duration) func(*daemon.Config, string) error {
+	return func(c *daemon.Config, v string) error {
+		if v == "" {
+			return nil
+		}
+		d, err := time.ParseDuration(v)
+		if err != nil || d <= 0 {
+			return fmt.Errorf("%s %q is not a positive duration: write it like 720h, 30s or 1m30s", key, v)
+		}
+		*dst(c) = d
+		return nil
+	}
 }
 
 var configKeys = []configKey{
-	{"node_name", "unique name of this node ([a-z][a-z0-9_]{0,39})", func(c *daemon.Config) *string { return &c.NodeName }},
-	{"dsn", "local Postgres the daemon applies to and administers", func(c *daemon.Config) *string { return &c.DSN }},
-	{"public_dsn", "how peers reach this Postgres, without password (default: dsn without its password)", func(c *daemon.Config) *string { return &c.PublicDSN }},
-	{"listen_api", "HTTP API address (default " + daemon.DefaultListenAPI + ")", func(c *daemon.Config) *string { return &c.ListenAPI }},
-	{"advertise_api", "API address peers use (default listen_api)", func(c *daemon.Config) *string { return &c.AdvertiseAPI }},
-	{"listen_raft", "Raft transport address (default " + daemon.DefaultListenRaft + ")", func(c *daemon.Config) *string { return &c.ListenRaft }},
-	{"advertise_raft", "Raft address peers use (default listen_raft)", func(c *daemon.Config) *string { return &c.AdvertiseRaft }},
-	{"data_dir", "Raft log, snapshots and local state (default " + daemon.DefaultDataDir + ")", func(c *daemon.Config) *string { return &c.DataDir }},
+	{"node_name", "unique name of this node ([a-z][a-z0-9_]{0,39})", str(func(c *daemon.Config) *string { return &c.NodeName })},
+	{"dsn", "local Postgres the daemon applies to and administers", str(func(c *daemon.Config) *string { return &c.DSN })},
+	{"public_dsn", "how peers reach this Postgres, without password (default: dsn without its password)", str(func(c *daemon.Config) *string { return &c.PublicDSN })},
+	{"listen_api", "HTTP API address (default " + daemon.DefaultListenAPI + ")", str(func(c *daemon.Config) *string { return &c.ListenAPI })},
+	{"advertise_api", "API address peers use (default listen_api)", str(func(c *daemon.Config) *string { return &c.AdvertiseAPI })},
+	{"listen_raft", "Raft transport address (default " + daemon.DefaultListenRaft + ")", str(func(c *daemon.Config) *string { return &c.ListenRaft })},
+	{"advertise_raft", "Raft address peers use (default listen_raft)", str(func(c *daemon.Config) *string { return &c.AdvertiseRaft })},
+	{"data_dir", "Raft log, snapshots and local state (default " + daemon.DefaultDataDir + ")", str(func(c *daemon.Config) *string { return &c.DataDir })},
+	{"conflict_retention", "how long pgmesh.conflict_history rows are kept (default 720h)",
+		duration("conflict_retention", func(c *daemon.Config) *time.Duration { return &c.ConflictRetention })},
+	{"housekeeping_interval", "how often tombstones and old conflicts are pruned (default 30s)",
+		duration("housekeeping_interval", func(c *daemon.Config) *time.Duration { return &c.HousekeepingInterval })},
 	{"log_level", "debug, info, warn or error (default info)", nil},
 }
 
@@ -71,12 +94,13 @@ func loadConfig(args []string, getenv func(string) string) (daemon.Config, strin
 		}
 	})
 	var cfg daemon.Config
+	var errs []error
 	for _, k := range configKeys {
-		if k.dst != nil {
-			*k.dst(&cfg) = values[k.name]
+		if k.set != nil {
+			errs = append(errs, k.set(&cfg, values[k.name]))
 		}
 	}
-	return cfg, values["log_level"], nil
+	return cfg, values["log_level"], errors.Join(errs...)
 }
 
 func readConfigFile(path string) (map[string]string, error) {

@@ -8,6 +8,8 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"sort"
+	"strings"
 	"text/tabwriter"
 	"time"
 
@@ -64,6 +66,17 @@ func printStatus(out io.Writer, rep daemon.StatusReport) {
 				p.LagSeconds, p.AppliedTxns, p.AppliedRows, p.Conflicts, orDash(p.LastError))
 		}
 		w.Flush()
+		for _, p := range rep.Peers {
+			if len(p.ConflictsByType) == 0 {
+				continue
+			}
+			var parts []string
+			for t, n := range p.ConflictsByType {
+				parts = append(parts, fmt.Sprintf("%s %d", t, n))
+			}
+			sort.Strings(parts)
+			fmt.Fprintf(out, "conflicts from %s: %s\n", p.Peer, strings.Join(parts, ", "))
+		}
 	}
 	if len(rep.Problems) > 0 {
 		fmt.Fprintln(out, "\nproblems:")
