@@ -686,9 +686,9 @@ func (a *applier) record(ctx context.Context, r *relation, d conflict.Decision, 
 		localOrigin = []byte(locals[0].version.Node)
 	}
 	ctidArr := p.add([]byte("{" + strings.Join(ctids, ",") + "}"))
-	localJSON := fmt.Sprintf("(SELECT to_jsonb(t) FROM %s t WHERE t.ctid = ANY(%s::tid[]))", r.qualified, ctidArr)
+	localJSON := fmt.Sprintf("(SELECT to_jsonb(t.*) FROM %s t WHERE t.ctid = ANY(%s::tid[]))", r.qualified, ctidArr)
 	if len(locals) > 1 {
-		localJSON = fmt.Sprintf("(SELECT jsonb_agg(to_jsonb(t)) FROM %s t WHERE t.ctid = ANY(%s::tid[]))", r.qualified, ctidArr)
+		localJSON = fmt.Sprintf("(SELECT jsonb_agg(to_jsonb(t.*)) FROM %s t WHERE t.ctid = ANY(%s::tid[]))", r.qualified, ctidArr)
 	}
 	var remoteFields []string
 	for i, c := range remoteCols {
@@ -696,7 +696,7 @@ func (a *applier) record(ctx context.Context, r *relation, d conflict.Decision, 
 	}
 	remoteJSON := "NULL::jsonb"
 	if len(remoteFields) > 0 {
-		remoteJSON = "(SELECT to_jsonb(v) FROM (SELECT " + strings.Join(remoteFields, ", ") + ") v)"
+		remoteJSON = "(SELECT to_jsonb(pgmesh_v.*) FROM (SELECT " + strings.Join(remoteFields, ", ") + ") pgmesh_v)"
 	}
 	applied := "NULL::jsonb"
 	switch {

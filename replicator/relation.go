@@ -227,7 +227,7 @@ func (r *relation) keyJSON(p *params, cols []int, vals [][]byte) string {
 	for i, c := range cols {
 		f = append(f, r.typed(p, c, vals[i])+" AS "+quote(r.cols[c]))
 	}
-	return "(SELECT to_jsonb(v) FROM (SELECT " + strings.Join(f, ", ") + ") v)"
+	return "(SELECT to_jsonb(pgmesh_v.*) FROM (SELECT " + strings.Join(f, ", ") + ") pgmesh_v)"
 }
 
 // where is a condition matching cols to vals (on table alias t).

@@ -56,12 +56,19 @@ func ctxFor(t *testing.T) context.Context {
 // group), runs schema on each, and cleans up after the test.
 func startNodes(t *testing.T, ctx context.Context, schema string, names ...string) []*localmesh.Node {
 	t.Helper()
+	return startNodesWith(t, ctx, schema, nil, names...)
+}
+
+// startNodesWith is startNodes with extra `pgmesh run` arguments.
+func startNodesWith(t *testing.T, ctx context.Context, schema string, args []string, names ...string) []*localmesh.Node {
+	t.Helper()
 	var nodes []*localmesh.Node
 	for _, name := range names {
 		n, err := localmesh.NewNode(ctx, bin, name, pgtest.Options{})
 		if err != nil {
 			t.Fatal(err)
 		}
+		n.ExtraArgs = args
 		nodes = append(nodes, n)
 		t.Cleanup(func() {
 			if t.Failed() {
@@ -85,7 +92,13 @@ func startNodes(t *testing.T, ctx context.Context, schema string, names ...strin
 // stream is connected.
 func mesh(t *testing.T, ctx context.Context, schema string, names ...string) []*localmesh.Node {
 	t.Helper()
-	nodes := startNodes(t, ctx, schema, names...)
+	return meshWith(t, ctx, schema, nil, names...)
+}
+
+// meshWith is mesh with extra `pgmesh run` arguments.
+func meshWith(t *testing.T, ctx context.Context, schema string, args []string, names ...string) []*localmesh.Node {
+	t.Helper()
+	nodes := startNodesWith(t, ctx, schema, args, names...)
 	if _, err := localmesh.Form(ctx, "test", nodes...); err != nil {
 		t.Fatal(err)
 	}
@@ -167,6 +180,79 @@ func converged(t *testing.T, ctx context.Context, timeout time.Duration, table s
 		return nil
 	})
 	return first
+}
+
+// partitioned stops the daemons of nodes, runs writes (which then cannot
+// see each other, and commit in the order written), restarts the daemons
+// and waits until all streams are back.
+func partitioned(t *testing.T, ctx context.Context, nodes []*localmesh.Node, writes func()) {
+	t.Helper()
+	for _, n := range nodes {
+		if err := n.Stop(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	writes()
+	for _, n := range nodes {
+		if err := n.Start(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := localmesh.WaitConnected(ctx, 30*time.Second, nodes...); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// conflicts returns a node's conflict_history as "relation type resolution
+// key" lines, oldest first.
+func conflicts(t *testing.T, ctx context.Context, n *localmesh.Node) []string {
+	t.Helper()
+	c, err := n.PG.Connect(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close(ctx)
+	rows, err := c.Query(ctx, `SELECT concat_ws(' ', relation, conflict_type, resolution, key_tuple::text)
+		FROM pgmesh.conflict_history ORDER BY id`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+// waitConflicts waits until n has recorded exactly want (in any order).
+func waitConflicts(t *testing.T, ctx context.Context, n *localmesh.Node, want ...string) {
+	t.Helper()
+	eventually(t, 30*time.Second, n.Name+" records the expected conflicts", func() error {
+		got := conflicts(t, ctx, n)
+		if !sameSet(got, want) {
+			return fmt.Errorf("got %q, want %q", got, want)
+		}
+		return nil
+	})
+}
+
+func sameSet(a, b []string) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	seen := map[string]int{}
+	for _, x := range a {
+		seen[x]++
+	}
+	for _, x := range b {
+		seen[x]--
+	}
+	for _, v := range seen {
+		if v != 0 {
+			return false
+		}
+	}
+	return true
 }
 
 func clip(s string) string {
