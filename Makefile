@@ -26,3 +26,9 @@ demo:
 
 clean:
 	rm -rf bin
+
+# The randomized convergence test, long: make soak SOAK=10m SEED=42
+SOAK ?= 5m
+SEED ?=
+soak:
+	PGMESH_SOAK=$(SOAK) PGMESH_SEED=$(SEED) $(GO) test -tags integration -count=1 -timeout 0 -run TestRandomizedConvergence -v ./systemtest/

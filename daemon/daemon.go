@@ -181,7 +181,9 @@ func (d *Daemon) reconcile(ctx context.Context, g *membership.Group) {
 	d.ids.Store(&ids)
 	me := g.Nodes[d.cfg.NodeName]
 	want := map[string]*membership.Node{}
-	if me != nil && me.State != membership.Parted {
+	// Streams run only once this node is active: a joining node's slots
+	// are still being made.
+	if me != nil && me.State == membership.Active {
 		for _, n := range g.Nodes {
 			if n.Name != me.Name && n.State == membership.Active {
 				want[n.Name] = n

@@ -72,15 +72,19 @@ func (d *Daemon) tombstoneHorizon() (time.Time, bool) {
 func (d *Daemon) pruneTombstones(ctx context.Context) error {
 	// Local deletes leave their time in the tombstone's xmin; copy it out
 	// before the transaction id is frozen and its commit time forgotten.
+	// SKIP LOCKED: rows an apply transaction holds are done next time,
+	// rather than risking a deadlock with it.
 	if _, err := d.db.Exec(ctx, `UPDATE pgmesh.tombstone SET deleted_at = pg_xact_commit_timestamp(xmin)
-		WHERE deleted_at IS NULL AND pg_xact_commit_timestamp(xmin) IS NOT NULL`); err != nil {
+		WHERE ctid = ANY(ARRAY(SELECT ctid FROM pgmesh.tombstone
+			WHERE deleted_at IS NULL AND pg_xact_commit_timestamp(xmin) IS NOT NULL FOR UPDATE SKIP LOCKED))`); err != nil {
 		return err
 	}
 	horizon, ok := d.tombstoneHorizon()
 	if !ok {
 		return nil
 	}
-	tag, err := d.db.Exec(ctx, `DELETE FROM pgmesh.tombstone WHERE deleted_at < $1`, horizon)
+	tag, err := d.db.Exec(ctx, `DELETE FROM pgmesh.tombstone WHERE ctid = ANY(ARRAY(
+		SELECT ctid FROM pgmesh.tombstone WHERE deleted_at < $1 FOR UPDATE SKIP LOCKED))`, horizon)
 	if err == nil && tag.RowsAffected() > 0 {
 		d.log.Debug("pruned tombstones", "count", tag.RowsAffected(), "horizon", horizon)
 	}

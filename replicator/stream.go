@@ -5,6 +5,7 @@ package replicator
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"strconv"
@@ -76,6 +77,17 @@ func (s *Stream) Run(ctx context.Context) {
 		if ctx.Err() != nil {
 			return
 		}
+		if transient(err) {
+			// A deadlock or serialization failure against local writers:
+			// the transaction is retried from the same change at once.
+			s.log.Info("apply transaction lost a lock conflict; retrying it", "err", err)
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(50 * time.Millisecond):
+			}
+			continue
+		}
 		s.stats.setError(err)
 		s.log.Error("stream to peer stopped; retrying", "err", err, "retry_in", backoff)
 		if time.Since(start) > time.Minute {
@@ -88,6 +100,12 @@ func (s *Stream) Run(ctx context.Context) {
 		}
 		backoff = min(backoff*2, 15*time.Second)
 	}
+}
+
+// transient reports errors that go away when the transaction is retried.
+func transient(err error) bool {
+	var pe *pgconn.PgError
+	return errors.As(err, &pe) && (pe.Code == "40P01" || pe.Code == "40001")
 }
 
 func (s *Stream) runOnce(ctx context.Context) error {

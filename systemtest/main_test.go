@@ -8,6 +8,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -72,7 +73,13 @@ func startNodesWith(t *testing.T, ctx context.Context, schema string, args []str
 		nodes = append(nodes, n)
 		t.Cleanup(func() {
 			if t.Failed() {
-				t.Logf("daemon log of %s:\n%s", n.Name, n.LogTail(6000))
+				t.Logf("daemon log of %s:\n%s", n.Name, n.LogTail(3000))
+				if b, err := os.ReadFile(n.LogPath); err == nil {
+					keep := filepath.Join(os.TempDir(), fmt.Sprintf("pgmesh-%s-%s.log", t.Name(), n.Name))
+					if os.WriteFile(keep, b, 0o644) == nil {
+						t.Logf("full daemon log of %s kept in %s", n.Name, keep)
+					}
+				}
 			}
 			n.Remove()
 		})

@@ -233,3 +233,34 @@ func WaitConnected(ctx context.Context, timeout time.Duration, nodes ...*Node) e
 		}
 	}
 }
+
+// CaughtUp waits until every node's streams are connected with no lag.
+func CaughtUp(ctx context.Context, timeout time.Duration, nodes ...*Node) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		var behind []string
+		for _, n := range nodes {
+			rep, err := n.Status(ctx)
+			if err != nil {
+				behind = append(behind, n.Name+": "+err.Error())
+				continue
+			}
+			for _, p := range rep.Peers {
+				if !p.Connected || p.LagBytes > 0 || p.PeerWALLSN == "" {
+					behind = append(behind, fmt.Sprintf("%s<-%s (connected %v, lag %d bytes)", n.Name, p.Peer, p.Connected, p.LagBytes))
+				}
+			}
+		}
+		if len(behind) == 0 {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("not caught up after %s: %s", timeout, strings.Join(behind, ", "))
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}
