@@ -67,6 +67,7 @@ type StatusReport struct {
 	Nodes      []*membership.Node  `json:"nodes"`
 	Peers      []replicator.Status `json:"peers"`
 	Problems   []string            `json:"problems"`
+	Join       *JoinStatus         `json:"join,omitempty"`
 }
 
 // Status assembles this node's view of the group.
@@ -81,6 +82,7 @@ func (d *Daemon) Status() StatusReport {
 			rep.State = string(me.State)
 		}
 	}
+	rep.Join = d.join.snapshot()
 	d.mu.Lock()
 	rep.Problems = append([]string{}, d.problems...)
 	d.mu.Unlock()

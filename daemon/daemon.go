@@ -38,6 +38,8 @@ type Daemon struct {
 	problems []string // current problems found by checks, for status
 	lastSync string   // group state last written to pgmesh.node
 	ids      atomic.Pointer[map[string]int]
+	join     joiner
+	ctx      context.Context // the daemon's lifetime, for background work
 }
 
 // nodeID returns a node's id by name (0 if unknown), for tie-breaks.
@@ -65,7 +67,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		return err
 	}
 	log = log.With("node", cfg.NodeName)
-	d := &Daemon{cfg: cfg, log: log, streams: map[string]*running{}}
+	d := &Daemon{cfg: cfg, log: log, streams: map[string]*running{}, ctx: ctx}
 
 	poolCfg, err := pgxpool.ParseConfig(cfg.DSN)
 	if err != nil {
@@ -73,6 +75,8 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	}
 	poolCfg.MaxConns = 4
 	poolCfg.ConnConfig.RuntimeParams["application_name"] = "pgmesh admin"
+	// A joining node's database is read-only for applications, not for us.
+	poolCfg.ConnConfig.RuntimeParams["default_transaction_read_only"] = "off"
 	cctx, cancel := context.WithTimeout(ctx, 15*time.Second)
 	conn, err := pgx.ConnectConfig(cctx, poolCfg.ConnConfig)
 	cancel()

@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/base64"
-	"errors"
 	"fmt"
 	"net/http"
 	"time"
@@ -12,7 +11,6 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/pgmesh/pgmesh/membership"
-	"github.com/pgmesh/pgmesh/origin"
 	"github.com/pgmesh/pgmesh/replicator"
 )
 
@@ -100,67 +98,6 @@ func (d *Daemon) handleCreate(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, CreateResponse{Group: req.Name, Node: n, Token: token})
 }
 
-// handleJoin runs the joining side: register through a member, prepare the
-// slots in both directions, then go active.
-func (d *Daemon) handleJoin(w http.ResponseWriter, r *http.Request) {
-	var req JoinRequest
-	if err := readJSON(r, &req); err != nil {
-		writeErr(w, 0, err)
-		return
-	}
-	resp, err := d.join(r.Context(), req)
-	if err != nil {
-		writeErr(w, http.StatusBadRequest, err)
-		return
-	}
-	writeJSON(w, http.StatusOK, resp)
-}
-
-func (d *Daemon) join(ctx context.Context, req JoinRequest) (*JoinResponse, error) {
-	if req.Via == "" || req.Token == "" {
-		return nil, errors.New("join needs --via HOST:PORT (a member's API address) and --token (printed by 'pgmesh group create')")
-	}
-	if g, _ := d.store.Group(); g != nil {
-		if me := g.Nodes[d.cfg.NodeName]; me != nil && me.State != membership.Joining {
-			return nil, fmt.Errorf("node %q is already %s in node group %q", d.cfg.NodeName, me.State, g.Name)
-		}
-	}
-	if err := d.checkEmpty(ctx); err != nil {
-		return nil, err
-	}
-	var reg JoinResponse
-	if err := Call(ctx, req.Via, http.MethodPost, "/v1/cluster/join", req.Token, clusterJoinRequest{Node: d.self()}, &reg); err != nil {
-		return nil, fmt.Errorf("join through %s: %w", req.Via, err)
-	}
-	if err := d.saveToken(req.Token); err != nil {
-		return nil, fmt.Errorf("save join token: %w", err)
-	}
-	g, err := d.waitForSelf(ctx)
-	if err != nil {
-		return nil, err
-	}
-	// Slots on every member for this node, and here for every member, exist
-	// before anyone streams, so no change committed after this point is missed.
-	for _, m := range g.Sorted() {
-		if m.Name == d.cfg.NodeName || m.State != membership.Active {
-			continue
-		}
-		if err := createSlotAt(ctx, m.DSN, origin.SlotName(d.cfg.NodeName)); err != nil {
-			return nil, fmt.Errorf("create this node's slot on member %q: %w", m.Name, err)
-		}
-		if err := createSlotAt(ctx, d.cfg.DSN, origin.SlotName(m.Name)); err != nil {
-			return nil, fmt.Errorf("create slot for member %q here: %w", m.Name, err)
-		}
-	}
-	var done JoinResponse
-	if err := Call(ctx, req.Via, http.MethodPost, "/v1/cluster/state", req.Token,
-		clusterStateRequest{Name: d.cfg.NodeName, State: membership.Active}, &done); err != nil {
-		return nil, fmt.Errorf("activate through %s: %w", req.Via, err)
-	}
-	d.log.Info("joined node group", "group", done.Group, "node_id", done.Node.ID)
-	return &done, nil
-}
-
 // waitForSelf waits until Raft has replicated this node's registration here.
 func (d *Daemon) waitForSelf(ctx context.Context) (*membership.Group, error) {
 	deadline := time.Now().Add(60 * time.Second)
@@ -203,18 +140,6 @@ func (d *Daemon) checkEmpty(ctx context.Context) error {
 		}
 	}
 	return nil
-}
-
-// createSlotAt creates a pgoutput slot on the database at dsn unless it exists.
-func createSlotAt(ctx context.Context, dsn, slot string) error {
-	conn, err := pgx.Connect(ctx, dsn)
-	if err != nil {
-		return err
-	}
-	defer conn.Close(ctx)
-	_, err = conn.Exec(ctx, `SELECT pg_create_logical_replication_slot($1, 'pgoutput')
-		WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)`, slot)
-	return err
 }
 
 func (d *Daemon) handleClusterJoin(w http.ResponseWriter, r *http.Request) {

@@ -643,8 +643,12 @@ func (a *applier) commit(ctx context.Context, m *pglogrepl.CommitMessage) (pglog
 		a.stats.skipped(a.filter.Skip(), m.CommitTime)
 		return m.TransactionEndLSN, nil
 	}
-	sql := fmt.Sprintf("SELECT pg_catalog.pg_replication_origin_xact_setup('%s', '%s'); COMMIT",
-		m.TransactionEndLSN, pgTime(m.CommitTime))
+	// The progress row makes the origin's position visible to snapshots
+	// (a joining node copies under one and must start streaming there).
+	sql := fmt.Sprintf(`INSERT INTO pgmesh.origin_progress VALUES (%s, '%s')
+	ON CONFLICT (node_name) DO UPDATE SET remote_lsn = EXCLUDED.remote_lsn;
+SELECT pg_catalog.pg_replication_origin_xact_setup('%s', '%s'); COMMIT`,
+		pgLiteral(a.cfg.Peer.Name), m.TransactionEndLSN, m.TransactionEndLSN, pgTime(m.CommitTime))
 	a.localOpen = false
 	if _, err := a.pc.Exec(ctx, sql).ReadAll(); err != nil {
 		return 0, fmt.Errorf("commit transaction from peer %q (remote xid %d): %w", a.cfg.Peer.Name, a.begin.Xid, err)

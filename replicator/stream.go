@@ -118,7 +118,7 @@ func (s *Stream) runOnce(ctx context.Context) error {
 	}
 	defer applyConn.Close(context.Background())
 
-	repl, err := connectReplication(ctx, s.cfg.Peer.DSN, "pgmesh_"+s.cfg.LocalNode)
+	repl, err := ConnectReplication(ctx, s.cfg.Peer.DSN, "pgmesh_"+s.cfg.LocalNode)
 	if err != nil {
 		return fmt.Errorf("connect to peer %q for replication: %w", s.cfg.Peer.Name, err)
 	}
@@ -160,6 +160,7 @@ func (s *Stream) connectApply(ctx context.Context) (*pgx.Conn, pglogrepl.LSN, er
 	cfg.RuntimeParams["application_name"] = "pgmesh apply from " + s.cfg.Peer.Name
 	cfg.RuntimeParams["session_replication_role"] = "replica"
 	cfg.RuntimeParams["search_path"] = ""
+	cfg.RuntimeParams["default_transaction_read_only"] = "off"
 	conn, err := pgx.ConnectConfig(ctx, cfg)
 	if err != nil {
 		return nil, 0, fmt.Errorf("connect to local Postgres: %w", err)
@@ -176,8 +177,8 @@ func (s *Stream) connectApply(ctx context.Context) (*pgx.Conn, pglogrepl.LSN, er
 	return conn, progress, nil
 }
 
-// connectReplication opens a logical replication connection (replication=database).
-func connectReplication(ctx context.Context, dsn, appName string) (*pgconn.PgConn, error) {
+// ConnectReplication opens a logical replication connection (replication=database).
+func ConnectReplication(ctx context.Context, dsn, appName string) (*pgconn.PgConn, error) {
 	cfg, err := pgconn.ParseConfig(dsn)
 	if err != nil {
 		return nil, fmt.Errorf("parse peer dsn: %w", err)

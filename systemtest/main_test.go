@@ -282,3 +282,9 @@ func count(t *testing.T, ctx context.Context, n *localmesh.Node, sql string, arg
 	}
 	return v
 }
+
+// readToken reads the join token a member keeps in its data_dir.
+func readToken(n *localmesh.Node) (string, error) {
+	b, err := os.ReadFile(filepath.Join(n.DataDir, "join-token"))
+	return strings.TrimSpace(string(b)), err
+}

@@ -1,0 +1,688 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/pgmesh/pgmesh/membership"
+	"github.com/pgmesh/pgmesh/origin"
+	"github.com/pgmesh/pgmesh/replicator"
+)
+
+// JoinStatus is the progress of this node's join, in status and the
+// pgmesh.join_progress view.
+type JoinStatus struct {
+	Via         string    `json:"via"`
+	Phase       string    `json:"phase"`
+	TablesTotal int       `json:"tables_total"`
+	TablesDone  int       `json:"tables_done"`
+	Rows        int64     `json:"rows_copied"`
+	Bytes       int64     `json:"bytes_copied"`
+	BytesTotal  int64     `json:"bytes_total"`
+	StartedAt   time.Time `json:"started_at"`
+	Done        bool      `json:"done"`
+	Error       string    `json:"error,omitempty"`
+}
+
+// joiner tracks the one join a daemon may run at a time.
+type joiner struct {
+	mu      sync.Mutex
+	running bool
+	status  *JoinStatus
+}
+
+func (j *joiner) snapshot() *JoinStatus {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if j.status == nil {
+		return nil
+	}
+	s := *j.status
+	return &s
+}
+
+func (j *joiner) update(f func(*JoinStatus)) {
+	j.mu.Lock()
+	f(j.status)
+	j.mu.Unlock()
+}
+
+// handleJoin starts joining the group of the daemon at Via in the
+// background; `pgmesh group join` then follows the progress in status.
+func (d *Daemon) handleJoin(w http.ResponseWriter, r *http.Request) {
+	var req JoinRequest
+	if err := readJSON(r, &req); err != nil {
+		writeErr(w, 0, err)
+		return
+	}
+	if req.Via == "" || req.Token == "" {
+		writeErr(w, http.StatusBadRequest, errors.New("join needs --via HOST:PORT (a member's API address) and --token (printed by 'pgmesh group create')"))
+		return
+	}
+	if g, _ := d.store.Group(); g != nil {
+		if me := g.Nodes[d.cfg.NodeName]; me != nil && me.State != membership.Joining {
+			writeErr(w, http.StatusConflict, fmt.Errorf("node %q is already %s in node group %q", d.cfg.NodeName, me.State, g.Name))
+			return
+		}
+	}
+	d.join.mu.Lock()
+	if d.join.running {
+		d.join.mu.Unlock()
+		writeErr(w, http.StatusConflict, errors.New("a join is already running on this node: follow it with 'pgmesh status'"))
+		return
+	}
+	d.join.running = true
+	d.join.status = &JoinStatus{Via: req.Via, Phase: "starting", StartedAt: time.Now().UTC()}
+	d.join.mu.Unlock()
+
+	// A bad token or a non-empty database is reported to the caller at
+	// once; the rest runs in the background.
+	reg, err := d.register(r.Context(), req)
+	if err != nil {
+		d.finishJoin(err)
+		writeErr(w, http.StatusBadRequest, err)
+		return
+	}
+	go func() {
+		err := d.copyAndActivate(d.ctx, req)
+		d.finishJoin(err)
+	}()
+	writeJSON(w, http.StatusAccepted, reg)
+}
+
+func (d *Daemon) finishJoin(err error) {
+	d.join.update(func(s *JoinStatus) {
+		if err != nil {
+			s.Error = err.Error()
+			s.Phase = "failed"
+		} else {
+			s.Done, s.Phase = true, "done"
+		}
+	})
+	d.join.mu.Lock()
+	d.join.running = false
+	d.join.mu.Unlock()
+	if err != nil {
+		d.log.Error("join failed; run the same 'pgmesh group join' again to retry", "err", err)
+	}
+	d.saveJoinStatus(context.Background())
+}
+
+func (d *Daemon) phase(p string) {
+	d.join.update(func(s *JoinStatus) { s.Phase = p })
+	d.log.Info("join", "phase", p)
+	d.saveJoinStatus(d.ctx)
+}
+
+// saveJoinStatus mirrors the progress into pgmesh.join_status for SQL users.
+func (d *Daemon) saveJoinStatus(ctx context.Context) {
+	s := d.join.snapshot()
+	if s == nil {
+		return
+	}
+	var errText *string
+	if s.Error != "" {
+		errText = &s.Error
+	}
+	_, err := d.db.Exec(ctx, `INSERT INTO pgmesh.join_status AS j (via, phase, tables_total, tables_done, rows_copied, bytes_copied, bytes_total, started_at, error)
+		VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+		ON CONFLICT (one) DO UPDATE SET via = EXCLUDED.via, phase = EXCLUDED.phase, tables_total = EXCLUDED.tables_total,
+			tables_done = EXCLUDED.tables_done, rows_copied = EXCLUDED.rows_copied, bytes_copied = EXCLUDED.bytes_copied,
+			bytes_total = EXCLUDED.bytes_total, started_at = EXCLUDED.started_at, updated_at = now(), error = EXCLUDED.error`,
+		s.Via, s.Phase, s.TablesTotal, s.TablesDone, s.Rows, s.Bytes, s.BytesTotal, s.StartedAt, errText)
+	if err != nil {
+		d.log.Warn("save join progress", "err", err)
+	}
+}
+
+// register checks this database and enters the group as joining.
+func (d *Daemon) register(ctx context.Context, req JoinRequest) (*JoinResponse, error) {
+	g, _ := d.store.Group()
+	retry := g != nil && g.Nodes[d.cfg.NodeName] != nil
+	if !retry {
+		// On a retry the tables hold a partial copy, which is replaced.
+		if err := d.checkEmpty(ctx); err != nil {
+			return nil, err
+		}
+	}
+	var reg JoinResponse
+	if err := Call(ctx, req.Via, http.MethodPost, "/v1/cluster/join", req.Token, clusterJoinRequest{Node: d.self()}, &reg); err != nil {
+		return nil, fmt.Errorf("join through %s: %w", req.Via, err)
+	}
+	if err := d.saveToken(req.Token); err != nil {
+		return nil, fmt.Errorf("save join token: %w", err)
+	}
+	return &reg, nil
+}
+
+// copyAndActivate copies schema and data from the source member and makes
+// this node active, so that every change of every member reaches it exactly
+// once (DESIGN.md §3.7).
+func (d *Daemon) copyAndActivate(ctx context.Context, req JoinRequest) error {
+	g, err := d.waitForSelf(ctx)
+	if err != nil {
+		return err
+	}
+	var src StatusReport
+	if err := Call(ctx, req.Via, http.MethodGet, "/v1/status", "", nil, &src); err != nil {
+		return fmt.Errorf("ask %s which node it is: %w", req.Via, err)
+	}
+	source := g.Nodes[src.Node]
+	if source == nil || source.State != membership.Active {
+		return fmt.Errorf("%s is node %q, which is not an active member: join through an active member", req.Via, src.Node)
+	}
+	var others []*membership.Node
+	for _, n := range g.Sorted() {
+		if n.State == membership.Active && n.Name != source.Name && n.Name != d.cfg.NodeName {
+			others = append(others, n)
+		}
+	}
+
+	// Applications may not write here until the node is active: their
+	// changes would not reach the group.
+	d.phase("preparing")
+	if err := d.setReadOnly(ctx, true); err != nil {
+		return err
+	}
+	if err := d.forgetAll(ctx); err != nil { // leftovers of an earlier attempt
+		return err
+	}
+	slot := origin.SlotName(d.cfg.NodeName)
+
+	// 1. Slots on every other member first: from here on their changes are
+	// kept for this node.
+	starts := map[string]pglogrepl.LSN{}
+	for _, m := range others {
+		lsn, err := recreateSlot(ctx, m.DSN, slot)
+		if err != nil {
+			return fmt.Errorf("create this node's slot on member %q: %w", m.Name, err)
+		}
+		starts[m.Name] = lsn
+	}
+	// 2. The source must have applied those members' changes up to there,
+	// so the copy holds everything before the slots' start.
+	for _, m := range others {
+		d.phase(fmt.Sprintf("waiting for %s to apply %s's changes up to %s", source.Name, m.Name, starts[m.Name]))
+		if err := waitApplied(ctx, source.API, m.Name, starts[m.Name]); err != nil {
+			return err
+		}
+	}
+	// 3. A slot on the source with an exported snapshot: the copy is taken
+	// under it, and streaming the source starts exactly after it.
+	d.phase("exporting a snapshot on " + source.Name)
+	repl, err := replicator.ConnectReplication(ctx, source.DSN, "pgmesh join "+d.cfg.NodeName)
+	if err != nil {
+		return fmt.Errorf("connect to source %q for replication: %w", source.Name, err)
+	}
+	defer repl.Close(context.Background())
+	if err := dropSlotAt(ctx, source.DSN, slot); err != nil {
+		return fmt.Errorf("drop old slot on source %q: %w", source.Name, err)
+	}
+	created, err := pglogrepl.CreateReplicationSlot(ctx, repl, slot, "pgoutput",
+		pglogrepl.CreateReplicationSlotOptions{Mode: pglogrepl.LogicalReplication, SnapshotAction: "EXPORT_SNAPSHOT"})
+	if err != nil {
+		return fmt.Errorf("create slot with snapshot on source %q: %w", source.Name, err)
+	}
+	sourceStart, err := pglogrepl.ParseLSN(created.ConsistentPoint)
+	if err != nil {
+		return err
+	}
+	starts[source.Name] = sourceStart
+
+	if err := d.copyFrom(ctx, source, created.SnapshotName, starts); err != nil {
+		return err
+	}
+	repl.Close(ctx) // the snapshot is no longer needed
+
+	// 4. Slots here for every member, after the copy: members must not
+	// receive the copied rows as new changes.
+	d.phase("creating slots for the members")
+	for _, m := range append(others, source) {
+		if _, err := recreateSlot(ctx, d.cfg.DSN, origin.SlotName(m.Name)); err != nil {
+			return fmt.Errorf("create slot for member %q here: %w", m.Name, err)
+		}
+	}
+	if err := d.setReadOnly(ctx, false); err != nil {
+		return err
+	}
+	d.phase("activating")
+	var done JoinResponse
+	if err := Call(ctx, req.Via, http.MethodPost, "/v1/cluster/state", req.Token,
+		clusterStateRequest{Name: d.cfg.NodeName, State: membership.Active}, &done); err != nil {
+		return fmt.Errorf("activate through %s: %w", req.Via, err)
+	}
+	d.log.Info("joined node group", "group", done.Group, "node_id", done.Node.ID)
+	return nil
+}
+
+// setReadOnly makes application transactions in this database read-only
+// (new sessions), or lifts it. pgmesh's own sessions override it.
+func (d *Daemon) setReadOnly(ctx context.Context, on bool) error {
+	var db string
+	if err := d.db.QueryRow(ctx, `SELECT current_database()`).Scan(&db); err != nil {
+		return err
+	}
+	sql := "ALTER DATABASE " + pgx.Identifier{db}.Sanitize() + " RESET default_transaction_read_only"
+	if on {
+		sql = "ALTER DATABASE " + pgx.Identifier{db}.Sanitize() + " SET default_transaction_read_only = on"
+	}
+	if _, err := d.db.Exec(ctx, sql); err != nil {
+		return fmt.Errorf("set the database read-only while joining: %w", err)
+	}
+	return nil
+}
+
+// waitApplied waits until the daemon at api has applied peer's changes up
+// to lsn.
+func waitApplied(ctx context.Context, api, peer string, lsn pglogrepl.LSN) error {
+	deadline := time.Now().Add(10 * time.Minute)
+	for {
+		var rep StatusReport
+		err := Call(ctx, api, http.MethodGet, "/v1/status", "", nil, &rep)
+		if err == nil {
+			for _, p := range rep.Peers {
+				if p.Peer == peer {
+					if got, perr := pglogrepl.ParseLSN(p.AppliedLSN); perr == nil && got >= lsn {
+						return nil
+					}
+				}
+			}
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("the source has not applied %s's changes up to %s within 10 minutes (is its stream from %s connected? see 'pgmesh status' there)", peer, lsn, peer)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}
+
+func recreateSlot(ctx context.Context, dsn, slot string) (pglogrepl.LSN, error) {
+	if err := dropSlotAt(ctx, dsn, slot); err != nil {
+		return 0, err
+	}
+	conn, err := pgx.Connect(ctx, dsn)
+	if err != nil {
+		return 0, err
+	}
+	defer conn.Close(ctx)
+	var lsn pglogrepl.LSN
+	err = conn.QueryRow(ctx, `SELECT lsn FROM pg_create_logical_replication_slot($1, 'pgoutput')`, slot).Scan(&lsn)
+	return lsn, err
+}
+
+func dropSlotAt(ctx context.Context, dsn, slot string) error {
+	conn, err := pgx.Connect(ctx, dsn)
+	if err != nil {
+		return err
+	}
+	defer conn.Close(ctx)
+	return dropSlot(ctx, conn, slot)
+}
+
+// sourceTable is a replicated table on the source, with its columns.
+type sourceTable struct {
+	name  string // format('%I.%I')
+	cols  []string
+	bytes int64
+}
+
+// copyFrom copies schema (when this database has none) and every
+// replicated table from the source under its exported snapshot, in one
+// local transaction that also records where each member's stream starts.
+func (d *Daemon) copyFrom(ctx context.Context, source *membership.Node, snapshot string, starts map[string]pglogrepl.LSN) error {
+	scfg, err := pgx.ParseConfig(source.DSN)
+	if err != nil {
+		return err
+	}
+	scfg.RuntimeParams["application_name"] = "pgmesh join copy"
+	src, err := pgx.ConnectConfig(ctx, scfg)
+	if err != nil {
+		return fmt.Errorf("connect to source %q: %w", source.Name, err)
+	}
+	defer src.Close(context.Background())
+	if _, err := src.Exec(ctx, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"); err != nil {
+		return err
+	}
+	if _, err := src.Exec(ctx, "SET TRANSACTION SNAPSHOT "+pgLiteral(snapshot)); err != nil {
+		return fmt.Errorf("use the source's snapshot: %w", err)
+	}
+	tables, err := sourceTables(ctx, src)
+	if err != nil {
+		return err
+	}
+	// Where the source had got with each member's changes, as of the
+	// snapshot: this node starts streaming each member there.
+	rows, err := src.Query(ctx, `SELECT node_name, remote_lsn::text FROM pgmesh.origin_progress`)
+	if err != nil {
+		return fmt.Errorf("read the source's progress: %w", err)
+	}
+	progress := map[string]string{}
+	for rows.Next() {
+		var n, l string
+		if err := rows.Scan(&n, &l); err != nil {
+			return err
+		}
+		progress[n] = l
+	}
+	if err := rows.Err(); err != nil {
+		return err
+	}
+	for name, start := range starts {
+		if p, ok := progress[name]; ok && name != source.Name {
+			if lsn, err := pglogrepl.ParseLSN(p); err == nil && lsn > start {
+				starts[name] = lsn
+			}
+		}
+	}
+
+	dcfg, err := pgx.ParseConfig(d.cfg.DSN)
+	if err != nil {
+		return err
+	}
+	dcfg.RuntimeParams["application_name"] = "pgmesh join copy"
+	dcfg.RuntimeParams["session_replication_role"] = "replica"
+	dcfg.RuntimeParams["default_transaction_read_only"] = "off"
+	dst, err := pgx.ConnectConfig(ctx, dcfg)
+	if err != nil {
+		return fmt.Errorf("connect to local Postgres: %w", err)
+	}
+	defer dst.Close(context.Background())
+
+	d.phase("copying schema")
+	if err := d.copySchema(ctx, src, dst, source, snapshot, tables); err != nil {
+		return err
+	}
+	var total int64
+	for _, t := range tables {
+		total += t.bytes
+	}
+	d.join.update(func(s *JoinStatus) { s.TablesTotal, s.BytesTotal = len(tables), total })
+	d.phase("copying data")
+	tx, err := dst.Begin(ctx)
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback(context.Background())
+	if len(tables) > 0 {
+		var names []string
+		for _, t := range tables {
+			names = append(names, t.name)
+		}
+		if _, err := tx.Exec(ctx, "TRUNCATE "+strings.Join(names, ", ")+" CASCADE"); err != nil {
+			return fmt.Errorf("empty the local tables: %w", err)
+		}
+	}
+	for _, t := range tables {
+		n, err := d.copyTable(ctx, src.PgConn(), dst.PgConn(), t)
+		if err != nil {
+			return fmt.Errorf("copy table %s: %w", t.name, err)
+		}
+		d.join.update(func(s *JoinStatus) { s.TablesDone++; s.Rows += n })
+		d.saveJoinStatus(ctx)
+	}
+	if err := copySequences(ctx, src, tx); err != nil {
+		return err
+	}
+	// Streaming starts where the copy ends, atomically with the data.
+	for name, lsn := range starts {
+		if _, err := tx.Exec(ctx, `SELECT pg_replication_origin_create($1)
+			WHERE NOT EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = $1)`, origin.Name(name)); err != nil {
+			return err
+		}
+		if _, err := tx.Exec(ctx, `SELECT pg_replication_origin_advance($1, $2::text::pg_lsn)`, origin.Name(name), lsn.String()); err != nil {
+			return fmt.Errorf("set the start of %s's stream: %w", name, err)
+		}
+		if _, err := tx.Exec(ctx, `INSERT INTO pgmesh.origin_progress VALUES ($1, $2::text::pg_lsn)
+			ON CONFLICT (node_name) DO UPDATE SET remote_lsn = EXCLUDED.remote_lsn`, name, lsn.String()); err != nil {
+			return err
+		}
+	}
+	if err := tx.Commit(ctx); err != nil {
+		return fmt.Errorf("commit the copy: %w", err)
+	}
+	_, _ = src.Exec(ctx, "COMMIT")
+	return nil
+}
+
+func sourceTables(ctx context.Context, src *pgx.Conn) ([]sourceTable, error) {
+	rows, err := src.Query(ctx, `SELECT format('%I.%I', pt.schemaname, pt.tablename),
+		array(SELECT quote_ident(a.attname) FROM pg_attribute a
+		      WHERE a.attrelid = format('%I.%I', pt.schemaname, pt.tablename)::regclass
+		        AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '' ORDER BY a.attnum),
+		pg_table_size(format('%I.%I', pt.schemaname, pt.tablename)::regclass)
+		FROM pg_publication_tables pt WHERE pt.pubname = $1 ORDER BY 1`, replicator.Publication)
+	if err != nil {
+		return nil, fmt.Errorf("list the source's tables: %w", err)
+	}
+	return pgx.CollectRows(rows, func(r pgx.CollectableRow) (sourceTable, error) {
+		var t sourceTable
+		return t, r.Scan(&t.name, &t.cols, &t.bytes)
+	})
+}
+
+// copyTable streams one table from the source's COPY into the local COPY.
+func (d *Daemon) copyTable(ctx context.Context, src, dst *pgconn.PgConn, t sourceTable) (int64, error) {
+	cols := strings.Join(t.cols, ", ")
+	pr, pw := io.Pipe()
+	outErr := make(chan error, 1)
+	go func() {
+		_, err := src.CopyTo(ctx, &countingWriter{w: pw, add: func(n int) {
+			d.join.update(func(s *JoinStatus) { s.Bytes += int64(n) })
+		}}, fmt.Sprintf("COPY %s (%s) TO STDOUT", t.name, cols))
+		pw.CloseWithError(err)
+		outErr <- err
+	}()
+	tag, err := dst.CopyFrom(ctx, pr, fmt.Sprintf("COPY %s (%s) FROM STDIN", t.name, cols))
+	pr.CloseWithError(err)
+	if oerr := <-outErr; oerr != nil && err == nil {
+		err = oerr
+	}
+	return tag.RowsAffected(), err
+}
+
+type countingWriter struct {
+	w   io.Writer
+	add func(int)
+}
+
+func (c *countingWriter) Write(p []byte) (int, error) {
+	n, err := c.w.Write(p)
+	c.add(n)
+	return n, err
+}
+
+// copySequences sets every local sequence past the source's and past the
+// copied values of the column it belongs to, so values handed out here do
+// not repeat copied ones.
+func copySequences(ctx context.Context, src *pgx.Conn, tx pgx.Tx) error {
+	rows, err := src.Query(ctx, `SELECT format('%I.%I', schemaname, sequencename), last_value
+		FROM pg_sequences WHERE schemaname <> 'pgmesh' AND last_value IS NOT NULL`)
+	if err != nil {
+		return fmt.Errorf("read the source's sequences: %w", err)
+	}
+	last := map[string]int64{}
+	for rows.Next() {
+		var n string
+		var v int64
+		if err := rows.Scan(&n, &v); err != nil {
+			return err
+		}
+		last[n] = v
+	}
+	if err := rows.Err(); err != nil {
+		return err
+	}
+	rows, err = tx.Query(ctx, `SELECT format('%I.%I', sn.nspname, s.relname),
+		(SELECT format('%I.%I', tn.nspname, t.relname) || ' ' || quote_ident(a.attname)
+		 FROM pg_depend d JOIN pg_class t ON t.oid = d.refobjid JOIN pg_namespace tn ON tn.oid = t.relnamespace
+		 JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum = d.refobjsubid
+		 WHERE d.classid = 'pg_class'::regclass AND d.objid = s.oid AND d.refclassid = 'pg_class'::regclass
+		   AND d.deptype IN ('a', 'i') LIMIT 1)
+		FROM pg_class s JOIN pg_namespace sn ON sn.oid = s.relnamespace
+		WHERE s.relkind = 'S' AND sn.nspname <> 'pgmesh'`)
+	if err != nil {
+		return fmt.Errorf("list local sequences: %w", err)
+	}
+	type seq struct {
+		name  string
+		owner *string // "table column"
+	}
+	seqs, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (seq, error) {
+		var s seq
+		return s, r.Scan(&s.name, &s.owner)
+	})
+	if err != nil {
+		return err
+	}
+	for _, s := range seqs {
+		maxExpr := "NULL::bigint"
+		if s.owner != nil {
+			table, col, _ := strings.Cut(*s.owner, " ")
+			maxExpr = fmt.Sprintf("(SELECT max(%s)::bigint FROM %s)", col, table)
+		}
+		var src *int64
+		if v, ok := last[s.name]; ok {
+			src = &v
+		}
+		if _, err := tx.Exec(ctx, fmt.Sprintf(`SELECT setval($1::regclass, v, true) FROM (SELECT greatest($2::bigint, %s) AS v) x WHERE v IS NOT NULL`, maxExpr), s.name, src); err != nil {
+			return fmt.Errorf("set sequence %s: %w", s.name, err)
+		}
+	}
+	return nil
+}
+
+// copySchema creates the source's schema here when this database has no
+// user tables, and otherwise checks that every replicated table exists here
+// with the same columns and key.
+func (d *Daemon) copySchema(ctx context.Context, src, dst *pgx.Conn, source *membership.Node, snapshot string, tables []sourceTable) error {
+	var localTables int
+	if err := dst.QueryRow(ctx, `SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+		WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgmesh')
+		  AND n.nspname NOT LIKE 'pg\_%'`).Scan(&localTables); err != nil {
+		return err
+	}
+	if localTables == 0 {
+		return d.restoreSchema(ctx, dst, source, snapshot)
+	}
+	want, err := tableDefinitions(ctx, src)
+	if err != nil {
+		return err
+	}
+	have, err := tableDefinitions(ctx, dst)
+	if err != nil {
+		return err
+	}
+	var errs []error
+	names := make([]string, 0, len(want))
+	for n := range want {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	for _, n := range names {
+		h, ok := have[n]
+		switch {
+		case !ok:
+			errs = append(errs, fmt.Errorf("table %s exists on %q but not here: create it as on %q, or join with an empty database and pgmesh copies the schema", n, source.Name, source.Name))
+		case h != want[n]:
+			errs = append(errs, fmt.Errorf("table %s differs from %q's (here: %s; there: %s): make the definitions match, or join with an empty database", n, source.Name, h, want[n]))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// tableDefinitions describes each replicated table by its columns (name,
+// type, not null) and primary key, order-independent.
+func tableDefinitions(ctx context.Context, conn *pgx.Conn) (map[string]string, error) {
+	rows, err := conn.Query(ctx, `SELECT format('%I.%I', n.nspname, c.relname),
+		(SELECT string_agg(format('%I %s%s', a.attname, format_type(a.atttypid, a.atttypmod),
+		        CASE WHEN a.attnotnull THEN ' not null' ELSE '' END), ', ' ORDER BY a.attname)
+		 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped)
+		|| coalesce((SELECT '; primary key (' || string_agg(quote_ident(a.attname), ', ' ORDER BY k.ord) || ')'
+		 FROM pg_index i CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY k(attnum, ord)
+		 JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum
+		 WHERE i.indrelid = c.oid AND i.indisprimary), '')
+		FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+		WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgmesh')
+		  AND n.nspname NOT LIKE 'pg\_%'`)
+	if err != nil {
+		return nil, fmt.Errorf("read table definitions: %w", err)
+	}
+	out := map[string]string{}
+	for rows.Next() {
+		var n, def string
+		if err := rows.Scan(&n, &def); err != nil {
+			return nil, err
+		}
+		out[n] = def
+	}
+	return out, rows.Err()
+}
+
+// restoreSchema runs pg_dump --schema-only of the source under the exported
+// snapshot and applies it here in one transaction.
+func (d *Daemon) restoreSchema(ctx context.Context, dst *pgx.Conn, source *membership.Node, snapshot string) error {
+	pgDump, err := findPgDump()
+	if err != nil {
+		return err
+	}
+	cmd := exec.CommandContext(ctx, pgDump, "--schema-only", "--snapshot="+snapshot, "--no-owner", "--no-privileges",
+		"--no-publications", "--no-subscriptions", "--exclude-schema=pgmesh", "--dbname="+source.DSN)
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		return fmt.Errorf("pg_dump --schema-only of %q failed: %v: %s", source.Name, err, strings.TrimSpace(stderr.String()))
+	}
+	// This node's daemon installs its own tombstone triggers, and psql
+	// meta-commands (recent pg_dump emits \restrict) mean nothing to the
+	// server.
+	var keep []string
+	for _, line := range strings.Split(string(out), "\n") {
+		if !strings.HasPrefix(line, "CREATE TRIGGER pgmesh_tombstone ") && !strings.HasPrefix(line, "\\") {
+			keep = append(keep, line)
+		}
+	}
+	script := strings.Join(keep, "\n")
+	if _, err := dst.Exec(ctx, "BEGIN;\n"+script+"\nCOMMIT;"); err != nil {
+		_, _ = dst.Exec(ctx, "ROLLBACK")
+		return fmt.Errorf("create the source's schema here: %w", err)
+	}
+	// The connection's settings may have been changed by the dump's SETs.
+	_, err = dst.Exec(ctx, "RESET ALL; SET session_replication_role = replica; SET default_transaction_read_only = off")
+	return err
+}
+
+// findPgDump looks for pg_dump on PATH, then in the newest PostgreSQL
+// installation under /usr/lib/postgresql.
+func findPgDump() (string, error) {
+	if p, err := exec.LookPath("pg_dump"); err == nil {
+		return p, nil
+	}
+	dirs, _ := filepath.Glob("/usr/lib/postgresql/*/bin/pg_dump")
+	sort.Strings(dirs)
+	for i := len(dirs) - 1; i >= 0; i-- {
+		if _, err := os.Stat(dirs[i]); err == nil {
+			return dirs[i], nil
+		}
+	}
+	return "", errors.New("pg_dump is needed to copy the schema but was not found: install the PostgreSQL client (apt-get install postgresql-client-15), or create the schema here before joining")
+}
+
+func pgLiteral(s string) string { return "'" + strings.ReplaceAll(s, "'", "''") + "'" }

@@ -1,0 +1,227 @@
+//go:build integration
+
+package systemtest
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/pgmesh/pgmesh/internal/localmesh"
+)
+
+const joinSchema = `CREATE TABLE ledger (id bigserial PRIMARY KEY, node text NOT NULL, n int NOT NULL);
+CREATE TABLE counters (k int PRIMARY KEY, v bigint NOT NULL, touched text);
+CREATE SCHEMA "Other Schema";
+CREATE TABLE "Other Schema"."Mixed Case" (id int PRIMARY KEY, payload text)`
+
+// writeLoad appends to the ledger (keys from node-local ranges, so nothing
+// collides) and updates and deletes counters on n until stop is closed. It
+// returns how many ledger rows it wrote.
+func writeLoad(ctx context.Context, n *localmesh.Node, base int64, stop <-chan struct{}) (int64, error) {
+	conn, err := n.PG.Connect(ctx)
+	if err != nil {
+		return 0, err
+	}
+	defer conn.Close(ctx)
+	var i int64
+	for {
+		select {
+		case <-stop:
+			return i, nil
+		default:
+		}
+		err := pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
+			if _, err := tx.Exec(ctx, `INSERT INTO ledger (id, node, n) VALUES ($1, $2, $3)`, base+i, n.Name, i); err != nil {
+				return err
+			}
+			k := int(base/1_000_000) + int(i%50)
+			_, err := tx.Exec(ctx, `INSERT INTO counters VALUES ($1, 1, $2) ON CONFLICT (k) DO UPDATE SET v = counters.v + 1, touched = $2`, k, n.Name)
+			return err
+		})
+		if isTransient(err) {
+			continue
+		}
+		if err != nil {
+			return i, err
+		}
+		i++
+		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+// A third node joins with an empty database while both members keep
+// writing: schema and data are copied, and afterwards every node holds the
+// same rows, every ledger row exactly once, and the new node's writes reach
+// the others.
+func TestJoinUnderWriteLoad(t *testing.T) {
+	ctx := ctxFor(t)
+	members := mesh(t, ctx, joinSchema, "a", "b")
+	a, b := members[0], members[1]
+	mustExec(t, ctx, a, `INSERT INTO ledger (id, node, n) SELECT g, 'seed', g FROM generate_series(1, 50000) g;
+		INSERT INTO "Other Schema"."Mixed Case" VALUES (1, 'quoted names')`)
+	c := startNodes(t, ctx, "", "c")[0] // an empty database: no schema at all
+
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	var written atomic.Int64
+	errs := make([]error, 2)
+	for i, n := range members {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			w, err := writeLoad(ctx, n, int64(i+1)*1_000_000, stop)
+			written.Add(w)
+			errs[i] = err
+		}()
+	}
+	time.Sleep(500 * time.Millisecond) // let the load get going before the join
+
+	token := joinToken(t, ctx, a)
+	out, stderr, err := c.CLI(ctx, "group", "join", "--via", b.API, "--token", token)
+	if err != nil {
+		t.Fatalf("join: %v\n%s\n%s", err, out, stderr)
+	}
+	if !strings.Contains(out, "is active") {
+		t.Fatalf("join output: %s", out)
+	}
+	// Keep writing a little after the join, then stop.
+	time.Sleep(time.Second)
+	close(stop)
+	wg.Wait()
+	for _, err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	mustExec(t, ctx, c, `INSERT INTO ledger (id, node, n) VALUES (9000000, 'c', 0)`)
+	all := []*localmesh.Node{a, b, c}
+	if err := localmesh.CaughtUp(ctx, 60*time.Second, all...); err != nil {
+		t.Fatal(err)
+	}
+	converged(t, ctx, 30*time.Second, "ledger", all...)
+	converged(t, ctx, 30*time.Second, "counters", all...)
+	converged(t, ctx, 30*time.Second, `"Other Schema"."Mixed Case"`, all...)
+	want := 50000 + written.Load() + 1
+	for _, n := range all {
+		if got := count(t, ctx, n, `SELECT count(*) FROM ledger`); got != want {
+			t.Fatalf("%s has %d ledger rows, want %d", n.Name, got, want)
+		}
+	}
+	if dup := count(t, ctx, c, `SELECT count(*) FROM pgmesh.conflict_history WHERE relation = 'public.ledger'`); dup != 0 {
+		t.Fatalf("c saw %d conflicts on the append-only ledger: a change arrived twice or went missing", dup)
+	}
+	// The copied sequence does not hand out copied values again.
+	if v := count(t, ctx, c, `SELECT nextval('ledger_id_seq')`); v < 50000 {
+		t.Fatalf("c's ledger_id_seq gives %d, below copied values", v)
+	}
+	t.Logf("joined under load: %d ledger rows written during the join, %d in all", written.Load(), want)
+}
+
+func joinToken(t *testing.T, ctx context.Context, n *localmesh.Node) string {
+	t.Helper()
+	b, err := readToken(n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// A database that already has the tables, empty and alike, may join; a
+// differing definition is named.
+func TestJoinChecksExistingSchema(t *testing.T) {
+	ctx := ctxFor(t)
+	members := mesh(t, ctx, joinSchema, "a")
+	a := members[0]
+	mustExec(t, ctx, a, `INSERT INTO counters VALUES (1, 10, 'a')`)
+	token := joinToken(t, ctx, a)
+
+	bad := startNodes(t, ctx, strings.Replace(joinSchema, "v bigint NOT NULL", "v int NOT NULL", 1), "bad")[0]
+	_, stderr, err := bad.CLI(ctx, "group", "join", "--via", a.API, "--token", token)
+	if err == nil || !strings.Contains(stderr, "table public.counters differs from \"a\"'s") {
+		t.Fatalf("differing schema: err=%v stderr=%s", err, stderr)
+	}
+
+	good := startNodes(t, ctx, joinSchema, "good")[0]
+	if out, stderr, err := good.CLI(ctx, "group", "join", "--via", a.API, "--token", token); err != nil {
+		t.Fatalf("join with the same schema: %v\n%s\n%s", err, out, stderr)
+	}
+	converged(t, ctx, 30*time.Second, "counters", a, good)
+}
+
+// The joining daemon is killed in the middle of the copy; the same command
+// run again completes the join, and no stray slot or origin is left.
+func TestJoinInterruptedAndRetried(t *testing.T) {
+	ctx := ctxFor(t)
+	members := mesh(t, ctx, joinSchema, "a", "b")
+	a, b := members[0], members[1]
+	mustExec(t, ctx, a, `INSERT INTO ledger (id, node, n) SELECT g, repeat('x', 200), g FROM generate_series(1, 400000) g`)
+	converged(t, ctx, 60*time.Second, "counters", a, b)
+	eventually(t, 60*time.Second, "b has the seed rows", func() error {
+		if n := count(t, ctx, b, `SELECT count(*) FROM ledger`); n != 400000 {
+			return fmt.Errorf("b has %d", n)
+		}
+		return nil
+	})
+	c := startNodes(t, ctx, "", "c")[0]
+	token := joinToken(t, ctx, a)
+	if _, stderr, err := c.CLI(ctx, "group", "join", "--no-wait", "--via", a.API, "--token", token); err != nil {
+		t.Fatalf("join --no-wait: %v %s", err, stderr)
+	}
+	eventually(t, 60*time.Second, "copy under way", func() error {
+		rep, err := c.Status(ctx)
+		if err != nil {
+			return err
+		}
+		if rep.Join == nil || rep.Join.Phase != "copying data" || rep.Join.Bytes == 0 {
+			return fmt.Errorf("join status %+v", rep.Join)
+		}
+		return nil
+	})
+	if err := c.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	mustExec(t, ctx, b, `INSERT INTO ledger (id, node, n) VALUES (5000000, 'b', 1)`)
+	if err := c.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// While joining, applications cannot write here.
+	if err := c.PG.Exec(ctx, `INSERT INTO counters VALUES (99, 1, 'c')`); err == nil || !strings.Contains(err.Error(), "read-only") {
+		t.Fatalf("write on a joining node: err = %v, want a read-only error", err)
+	}
+	if out, stderr, err := c.CLI(ctx, "group", "join", "--via", a.API, "--token", token); err != nil {
+		t.Fatalf("retried join: %v\n%s\n%s", err, out, stderr)
+	}
+	all := []*localmesh.Node{a, b, c}
+	if err := localmesh.CaughtUp(ctx, 60*time.Second, all...); err != nil {
+		t.Fatal(err)
+	}
+	if got := count(t, ctx, c, `SELECT count(*) FROM ledger`); got != 400001 {
+		t.Fatalf("c has %d ledger rows after the retried join, want 400001", got)
+	}
+	for _, n := range all {
+		var slots, origins []string
+		conn := connect(t, ctx, n)
+		rows, _ := conn.Query(ctx, `SELECT slot_name FROM pg_replication_slots ORDER BY 1`)
+		slots, _ = pgx.CollectRows(rows, pgx.RowTo[string])
+		rows, _ = conn.Query(ctx, `SELECT roname FROM pg_replication_origin ORDER BY 1`)
+		origins, _ = pgx.CollectRows(rows, pgx.RowTo[string])
+		var want []string
+		for _, m := range all {
+			if m != n {
+				want = append(want, "pgmesh_"+m.Name)
+			}
+		}
+		if strings.Join(slots, ",") != strings.Join(want, ",") || strings.Join(origins, ",") != strings.Join(want, ",") {
+			t.Errorf("%s has slots %v and origins %v, want %v for both", n.Name, slots, origins, want)
+		}
+	}
+	mustExec(t, ctx, c, `INSERT INTO counters VALUES (99, 1, 'c')`)
+	converged(t, ctx, 30*time.Second, "counters", all...)
+}
