@@ -68,6 +68,8 @@ type StatusReport struct {
 	Peers      []replicator.Status `json:"peers"`
 	Problems   []string            `json:"problems"`
 	Join       *JoinStatus         `json:"join,omitempty"`
+	// Slots are the slots peers consume on this node, with retained WAL.
+	Slots []SlotStatus `json:"slots"`
 }
 
 // Status assembles this node's view of the group.
@@ -85,6 +87,7 @@ func (d *Daemon) Status() StatusReport {
 	rep.Join = d.join.snapshot()
 	d.mu.Lock()
 	rep.Problems = append([]string{}, d.problems...)
+	rep.Slots = append([]SlotStatus{}, d.slots...)
 	d.mu.Unlock()
 	for _, p := range rep.Peers {
 		if p.LastError != "" {

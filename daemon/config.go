@@ -30,6 +30,12 @@ type Config struct {
 	ConflictRetention time.Duration
 	// HousekeepingInterval is how often tombstones and old conflicts are pruned.
 	HousekeepingInterval time.Duration
+	// WALRetentionWarn marks a peer lagging once its slot here holds more
+	// WAL than this (0: never).
+	WALRetentionWarn int64
+	// WALRetentionMax drops the slot of a disconnected peer holding more
+	// WAL than this (0: never); the peer must then rejoin.
+	WALRetentionMax int64
 }
 
 // Defaults for the optional keys.
@@ -40,6 +46,7 @@ const (
 	// DefaultConflictRetention keeps a month of conflict_history.
 	DefaultConflictRetention    = 30 * 24 * time.Hour
 	DefaultHousekeepingInterval = 30 * time.Second
+	DefaultWALRetentionWarn     = 1 << 30
 )
 
 var nodeNameRE = regexp.MustCompile(`^[a-z][a-z0-9_]{0,39}$`)
@@ -97,6 +104,12 @@ func (c *Config) Normalize() error {
 	}
 	if c.HousekeepingInterval == 0 {
 		c.HousekeepingInterval = DefaultHousekeepingInterval
+	}
+	if c.WALRetentionWarn == 0 {
+		c.WALRetentionWarn = DefaultWALRetentionWarn
+	}
+	if c.WALRetentionMax > 0 && c.WALRetentionMax <= c.WALRetentionWarn {
+		errs = append(errs, fmt.Errorf("wal_retention_max (%s) must be larger than wal_retention_warn (%s)", FormatSize(c.WALRetentionMax), FormatSize(c.WALRetentionWarn)))
 	}
 	if c.ConflictRetention < 0 || c.HousekeepingInterval < 0 {
 		errs = append(errs, errors.New("conflict_retention and housekeeping_interval must be positive durations, like 720h or 30s"))

@@ -38,6 +38,7 @@ type Daemon struct {
 	problems []string // current problems found by checks, for status
 	lastSync string   // group state last written to pgmesh.node
 	ids      atomic.Pointer[map[string]int]
+	slots    []SlotStatus
 	join     joiner
 	ctx      context.Context // the daemon's lifetime, for background work
 }
@@ -177,6 +178,9 @@ func (d *Daemon) reconcile(ctx context.Context, g *membership.Group) {
 	}
 	if err := d.syncNodeTable(ctx, g); err != nil {
 		d.log.Warn("update pgmesh.node", "err", err)
+	}
+	if err := d.checkSlots(ctx, g, &problems); err != nil {
+		problems = append(problems, err.Error())
 	}
 	ids := make(map[string]int, len(g.Nodes))
 	for _, n := range g.Nodes {

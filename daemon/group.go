@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"time"
 
+	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
 
 	"github.com/pgmesh/pgmesh/membership"
@@ -207,7 +208,8 @@ func (d *Daemon) handlePart(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, http.StatusConflict, fmt.Errorf("node %q is not in a node group", d.cfg.NodeName))
 		return
 	}
-	if n := g.Nodes[req.Name]; n == nil || n.State == membership.Parted {
+	n := g.Nodes[req.Name]
+	if n == nil || n.State == membership.Parted {
 		writeErr(w, http.StatusNotFound, fmt.Errorf("node %q is not a member of group %q: 'pgmesh status' lists the members", req.Name, g.Name))
 		return
 	}
@@ -216,12 +218,74 @@ func (d *Daemon) handlePart(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, http.StatusConflict, err)
 		return
 	}
+	if !req.Force && n.State == membership.Active {
+		if err := d.drainParting(r.Context(), g, n); err != nil {
+			writeErr(w, http.StatusConflict, err)
+			return
+		}
+	}
 	var out JoinResponse
 	if err := Call(r.Context(), d.cfg.AdvertiseAPI, http.MethodPost, "/v1/cluster/part", token, req, &out); err != nil {
 		writeErr(w, http.StatusBadGateway, err)
 		return
 	}
 	writeJSON(w, http.StatusOK, out)
+}
+
+// partDrainTimeout bounds how long a part waits for the remaining members
+// to apply the parting node's changes.
+const partDrainTimeout = 2 * time.Minute
+
+// drainParting waits until every remaining active member has applied all
+// that the parting node had written when the part began, so nothing it
+// committed is lost with it.
+func (d *Daemon) drainParting(ctx context.Context, g *membership.Group, parting *membership.Node) error {
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	var target pglogrepl.LSN
+	conn, err := pgx.Connect(cctx, parting.DSN)
+	if err == nil {
+		err = conn.QueryRow(cctx, `SELECT pg_current_wal_lsn()`).Scan(&target)
+		conn.Close(context.Background())
+	}
+	cancel()
+	if err != nil {
+		return fmt.Errorf("node %q cannot be reached (%v), so pgmesh cannot make sure the others have all its changes: if it is gone for good, part it with --force (changes it committed that some members had not received are then lost)", parting.Name, err)
+	}
+	deadline := time.Now().Add(partDrainTimeout)
+	for _, m := range g.Sorted() {
+		if m.Name == parting.Name || m.State != membership.Active {
+			continue
+		}
+		for {
+			if m.Name == d.cfg.NodeName {
+				if lsn, ok := d.appliedFrom(parting.Name); ok && lsn >= target {
+					break
+				}
+			} else if err := waitApplied(ctx, m.API, parting.Name, target, time.Until(deadline)); err == nil {
+				break
+			}
+			if time.Now().After(deadline) {
+				return fmt.Errorf("member %q has not applied %q's changes up to %s within %s: check its stream in 'pgmesh status', or part with --force", m.Name, parting.Name, target, partDrainTimeout)
+			}
+			select {
+			case <-ctx.Done():
+				return ctx.Err()
+			case <-time.After(200 * time.Millisecond):
+			}
+		}
+	}
+	return nil
+}
+
+// appliedFrom reports how far this node has applied peer's changes.
+func (d *Daemon) appliedFrom(peer string) (pglogrepl.LSN, bool) {
+	for _, s := range d.streamStatuses() {
+		if s.Peer == peer {
+			lsn, err := pglogrepl.ParseLSN(s.AppliedLSN)
+			return lsn, err == nil
+		}
+	}
+	return 0, false
 }
 
 func (d *Daemon) handleClusterPart(w http.ResponseWriter, r *http.Request) {

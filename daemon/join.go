@@ -217,7 +217,7 @@ func (d *Daemon) copyAndActivate(ctx context.Context, req JoinRequest) error {
 	// so the copy holds everything before the slots' start.
 	for _, m := range others {
 		d.phase(fmt.Sprintf("waiting for %s to apply %s's changes up to %s", source.Name, m.Name, starts[m.Name]))
-		if err := waitApplied(ctx, source.API, m.Name, starts[m.Name]); err != nil {
+		if err := waitApplied(ctx, source.API, m.Name, starts[m.Name], 10*time.Minute); err != nil {
 			return err
 		}
 	}
@@ -288,8 +288,8 @@ func (d *Daemon) setReadOnly(ctx context.Context, on bool) error {
 
 // waitApplied waits until the daemon at api has applied peer's changes up
 // to lsn.
-func waitApplied(ctx context.Context, api, peer string, lsn pglogrepl.LSN) error {
-	deadline := time.Now().Add(10 * time.Minute)
+func waitApplied(ctx context.Context, api, peer string, lsn pglogrepl.LSN, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
 	for {
 		var rep StatusReport
 		err := Call(ctx, api, http.MethodGet, "/v1/status", "", nil, &rep)
@@ -303,7 +303,7 @@ func waitApplied(ctx context.Context, api, peer string, lsn pglogrepl.LSN) error
 			}
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("the source has not applied %s's changes up to %s within 10 minutes (is its stream from %s connected? see 'pgmesh status' there)", peer, lsn, peer)
+			return fmt.Errorf("%s has not applied %s's changes up to %s within %s (is its stream from %s connected? see 'pgmesh status' there)", api, peer, lsn, timeout, peer)
 		}
 		select {
 		case <-ctx.Done():

@@ -42,6 +42,20 @@ func duration(key string, dst func(*daemon.Config) *time.Duration) func(*daemon.
 	}
 }
 
+func size(key string, dst func(*daemon.Config) *int64) func(*daemon.Config, string) error {
+	return func(c *daemon.Config, v string) error {
+		if v == "" {
+			return nil
+		}
+		n, err := daemon.ParseSize(v)
+		if err != nil {
+			return fmt.Errorf("%s %q is not a size: write it like 512MB, 1GB or 64kB", key, v)
+		}
+		*dst(c) = n
+		return nil
+	}
+}
+
 var configKeys = []configKey{
 	{"node_name", "unique name of this node ([a-z][a-z0-9_]{0,39})", str(func(c *daemon.Config) *string { return &c.NodeName })},
 	{"dsn", "local Postgres the daemon applies to and administers", str(func(c *daemon.Config) *string { return &c.DSN })},
@@ -55,6 +69,10 @@ var configKeys = []configKey{
 		duration("conflict_retention", func(c *daemon.Config) *time.Duration { return &c.ConflictRetention })},
 	{"housekeeping_interval", "how often tombstones and old conflicts are pruned (default 30s)",
 		duration("housekeeping_interval", func(c *daemon.Config) *time.Duration { return &c.HousekeepingInterval })},
+	{"wal_retention_warn", "mark a peer lagging once its slot here holds this much WAL (default 1GB)",
+		size("wal_retention_warn", func(c *daemon.Config) *int64 { return &c.WALRetentionWarn })},
+	{"wal_retention_max", "drop a disconnected peer's slot past this much WAL; it must rejoin (default: never)",
+		size("wal_retention_max", func(c *daemon.Config) *int64 { return &c.WALRetentionMax })},
 	{"log_level", "debug, info, warn or error (default info)", nil},
 }
 

@@ -78,6 +78,18 @@ func printStatus(out io.Writer, rep daemon.StatusReport) {
 			fmt.Fprintf(out, "conflicts from %s: %s\n", p.Peer, strings.Join(parts, ", "))
 		}
 	}
+	if len(rep.Slots) > 0 {
+		fmt.Fprintln(out)
+		w = tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
+		fmt.Fprintln(w, "SLOT FOR\tACTIVE\tRETAINED WAL\tLAGGING")
+		for _, s := range rep.Slots {
+			fmt.Fprintf(w, "%s\t%v\t%s\t%v\n", s.Peer, s.Active, daemon.FormatSize(s.RetainedBytes), s.Lagging)
+		}
+		w.Flush()
+	}
+	if rep.Join != nil && !rep.Join.Done {
+		fmt.Fprintf(out, "\njoin: %s\n", progressLine(rep.Join))
+	}
 	if len(rep.Problems) > 0 {
 		fmt.Fprintln(out, "\nproblems:")
 		for _, p := range rep.Problems {
