@@ -30,6 +30,9 @@ type Config struct {
 	ConflictRetention time.Duration
 	// HousekeepingInterval is how often tombstones and old conflicts are pruned.
 	HousekeepingInterval time.Duration
+	// HealthMaxLag is how far (or how long disconnected) a peer's stream
+	// may be behind before GET /health answers 503.
+	HealthMaxLag time.Duration
 	// WALRetentionWarn marks a peer lagging once its slot here holds more
 	// WAL than this (0: never).
 	WALRetentionWarn int64
@@ -47,6 +50,7 @@ const (
 	DefaultConflictRetention    = 30 * 24 * time.Hour
 	DefaultHousekeepingInterval = 30 * time.Second
 	DefaultWALRetentionWarn     = 1 << 30
+	DefaultHealthMaxLag         = 30 * time.Second
 )
 
 var nodeNameRE = regexp.MustCompile(`^[a-z][a-z0-9_]{0,39}$`)
@@ -104,6 +108,9 @@ func (c *Config) Normalize() error {
 	}
 	if c.HousekeepingInterval == 0 {
 		c.HousekeepingInterval = DefaultHousekeepingInterval
+	}
+	if c.HealthMaxLag == 0 {
+		c.HealthMaxLag = DefaultHealthMaxLag
 	}
 	if c.WALRetentionWarn == 0 {
 		c.WALRetentionWarn = DefaultWALRetentionWarn

@@ -127,10 +127,13 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	hkCtx, stopHK := context.WithCancel(ctx)
 	hkDone := make(chan struct{})
 	go func() { defer close(hkDone); d.housekeeping(hkCtx) }()
+	progressDone := make(chan struct{})
+	go func() { defer close(progressDone); d.publishProgress(hkCtx) }()
 
 	err = d.loop(ctx, serveErr)
 	stopHK()
 	<-hkDone
+	<-progressDone
 
 	shutCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()

@@ -30,7 +30,7 @@ type applier struct {
 	begin     pglogrepl.BeginMessage
 	localOpen bool // a local transaction is open
 	rows      int64
-	conflicts map[string]int64 // by type, in the current transaction
+	conflicts map[string]int64 // by "type/resolution", in the current transaction
 	stats     *stats
 	warned    map[string]bool
 }
@@ -720,6 +720,6 @@ VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s::timestamptz, %s, %s::timestamptz
 	if res := a.pc.ExecParams(ctx, sql, p.vals, nil, nil, nil).Read(); res.Err != nil {
 		return fmt.Errorf("write conflict_history: %w", res.Err)
 	}
-	a.conflicts[string(d.Type)]++
+	a.conflicts[string(d.Type)+"/"+string(d.Resolution)]++
 	return nil
 }

@@ -1,6 +1,8 @@
 package replicator
 
 import (
+	"maps"
+	"strings"
 	"sync"
 	"time"
 
@@ -31,8 +33,14 @@ type Status struct {
 	// transaction has been applied here (from the last applied commit, or
 	// the peer's clock when it reported nothing pending).
 	AppliedThrough *time.Time `json:"applied_through,omitempty"`
-	LastError      string     `json:"last_error,omitempty"`
-	LastErrorAt    *time.Time `json:"last_error_at,omitempty"`
+	// Errors counts the times the stream stopped on an error.
+	Errors int64 `json:"errors"`
+	// DisconnectedSince is when the stream last lost its connection.
+	DisconnectedSince *time.Time `json:"disconnected_since,omitempty"`
+	// ConflictsByResolution counts conflicts by "type/resolution".
+	ConflictsByResolution map[string]int64 `json:"conflicts_by_resolution,omitempty"`
+	LastError             string           `json:"last_error,omitempty"`
+	LastErrorAt           *time.Time       `json:"last_error_at,omitempty"`
 }
 
 // sample is the peer's WAL position at a moment, by our clock (for lag)
@@ -53,10 +61,13 @@ func newStats(peer string) *stats { return &stats{st: Status{Peer: peer}} }
 
 func (s *stats) setConnected(c bool) {
 	s.mu.Lock()
-	s.st.Connected = c
 	if c {
-		s.st.LastError, s.st.LastErrorAt = "", nil
+		s.st.LastError, s.st.LastErrorAt, s.st.DisconnectedSince = "", nil, nil
+	} else if s.st.Connected || s.st.DisconnectedSince == nil {
+		now := time.Now()
+		s.st.DisconnectedSince = &now
 	}
+	s.st.Connected = c
 	s.mu.Unlock()
 }
 
@@ -64,6 +75,7 @@ func (s *stats) setError(err error) {
 	s.mu.Lock()
 	now := time.Now()
 	s.st.LastError, s.st.LastErrorAt = err.Error(), &now
+	s.st.Errors++
 	s.mu.Unlock()
 }
 
@@ -91,11 +103,13 @@ func (s *stats) applied(end pglogrepl.LSN, commitTS time.Time, rows int64, confl
 	s.mu.Lock()
 	s.st.AppliedTxns++
 	s.st.AppliedRows += rows
-	for t, n := range conflicts {
+	for kind, n := range conflicts {
 		if s.st.ConflictsByType == nil {
-			s.st.ConflictsByType = map[string]int64{}
+			s.st.ConflictsByType, s.st.ConflictsByResolution = map[string]int64{}, map[string]int64{}
 		}
-		s.st.ConflictsByType[t] += n
+		typ, _, _ := strings.Cut(kind, "/")
+		s.st.ConflictsByType[typ] += n
+		s.st.ConflictsByResolution[kind] += n
 		s.st.Conflicts += n
 	}
 	ts := commitTS
@@ -145,12 +159,8 @@ func (s *stats) snapshot() Status {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	st := s.st
-	if st.ConflictsByType != nil {
-		st.ConflictsByType = make(map[string]int64, len(s.st.ConflictsByType))
-		for k, v := range s.st.ConflictsByType {
-			st.ConflictsByType[k] = v
-		}
-	}
+	st.ConflictsByType = maps.Clone(s.st.ConflictsByType)
+	st.ConflictsByResolution = maps.Clone(s.st.ConflictsByResolution)
 	st.AppliedLSN = s.appliedLSN.String()
 	st.LagBytes, st.LagSeconds = 0, 0
 	if len(s.samples) > 0 {

@@ -39,7 +39,8 @@ type Config struct {
 	// break last-update-wins ties and must be safe for concurrent use.
 	NodeID func(name string) int
 	Logger *slog.Logger
-	// StatusInterval is how often feedback is sent (default 1s).
+	// StatusInterval is how often feedback is sent and the peer asked for
+	// its position (default 100ms); read-your-own-writes waits on it.
 	StatusInterval time.Duration
 }
 
@@ -53,7 +54,7 @@ type Stream struct {
 // New returns a stream; call Run to start it.
 func New(cfg Config) *Stream {
 	if cfg.StatusInterval == 0 {
-		cfg.StatusInterval = time.Second
+		cfg.StatusInterval = 100 * time.Millisecond
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
@@ -281,6 +282,10 @@ func (s *Stream) receive(ctx context.Context, repl *pgconn.PgConn, a *applier, f
 				if end > 0 {
 					flushed, received = max(flushed, end), max(received, end)
 					s.stats.setApplied(flushed)
+					// Confirm soon: peers waiting in wait_for_peers see it.
+					if soon := time.Now().Add(10 * time.Millisecond); soon.Before(nextStatus) {
+						nextStatus = soon
+					}
 				}
 			}
 		case *pgproto3.ErrorResponse:

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"flag"
 	"fmt"
 	"net/http"
@@ -12,25 +11,36 @@ import (
 )
 
 func cmdDeltaColumn(ctx context.Context, args []string) error {
-	fs := flag.NewFlagSet("pgmesh delta-column", flag.ContinueOnError)
+	return setOnEveryNode(ctx, "delta", args,
+		"a delta column (remote updates add their increment; REPLICA IDENTITY FULL set)", "an ordinary column again")
+}
+
+func cmdHomeColumn(ctx context.Context, args []string) error {
+	return setOnEveryNode(ctx, "home", args,
+		"the home column: only the node it names may write a row (others fail with SQLSTATE PM001)", "no longer a home column")
+}
+
+// setOnEveryNode runs `pgmesh KIND-column [--unset] TABLE COLUMN`.
+func setOnEveryNode(ctx context.Context, kind string, args []string, set, unsetMsg string) error {
+	fs := flag.NewFlagSet("pgmesh "+kind+"-column", flag.ContinueOnError)
 	api := apiFlag(fs)
-	unset := fs.Bool("unset", false, "make the column an ordinary column again")
+	unset := fs.Bool("unset", false, "undo the setting")
 	pos, err := parseInterleaved(fs, args)
 	if err != nil {
 		return err
 	}
 	if len(pos) != 2 {
-		return errors.New("delta-column takes a table and a column: pgmesh delta-column accounts balance")
+		return fmt.Errorf("%s-column takes a table and a column: pgmesh %s-column TABLE COLUMN", kind, kind)
 	}
-	var resp daemon.DeltaResponse
-	req := daemon.DeltaRequest{Table: pos[0], Column: pos[1], Enabled: !*unset}
-	if err := call(ctx, *api, http.MethodPost, "/v1/delta-column", req, &resp); err != nil {
+	var resp daemon.SettingResponse
+	req := daemon.SettingRequest{Kind: kind, Table: pos[0], Column: pos[1], Enabled: !*unset}
+	if err := call(ctx, *api, http.MethodPost, "/v1/setting", req, &resp); err != nil {
 		return err
 	}
-	what := "a delta column (remote updates add their increment; REPLICA IDENTITY FULL set)"
+	what := set
 	if *unset {
-		what = "an ordinary column again"
+		what = unsetMsg
 	}
-	fmt.Printf("%s.%s is now %s on: %s\n", pos[0], pos[1], what, strings.Join(resp.Nodes, ", "))
+	fmt.Printf("%s.%s is now %s, on: %s\n", pos[0], pos[1], what, strings.Join(resp.Nodes, ", "))
 	return nil
 }

@@ -25,6 +25,9 @@ Usage:
                                              recent conflicts from pgmesh.conflict_history
   pgmesh delta-column [--unset] TABLE COLUMN apply remote updates of a numeric column as increments,
                                              on every node
+  pgmesh home-column [--unset] TABLE COLUMN  rows belong to the node named in COLUMN; only it may
+                                             write them (on every node)
+  pgmesh wait [--timeout 30s] [--peers a,b]  block until peers have applied what this node committed
 
 CLI commands talk to the local daemon at --api (env PGMESH_API, default 127.0.0.1:7400).
 `
@@ -71,6 +74,10 @@ func dispatch(ctx context.Context, args []string) error {
 		return cmdConflicts(ctx, args[1:])
 	case "delta-column":
 		return cmdDeltaColumn(ctx, args[1:])
+	case "home-column":
+		return cmdHomeColumn(ctx, args[1:])
+	case "wait":
+		return cmdWait(ctx, args[1:])
 	case "help", "-h", "--help":
 		fmt.Print(usage)
 		return nil

@@ -69,6 +69,8 @@ var configKeys = []configKey{
 		duration("conflict_retention", func(c *daemon.Config) *time.Duration { return &c.ConflictRetention })},
 	{"housekeeping_interval", "how often tombstones and old conflicts are pruned (default 30s)",
 		duration("housekeeping_interval", func(c *daemon.Config) *time.Duration { return &c.HousekeepingInterval })},
+	{"health_max_lag", "GET /health answers 503 once a peer's stream lags (or is disconnected) longer (default 30s)",
+		duration("health_max_lag", func(c *daemon.Config) *time.Duration { return &c.HealthMaxLag })},
 	{"wal_retention_warn", "mark a peer lagging once its slot here holds this much WAL (default 1GB)",
 		size("wal_retention_warn", func(c *daemon.Config) *int64 { return &c.WALRetentionWarn })},
 	{"wal_retention_max", "drop a disconnected peer's slot past this much WAL; it must rejoin (default: never)",

@@ -1,0 +1,109 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"sort"
+
+	"github.com/pgmesh/pgmesh/membership"
+)
+
+// SettingRequest changes a per-table setting that must be the same on
+// every node: a delta column (Kind "delta") or a home column ("home").
+type SettingRequest struct {
+	Kind    string `json:"kind"`
+	Table   string `json:"table"`
+	Column  string `json:"column"`
+	Enabled bool   `json:"enabled"`
+}
+
+// SettingResponse lists the nodes where the change was made.
+type SettingResponse struct {
+	Nodes []string `json:"nodes"`
+}
+
+func (d *Daemon) applySetting(ctx context.Context, req SettingRequest) error {
+	var err error
+	switch req.Kind {
+	case "delta":
+		_, err = d.db.Exec(ctx, `SELECT pgmesh.set_delta_column($1::regclass, $2, $3)`, req.Table, req.Column, req.Enabled)
+	case "home":
+		var col *string
+		if req.Enabled {
+			col = &req.Column
+		}
+		_, err = d.db.Exec(ctx, `SELECT pgmesh.set_home_column($1::regclass, $2)`, req.Table, col)
+	default:
+		err = fmt.Errorf("unknown setting %q", req.Kind)
+	}
+	if err != nil {
+		return fmt.Errorf("on node %q: %w", d.cfg.NodeName, err)
+	}
+	return nil
+}
+
+// handleSetting applies a per-table setting on every active member: a delta
+// column is only safe once every node sends old values and applies
+// increments, and a home column only guards writes on nodes that check it.
+func (d *Daemon) handleSetting(w http.ResponseWriter, r *http.Request) {
+	var req SettingRequest
+	if err := readJSON(r, &req); err != nil {
+		writeErr(w, 0, err)
+		return
+	}
+	nodes := []*membership.Node{{Name: d.cfg.NodeName}}
+	var token string
+	if g, _ := d.store.Group(); g != nil {
+		nodes = nil
+		for _, n := range g.Sorted() {
+			if n.State == membership.Active {
+				nodes = append(nodes, n)
+			}
+		}
+		var err error
+		if token, err = d.loadToken(); err != nil {
+			writeErr(w, http.StatusConflict, err)
+			return
+		}
+	}
+	var done []string
+	var errs []error
+	for _, n := range nodes {
+		var err error
+		if n.Name == d.cfg.NodeName {
+			err = d.applySetting(r.Context(), req)
+		} else {
+			err = Call(r.Context(), n.API, http.MethodPost, "/v1/cluster/setting", token, req, nil)
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("node %q: %w (run the same command again once it is reachable)", n.Name, err))
+			continue
+		}
+		done = append(done, n.Name)
+	}
+	sort.Strings(done)
+	if err := errors.Join(errs...); err != nil {
+		writeErr(w, http.StatusBadGateway, fmt.Errorf("changed on %v, but: %w", done, err))
+		return
+	}
+	writeJSON(w, http.StatusOK, SettingResponse{Nodes: done})
+}
+
+func (d *Daemon) handleClusterSetting(w http.ResponseWriter, r *http.Request) {
+	var req SettingRequest
+	if err := readJSON(r, &req); err != nil {
+		writeErr(w, 0, err)
+		return
+	}
+	if _, err := d.authorized(r); err != nil {
+		writeErr(w, 0, err)
+		return
+	}
+	if err := d.applySetting(r.Context(), req); err != nil {
+		writeErr(w, http.StatusBadRequest, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, SettingResponse{Nodes: []string{d.cfg.NodeName}})
+}
