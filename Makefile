@@ -27,6 +27,12 @@ demo:
 clean:
 	rm -rf bin
 
+# pgmesh against native logical replication, same workloads, one run:
+# make bench BENCH_ARGS="-single 200000 -big 2000000"
+BENCH_ARGS ?=
+bench:
+	$(GO) run ./cmd/pgmesh-bench $(BENCH_ARGS)
+
 # The randomized convergence test, long: make soak SOAK=10m SEED=42
 SOAK ?= 5m
 SEED ?=

@@ -1,6 +1,7 @@
 package replicator
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"strconv"
@@ -28,7 +29,10 @@ type applier struct {
 	progress pglogrepl.LSN // origin progress when the stream started
 
 	begin     pglogrepl.BeginMessage
-	localOpen bool // a local transaction is open
+	localOpen bool // a local transaction is open (BEGIN sent)
+	wantTxn   bool // the transaction has changes here; BEGIN goes out with the first statement
+	pending   []pendingInsert
+	pendingSz int
 	rows      int64
 	conflicts map[string]int64 // by "type/resolution", in the current transaction
 	stats     *stats
@@ -69,14 +73,26 @@ func (a *applier) handle(ctx context.Context, data []byte) (pglogrepl.LSN, error
 		// same-named columns, so type OIDs (which differ between nodes for
 		// user-defined types) are not needed.
 	case *pglogrepl.InsertMessage:
-		return 0, a.change(ctx, m.RelationID, func(r *relation) error { return a.insert(ctx, r, m) })
+		return 0, a.change(ctx, m.RelationID, func(r *relation) error { return a.queueInsert(ctx, r, m) })
 	case *pglogrepl.UpdateMessage:
+		if err := a.flush(ctx); err != nil {
+			return 0, err
+		}
 		return 0, a.change(ctx, m.RelationID, func(r *relation) error { return a.update(ctx, r, m) })
 	case *pglogrepl.DeleteMessage:
+		if err := a.flush(ctx); err != nil {
+			return 0, err
+		}
 		return 0, a.change(ctx, m.RelationID, func(r *relation) error { return a.delete(ctx, r, m) })
 	case *pglogrepl.TruncateMessage:
+		if err := a.flush(ctx); err != nil {
+			return 0, err
+		}
 		return 0, a.truncate(ctx, m)
 	case *pglogrepl.CommitMessage:
+		if err := a.flush(ctx); err != nil {
+			return 0, err
+		}
 		return a.commit(ctx, m)
 	}
 	return 0, nil
@@ -90,9 +106,7 @@ func (a *applier) change(ctx context.Context, relID uint32, apply func(*relation
 	if !ok {
 		return fmt.Errorf("peer %q sent a change for relation id %d without describing it first (protocol error)", a.cfg.Peer.Name, relID)
 	}
-	if err := a.openLocal(ctx); err != nil {
-		return err
-	}
+	a.wantTxn = true
 	if r.stale() {
 		if err := r.load(ctx, a.pc, a.cfg.Peer.Name); err != nil {
 			return err
@@ -106,6 +120,7 @@ func (a *applier) change(ctx context.Context, relID uint32, apply func(*relation
 	return nil
 }
 
+// openLocal sends BEGIN unless the transaction is open already.
 func (a *applier) openLocal(ctx context.Context) error {
 	if a.localOpen {
 		return nil
@@ -113,22 +128,114 @@ func (a *applier) openLocal(ctx context.Context) error {
 	if err := a.pc.Exec(ctx, "BEGIN").Close(); err != nil {
 		return fmt.Errorf("begin local transaction: %w", err)
 	}
-	a.localOpen = true
+	a.localOpen, a.wantTxn = true, true
 	return nil
 }
 
-// exec runs sql as a named prepared statement with text-format parameters,
-// whose types the server infers from the statement.
-func (a *applier) exec(ctx context.Context, sql string, params [][]byte) *pgconn.Result {
+// prepare returns the name of sql as a prepared statement, preparing it
+// the first time.
+func (a *applier) prepare(ctx context.Context, sql string) (string, error) {
 	name, ok := a.stmts[sql]
 	if !ok {
 		name = "pgmesh_" + strconv.Itoa(len(a.stmts))
 		if _, err := a.pc.Prepare(ctx, name, sql, nil); err != nil {
-			return &pgconn.Result{Err: err}
+			return "", err
 		}
 		a.stmts[sql] = name
 	}
+	return name, nil
+}
+
+// exec runs sql as a named prepared statement with text-format parameters,
+// whose types the server infers from the statement, inside the local
+// transaction.
+func (a *applier) exec(ctx context.Context, sql string, params [][]byte) *pgconn.Result {
+	if err := a.openLocal(ctx); err != nil {
+		return &pgconn.Result{Err: err}
+	}
+	name, err := a.prepare(ctx, sql)
+	if err != nil {
+		return &pgconn.Result{Err: err}
+	}
 	return a.pc.ExecPrepared(ctx, name, params, nil, nil).Read()
+}
+
+// pendingInsert is an insert sent in the next pipelined batch.
+type pendingInsert struct {
+	r        *relation
+	stmt     string
+	params   [][]byte
+	cols     []int
+	vals     [][]byte
+	match    []int
+	nullSafe bool
+}
+
+// Batches are bounded so a huge transaction is still applied as it streams.
+const (
+	maxPendingInserts = 1000
+	maxPendingBytes   = 4 << 20
+)
+
+// queueInsert adds an insert to the pipelined batch. A run of consecutive
+// inserts of one source transaction goes out in one round trip (with the
+// BEGIN), which is safe because their keys are distinct (the origin enforced
+// that); any that inserted nothing is settled afterwards, in order.
+func (a *applier) queueInsert(ctx context.Context, r *relation, m *pglogrepl.InsertMessage) error {
+	cols, vals := values(m.Tuple)
+	// The message's buffer is reused by the next receive: keep copies.
+	size := 0
+	for i := range vals {
+		// bytes.Clone keeps an empty value empty (not NULL).
+		vals[i] = bytes.Clone(vals[i])
+		size += len(vals[i])
+	}
+	match, nullSafe := r.match(m.Tuple)
+	sql, params := a.insertStmt(r, cols, vals, match)
+	name, err := a.prepare(ctx, sql)
+	if err != nil {
+		return err
+	}
+	a.pending = append(a.pending, pendingInsert{r: r, stmt: name, params: params, cols: cols, vals: vals, match: match, nullSafe: nullSafe})
+	a.pendingSz += size
+	if len(a.pending) >= maxPendingInserts || a.pendingSz >= maxPendingBytes {
+		return a.flush(ctx)
+	}
+	return nil
+}
+
+// flush sends the pending inserts (and BEGIN, if due) as one pipelined batch
+// and settles the ones that inserted nothing.
+func (a *applier) flush(ctx context.Context) error {
+	if len(a.pending) == 0 {
+		return nil
+	}
+	pending := a.pending
+	a.pending, a.pendingSz = a.pending[:0], 0
+	b := &pgconn.Batch{}
+	first := 0
+	if !a.localOpen {
+		b.ExecParams("BEGIN", nil, nil, nil, nil)
+		first = 1
+	}
+	for _, p := range pending {
+		b.ExecPrepared(p.stmt, p.params, nil, nil)
+	}
+	results, err := a.pc.ExecBatch(ctx, b).ReadAll()
+	if err != nil {
+		return fmt.Errorf("apply inserts from peer %q (remote xid %d, commit LSN %s): %w", a.cfg.Peer.Name, a.begin.Xid, a.begin.FinalLSN, err)
+	}
+	a.localOpen = true
+	for i, p := range pending {
+		if results[first+i].CommandTag.RowsAffected() == 1 {
+			continue
+		}
+		if err := a.insertConflict(ctx, p.r, p.cols, p.vals, p.match, p.nullSafe); err != nil {
+			return fmt.Errorf("apply change to %s from peer %q (remote xid %d, commit LSN %s): %w",
+				p.r.qualified, a.cfg.Peer.Name, a.begin.Xid, a.begin.FinalLSN, err)
+		}
+	}
+	return nil
 }
 
 // values returns the indexes and values of the tuple's columns, leaving out
@@ -281,15 +388,12 @@ func (a *applier) remote() conflict.Version {
 	return conflict.Version{CommitTS: a.begin.CommitTime, NodeID: a.cfg.Peer.ID, Node: a.cfg.Peer.Name}
 }
 
-func (a *applier) insert(ctx context.Context, r *relation, m *pglogrepl.InsertMessage) error {
-	cols, vals := values(m.Tuple)
-	match, nullSafe := r.match(m.Tuple)
-	keyVals := pick(m.Tuple, match)
-	// Fast path: one statement that inserts unless the key exists, another
-	// unique value is taken, or a delete of the key is remembered.
-	n, err := a.insertRow(ctx, r, cols, vals, match)
-	if err != nil || n == 1 {
-		return err
+// insertConflict settles an insert that inserted nothing: the key exists
+// here, a delete of it is remembered, or another unique value is taken.
+func (a *applier) insertConflict(ctx context.Context, r *relation, cols []int, vals [][]byte, match []int, nullSafe bool) error {
+	keyVals := make([][]byte, len(match))
+	for i, c := range match {
+		keyVals[i], _ = valueOf(cols, vals, c)
 	}
 	local, err := a.lookup(ctx, r, match, nullSafe, keyVals)
 	if err != nil {
@@ -321,6 +425,16 @@ func (a *applier) insert(ctx context.Context, r *relation, m *pglogrepl.InsertMe
 // taken, or (when match is set) a tombstone of the key exists. It returns
 // the number of rows inserted.
 func (a *applier) insertRow(ctx context.Context, r *relation, cols []int, vals [][]byte, match []int) (int64, error) {
+	sql, params := a.insertStmt(r, cols, vals, match)
+	res := a.exec(ctx, sql, params)
+	if res.Err != nil {
+		return 0, res.Err
+	}
+	return res.CommandTag.RowsAffected(), nil
+}
+
+// insertStmt builds insertRow's statement and parameters.
+func (a *applier) insertStmt(r *relation, cols []int, vals [][]byte, match []int) (string, [][]byte) {
 	var p params
 	var names, exprs []string
 	for i, c := range cols {
@@ -348,11 +462,7 @@ func (a *applier) insertRow(ctx context.Context, r *relation, cols []int, vals [
 		}
 		sql = fmt.Sprintf("INSERT INTO %s (%s) SELECT %s%s ON CONFLICT DO NOTHING", r.qualified, strings.Join(names, ", "), strings.Join(exprs, ", "), guard)
 	}
-	res := a.exec(ctx, sql, p.vals)
-	if res.Err != nil {
-		return 0, res.Err
-	}
-	return res.CommandTag.RowsAffected(), nil
+	return sql, p.vals
 }
 
 // insertChecked inserts a row whose key is free here, first settling any
@@ -639,9 +749,13 @@ func (a *applier) truncate(ctx context.Context, m *pglogrepl.TruncateMessage) er
 // the origin's timestamp (DESIGN.md §3.3).
 func (a *applier) commit(ctx context.Context, m *pglogrepl.CommitMessage) (pglogrepl.LSN, error) {
 	defer a.filter.End()
-	if !a.localOpen {
+	if !a.wantTxn {
 		a.stats.skipped(a.filter.Skip(), m.CommitTime)
 		return m.TransactionEndLSN, nil
+	}
+	a.wantTxn = false
+	if err := a.openLocal(ctx); err != nil { // a transaction whose changes all were no-ops here
+		return 0, err
 	}
 	// The progress row makes the origin's position visible to snapshots
 	// (a joining node copies under one and must start streaming there).
@@ -659,6 +773,7 @@ SELECT pg_catalog.pg_replication_origin_xact_setup('%s', '%s'); COMMIT`,
 
 // rollback abandons an open local transaction after an error.
 func (a *applier) rollback(ctx context.Context) {
+	a.pending, a.wantTxn = nil, false
 	if a.localOpen {
 		_ = a.pc.Exec(ctx, "ROLLBACK").Close()
 		a.localOpen = false
@@ -717,6 +832,9 @@ VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s::timestamptz, %s, %s::timestamptz
 		p.add([]byte(d.Type)), p.add([]byte(d.Resolution)), r.keyJSON(&p, keyCols, keyVals), localJSON, remoteJSON, applied,
 		p.add(localTS), p.add(localOrigin), p.add([]byte(pgTime(a.begin.CommitTime))), p.add([]byte(a.begin.FinalLSN.String())),
 		p.add([]byte(strconv.FormatUint(uint64(a.begin.Xid), 10))), p.add([]byte(d.Reason)))
+	if err := a.openLocal(ctx); err != nil {
+		return err
+	}
 	if res := a.pc.ExecParams(ctx, sql, p.vals, nil, nil, nil).Read(); res.Err != nil {
 		return fmt.Errorf("write conflict_history: %w", res.Err)
 	}

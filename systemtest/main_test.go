@@ -139,7 +139,9 @@ func dump(ctx context.Context, n *localmesh.Node, table string) (string, error) 
 		return "", err
 	}
 	defer c.Close(ctx)
-	rows, err := c.Query(ctx, fmt.Sprintf("SELECT t::text FROM %s t ORDER BY 1", table))
+	// An alias no column is called: a column named like the alias would
+	// be selected instead of the row.
+	rows, err := c.Query(ctx, fmt.Sprintf("SELECT pgmesh_dump_row::text FROM %s pgmesh_dump_row ORDER BY 1", table))
 	if err != nil {
 		return "", err
 	}

@@ -147,6 +147,14 @@ func (n *Node) signal(sig syscall.Signal) error {
 	return nil
 }
 
+// Pid is the daemon's process id (0 when it is not running).
+func (n *Node) Pid() int {
+	if n.cmd == nil {
+		return 0
+	}
+	return n.cmd.Process.Pid
+}
+
 // Running reports whether the daemon process is alive.
 func (n *Node) Running() bool { return n.cmd != nil }
 
