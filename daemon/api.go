@@ -173,6 +173,26 @@ func (d *Daemon) authorized(r *http.Request) (*membership.Group, error) {
 	return g, nil
 }
 
+// onLeader starts a member-to-member call that changes the Raft state: it
+// decodes the request into req, checks the caller's token, and forwards the
+// call to the leader when this node is not it. It reports whether the
+// caller should go on handling the request here, on the leader.
+func (d *Daemon) onLeader(w http.ResponseWriter, r *http.Request, req any) (*membership.Group, bool) {
+	if err := readJSON(r, req); err != nil {
+		writeErr(w, 0, err)
+		return nil, false
+	}
+	g, err := d.authorized(r)
+	if err != nil {
+		writeErr(w, 0, err)
+		return nil, false
+	}
+	if d.forward(w, r, g, req) {
+		return nil, false
+	}
+	return g, true
+}
+
 // forward sends a member-to-member call on to the Raft leader when this node
 // is not it. It reports whether it handled the request.
 func (d *Daemon) forward(w http.ResponseWriter, r *http.Request, g *membership.Group, in any) bool {

@@ -119,8 +119,9 @@ func (d *Daemon) waitForSelf(ctx context.Context) (*membership.Group, error) {
 	}
 }
 
-// checkEmpty refuses a join while replicated tables here hold rows: this
-// version does not copy or reconcile existing data.
+// checkEmpty refuses a join while replicated tables here hold rows: a
+// joining node takes its data from the group, and rows only it has would
+// be overwritten by the copy.
 func (d *Daemon) checkEmpty(ctx context.Context) error {
 	rows, err := d.db.Query(ctx, `SELECT format('%I.%I', schemaname, tablename) FROM pg_publication_tables
 		WHERE pubname = $1 ORDER BY 1`, replicator.Publication)
@@ -137,7 +138,7 @@ func (d *Daemon) checkEmpty(ctx context.Context) error {
 			return fmt.Errorf("check table %s: %w", t, err)
 		}
 		if any {
-			return fmt.Errorf("table %s on this node already holds rows, and joining does not merge existing data: join with empty tables (same schema as the group), or empty %s first", t, t)
+			return fmt.Errorf("table %s on this node already holds rows, which the join would replace with the group's: empty %s (or join with an empty database)", t, t)
 		}
 	}
 	return nil
@@ -145,16 +146,8 @@ func (d *Daemon) checkEmpty(ctx context.Context) error {
 
 func (d *Daemon) handleClusterJoin(w http.ResponseWriter, r *http.Request) {
 	var req clusterJoinRequest
-	if err := readJSON(r, &req); err != nil {
-		writeErr(w, 0, err)
-		return
-	}
-	g, err := d.authorized(r)
-	if err != nil {
-		writeErr(w, 0, err)
-		return
-	}
-	if d.forward(w, r, g, req) {
+	g, ok := d.onLeader(w, r, &req)
+	if !ok {
 		return
 	}
 	n := req.Node
@@ -173,16 +166,8 @@ func (d *Daemon) handleClusterJoin(w http.ResponseWriter, r *http.Request) {
 
 func (d *Daemon) handleClusterState(w http.ResponseWriter, r *http.Request) {
 	var req clusterStateRequest
-	if err := readJSON(r, &req); err != nil {
-		writeErr(w, 0, err)
-		return
-	}
-	g, err := d.authorized(r)
-	if err != nil {
-		writeErr(w, 0, err)
-		return
-	}
-	if d.forward(w, r, g, req) {
+	g, ok := d.onLeader(w, r, &req)
+	if !ok {
 		return
 	}
 	if req.State != membership.Active {
@@ -290,16 +275,8 @@ func (d *Daemon) appliedFrom(peer string) (pglogrepl.LSN, bool) {
 
 func (d *Daemon) handleClusterPart(w http.ResponseWriter, r *http.Request) {
 	var req PartRequest
-	if err := readJSON(r, &req); err != nil {
-		writeErr(w, 0, err)
-		return
-	}
-	g, err := d.authorized(r)
-	if err != nil {
-		writeErr(w, 0, err)
-		return
-	}
-	if d.forward(w, r, g, req) {
+	g, ok := d.onLeader(w, r, &req)
+	if !ok {
 		return
 	}
 	n, err := d.store.Part(req.Name)

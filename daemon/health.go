@@ -119,14 +119,7 @@ func (d *Daemon) handleWait(w http.ResponseWriter, r *http.Request) {
 // pgmesh.wait_for_origin(), until ctx ends.
 func (d *Daemon) publishProgress(ctx context.Context) {
 	last := map[string]string{}
-	t := time.NewTicker(50 * time.Millisecond)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
+	every(ctx, 50*time.Millisecond, func() {
 		var names, lsns []string
 		for _, s := range d.streamStatuses() {
 			if s.AppliedLSN != "" && s.AppliedLSN != "0/0" && last[s.Peer] != s.AppliedLSN {
@@ -134,7 +127,7 @@ func (d *Daemon) publishProgress(ctx context.Context) {
 			}
 		}
 		if len(names) == 0 {
-			continue
+			return
 		}
 		_, err := d.db.Exec(ctx, `INSERT INTO pgmesh.peer_progress AS p (node_name, applied_lsn)
 			SELECT n, l::pg_lsn FROM unnest($1::text[], $2::text[]) AS x(n, l)
@@ -144,12 +137,12 @@ func (d *Daemon) publishProgress(ctx context.Context) {
 			if ctx.Err() == nil {
 				d.log.Warn("publish peer progress", "err", err)
 			}
-			continue
+			return
 		}
 		for i, n := range names {
 			last[n] = lsns[i]
 		}
-	}
+	})
 }
 
 // metricsHandler serves the Prometheus metrics, read from status at each

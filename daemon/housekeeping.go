@@ -19,14 +19,7 @@ const tombstoneMargin = 10 * time.Second
 
 // housekeeping prunes what pgmesh keeps in the local database, until ctx ends.
 func (d *Daemon) housekeeping(ctx context.Context) {
-	t := time.NewTicker(d.cfg.HousekeepingInterval)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
+	every(ctx, d.cfg.HousekeepingInterval, func() {
 		if err := d.pruneTombstones(ctx); err != nil && ctx.Err() == nil {
 			d.log.Warn("prune tombstones", "err", err)
 		}
@@ -34,7 +27,7 @@ func (d *Daemon) housekeeping(ctx context.Context) {
 			fmt.Sprintf("%d seconds", int64(d.cfg.ConflictRetention.Seconds()))); err != nil && ctx.Err() == nil {
 			d.log.Warn("prune conflict_history", "err", err)
 		}
-	}
+	})
 }
 
 // tombstoneHorizon is the peer commit time before which every active peer's

@@ -170,7 +170,9 @@ func run(ctx context.Context) error {
 		fmt.Printf("3. catch-up of %d pgbench tpcb-like transactions (scale 1)\n", *updateTxns)
 		var v [2]float64
 		for i, s := range systems {
-			d, err := catchUp(s, func(c *pgtest.Cluster) error { return pgbench(ctx, c, "-n", "-b", "tpcb-like", "-t", strconv.Itoa(*updateTxns)) })
+			d, err := catchUp(s, func(c *pgtest.Cluster) error {
+				return pgbench(ctx, c, "-n", "-b", "tpcb-like", "-t", strconv.Itoa(*updateTxns))
+			})
 			if err != nil {
 				return err
 			}

@@ -92,7 +92,9 @@ func newNative(ctx context.Context) (*nativePair, error) {
 		func() error {
 			return p.b.Exec(ctx, fmt.Sprintf(`CREATE SUBSCRIPTION bench CONNECTION 'host=127.0.0.1 port=%d user=postgres dbname=postgres' PUBLICATION bench`, p.a.Port))
 		},
-		func() error { return waitFor(ctx, p.b, `SELECT CASE WHEN count(*) = 100000 THEN 1 ELSE 0 END FROM pgbench_accounts WHERE $1::int = 1`, 1) },
+		func() error {
+			return waitFor(ctx, p.b, `SELECT CASE WHEN count(*) = 100000 THEN 1 ELSE 0 END FROM pgbench_accounts WHERE $1::int = 1`, 1)
+		},
 	}
 	for _, s := range steps {
 		if err := s(); err != nil {
