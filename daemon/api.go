@@ -27,6 +27,10 @@ func (d *Daemon) routes() http.Handler {
 	mux.HandleFunc("POST /v1/setting", d.handleSetting)
 	mux.HandleFunc("POST /v1/cluster/setting", d.handleClusterSetting)
 	mux.HandleFunc("POST /v1/wait", d.handleWait)
+	mux.HandleFunc("GET /v1/sequences/audit", d.handleAudit)
+	mux.HandleFunc("POST /v1/sequences/convert", d.handleConvert)
+	mux.HandleFunc("GET /v1/sequences", d.handleSequences)
+	mux.HandleFunc("POST /v1/cluster/galloc", d.handleClusterGalloc)
 	mux.HandleFunc("GET /status", d.handleStatus)
 	mux.HandleFunc("GET /health", d.handleHealth)
 	mux.Handle("GET /metrics", d.metricsHandler())
@@ -90,7 +94,7 @@ func (d *Daemon) Status() StatusReport {
 	}
 	rep.Join = d.join.snapshot()
 	d.mu.Lock()
-	rep.Problems = append([]string{}, d.problems...)
+	rep.Problems = append(append([]string{}, d.problems...), d.seqProblems...)
 	rep.Slots = append([]SlotStatus{}, d.slots...)
 	d.mu.Unlock()
 	for _, p := range rep.Peers {

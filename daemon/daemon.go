@@ -39,8 +39,10 @@ type Daemon struct {
 	lastSync string   // group state last written to pgmesh.node
 	ids      atomic.Pointer[map[string]int]
 	slots    []SlotStatus
-	join     joiner
-	ctx      context.Context // the daemon's lifetime, for background work
+	// seqProblems are the global-sequence problems found by maintainSequences.
+	seqProblems []string
+	join        joiner
+	ctx         context.Context // the daemon's lifetime, for background work
 }
 
 // nodeID returns a node's id by name (0 if unknown), for tie-breaks.
@@ -129,11 +131,14 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	go func() { defer close(hkDone); d.housekeeping(hkCtx) }()
 	progressDone := make(chan struct{})
 	go func() { defer close(progressDone); d.publishProgress(hkCtx) }()
+	seqDone := make(chan struct{})
+	go func() { defer close(seqDone); d.maintainSequences(hkCtx) }()
 
 	err = d.loop(ctx, serveErr)
 	stopHK()
 	<-hkDone
 	<-progressDone
+	<-seqDone
 
 	shutCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()

@@ -17,6 +17,9 @@ type SettingRequest struct {
 	Table   string `json:"table"`
 	Column  string `json:"column"`
 	Enabled bool   `json:"enabled"`
+	// Size and MinStart configure galloc conversion.
+	Size     int64 `json:"size,omitempty"`
+	MinStart int64 `json:"min_start,omitempty"`
 }
 
 // SettingResponse lists the nodes where the change was made.
@@ -35,6 +38,12 @@ func (d *Daemon) applySetting(ctx context.Context, req SettingRequest) error {
 			col = &req.Column
 		}
 		_, err = d.db.Exec(ctx, `SELECT pgmesh.set_home_column($1::regclass, $2)`, req.Table, col)
+	case "timeshard":
+		_, err = d.db.Exec(ctx, `SELECT pgmesh.convert_timeshard($1::regclass)`, req.Table)
+	case "galloc":
+		err = d.convertGalloc(ctx, req.Table, req.Size, req.MinStart)
+	case "bigint":
+		err = d.applyAudit(ctx)
 	default:
 		err = fmt.Errorf("unknown setting %q", req.Kind)
 	}
@@ -53,6 +62,17 @@ func (d *Daemon) handleSetting(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, 0, err)
 		return
 	}
+	done, err := d.everywhere(r.Context(), req)
+	if err != nil {
+		writeErr(w, http.StatusBadGateway, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, SettingResponse{Nodes: done})
+}
+
+// everywhere applies a setting on every active member (here directly, on
+// the others through their daemons) and returns where it was applied.
+func (d *Daemon) everywhere(ctx context.Context, req SettingRequest) ([]string, error) {
 	nodes := []*membership.Node{{Name: d.cfg.NodeName}}
 	var token string
 	if g, _ := d.store.Group(); g != nil {
@@ -64,8 +84,7 @@ func (d *Daemon) handleSetting(w http.ResponseWriter, r *http.Request) {
 		}
 		var err error
 		if token, err = d.loadToken(); err != nil {
-			writeErr(w, http.StatusConflict, err)
-			return
+			return nil, err
 		}
 	}
 	var done []string
@@ -73,9 +92,9 @@ func (d *Daemon) handleSetting(w http.ResponseWriter, r *http.Request) {
 	for _, n := range nodes {
 		var err error
 		if n.Name == d.cfg.NodeName {
-			err = d.applySetting(r.Context(), req)
+			err = d.applySetting(ctx, req)
 		} else {
-			err = Call(r.Context(), n.API, http.MethodPost, "/v1/cluster/setting", token, req, nil)
+			err = Call(ctx, n.API, http.MethodPost, "/v1/cluster/setting", token, req, nil)
 		}
 		if err != nil {
 			errs = append(errs, fmt.Errorf("node %q: %w (run the same command again once it is reachable)", n.Name, err))
@@ -85,10 +104,9 @@ func (d *Daemon) handleSetting(w http.ResponseWriter, r *http.Request) {
 	}
 	sort.Strings(done)
 	if err := errors.Join(errs...); err != nil {
-		writeErr(w, http.StatusBadGateway, fmt.Errorf("changed on %v, but: %w", done, err))
-		return
+		return done, fmt.Errorf("changed on %v, but: %w", done, err)
 	}
-	writeJSON(w, http.StatusOK, SettingResponse{Nodes: done})
+	return done, nil
 }
 
 func (d *Daemon) handleClusterSetting(w http.ResponseWriter, r *http.Request) {

@@ -43,6 +43,21 @@ type Group struct {
 	TokenHash string           `json:"token_hash"`
 	NextID    int              `json:"next_id"`
 	Nodes     map[string]*Node `json:"nodes"`
+	// Sequences are the galloc sequences, by name.
+	Sequences map[string]*GallocSeq `json:"sequences,omitempty"`
+}
+
+// GallocSeq hands out chunks of one sequence's value range.
+type GallocSeq struct {
+	NextStart int64   `json:"next_start"`
+	Chunks    []Chunk `json:"chunks"`
+}
+
+// Chunk is a range [Start, End) of sequence values owned by one node.
+type Chunk struct {
+	Node  string `json:"node"`
+	Start int64  `json:"start"`
+	End   int64  `json:"end"`
 }
 
 // Clone returns a deep copy safe to read without locks.
@@ -55,6 +70,12 @@ func (g *Group) Clone() *Group {
 	for k, v := range g.Nodes {
 		n := *v
 		c.Nodes[k] = &n
+	}
+	c.Sequences = make(map[string]*GallocSeq, len(g.Sequences))
+	for k, v := range g.Sequences {
+		sq := *v
+		sq.Chunks = append([]Chunk(nil), v.Chunks...)
+		c.Sequences[k] = &sq
 	}
 	return &c
 }
@@ -77,6 +98,9 @@ type command struct {
 	Node      *Node  `json:"node,omitempty"`
 	Name      string `json:"name,omitempty"`
 	State     State  `json:"state,omitempty"`
+	Seq       string `json:"seq,omitempty"`
+	Size      int64  `json:"size,omitempty"`
+	MinStart  int64  `json:"min_start,omitempty"`
 }
 
 // fsm applies commands to the group state and wakes watchers on change.
@@ -129,6 +153,27 @@ func (f *fsm) apply(c command) any {
 		n.State = c.State
 		cp := *n
 		return &cp
+	case "alloc_chunk":
+		if _, err := f.node(c.Name); err != nil {
+			return err
+		}
+		if c.Size < 1 {
+			return fmt.Errorf("chunk size must be positive")
+		}
+		if f.group.Sequences == nil {
+			f.group.Sequences = map[string]*GallocSeq{}
+		}
+		sq := f.group.Sequences[c.Seq]
+		if sq == nil {
+			sq = &GallocSeq{NextStart: 1}
+			f.group.Sequences[c.Seq] = sq
+		}
+		// Never below values that already exist anywhere.
+		sq.NextStart = max(sq.NextStart, c.MinStart)
+		ch := Chunk{Node: c.Name, Start: sq.NextStart, End: sq.NextStart + c.Size}
+		sq.NextStart = ch.End
+		sq.Chunks = append(sq.Chunks, ch)
+		return &ch
 	default:
 		return fmt.Errorf("unknown raft command %q", c.Op)
 	}

@@ -63,3 +63,18 @@ func TestSnapshotRestore(t *testing.T) {
 type readCloser struct{ *strings.Reader }
 
 func (readCloser) Close() error { return nil }
+
+func TestGallocChunksNeverOverlap(t *testing.T) {
+	f := newFSM()
+	apply(t, f, command{Op: "create_group", Group: "g", TokenHash: HashToken("t"), Node: &Node{Name: "a", State: Active}})
+	apply(t, f, command{Op: "add_node", Node: &Node{Name: "b", State: Active}})
+	c1 := apply(t, f, command{Op: "alloc_chunk", Seq: "s", Name: "a", Size: 100, MinStart: 51}).(*Chunk)
+	c2 := apply(t, f, command{Op: "alloc_chunk", Seq: "s", Name: "b", Size: 100, MinStart: 51}).(*Chunk)
+	c3 := apply(t, f, command{Op: "alloc_chunk", Seq: "s", Name: "a", Size: 100, MinStart: 1000}).(*Chunk)
+	if *c1 != (Chunk{"a", 51, 151}) || *c2 != (Chunk{"b", 151, 251}) || *c3 != (Chunk{"a", 1000, 1100}) {
+		t.Fatalf("chunks %v %v %v", c1, c2, c3)
+	}
+	if _, ok := apply(t, f, command{Op: "alloc_chunk", Seq: "s", Name: "nobody", Size: 100}).(error); !ok {
+		t.Fatal("a chunk for an unknown node")
+	}
+}

@@ -194,7 +194,25 @@ func (s *Store) Part(name string) (*Node, error) {
 	return n, nil
 }
 
+// AllocChunk draws the next chunk of size values of a galloc sequence for
+// node, never below minStart. Leader only.
+func (s *Store) AllocChunk(seq, node string, size, minStart int64) (*Chunk, error) {
+	r, err := s.applyRaw(command{Op: "alloc_chunk", Seq: seq, Name: node, Size: size, MinStart: minStart})
+	if err != nil {
+		return nil, err
+	}
+	return r.(*Chunk), nil
+}
+
 func (s *Store) apply(c command) (*Node, error) {
+	r, err := s.applyRaw(c)
+	if n, ok := r.(*Node); ok {
+		return n, err
+	}
+	return nil, err
+}
+
+func (s *Store) applyRaw(c command) (any, error) {
 	if !s.IsLeader() {
 		return nil, ErrNotLeader
 	}
@@ -209,11 +227,8 @@ func (s *Store) apply(c command) (*Node, error) {
 		}
 		return nil, fmt.Errorf("raft apply %s: %w", c.Op, err)
 	}
-	switch r := f.Response().(type) {
-	case error:
-		return nil, r
-	case *Node:
-		return r, nil
+	if err, ok := f.Response().(error); ok {
+		return nil, err
 	}
-	return nil, nil
+	return f.Response(), nil
 }

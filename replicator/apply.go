@@ -451,16 +451,21 @@ func (a *applier) insertStmt(r *relation, cols []int, vals [][]byte, match []int
 		guard = fmt.Sprintf(" WHERE NOT EXISTS (SELECT 1 FROM pgmesh.tombstone t WHERE t.relation = %s AND t.key = %s)",
 			rel, r.keyJSON(&p, match, keyVals))
 	}
+	// The origin's value of an identity column is the row's value here too.
+	override := ""
+	if r.anyIdentity {
+		override = " OVERRIDING SYSTEM VALUE"
+	}
 	// VALUES types each parameter as its target column; the SELECT form
 	// (needed for the guard) would leave them unknown, hence the casts.
 	var sql string
 	if guard == "" {
-		sql = fmt.Sprintf("INSERT INTO %s (%s) VALUES (%s) ON CONFLICT DO NOTHING", r.qualified, strings.Join(names, ", "), strings.Join(exprs, ", "))
+		sql = fmt.Sprintf("INSERT INTO %s (%s)%s VALUES (%s) ON CONFLICT DO NOTHING", r.qualified, strings.Join(names, ", "), override, strings.Join(exprs, ", "))
 	} else {
 		for i, c := range cols {
 			exprs[i] += "::" + r.localType[c]
 		}
-		sql = fmt.Sprintf("INSERT INTO %s (%s) SELECT %s%s ON CONFLICT DO NOTHING", r.qualified, strings.Join(names, ", "), strings.Join(exprs, ", "), guard)
+		sql = fmt.Sprintf("INSERT INTO %s (%s)%s SELECT %s%s ON CONFLICT DO NOTHING", r.qualified, strings.Join(names, ", "), override, strings.Join(exprs, ", "), guard)
 	}
 	return sql, p.vals
 }
@@ -619,7 +624,9 @@ func (a *applier) updateRow(ctx context.Context, r *relation, ctid []byte, cols 
 	at := p.add(ctid)
 	var sets []string
 	for i, c := range cols {
-		if c < 0 {
+		// GENERATED ALWAYS identity columns cannot be set by UPDATE (the
+		// origin could not change them either, short of DEFAULT).
+		if c < 0 || r.identityAlways[c] {
 			continue
 		}
 		col := quote(r.cols[c])

@@ -28,7 +28,11 @@ type relation struct {
 	pk        []int    // local primary key columns (nil: none usable)
 	uniques   [][]int  // other local unique indexes on plain columns
 	delta     []bool   // delta columns, by remote column index
-	loadedAt  time.Time
+	// identityAlways marks GENERATED ALWAYS AS IDENTITY columns: inserts
+	// must override them, and updates cannot set them.
+	identityAlways []bool
+	anyIdentity    bool
+	loadedAt       time.Time
 }
 
 // metadataTTL bounds how long local catalog facts are trusted (delta
@@ -56,7 +60,7 @@ func (r *relation) stale() bool { return time.Since(r.loadedAt) > metadataTTL }
 // schema matches.
 func (r *relation) load(ctx context.Context, pc *pgconn.PgConn, peer string) error {
 	reg := [][]byte{[]byte(r.qualified)}
-	res := pc.ExecParams(ctx, `SELECT a.attname, format_type(a.atttypid, a.atttypmod)
+	res := pc.ExecParams(ctx, `SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attidentity = 'a'
 		FROM pg_catalog.pg_attribute a
 		WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''`,
 		reg, nil, nil, nil).Read()
@@ -67,12 +71,17 @@ func (r *relation) load(ctx context.Context, pc *pgconn.PgConn, peer string) err
 		return fmt.Errorf("table %s sent by peer %q does not exist on this node: create it with the same definition as on %q, and the stream resumes from the same change", r.qualified, peer, peer)
 	}
 	types := make(map[string]string, len(res.Rows))
+	always := map[string]bool{}
 	for _, row := range res.Rows {
 		types[string(row[0])] = string(row[1])
+		always[string(row[0])] = string(row[2]) == "t"
 	}
 	pos := make(map[string]int, len(r.cols))
 	r.localType = r.localType[:0]
+	r.identityAlways, r.anyIdentity = make([]bool, len(r.cols)), false
 	for i, c := range r.cols {
+		r.identityAlways[i] = always[c]
+		r.anyIdentity = r.anyIdentity || always[c]
 		t, ok := types[c]
 		if !ok {
 			return fmt.Errorf("peer %q sends column %s of table %s, which this node lacks: add the column (same type as on %q), and the stream resumes from the same change", peer, quote(c), r.qualified, peer)

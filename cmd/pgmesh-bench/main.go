@@ -35,7 +35,8 @@ var (
 	rate       = flag.Int("rate", 2000, "workload 4: transactions per second")
 	latencyDur = flag.Duration("latency-for", 10*time.Second, "workload 4: how long")
 	bigRows    = flag.Int("big", 1000000, "workload 5: rows in one transaction")
-	only       = flag.String("only", "", "comma-separated workloads to run (1-5); default all")
+	nextvals   = flag.Int("nextvals", 200000, "workload 6: values drawn per sequence kind")
+	only       = flag.String("only", "", "comma-separated workloads to run (1-6); default all")
 )
 
 const schema = `CREATE TABLE single (id bigint PRIMARY KEY, payload text NOT NULL);
@@ -213,6 +214,14 @@ func run(ctx context.Context) error {
 		results = append(results, result{what: "5. pgmesh daemon peak RSS", pgmesh: fmt.Sprintf("%.0f MB", float64(rss)/(1<<20)), native: "-"})
 	}
 
+	if want(6) {
+		fmt.Printf("6. nextval rate, %d values per kind, on one pgmesh node\n", *nextvals)
+		for _, r := range sequenceRates(ctx, pm) {
+			results = append(results, r)
+			fmt.Printf("  %s: %s\n", r.what, r.pgmesh)
+		}
+	}
+
 	fmt.Printf("\nmachine: %d cores, %s, %s, %s\n", runtime.NumCPU(), memTotal(), pgVersion(ctx, nat.b), runtime.Version())
 	w := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprintln(w, "workload\tpgmesh\tnative\tpgmesh/native\t")
@@ -349,4 +358,47 @@ func pgVersion(ctx context.Context, c *pgtest.Cluster) string {
 		return "PostgreSQL ?"
 	}
 	return v
+}
+
+// sequenceRates draws values from a plain sequence and from timeshard and
+// galloc ones on the pgmesh sender, single session, in statements of 10,000.
+func sequenceRates(ctx context.Context, pm *meshPair) []result {
+	setup := `CREATE SEQUENCE bench_plain; CREATE SEQUENCE bench_ts; CREATE SEQUENCE bench_ga`
+	// DDL is not replicated: the sequences are made on both nodes.
+	for _, n := range []*localmesh.Node{pm.a, pm.b} {
+		if err := n.PG.Exec(ctx, setup); err != nil {
+			return []result{{what: "6. nextval", pgmesh: "setup failed: " + err.Error()}}
+		}
+	}
+	for _, conv := range [][]string{{"--kind", "timeshard", "bench_ts"}, {"--kind", "galloc", "--chunk-size", "100000", "bench_ga"}} {
+		if _, stderr, err := pm.a.CLI(ctx, append([]string{"sequences", "convert"}, conv...)...); err != nil {
+			return []result{{what: "6. nextval", pgmesh: "convert failed: " + stderr}}
+		}
+	}
+	var out []result
+	for _, k := range []struct{ name, expr string }{
+		{"plain sequence", "nextval('bench_plain')"},
+		{"timeshard", "nextval('bench_ts')"},
+		{"galloc", "pgmesh.galloc_nextval('bench_ga')"},
+	} {
+		conn, err := pm.a.PG.Connect(ctx)
+		if err != nil {
+			return out
+		}
+		start := time.Now()
+		for done := 0; done < *nextvals; done += 10000 {
+			if _, err = conn.Exec(ctx, fmt.Sprintf(`SELECT count(%s) FROM generate_series(1, 10000)`, k.expr)); err != nil {
+				break
+			}
+		}
+		conn.Close(ctx)
+		r := result{what: "6. nextval, " + k.name, native: "-"}
+		if err != nil {
+			r.pgmesh = "failed: " + err.Error()
+		} else {
+			r.pgmesh = fmt.Sprintf("%.0f values/s", float64(*nextvals)/time.Since(start).Seconds())
+		}
+		out = append(out, r)
+	}
+	return out
 }

@@ -28,6 +28,10 @@ Usage:
   pgmesh home-column [--unset] TABLE COLUMN  rows belong to the node named in COLUMN; only it may
                                              write them (on every node)
   pgmesh wait [--timeout 30s] [--peers a,b]  block until peers have applied what this node committed
+  pgmesh sequences audit [--apply]           columns and sequences that must become bigint
+  pgmesh sequences convert [--kind timeshard|galloc] [--chunk-size N] [SEQUENCE...]
+                                             make sequences unique across the group (every node)
+  pgmesh sequences show                      global sequences, kinds and galloc chunks
 
 CLI commands talk to the local daemon at --api (env PGMESH_API, default 127.0.0.1:7400).
 `
@@ -78,6 +82,8 @@ func dispatch(ctx context.Context, args []string) error {
 		return cmdHomeColumn(ctx, args[1:])
 	case "wait":
 		return cmdWait(ctx, args[1:])
+	case "sequences":
+		return cmdSequences(ctx, args[1:])
 	case "help", "-h", "--help":
 		fmt.Print(usage)
 		return nil

@@ -1,0 +1,383 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/pgmesh/pgmesh/membership"
+)
+
+// AuditRow is one column or sequence that cannot hold global values yet.
+type AuditRow struct {
+	What      string  `json:"what"`
+	Table     string  `json:"table"`
+	Column    *string `json:"column"`
+	Type      string  `json:"type"`
+	Statement string  `json:"statement"`
+}
+
+func (d *Daemon) audit(ctx context.Context) ([]AuditRow, error) {
+	rows, err := d.db.Query(ctx, `SELECT what, table_name, column_name, data_type, statement
+		FROM pgmesh.sequence_audit ORDER BY step, table_name, column_name`)
+	if err != nil {
+		return nil, fmt.Errorf("read pgmesh.sequence_audit: %w", err)
+	}
+	return pgx.CollectRows(rows, func(r pgx.CollectableRow) (AuditRow, error) {
+		var a AuditRow
+		return a, r.Scan(&a.What, &a.Table, &a.Column, &a.Type, &a.Statement)
+	})
+}
+
+// applyAudit runs every audit statement here in one transaction.
+func (d *Daemon) applyAudit(ctx context.Context) error {
+	rows, err := d.audit(ctx)
+	if err != nil {
+		return err
+	}
+	return pgx.BeginFunc(ctx, d.db, func(tx pgx.Tx) error {
+		for _, r := range rows {
+			if _, err := tx.Exec(ctx, r.Statement); err != nil {
+				return fmt.Errorf("%s: %w", r.Statement, err)
+			}
+		}
+		return nil
+	})
+}
+
+func (d *Daemon) handleAudit(w http.ResponseWriter, r *http.Request) {
+	rows, err := d.audit(r.Context())
+	if err != nil {
+		writeErr(w, http.StatusInternalServerError, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, rows)
+}
+
+// ConvertRequest converts sequences to a global kind on every node.
+type ConvertRequest struct {
+	Kind      string   `json:"kind"` // timeshard or galloc
+	Sequences []string `json:"sequences,omitempty"`
+	ChunkSize int64    `json:"chunk_size,omitempty"`
+}
+
+// handleConvert converts each sequence on every active node, one sequence at
+// a time through the setting fan-out.
+func (d *Daemon) handleConvert(w http.ResponseWriter, r *http.Request) {
+	var req ConvertRequest
+	if err := readJSON(r, &req); err != nil {
+		writeErr(w, 0, err)
+		return
+	}
+	if req.Kind != "timeshard" && req.Kind != "galloc" {
+		writeErr(w, http.StatusBadRequest, fmt.Errorf("--kind %q: choose timeshard or galloc", req.Kind))
+		return
+	}
+	if req.ChunkSize == 0 {
+		req.ChunkSize = 10000
+	}
+	ctx := r.Context()
+	seqs := req.Sequences
+	if len(seqs) == 0 {
+		rows, err := d.db.Query(ctx, `SELECT format('%I.%I', schemaname, sequencename) FROM pg_sequences
+			WHERE schemaname NOT IN ('pg_catalog', 'information_schema', 'pgmesh') AND schemaname NOT LIKE 'pg\_%' ORDER BY 1`)
+		if err == nil {
+			seqs, err = pgx.CollectRows(rows, pgx.RowTo[string])
+		}
+		if err != nil {
+			writeErr(w, http.StatusInternalServerError, err)
+			return
+		}
+	}
+	var done []string
+	for _, seq := range seqs {
+		var name string
+		var minStart int64
+		// Values already handed out anywhere lie below the sequence's value
+		// and its column's largest value (the data is the same everywhere).
+		err := d.db.QueryRow(ctx, `SELECT format('%I.%I', n.nspname, c.relname),
+			greatest((SELECT last_value FROM pg_sequences WHERE format('%I.%I', schemaname, sequencename) = format('%I.%I', n.nspname, c.relname)), 0) + 1
+			FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1::regclass AND c.relkind = 'S'`, seq).Scan(&name, &minStart)
+		if err != nil {
+			writeErr(w, http.StatusBadRequest, fmt.Errorf("sequence %q: %w", seq, err))
+			return
+		}
+		if max, err := d.ownedMax(ctx, name); err != nil {
+			writeErr(w, http.StatusInternalServerError, err)
+			return
+		} else if max+1 > minStart {
+			minStart = max + 1
+		}
+		if _, err := d.everywhere(ctx, SettingRequest{Kind: req.Kind, Table: name, Size: req.ChunkSize, MinStart: minStart}); err != nil {
+			writeErr(w, http.StatusBadGateway, fmt.Errorf("convert %s: %w", name, err))
+			return
+		}
+		done = append(done, name)
+	}
+	writeJSON(w, http.StatusOK, SettingResponse{Nodes: done})
+}
+
+// ownedMax is the largest value in the column that owns (or defaults to) seq.
+func (d *Daemon) ownedMax(ctx context.Context, seq string) (int64, error) {
+	var cols []string
+	rows, err := d.db.Query(ctx, `SELECT format('SELECT coalesce(max(%I), 0)::bigint FROM %I.%I', a.attname, n.nspname, c.relname)
+		FROM pg_depend dep JOIN pg_class c ON c.oid = dep.refobjid JOIN pg_namespace n ON n.oid = c.relnamespace
+		JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = dep.refobjsubid
+		WHERE dep.classid = 'pg_class'::regclass AND dep.objid = $1::regclass AND dep.refclassid = 'pg_class'::regclass
+		  AND dep.deptype IN ('a', 'i')`, seq)
+	if err == nil {
+		cols, err = pgx.CollectRows(rows, pgx.RowTo[string])
+	}
+	if err != nil {
+		return 0, err
+	}
+	var max int64
+	for _, q := range cols {
+		var v int64
+		if err := d.db.QueryRow(ctx, q).Scan(&v); err != nil {
+			return 0, err
+		}
+		max = maxInt(max, v)
+	}
+	return max, nil
+}
+
+func maxInt(a, b int64) int64 {
+	if a > b {
+		return a
+	}
+	return b
+}
+
+// SequenceInfo describes a global sequence for `pgmesh sequences show`.
+type SequenceInfo struct {
+	Sequence  string             `json:"sequence"`
+	Kind      string             `json:"kind"`
+	ChunkSize *int64             `json:"chunk_size,omitempty"`
+	Chunks    []membership.Chunk `json:"chunks,omitempty"`
+}
+
+func (d *Daemon) handleSequences(w http.ResponseWriter, r *http.Request) {
+	rows, err := d.db.Query(r.Context(), `SELECT seq, kind, chunk_size FROM pgmesh.global_sequence ORDER BY seq`)
+	if err != nil {
+		writeErr(w, http.StatusInternalServerError, err)
+		return
+	}
+	out, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (SequenceInfo, error) {
+		var s SequenceInfo
+		return s, row.Scan(&s.Sequence, &s.Kind, &s.ChunkSize)
+	})
+	if err != nil {
+		writeErr(w, http.StatusInternalServerError, err)
+		return
+	}
+	if g, _ := d.store.Group(); g != nil {
+		for i := range out {
+			if sq := g.Sequences[out[i].Sequence]; sq != nil {
+				out[i].Chunks = sq.Chunks
+			}
+		}
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+type gallocRequest struct {
+	Seq      string `json:"seq"`
+	Node     string `json:"node"`
+	Size     int64  `json:"size"`
+	MinStart int64  `json:"min_start"`
+}
+
+func (d *Daemon) handleClusterGalloc(w http.ResponseWriter, r *http.Request) {
+	var req gallocRequest
+	if _, ok := d.onLeader(w, r, &req); !ok {
+		return
+	}
+	ch, err := d.store.AllocChunk(req.Seq, req.Node, req.Size, req.MinStart)
+	if err != nil {
+		writeErr(w, http.StatusConflict, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, ch)
+}
+
+// allocChunk draws a chunk through the Raft leader.
+func (d *Daemon) allocChunk(ctx context.Context, seq string, size, minStart int64) (*membership.Chunk, error) {
+	if d.store.IsLeader() {
+		return d.store.AllocChunk(seq, d.cfg.NodeName, size, minStart)
+	}
+	g, _ := d.store.Group()
+	if g == nil {
+		return nil, errors.New("this node is not in a node group")
+	}
+	leader := g.Nodes[d.store.Leader()]
+	if leader == nil {
+		return nil, errors.New("the node group has no Raft leader (no quorum?), so no new chunk can be drawn")
+	}
+	token, err := d.loadToken()
+	if err != nil {
+		return nil, err
+	}
+	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	var ch membership.Chunk
+	err = Call(cctx, leader.API, http.MethodPost, "/v1/cluster/galloc", token,
+		gallocRequest{Seq: seq, Node: d.cfg.NodeName, Size: size, MinStart: minStart}, &ch)
+	return &ch, err
+}
+
+// convertGalloc makes the columns that default to seq draw from chunks of
+// a plain range, handed out through Raft: pgmesh.galloc_nextval(seq) maps a
+// per-node counter onto this node's chunks. seq itself is fenced, so code
+// still calling nextval() on it fails instead of repeating other nodes'
+// values.
+func (d *Daemon) convertGalloc(ctx context.Context, seq string, size, minStart int64) error {
+	if size < 1 {
+		return errors.New("chunk size must be positive")
+	}
+	var identity bool
+	if err := d.db.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_depend WHERE objid = $1::regclass AND deptype = 'i')`, seq).Scan(&identity); err != nil {
+		return err
+	}
+	if identity {
+		return fmt.Errorf("%s belongs to an identity column, whose values cannot come from a function: convert it with --kind timeshard, or make the column a plain bigint with a default first", seq)
+	}
+	for ordinal := int64(0); ordinal < 2; ordinal++ {
+		ch, err := d.allocChunk(ctx, seq, size, minStart)
+		if err != nil {
+			return err
+		}
+		if _, err := d.db.Exec(ctx, `INSERT INTO pgmesh.galloc_chunk VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING`,
+			seq, ordinal, ch.Start, ch.End); err != nil {
+			return err
+		}
+	}
+	return pgx.BeginFunc(ctx, d.db, func(tx pgx.Tx) error {
+		var oid uint32
+		if err := tx.QueryRow(ctx, `SELECT $1::regclass::oid`, seq).Scan(&oid); err != nil {
+			return err
+		}
+		if _, err := tx.Exec(ctx, fmt.Sprintf(`CREATE SEQUENCE IF NOT EXISTS pgmesh.galloc_%d AS bigint`, oid)); err != nil {
+			return err
+		}
+		if _, err := tx.Exec(ctx, `INSERT INTO pgmesh.global_sequence VALUES ($1, 'galloc', $2)
+			ON CONFLICT (seq) DO UPDATE SET kind = 'galloc', chunk_size = EXCLUDED.chunk_size`, seq, size); err != nil {
+			return err
+		}
+		// Columns defaulting to seq now draw through galloc.
+		rows, err := tx.Query(ctx, `SELECT format('ALTER TABLE %I.%I ALTER COLUMN %I SET DEFAULT pgmesh.galloc_nextval(%L::regclass)',
+				n.nspname, c.relname, a.attname, $1::text)
+			FROM pg_attrdef ad JOIN pg_class c ON c.oid = ad.adrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+			JOIN pg_attribute a ON a.attrelid = ad.adrelid AND a.attnum = ad.adnum
+			JOIN pg_depend dep ON dep.classid = 'pg_attrdef'::regclass AND dep.objid = ad.oid
+			     AND dep.refclassid = 'pg_class'::regclass AND dep.refobjid = $1::regclass`, seq)
+		if err != nil {
+			return err
+		}
+		alters, err := pgx.CollectRows(rows, pgx.RowTo[string])
+		if err != nil {
+			return err
+		}
+		for _, a := range alters {
+			if _, err := tx.Exec(ctx, a); err != nil {
+				return err
+			}
+		}
+		// Fence the plain sequence: nextval() on it now fails loudly.
+		_, err = tx.Exec(ctx, fmt.Sprintf(`ALTER SEQUENCE %s MINVALUE -1 MAXVALUE 0 START WITH 0 RESTART WITH 0;
+			SELECT setval(%s, 0, true);
+			COMMENT ON SEQUENCE %s IS 'pgmesh galloc: draw values with pgmesh.galloc_nextval(''%s'')'`,
+			seq, pgLiteral(seq), seq, strings.ReplaceAll(seq, "'", "''")))
+		return err
+	})
+}
+
+// maintainSequences keeps global sequences going, until ctx ends: galloc
+// sequences get their next chunks ahead of time; timeshard sequences are
+// moved forward to the clock.
+func (d *Daemon) maintainSequences(ctx context.Context) {
+	every(ctx, 50*time.Millisecond, func() {
+		problems, err := d.tendSequences(ctx)
+		if err != nil && ctx.Err() == nil {
+			problems = append(problems, "global sequences: "+err.Error())
+		}
+		d.mu.Lock()
+		for _, p := range problems {
+			if !contains(d.seqProblems, p) {
+				d.log.Error("problem", "err", p)
+			}
+		}
+		d.seqProblems = problems
+		d.mu.Unlock()
+	})
+}
+
+func (d *Daemon) tendSequences(ctx context.Context) ([]string, error) {
+	rows, err := d.db.Query(ctx, `SELECT g.seq, g.kind, coalesce(g.chunk_size, 0), (SELECT node_id FROM pgmesh.node WHERE is_local)
+		FROM pgmesh.global_sequence g`)
+	if err != nil {
+		return nil, err
+	}
+	type seqState struct {
+		seq, kind string
+		size      int64
+		nodeID    *int32
+	}
+	states, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (seqState, error) {
+		var s seqState
+		return s, r.Scan(&s.seq, &s.kind, &s.size, &s.nodeID)
+	})
+	if err != nil {
+		return nil, err
+	}
+	var problems []string
+	for _, s := range states {
+		switch s.kind {
+		case "timeshard":
+			if s.nodeID == nil {
+				continue
+			}
+			// Forward only, and only when well behind: a concurrent nextval
+			// cannot have moved past the new value in the meantime.
+			if _, err := d.db.Exec(ctx, `SELECT setval($1::regclass, f) FROM (SELECT pgmesh.timeshard_floor($2) AS f) x
+				WHERE (SELECT last_value FROM pg_sequence_last_value($1::regclass) AS v(last_value)) < f - (1000::bigint << 22)`, s.seq, *s.nodeID); err != nil {
+				return problems, err
+			}
+		case "galloc":
+			if err := d.prefetchChunks(ctx, s.seq, s.size); err != nil {
+				problems = append(problems, fmt.Sprintf("galloc sequence %s cannot draw its next chunk (%v): this node goes on with the chunks it holds, then pgmesh.galloc_nextval fails until a chunk can be drawn", s.seq, err))
+			}
+		}
+	}
+	return problems, nil
+}
+
+// gallocAhead is how many chunks beyond the one in use a node holds, so a
+// burst of values does not outrun the daemon and a Raft outage is bridged.
+const gallocAhead = 2
+
+// prefetchChunks draws chunks until this node holds gallocAhead beyond the
+// one its counter is in.
+func (d *Daemon) prefetchChunks(ctx context.Context, seq string, size int64) error {
+	var inUse, held int64
+	err := d.db.QueryRow(ctx, `SELECT coalesce((pg_sequence_last_value(format('pgmesh.%I', 'galloc_' || $1::text::regclass::oid)::regclass) - 1) / $2, 0),
+		coalesce((SELECT max(ordinal) FROM pgmesh.galloc_chunk WHERE seq = $1::text), -1)`, seq, size).Scan(&inUse, &held)
+	if err != nil {
+		return err
+	}
+	for ord := held + 1; ord <= inUse+gallocAhead; ord++ {
+		ch, err := d.allocChunk(ctx, seq, size, 0)
+		if err != nil {
+			return err
+		}
+		if _, err := d.db.Exec(ctx, `INSERT INTO pgmesh.galloc_chunk VALUES ($1, $2, $3, $4)`, seq, ord, ch.Start, ch.End); err != nil {
+			return err
+		}
+	}
+	return nil
+}
