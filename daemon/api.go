@@ -31,6 +31,8 @@ func (d *Daemon) routes() http.Handler {
 	mux.HandleFunc("POST /v1/sequences/convert", d.handleConvert)
 	mux.HandleFunc("GET /v1/sequences", d.handleSequences)
 	mux.HandleFunc("POST /v1/cluster/galloc", d.handleClusterGalloc)
+	mux.HandleFunc("POST /v1/ddl", d.handleDDL)
+	mux.HandleFunc("POST /v1/cluster/lock", d.handleClusterLock)
 	mux.HandleFunc("GET /status", d.handleStatus)
 	mux.HandleFunc("GET /health", d.handleHealth)
 	mux.Handle("GET /metrics", d.metricsHandler())

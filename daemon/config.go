@@ -30,6 +30,8 @@ type Config struct {
 	ConflictRetention time.Duration
 	// HousekeepingInterval is how often tombstones and old conflicts are pruned.
 	HousekeepingInterval time.Duration
+	// CaptureDDL replicates plain DDL statements automatically.
+	CaptureDDL bool
 	// HealthMaxLag is how far (or how long disconnected) a peer's stream
 	// may be behind before GET /health answers 503.
 	HealthMaxLag time.Duration

@@ -96,6 +96,10 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	if err == nil {
 		err = ensurePublication(ctx, conn)
 	}
+	if err == nil {
+		_, err = conn.Exec(ctx, `INSERT INTO pgmesh.setting VALUES ('capture_ddl', $1)
+			ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value`, map[bool]string{true: "on", false: "off"}[cfg.CaptureDDL])
+	}
 	conn.Close(ctx)
 	if err != nil {
 		return err

@@ -650,16 +650,7 @@ func (d *Daemon) restoreSchema(ctx context.Context, dst *pgx.Conn, source *membe
 	if err != nil {
 		return fmt.Errorf("pg_dump --schema-only of %q failed: %v: %s", source.Name, err, strings.TrimSpace(stderr.String()))
 	}
-	// This node's daemon installs its own tombstone triggers, and psql
-	// meta-commands (recent pg_dump emits \restrict) mean nothing to the
-	// server.
-	var keep []string
-	for _, line := range strings.Split(string(out), "\n") {
-		if !strings.HasPrefix(line, "CREATE TRIGGER pgmesh_tombstone ") && !strings.HasPrefix(line, "\\") {
-			keep = append(keep, line)
-		}
-	}
-	script := strings.Join(keep, "\n")
+	script := filterDump(string(out))
 	if _, err := dst.Exec(ctx, "BEGIN;\n"+script+"\nCOMMIT;"); err != nil {
 		_, _ = dst.Exec(ctx, "ROLLBACK")
 		return fmt.Errorf("create the source's schema here: %w", err)
@@ -667,6 +658,30 @@ func (d *Daemon) restoreSchema(ctx context.Context, dst *pgx.Conn, source *membe
 	// The connection's settings may have been changed by the dump's SETs.
 	_, err = dst.Exec(ctx, "RESET ALL; SET session_replication_role = replica; SET default_transaction_read_only = off")
 	return err
+}
+
+// filterDump drops from a pg_dump script what this node has or makes
+// itself: pgmesh's event triggers (database-wide, so pg_dump includes them
+// despite --exclude-schema) and tombstone triggers (installed by this node's
+// daemon), found by pg_dump's "-- Name: ...; Type: ..." object headers; and
+// psql meta-commands (recent pg_dump writes \restrict), which mean nothing
+// to the server.
+func filterDump(dump string) string {
+	var keep []string
+	skip := false
+	for _, line := range strings.Split(dump, "\n") {
+		if rest, ok := strings.CutPrefix(line, "-- Name: "); ok {
+			name, typ, _ := strings.Cut(rest, "; Type: ")
+			typ, _, _ = strings.Cut(typ, ";")
+			skip = typ == "EVENT TRIGGER" && strings.HasPrefix(name, "pgmesh_") ||
+				typ == "TRIGGER" && strings.HasSuffix(name, " pgmesh_tombstone")
+		}
+		if strings.HasPrefix(line, "\\") || skip && !strings.HasPrefix(line, "--") {
+			continue
+		}
+		keep = append(keep, line)
+	}
+	return strings.Join(keep, "\n")
 }
 
 // findPgDump looks for pg_dump on PATH, then in the newest PostgreSQL

@@ -45,6 +45,15 @@ type Group struct {
 	Nodes     map[string]*Node `json:"nodes"`
 	// Sequences are the galloc sequences, by name.
 	Sequences map[string]*GallocSeq `json:"sequences,omitempty"`
+	// Locks are group-wide locks (e.g. the DDL lock), by name.
+	Locks map[string]Lock `json:"locks,omitempty"`
+}
+
+// Lock is held by a node until it releases it or it expires (a holder that
+// died must not block the group for ever).
+type Lock struct {
+	Holder  string    `json:"holder"`
+	Expires time.Time `json:"expires"`
 }
 
 // GallocSeq hands out chunks of one sequence's value range.
@@ -71,6 +80,10 @@ func (g *Group) Clone() *Group {
 		n := *v
 		c.Nodes[k] = &n
 	}
+	c.Locks = make(map[string]Lock, len(g.Locks))
+	for k, v := range g.Locks {
+		c.Locks[k] = v
+	}
 	c.Sequences = make(map[string]*GallocSeq, len(g.Sequences))
 	for k, v := range g.Sequences {
 		sq := *v
@@ -92,15 +105,18 @@ func (g *Group) Sorted() []*Node {
 
 // command is one Raft log entry.
 type command struct {
-	Op        string `json:"op"`
-	Group     string `json:"group,omitempty"`
-	TokenHash string `json:"token_hash,omitempty"`
-	Node      *Node  `json:"node,omitempty"`
-	Name      string `json:"name,omitempty"`
-	State     State  `json:"state,omitempty"`
-	Seq       string `json:"seq,omitempty"`
-	Size      int64  `json:"size,omitempty"`
-	MinStart  int64  `json:"min_start,omitempty"`
+	Op        string    `json:"op"`
+	Group     string    `json:"group,omitempty"`
+	TokenHash string    `json:"token_hash,omitempty"`
+	Node      *Node     `json:"node,omitempty"`
+	Name      string    `json:"name,omitempty"`
+	State     State     `json:"state,omitempty"`
+	Seq       string    `json:"seq,omitempty"`
+	Lock      string    `json:"lock,omitempty"`
+	At        time.Time `json:"at,omitempty"` // leader's clock when proposed
+	Expires   time.Time `json:"expires,omitempty"`
+	Size      int64     `json:"size,omitempty"`
+	MinStart  int64     `json:"min_start,omitempty"`
 }
 
 // fsm applies commands to the group state and wakes watchers on change.
@@ -153,6 +169,26 @@ func (f *fsm) apply(c command) any {
 		n.State = c.State
 		cp := *n
 		return &cp
+	case "lock_acquire":
+		if f.group == nil {
+			return fmt.Errorf("no node group exists")
+		}
+		if f.group.Locks == nil {
+			f.group.Locks = map[string]Lock{}
+		}
+		// Times come from the command, so every replica decides alike.
+		if l, held := f.group.Locks[c.Lock]; held && l.Holder != c.Name && l.Expires.After(c.At) {
+			return &LockHeld{Lock: c.Lock, Holder: l.Holder, Expires: l.Expires}
+		}
+		f.group.Locks[c.Lock] = Lock{Holder: c.Name, Expires: c.Expires}
+		return nil
+	case "lock_release":
+		if f.group != nil {
+			if l, held := f.group.Locks[c.Lock]; held && l.Holder == c.Name {
+				delete(f.group.Locks, c.Lock)
+			}
+		}
+		return nil
 	case "alloc_chunk":
 		if _, err := f.node(c.Name); err != nil {
 			return err
@@ -177,6 +213,16 @@ func (f *fsm) apply(c command) any {
 	default:
 		return fmt.Errorf("unknown raft command %q", c.Op)
 	}
+}
+
+// LockHeld is the answer to acquiring a lock another node holds.
+type LockHeld struct {
+	Lock, Holder string
+	Expires      time.Time
+}
+
+func (e *LockHeld) Error() string {
+	return fmt.Sprintf("the %s lock is held by node %q (until %s at the latest)", e.Lock, e.Holder, e.Expires.Format(time.RFC3339))
 }
 
 func (f *fsm) node(name string) (*Node, error) {

@@ -204,6 +204,20 @@ func (s *Store) AllocChunk(seq, node string, size, minStart int64) (*Chunk, erro
 	return r.(*Chunk), nil
 }
 
+// AcquireLock takes a group-wide lock for node for at most ttl, or returns
+// *LockHeld while another node holds it. Leader only.
+func (s *Store) AcquireLock(lock, node string, ttl time.Duration) error {
+	now := time.Now().UTC()
+	_, err := s.applyRaw(command{Op: "lock_acquire", Lock: lock, Name: node, At: now, Expires: now.Add(ttl)})
+	return err
+}
+
+// ReleaseLock gives a lock up. Leader only.
+func (s *Store) ReleaseLock(lock, node string) error {
+	_, err := s.applyRaw(command{Op: "lock_release", Lock: lock, Name: node})
+	return err
+}
+
 func (s *Store) apply(c command) (*Node, error) {
 	r, err := s.applyRaw(c)
 	if n, ok := r.(*Node); ok {

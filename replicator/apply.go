@@ -3,6 +3,7 @@ package replicator
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"strconv"
 	"strings"
@@ -24,6 +25,7 @@ type applier struct {
 	cfg      *Config
 	rels     map[uint32]*relation
 	stmts    map[string]string // SQL text -> prepared statement name
+	stmtGen  int               // bumped when DDL invalidates prepared statements
 	origins  map[uint32]string // roident -> node name
 	filter   origin.Filter
 	progress pglogrepl.LSN // origin progress when the stream started
@@ -94,6 +96,14 @@ func (a *applier) handle(ctx context.Context, data []byte) (pglogrepl.LSN, error
 			return 0, err
 		}
 		return a.commit(ctx, m)
+	case *pglogrepl.LogicalDecodingMessage:
+		if m.Prefix != ddlPrefix || !m.Transactional || a.filter.Skip() {
+			return 0, nil
+		}
+		if err := a.flush(ctx); err != nil {
+			return 0, err
+		}
+		return 0, a.ddl(ctx, m.Content)
 	}
 	return 0, nil
 }
@@ -137,7 +147,7 @@ func (a *applier) openLocal(ctx context.Context) error {
 func (a *applier) prepare(ctx context.Context, sql string) (string, error) {
 	name, ok := a.stmts[sql]
 	if !ok {
-		name = "pgmesh_" + strconv.Itoa(len(a.stmts))
+		name = "pgmesh_" + strconv.Itoa(a.stmtGen) + "_" + strconv.Itoa(len(a.stmts))
 		if _, err := a.pc.Prepare(ctx, name, sql, nil); err != nil {
 			return "", err
 		}
@@ -776,6 +786,37 @@ SELECT pg_catalog.pg_replication_origin_xact_setup('%s', '%s'); COMMIT`,
 	}
 	a.stats.applied(m.TransactionEndLSN, m.CommitTime, a.rows, a.conflicts)
 	return m.TransactionEndLSN, nil
+}
+
+// ddlPrefix marks the logical decoding messages that carry DDL.
+const ddlPrefix = "pgmesh_ddl"
+
+// ddl runs a replicated DDL command in the applying transaction, with the
+// origin's search_path, at its place among the data changes.
+func (a *applier) ddl(ctx context.Context, content []byte) error {
+	var msg struct {
+		SearchPath string `json:"search_path"`
+		Command    string `json:"command"`
+	}
+	if err := json.Unmarshal(content, &msg); err != nil {
+		return fmt.Errorf("decode DDL message from peer %q: %w", a.cfg.Peer.Name, err)
+	}
+	if err := a.openLocal(ctx); err != nil {
+		return err
+	}
+	a.wantTxn = true
+	sql := fmt.Sprintf("SELECT pg_catalog.set_config('search_path', %s, true);\n%s;\nSELECT pg_catalog.set_config('search_path', '', true); DEALLOCATE ALL",
+		pgLiteral(msg.SearchPath), msg.Command)
+	if _, err := a.pc.Exec(ctx, sql).ReadAll(); err != nil {
+		return fmt.Errorf("run DDL from peer %q (remote xid %d) %q: %w; fix the cause on this node and the stream resumes from this DDL", a.cfg.Peer.Name, a.begin.Xid, msg.Command, err)
+	}
+	// Statements and catalog facts from before the DDL are stale now.
+	a.stmts, a.stmtGen = map[string]string{}, a.stmtGen+1
+	for _, r := range a.rels {
+		r.loadedAt = time.Time{}
+	}
+	a.rows++
+	return nil
 }
 
 // rollback abandons an open local transaction after an error.

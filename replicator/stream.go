@@ -129,7 +129,8 @@ func (s *Stream) runOnce(ctx context.Context) error {
 	if err := checkSlot(ctx, repl, slot, s.cfg.Peer.Name); err != nil {
 		return err
 	}
-	args := []string{"proto_version '1'", "publication_names '" + Publication + "'"}
+	// messages: replicated DDL travels as logical decoding messages.
+	args := []string{"proto_version '1'", "publication_names '" + Publication + "'", "messages 'true'"}
 	if major := serverMajor(repl); major >= 16 {
 		// Ask the sender to drop forwarded transactions itself.
 		args = append(args, "origin 'none'")

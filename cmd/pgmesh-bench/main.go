@@ -364,7 +364,7 @@ func pgVersion(ctx context.Context, c *pgtest.Cluster) string {
 // galloc ones on the pgmesh sender, single session, in statements of 10,000.
 func sequenceRates(ctx context.Context, pm *meshPair) []result {
 	setup := `CREATE SEQUENCE bench_plain; CREATE SEQUENCE bench_ts; CREATE SEQUENCE bench_ga`
-	// DDL is not replicated: the sequences are made on both nodes.
+	// Plain DDL stays on its node: the sequences are made on both directly.
 	for _, n := range []*localmesh.Node{pm.a, pm.b} {
 		if err := n.PG.Exec(ctx, setup); err != nil {
 			return []result{{what: "6. nextval", pgmesh: "setup failed: " + err.Error()}}

@@ -32,6 +32,8 @@ Usage:
   pgmesh sequences convert [--kind timeshard|galloc] [--chunk-size N] [SEQUENCE...]
                                              make sequences unique across the group (every node)
   pgmesh sequences show                      global sequences, kinds and galloc chunks
+  pgmesh ddl [--timeout 30s] [--proceed] "SQL"
+                                             run DDL on every node, one at a time in the group
 
 CLI commands talk to the local daemon at --api (env PGMESH_API, default 127.0.0.1:7400).
 `
@@ -84,6 +86,8 @@ func dispatch(ctx context.Context, args []string) error {
 		return cmdWait(ctx, args[1:])
 	case "sequences":
 		return cmdSequences(ctx, args[1:])
+	case "ddl":
+		return cmdDDL(ctx, args[1:])
 	case "help", "-h", "--help":
 		fmt.Print(usage)
 		return nil

@@ -75,6 +75,17 @@ var configKeys = []configKey{
 		size("wal_retention_warn", func(c *daemon.Config) *int64 { return &c.WALRetentionWarn })},
 	{"wal_retention_max", "drop a disconnected peer's slot past this much WAL; it must rejoin (default: never)",
 		size("wal_retention_max", func(c *daemon.Config) *int64 { return &c.WALRetentionMax })},
+	{"capture_ddl", "replicate plain DDL statements automatically (default false)", func(c *daemon.Config, v string) error {
+		switch strings.ToLower(v) {
+		case "", "false", "off", "no", "0":
+			c.CaptureDDL = false
+		case "true", "on", "yes", "1":
+			c.CaptureDDL = true
+		default:
+			return fmt.Errorf("capture_ddl %q is not true or false", v)
+		}
+		return nil
+	}},
 	{"log_level", "debug, info, warn or error (default info)", nil},
 }
 

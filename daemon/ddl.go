@@ -1,0 +1,135 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"time"
+
+	"github.com/pgmesh/pgmesh/membership"
+)
+
+// DDLRequest runs a DDL statement on every node under the global DDL lock.
+type DDLRequest struct {
+	SQL     string `json:"sql"`
+	Timeout string `json:"timeout,omitempty"`
+	Proceed bool   `json:"proceed,omitempty"`
+}
+
+var errNoQuorum = errors.New("the node group has no Raft leader (is a majority of members down?), and the global DDL lock needs a majority: run SELECT pgmesh.replicate_ddl(...) in SQL to go without it")
+
+// ddlLock is the group-wide lock that lets one replicated DDL run at a time.
+const ddlLock = "ddl"
+
+type lockRequest struct {
+	Lock    string `json:"lock"`
+	Node    string `json:"node"`
+	Release bool   `json:"release,omitempty"`
+	TTLms   int64  `json:"ttl_ms,omitempty"`
+}
+
+func (d *Daemon) handleClusterLock(w http.ResponseWriter, r *http.Request) {
+	var req lockRequest
+	if _, ok := d.onLeader(w, r, &req); !ok {
+		return
+	}
+	var err error
+	if req.Release {
+		err = d.store.ReleaseLock(req.Lock, req.Node)
+	} else {
+		err = d.store.AcquireLock(req.Lock, req.Node, time.Duration(req.TTLms)*time.Millisecond)
+	}
+	var held *membership.LockHeld
+	switch {
+	case errors.As(err, &held):
+		writeErr(w, http.StatusLocked, err)
+	case err != nil:
+		writeErr(w, http.StatusConflict, err)
+	default:
+		writeJSON(w, http.StatusOK, struct{}{})
+	}
+}
+
+// lock takes (or, with release, gives up) a group-wide lock through the
+// Raft leader.
+func (d *Daemon) lock(ctx context.Context, name string, release bool, ttl time.Duration) error {
+	if d.store.IsLeader() {
+		var err error
+		if release {
+			err = d.store.ReleaseLock(name, d.cfg.NodeName)
+		} else {
+			err = d.store.AcquireLock(name, d.cfg.NodeName, ttl)
+		}
+		if errors.Is(err, membership.ErrNotLeader) {
+			return errNoQuorum
+		}
+		return err
+	}
+	g, _ := d.store.Group()
+	if g == nil {
+		return errors.New("this node is not in a node group")
+	}
+	leader := g.Nodes[d.store.Leader()]
+	if leader == nil {
+		return errNoQuorum
+	}
+	token, err := d.loadToken()
+	if err != nil {
+		return err
+	}
+	return Call(ctx, leader.API, http.MethodPost, "/v1/cluster/lock", token,
+		lockRequest{Lock: name, Node: d.cfg.NodeName, Release: release, TTLms: ttl.Milliseconds()}, nil)
+}
+
+// handleDDL runs pgmesh.replicate_ddl under the global DDL lock, waiting
+// for the lock up to the timeout.
+func (d *Daemon) handleDDL(w http.ResponseWriter, r *http.Request) {
+	var req DDLRequest
+	if err := readJSON(r, &req); err != nil {
+		writeErr(w, 0, err)
+		return
+	}
+	timeout := 30 * time.Second
+	if req.Timeout != "" {
+		t, err := time.ParseDuration(req.Timeout)
+		if err != nil || t <= 0 {
+			writeErr(w, http.StatusBadRequest, fmt.Errorf("timeout %q is not a positive duration", req.Timeout))
+			return
+		}
+		timeout = t
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), timeout+10*time.Second)
+	defer cancel()
+	deadline := time.Now().Add(timeout)
+	// The lock outlives the wait and the statement by a margin, and expires
+	// by itself should this daemon die holding it.
+	ttl := 2*timeout + time.Minute
+	for {
+		err := d.lock(ctx, ddlLock, false, ttl)
+		if err == nil {
+			break
+		}
+		var ae *APIError
+		var held *membership.LockHeld
+		if !(errors.As(err, &held) || errors.As(err, &ae) && ae.Status == http.StatusLocked) || time.Now().After(deadline) {
+			writeErr(w, http.StatusConflict, fmt.Errorf("take the global DDL lock: %w", err))
+			return
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	defer func() {
+		if err := d.lock(context.Background(), ddlLock, true, 0); err != nil {
+			d.log.Warn("release the global DDL lock (it expires by itself)", "err", err)
+		}
+	}()
+	left := time.Until(deadline)
+	if left < time.Second {
+		left = time.Second
+	}
+	if _, err := d.db.Exec(ctx, `SELECT pgmesh.replicate_ddl($1, make_interval(secs => $2), $3)`, req.SQL, left.Seconds(), req.Proceed); err != nil {
+		writeErr(w, http.StatusBadRequest, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, struct{}{})
+}
