@@ -30,6 +30,9 @@ type Config struct {
 	ConflictRetention time.Duration
 	// HousekeepingInterval is how often tombstones and old conflicts are pruned.
 	HousekeepingInterval time.Duration
+	// PeerDSNs overrides, by node name, how this node reaches a peer's
+	// Postgres (e.g. through a private endpoint); default: its public_dsn.
+	PeerDSNs map[string]string
 	// CaptureDDL replicates plain DDL statements automatically.
 	CaptureDDL bool
 	// HealthMaxLag is how far (or how long disconnected) a peer's stream
@@ -110,6 +113,13 @@ func (c *Config) Normalize() error {
 	}
 	if c.HousekeepingInterval == 0 {
 		c.HousekeepingInterval = DefaultHousekeepingInterval
+	}
+	for name, d := range c.PeerDSNs {
+		if !ValidNodeName(name) {
+			errs = append(errs, fmt.Errorf("peer_dsns names %q, which is not a valid node name", name))
+		} else if _, err := pgconn.ParseConfig(d); err != nil {
+			errs = append(errs, fmt.Errorf("peer_dsns entry for %q cannot be parsed (%v)", name, redactErr(err)))
+		}
 	}
 	if c.HealthMaxLag == 0 {
 		c.HealthMaxLag = DefaultHealthMaxLag

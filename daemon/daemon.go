@@ -45,6 +45,15 @@ type Daemon struct {
 	ctx         context.Context // the daemon's lifetime, for background work
 }
 
+// peerDSN is how this node reaches a peer's Postgres: its public_dsn, or
+// the peer_dsns override for it.
+func (d *Daemon) peerDSN(n *membership.Node) string {
+	if o, ok := d.cfg.PeerDSNs[n.Name]; ok {
+		return o
+	}
+	return n.DSN
+}
+
 // nodeID returns a node's id by name (0 if unknown), for tie-breaks.
 func (d *Daemon) nodeID(name string) int {
 	if m := d.ids.Load(); m != nil {
@@ -226,7 +235,7 @@ func (d *Daemon) reconcile(ctx context.Context, g *membership.Group) {
 	}
 	d.mu.Lock()
 	for name, r := range d.streams {
-		if n, ok := want[name]; !ok || n.DSN != r.dsn {
+		if n, ok := want[name]; !ok || d.peerDSN(n) != r.dsn {
 			d.stopLocked(name)
 		}
 	}
@@ -276,12 +285,12 @@ func (d *Daemon) startLocked(ctx context.Context, n *membership.Node) {
 	s := replicator.New(replicator.Config{
 		LocalNode: d.cfg.NodeName,
 		LocalDSN:  d.cfg.DSN,
-		Peer:      replicator.Peer{Name: n.Name, ID: n.ID, DSN: n.DSN},
+		Peer:      replicator.Peer{Name: n.Name, ID: n.ID, DSN: d.peerDSN(n)},
 		NodeID:    d.nodeID,
 		Logger:    d.log,
 	})
 	sctx, cancel := context.WithCancel(ctx)
-	r := &running{stream: s, dsn: n.DSN, cancel: cancel, done: make(chan struct{})}
+	r := &running{stream: s, dsn: d.peerDSN(n), cancel: cancel, done: make(chan struct{})}
 	d.streams[n.Name] = r
 	go func() {
 		defer close(r.done)

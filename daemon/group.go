@@ -227,7 +227,7 @@ const partDrainTimeout = 2 * time.Minute
 func (d *Daemon) drainParting(ctx context.Context, g *membership.Group, parting *membership.Node) error {
 	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	var target pglogrepl.LSN
-	conn, err := pgx.Connect(cctx, parting.DSN)
+	conn, err := pgx.Connect(cctx, d.peerDSN(parting))
 	if err == nil {
 		err = conn.QueryRow(cctx, `SELECT pg_current_wal_lsn()`).Scan(&target)
 		conn.Close(context.Background())

@@ -207,7 +207,7 @@ func (d *Daemon) copyAndActivate(ctx context.Context, req JoinRequest) error {
 	// kept for this node.
 	starts := map[string]pglogrepl.LSN{}
 	for _, m := range others {
-		lsn, err := recreateSlot(ctx, m.DSN, slot)
+		lsn, err := recreateSlot(ctx, d.peerDSN(m), slot)
 		if err != nil {
 			return fmt.Errorf("create this node's slot on member %q: %w", m.Name, err)
 		}
@@ -224,12 +224,12 @@ func (d *Daemon) copyAndActivate(ctx context.Context, req JoinRequest) error {
 	// 3. A slot on the source with an exported snapshot: the copy is taken
 	// under it, and streaming the source starts exactly after it.
 	d.phase("exporting a snapshot on " + source.Name)
-	repl, err := replicator.ConnectReplication(ctx, source.DSN, "pgmesh join "+d.cfg.NodeName)
+	repl, err := replicator.ConnectReplication(ctx, d.peerDSN(source), "pgmesh join "+d.cfg.NodeName)
 	if err != nil {
 		return fmt.Errorf("connect to source %q for replication: %w", source.Name, err)
 	}
 	defer repl.Close(context.Background())
-	if err := dropSlotAt(ctx, source.DSN, slot); err != nil {
+	if err := dropSlotAt(ctx, d.peerDSN(source), slot); err != nil {
 		return fmt.Errorf("drop old slot on source %q: %w", source.Name, err)
 	}
 	created, err := pglogrepl.CreateReplicationSlot(ctx, repl, slot, "pgoutput",
@@ -347,7 +347,7 @@ type sourceTable struct {
 // replicated table from the source under its exported snapshot, in one
 // local transaction that also records where each member's stream starts.
 func (d *Daemon) copyFrom(ctx context.Context, source *membership.Node, snapshot string, starts map[string]pglogrepl.LSN) error {
-	scfg, err := pgx.ParseConfig(source.DSN)
+	scfg, err := pgx.ParseConfig(d.peerDSN(source))
 	if err != nil {
 		return err
 	}
@@ -643,7 +643,7 @@ func (d *Daemon) restoreSchema(ctx context.Context, dst *pgx.Conn, source *membe
 		return err
 	}
 	cmd := exec.CommandContext(ctx, pgDump, "--schema-only", "--snapshot="+snapshot, "--no-owner", "--no-privileges",
-		"--no-publications", "--no-subscriptions", "--exclude-schema=pgmesh", "--dbname="+source.DSN)
+		"--no-publications", "--no-subscriptions", "--exclude-schema=pgmesh", "--dbname="+d.peerDSN(source))
 	var stderr strings.Builder
 	cmd.Stderr = &stderr
 	out, err := cmd.Output()

@@ -75,6 +75,20 @@ var configKeys = []configKey{
 		size("wal_retention_warn", func(c *daemon.Config) *int64 { return &c.WALRetentionWarn })},
 	{"wal_retention_max", "drop a disconnected peer's slot past this much WAL; it must rejoin (default: never)",
 		size("wal_retention_max", func(c *daemon.Config) *int64 { return &c.WALRetentionMax })},
+	{"peer_dsns", "how to reach given peers' Postgres instead of their public_dsn: name=dsn;name=dsn", func(c *daemon.Config, v string) error {
+		if v == "" {
+			return nil
+		}
+		c.PeerDSNs = map[string]string{}
+		for _, part := range strings.Split(v, ";") {
+			name, dsn, ok := strings.Cut(strings.TrimSpace(part), "=")
+			if !ok || name == "" || dsn == "" {
+				return fmt.Errorf("peer_dsns entry %q is not name=dsn", part)
+			}
+			c.PeerDSNs[name] = dsn
+		}
+		return nil
+	}},
 	{"capture_ddl", "replicate plain DDL statements automatically (default false)", func(c *daemon.Config, v string) error {
 		switch strings.ToLower(v) {
 		case "", "false", "off", "no", "0":
