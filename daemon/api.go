@@ -205,18 +205,41 @@ func (d *Daemon) forward(w http.ResponseWriter, r *http.Request, g *membership.G
 	if d.store.IsLeader() {
 		return false
 	}
-	leader := g.Nodes[d.store.Leader()]
-	if leader == nil {
-		writeErr(w, http.StatusServiceUnavailable, errors.New("the node group has no Raft leader right now (is a majority of members down?): joins and parts need a majority; try again when it is back"))
-		return true
-	}
 	token, _ := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
-	var out json.RawMessage
-	if err := Call(r.Context(), leader.API, r.Method, r.URL.Path, token, in, &out); err != nil {
-		writeErr(w, http.StatusBadGateway, err)
-		return true
+	// Leadership may be changing (the leader just died): re-resolve the
+	// leader and retry transport failures for a while. Answers from the
+	// leader, errors included, are final.
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		if d.store.IsLeader() {
+			return false
+		}
+		g, _ = d.store.Group()
+		var leader *membership.Node
+		if g != nil {
+			leader = g.Nodes[d.store.Leader()]
+		}
+		var err error
+		if leader == nil {
+			err = errors.New("the node group has no Raft leader right now (is a majority of members down?): joins and parts need a majority; try again when it is back")
+		} else {
+			var out json.RawMessage
+			err = Call(r.Context(), leader.API, r.Method, r.URL.Path, token, in, &out)
+			var ae *APIError
+			if err == nil || errors.As(err, &ae) {
+				if err != nil {
+					writeErr(w, http.StatusBadGateway, err)
+					return true
+				}
+				w.Header().Set("Content-Type", "application/json")
+				_, _ = w.Write(out)
+				return true
+			}
+		}
+		if time.Now().After(deadline) || r.Context().Err() != nil {
+			writeErr(w, http.StatusServiceUnavailable, err)
+			return true
+		}
+		time.Sleep(200 * time.Millisecond)
 	}
-	w.Header().Set("Content-Type", "application/json")
-	_, _ = w.Write(out)
-	return true
 }

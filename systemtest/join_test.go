@@ -225,3 +225,68 @@ func TestJoinInterruptedAndRetried(t *testing.T) {
 	mustExec(t, ctx, c, `INSERT INTO counters VALUES (99, 1, 'c')`)
 	converged(t, ctx, 30*time.Second, "counters", all...)
 }
+
+// The Raft leader's daemon is killed while a node joins: the join finishes
+// (Raft elects another leader; the leader's Postgres keeps serving its
+// changes), or fails clearly and succeeds when retried.
+func TestJoinSurvivesLeaderKill(t *testing.T) {
+	ctx := ctxFor(t)
+	members := mesh(t, ctx, joinSchema, "a", "b", "c")
+	a, b, c := members[0], members[1], members[2]
+	mustExec(t, ctx, a, `INSERT INTO ledger (id, node, n) SELECT g, repeat('x', 200), g FROM generate_series(1, 200000) g`)
+	if err := localmesh.CaughtUp(ctx, 120*time.Second, a, b, c); err != nil {
+		t.Fatal(err)
+	}
+	d := startNodes(t, ctx, "", "d")[0]
+	token := joinToken(t, ctx, a)
+	if _, stderr, err := d.CLI(ctx, "group", "join", "--no-wait", "--via", b.API, "--token", token); err != nil {
+		t.Fatalf("join: %v %s", err, stderr)
+	}
+	eventually(t, 60*time.Second, "copy under way", func() error {
+		rep, err := d.Status(ctx)
+		if err != nil {
+			return err
+		}
+		if rep.Join == nil || rep.Join.Phase != "copying data" {
+			return fmt.Errorf("join status %+v", rep.Join)
+		}
+		return nil
+	})
+	if err := a.Kill(); err != nil { // a created the group: it leads Raft
+		t.Fatal(err)
+	}
+	mustExec(t, ctx, c, `INSERT INTO ledger (id, node, n) VALUES (6000000, 'c during join', 1)`)
+	// Wait for the background join to end, one way or the other.
+	var joinErr string
+	eventually(t, 120*time.Second, "the join ends", func() error {
+		rep, err := d.Status(ctx)
+		if err != nil {
+			return err
+		}
+		if rep.State == "active" {
+			return nil
+		}
+		if rep.Join != nil && rep.Join.Error != "" {
+			joinErr = rep.Join.Error
+			return nil
+		}
+		return fmt.Errorf("state %s, join %+v", rep.State, rep.Join)
+	})
+	if joinErr != "" {
+		t.Logf("join failed with the leader gone (%s); retrying", joinErr)
+		if out, stderr, err := d.CLI(ctx, "group", "join", "--via", b.API, "--token", token); err != nil {
+			t.Fatalf("retried join: %v\n%s\n%s", err, out, stderr)
+		}
+	}
+	if err := a.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	all := []*localmesh.Node{a, b, c, d}
+	if err := localmesh.CaughtUp(ctx, 120*time.Second, all...); err != nil {
+		t.Fatal(err)
+	}
+	converged(t, ctx, 60*time.Second, "ledger", all...)
+	if got := count(t, ctx, d, `SELECT count(*) FROM ledger`); got != 200001 {
+		t.Fatalf("d has %d ledger rows, want 200001", got)
+	}
+}
