@@ -1,6 +1,7 @@
 package daemon
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -197,6 +198,24 @@ func (d *Daemon) onLeader(w http.ResponseWriter, r *http.Request, req any) (*mem
 		return nil, false
 	}
 	return g, true
+}
+
+// callLeader sends a member-to-member POST to the Raft leader, from a node
+// that is not it; noLeader is the error while there is no leader.
+func (d *Daemon) callLeader(ctx context.Context, path string, in, out any, noLeader error) error {
+	g, _ := d.store.Group()
+	if g == nil {
+		return errors.New("this node is not in a node group")
+	}
+	leader := g.Nodes[d.store.Leader()]
+	if leader == nil {
+		return noLeader
+	}
+	token, err := d.loadToken()
+	if err != nil {
+		return err
+	}
+	return Call(ctx, leader.API, http.MethodPost, path, token, in, out)
 }
 
 // forward sends a member-to-member call on to the Raft leader when this node

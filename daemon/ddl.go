@@ -66,20 +66,8 @@ func (d *Daemon) lock(ctx context.Context, name string, release bool, ttl time.D
 		}
 		return err
 	}
-	g, _ := d.store.Group()
-	if g == nil {
-		return errors.New("this node is not in a node group")
-	}
-	leader := g.Nodes[d.store.Leader()]
-	if leader == nil {
-		return errNoQuorum
-	}
-	token, err := d.loadToken()
-	if err != nil {
-		return err
-	}
-	return Call(ctx, leader.API, http.MethodPost, "/v1/cluster/lock", token,
-		lockRequest{Lock: name, Node: d.cfg.NodeName, Release: release, TTLms: ttl.Milliseconds()}, nil)
+	return d.callLeader(ctx, "/v1/cluster/lock",
+		lockRequest{Lock: name, Node: d.cfg.NodeName, Release: release, TTLms: ttl.Milliseconds()}, nil, errNoQuorum)
 }
 
 // handleDDL runs pgmesh.replicate_ddl under the global DDL lock, waiting

@@ -107,12 +107,12 @@ func (d *Daemon) handleConvert(w http.ResponseWriter, r *http.Request) {
 			writeErr(w, http.StatusBadRequest, fmt.Errorf("sequence %q: %w", seq, err))
 			return
 		}
-		if max, err := d.ownedMax(ctx, name); err != nil {
+		highest, err := d.ownedMax(ctx, name)
+		if err != nil {
 			writeErr(w, http.StatusInternalServerError, err)
 			return
-		} else if max+1 > minStart {
-			minStart = max + 1
 		}
+		minStart = max(minStart, highest+1)
 		if _, err := d.everywhere(ctx, SettingRequest{Kind: req.Kind, Table: name, Size: req.ChunkSize, MinStart: minStart}); err != nil {
 			writeErr(w, http.StatusBadGateway, fmt.Errorf("convert %s: %w", name, err))
 			return
@@ -136,22 +136,15 @@ func (d *Daemon) ownedMax(ctx context.Context, seq string) (int64, error) {
 	if err != nil {
 		return 0, err
 	}
-	var max int64
+	var highest int64
 	for _, q := range cols {
 		var v int64
 		if err := d.db.QueryRow(ctx, q).Scan(&v); err != nil {
 			return 0, err
 		}
-		max = maxInt(max, v)
+		highest = max(highest, v)
 	}
-	return max, nil
-}
-
-func maxInt(a, b int64) int64 {
-	if a > b {
-		return a
-	}
-	return b
+	return highest, nil
 }
 
 // SequenceInfo describes a global sequence for `pgmesh sequences show`.
@@ -211,23 +204,11 @@ func (d *Daemon) allocChunk(ctx context.Context, seq string, size, minStart int6
 	if d.store.IsLeader() {
 		return d.store.AllocChunk(seq, d.cfg.NodeName, size, minStart)
 	}
-	g, _ := d.store.Group()
-	if g == nil {
-		return nil, errors.New("this node is not in a node group")
-	}
-	leader := g.Nodes[d.store.Leader()]
-	if leader == nil {
-		return nil, errors.New("the node group has no Raft leader (no quorum?), so no new chunk can be drawn")
-	}
-	token, err := d.loadToken()
-	if err != nil {
-		return nil, err
-	}
 	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	var ch membership.Chunk
-	err = Call(cctx, leader.API, http.MethodPost, "/v1/cluster/galloc", token,
-		gallocRequest{Seq: seq, Node: d.cfg.NodeName, Size: size, MinStart: minStart}, &ch)
+	err := d.callLeader(cctx, "/v1/cluster/galloc", gallocRequest{Seq: seq, Node: d.cfg.NodeName, Size: size, MinStart: minStart}, &ch,
+		errors.New("the node group has no Raft leader (no quorum?), so no new chunk can be drawn"))
 	return &ch, err
 }
 

@@ -13,7 +13,6 @@ import (
 
 	"github.com/pgmesh/pgmesh/internal/faultproxy"
 	"github.com/pgmesh/pgmesh/internal/localmesh"
-	"github.com/pgmesh/pgmesh/internal/pgtest"
 )
 
 type link struct{ from, to string } // from's daemon reaching to's Postgres
@@ -22,23 +21,7 @@ type link struct{ from, to string } // from's daemon reaching to's Postgres
 // its own fault proxy: node from reaches node to's Postgres via links[{from, to}].
 func proxiedMesh(t *testing.T, ctx context.Context, schema string, names ...string) ([]*localmesh.Node, map[link]*faultproxy.Proxy) {
 	t.Helper()
-	var nodes []*localmesh.Node
-	for _, name := range names {
-		n, err := localmesh.NewNode(ctx, bin, name, pgtest.Options{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		nodes = append(nodes, n)
-		t.Cleanup(func() {
-			if t.Failed() {
-				t.Logf("daemon log of %s:\n%s", n.Name, n.LogTail(3000))
-			}
-			n.Remove()
-		})
-		if err := n.PG.Exec(ctx, schema); err != nil {
-			t.Fatal(err)
-		}
-	}
+	nodes := newNodes(t, ctx, schema, names...)
 	links := map[link]*faultproxy.Proxy{}
 	for _, from := range nodes {
 		var overrides []string

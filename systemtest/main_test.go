@@ -63,13 +63,27 @@ func startNodes(t *testing.T, ctx context.Context, schema string, names ...strin
 // startNodesWith is startNodes with extra `pgmesh run` arguments.
 func startNodesWith(t *testing.T, ctx context.Context, schema string, args []string, names ...string) []*localmesh.Node {
 	t.Helper()
+	nodes := newNodes(t, ctx, schema, names...)
+	for _, n := range nodes {
+		n.ExtraArgs = args
+		if err := n.Start(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return nodes
+}
+
+// newNodes starts a Postgres cluster per name with schema, its daemon not
+// yet running, and removes them after the test (keeping the daemon logs of
+// a failed test).
+func newNodes(t *testing.T, ctx context.Context, schema string, names ...string) []*localmesh.Node {
+	t.Helper()
 	var nodes []*localmesh.Node
 	for _, name := range names {
 		n, err := localmesh.NewNode(ctx, bin, name, pgtest.Options{})
 		if err != nil {
 			t.Fatal(err)
 		}
-		n.ExtraArgs = args
 		nodes = append(nodes, n)
 		t.Cleanup(func() {
 			if t.Failed() {
@@ -87,9 +101,6 @@ func startNodesWith(t *testing.T, ctx context.Context, schema string, args []str
 			if err := n.PG.Exec(ctx, schema); err != nil {
 				t.Fatalf("schema on %s: %v", name, err)
 			}
-		}
-		if err := n.Start(ctx); err != nil {
-			t.Fatal(err)
 		}
 	}
 	return nodes
