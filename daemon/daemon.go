@@ -43,6 +43,9 @@ type Daemon struct {
 	seqProblems []string
 	join        joiner
 	ctx         context.Context // the daemon's lifetime, for background work
+	// gate holds the streams while a joining node takes its snapshot here.
+	gate   replicator.Gate
+	pauses pauses
 }
 
 // peerDSN is how this node reaches a peer's Postgres: its public_dsn, or
@@ -288,6 +291,7 @@ func (d *Daemon) startLocked(ctx context.Context, n *membership.Node) {
 		Peer:      replicator.Peer{Name: n.Name, ID: n.ID, DSN: d.peerDSN(n)},
 		NodeID:    d.nodeID,
 		Logger:    d.log,
+		Gate:      &d.gate,
 	})
 	sctx, cancel := context.WithCancel(ctx)
 	r := &running{stream: s, dsn: d.peerDSN(n), cancel: cancel, done: make(chan struct{})}

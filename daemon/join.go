@@ -232,18 +232,20 @@ func (d *Daemon) copyAndActivate(ctx context.Context, req JoinRequest) error {
 	if err := dropSlotAt(ctx, d.peerDSN(source), slot); err != nil {
 		return fmt.Errorf("drop old slot on source %q: %w", source.Name, err)
 	}
-	created, err := pglogrepl.CreateReplicationSlot(ctx, repl, slot, "pgoutput",
-		pglogrepl.CreateReplicationSlotOptions{Mode: pglogrepl.LogicalReplication, SnapshotAction: "EXPORT_SNAPSHOT"})
-	if err != nil {
-		return fmt.Errorf("create slot with snapshot on source %q: %w", source.Name, err)
-	}
-	sourceStart, err := pglogrepl.ParseLSN(created.ConsistentPoint)
+	snapshot, progress, err := d.sourceSnapshot(ctx, repl, source, slot, req.Token)
 	if err != nil {
 		return err
 	}
-	starts[source.Name] = sourceStart
+	starts[source.Name] = snapshot.start
+	// Each other member's stream starts where the snapshot has got with
+	// that member's changes, or at its new slot, whichever is later.
+	for name, start := range starts {
+		if p, ok := progress[name]; ok && name != source.Name && p > start {
+			starts[name] = p
+		}
+	}
 
-	if err := d.copyFrom(ctx, source, created.SnapshotName, starts); err != nil {
+	if err := d.copyFrom(ctx, source, snapshot.name, starts); err != nil {
 		return err
 	}
 	repl.Close(ctx) // the snapshot is no longer needed
@@ -313,6 +315,65 @@ func waitApplied(ctx context.Context, api, peer string, lsn pglogrepl.LSN, timeo
 	}
 }
 
+type exported struct {
+	name  string        // the snapshot, for SET TRANSACTION SNAPSHOT
+	start pglogrepl.LSN // where streaming the source starts
+}
+
+// sourceSnapshot creates this node's slot on the source with an exported
+// snapshot while the source's streams are paused, and returns the snapshot
+// and how far the source had applied each other member's changes then.
+func (d *Daemon) sourceSnapshot(ctx context.Context, repl *pgconn.PgConn, source *membership.Node, slot, token string) (exported, map[string]pglogrepl.LSN, error) {
+	var snap exported
+	conn, err := pgx.Connect(ctx, d.peerDSN(source))
+	if err != nil {
+		return snap, nil, fmt.Errorf("connect to source %q: %w", source.Name, err)
+	}
+	defer conn.Close(context.Background())
+	resume, err := pauseApply(ctx, source.API, token)
+	if err != nil {
+		return snap, nil, fmt.Errorf("pause applying on source %q for the snapshot: %w", source.Name, err)
+	}
+	created, err := pglogrepl.CreateReplicationSlot(ctx, repl, slot, "pgoutput",
+		pglogrepl.CreateReplicationSlotOptions{Mode: pglogrepl.LogicalReplication, SnapshotAction: "EXPORT_SNAPSHOT"})
+	var progress map[string]pglogrepl.LSN
+	if err == nil {
+		progress, err = originProgress(ctx, conn)
+	}
+	held, rerr := resume(context.Background())
+	if err != nil {
+		return snap, nil, fmt.Errorf("create slot with snapshot on source %q: %w", source.Name, err)
+	}
+	if rerr != nil || !held {
+		return snap, nil, fmt.Errorf("source %q resumed applying before the snapshot was taken (it took over %s, e.g. waiting for a long transaction there to end): run the join again", source.Name, pauseLease)
+	}
+	snap.name = created.SnapshotName
+	snap.start, err = pglogrepl.ParseLSN(created.ConsistentPoint)
+	return snap, progress, err
+}
+
+// originProgress reads how far a node has applied each member's changes.
+func originProgress(ctx context.Context, conn *pgx.Conn) (map[string]pglogrepl.LSN, error) {
+	rows, err := conn.Query(ctx, `SELECT external_id, coalesce(remote_lsn, '0/0')::text FROM pg_catalog.pg_replication_origin_status`)
+	if err != nil {
+		return nil, fmt.Errorf("read the source's replication progress: %w", err)
+	}
+	defer rows.Close()
+	out := map[string]pglogrepl.LSN{}
+	for rows.Next() {
+		var name, lsn string
+		if err := rows.Scan(&name, &lsn); err != nil {
+			return nil, err
+		}
+		if node, ok := origin.NodeOf(name); ok {
+			if l, err := pglogrepl.ParseLSN(lsn); err == nil {
+				out[node] = l
+			}
+		}
+	}
+	return out, rows.Err()
+}
+
 func recreateSlot(ctx context.Context, dsn, slot string) (pglogrepl.LSN, error) {
 	if err := dropSlotAt(ctx, dsn, slot); err != nil {
 		return 0, err
@@ -367,31 +428,6 @@ func (d *Daemon) copyFrom(ctx context.Context, source *membership.Node, snapshot
 	if err != nil {
 		return err
 	}
-	// Where the source had got with each member's changes, as of the
-	// snapshot: this node starts streaming each member there.
-	rows, err := src.Query(ctx, `SELECT node_name, remote_lsn::text FROM pgmesh.origin_progress`)
-	if err != nil {
-		return fmt.Errorf("read the source's progress: %w", err)
-	}
-	progress := map[string]string{}
-	for rows.Next() {
-		var n, l string
-		if err := rows.Scan(&n, &l); err != nil {
-			return err
-		}
-		progress[n] = l
-	}
-	if err := rows.Err(); err != nil {
-		return err
-	}
-	for name, start := range starts {
-		if p, ok := progress[name]; ok && name != source.Name {
-			if lsn, err := pglogrepl.ParseLSN(p); err == nil && lsn > start {
-				starts[name] = lsn
-			}
-		}
-	}
-
 	dcfg, err := pgx.ParseConfig(d.cfg.DSN)
 	if err != nil {
 		return err
@@ -448,10 +484,6 @@ func (d *Daemon) copyFrom(ctx context.Context, source *membership.Node, snapshot
 		}
 		if _, err := tx.Exec(ctx, `SELECT pg_replication_origin_advance($1, $2::text::pg_lsn)`, origin.Name(name), lsn.String()); err != nil {
 			return fmt.Errorf("set the start of %s's stream: %w", name, err)
-		}
-		if _, err := tx.Exec(ctx, `INSERT INTO pgmesh.origin_progress VALUES ($1, $2::text::pg_lsn)
-			ON CONFLICT (node_name) DO UPDATE SET remote_lsn = EXCLUDED.remote_lsn`, name, lsn.String()); err != nil {
-			return err
 		}
 	}
 	if err := tx.Commit(ctx); err != nil {

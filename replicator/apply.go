@@ -11,6 +11,7 @@ import (
 
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgtype"
 
 	"github.com/pgmesh/pgmesh/conflict"
 	"github.com/pgmesh/pgmesh/origin"
@@ -39,17 +40,34 @@ type applier struct {
 	conflicts map[string]int64 // by "type/resolution", in the current transaction
 	stats     *stats
 	warned    map[string]bool
+
+	// The fast path (fastpath.go).
+	types        *pgtype.Map
+	roident      uint32 // this peer's replication origin here
+	fast         *fastTxn
+	fastBegin    pglogrepl.BeginMessage
+	run          insertRun
+	careful      bool       // the current transaction is on the careful path
+	queued       []*fastTxn // built, not yet sent
+	queuedBytes  int
+	sent         []*fastTxn // in the open pipeline
+	pl           *pgconn.Pipeline
+	applied      pglogrepl.LSN // origin progress once everything sent commits
+	confirmedEnd pglogrepl.LSN // committed here since handle last returned
+	carefulFor   int           // transactions to apply carefully before trying fast again
+	hadConflict  bool          // the last careful transaction logged a conflict
 }
 
-func newApplier(pc *pgconn.PgConn, cfg *Config, progress pglogrepl.LSN, st *stats) *applier {
-	return &applier{pc: pc, cfg: cfg, progress: progress, stats: st,
+func newApplier(pc *pgconn.PgConn, cfg *Config, progress pglogrepl.LSN, roident uint32, st *stats) *applier {
+	return &applier{pc: pc, cfg: cfg, progress: progress, applied: progress, roident: roident, stats: st, types: pgtype.NewMap(),
 		rels: map[uint32]*relation{}, stmts: map[string]string{}, origins: map[uint32]string{},
 		conflicts: map[string]int64{}, warned: map[string]bool{}}
 }
 
-// handle applies one pgoutput message. It returns the end LSN of a
+// handleCareful applies one pgoutput message, waiting for each statement
+// and settling conflicts as they show. It returns the end LSN of a
 // transaction once it is committed (or dropped), else 0.
-func (a *applier) handle(ctx context.Context, data []byte) (pglogrepl.LSN, error) {
+func (a *applier) handleCareful(ctx context.Context, data []byte) (pglogrepl.LSN, error) {
 	msg, err := pglogrepl.Parse(data)
 	if err != nil {
 		return 0, fmt.Errorf("decode pgoutput message: %w", err)
@@ -147,6 +165,10 @@ func (a *applier) openLocal(ctx context.Context) error {
 func (a *applier) prepare(ctx context.Context, sql string) (string, error) {
 	name, ok := a.stmts[sql]
 	if !ok {
+		// The connection must be out of pipeline mode.
+		if err := a.collect(ctx); err != nil {
+			return "", err
+		}
 		name = "pgmesh_" + strconv.Itoa(a.stmtGen) + "_" + strconv.Itoa(len(a.stmts))
 		if _, err := a.pc.Prepare(ctx, name, sql, nil); err != nil {
 			return "", err
@@ -767,6 +789,7 @@ func (a *applier) truncate(ctx context.Context, m *pglogrepl.TruncateMessage) er
 func (a *applier) commit(ctx context.Context, m *pglogrepl.CommitMessage) (pglogrepl.LSN, error) {
 	defer a.filter.End()
 	if !a.wantTxn {
+		a.hadConflict = false
 		a.stats.skipped(a.filter.Skip(), m.CommitTime)
 		return m.TransactionEndLSN, nil
 	}
@@ -774,17 +797,17 @@ func (a *applier) commit(ctx context.Context, m *pglogrepl.CommitMessage) (pglog
 	if err := a.openLocal(ctx); err != nil { // a transaction whose changes all were no-ops here
 		return 0, err
 	}
-	// The progress row makes the origin's position visible to snapshots
-	// (a joining node copies under one and must start streaming there).
-	sql := fmt.Sprintf(`INSERT INTO pgmesh.origin_progress VALUES (%s, '%s')
-	ON CONFLICT (node_name) DO UPDATE SET remote_lsn = EXCLUDED.remote_lsn;
-SELECT pg_catalog.pg_replication_origin_xact_setup('%s', '%s'); COMMIT`,
-		pgLiteral(a.cfg.Peer.Name), m.TransactionEndLSN, m.TransactionEndLSN, pgTime(m.CommitTime))
+	sql := fmt.Sprintf(`SELECT pg_catalog.pg_replication_origin_xact_setup('%s', '%s'); COMMIT`,
+		m.TransactionEndLSN, pgTime(m.CommitTime))
 	a.localOpen = false
 	if _, err := a.pc.Exec(ctx, sql).ReadAll(); err != nil {
 		return 0, fmt.Errorf("commit transaction from peer %q (remote xid %d): %w", a.cfg.Peer.Name, a.begin.Xid, err)
 	}
 	a.stats.applied(m.TransactionEndLSN, m.CommitTime, a.rows, a.conflicts)
+	a.hadConflict = len(a.conflicts) > 0
+	if a.careful {
+		a.applied = m.TransactionEndLSN
+	}
 	return m.TransactionEndLSN, nil
 }
 
@@ -821,6 +844,11 @@ func (a *applier) ddl(ctx context.Context, content []byte) error {
 
 // rollback abandons an open local transaction after an error.
 func (a *applier) rollback(ctx context.Context) {
+	if a.pl != nil {
+		_ = a.pl.Close() // the connection is closed next
+		a.pl = nil
+		return
+	}
 	a.pending, a.wantTxn = nil, false
 	if a.localOpen {
 		_ = a.pc.Exec(ctx, "ROLLBACK").Close()

@@ -26,7 +26,11 @@ type Status struct {
 	AppliedTxns int64   `json:"applied_txns"`
 	AppliedRows int64   `json:"applied_rows"`
 	DroppedTxns int64   `json:"forwarded_txns_dropped"`
-	Conflicts   int64   `json:"conflicts"`
+	// RetriedTxns counts transactions that left the pipelined fast path
+	// (a conflict, or an earlier one in the same batch did) and were
+	// applied again on the careful path.
+	RetriedTxns int64 `json:"retried_txns"`
+	Conflicts   int64 `json:"conflicts"`
 	// ConflictsByType counts conflicts by conflict_history type.
 	ConflictsByType map[string]int64 `json:"conflicts_by_type,omitempty"`
 	// AppliedThrough is the peer commit time up to which every peer
@@ -119,6 +123,12 @@ func (s *stats) applied(end pglogrepl.LSN, commitTS time.Time, rows int64, confl
 		s.appliedLSN = end
 	}
 	s.prune()
+	s.mu.Unlock()
+}
+
+func (s *stats) fallback(n int) {
+	s.mu.Lock()
+	s.st.RetriedTxns += int64(n)
 	s.mu.Unlock()
 }
 

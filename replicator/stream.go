@@ -42,6 +42,8 @@ type Config struct {
 	// StatusInterval is how often feedback is sent and the peer asked for
 	// its position (default 100ms); read-your-own-writes waits on it.
 	StatusInterval time.Duration
+	// Gate, when set, can hold the stream between transactions.
+	Gate *Gate
 }
 
 // Stream replicates one peer into the local database until its context ends.
@@ -145,7 +147,15 @@ func (s *Stream) runOnce(ctx context.Context) error {
 
 	go s.pollPeer(ctx)
 
-	a := newApplier(applyConn.PgConn(), &s.cfg, progress, s.stats)
+	// The fast path recognises rows last written by this peer by origin id.
+	var roident uint32
+	if err := applyConn.QueryRow(ctx, `SELECT roident FROM pg_catalog.pg_replication_origin WHERE roname = $1`,
+		origin.Name(s.cfg.Peer.Name)).Scan(&roident); err != nil {
+		return fmt.Errorf("read replication origin of peer %q: %w", s.cfg.Peer.Name, err)
+	}
+	s.cfg.Gate.enter()
+	defer s.cfg.Gate.leave()
+	a := newApplier(applyConn.PgConn(), &s.cfg, progress, roident, s.stats)
 	defer a.rollback(context.Background())
 	return s.receive(ctx, repl, a, progress)
 }
@@ -225,6 +235,21 @@ func (s *Stream) receive(ctx context.Context, repl *pgconn.PgConn, a *applier, f
 	silence := max(15*time.Second, 10*s.cfg.StatusInterval)
 	nextStatus := time.Now()
 	for {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if s.cfg.Gate.closing() && a.between() {
+			// A joining node takes its snapshot: step aside with nothing
+			// unconfirmed, until it has.
+			if err := a.drain(ctx); err != nil {
+				return err
+			}
+			if end := a.takeConfirmed(); end > 0 {
+				flushed, received = max(flushed, end), max(received, end)
+				s.stats.setApplied(flushed)
+			}
+			s.cfg.Gate.yield()
+		}
 		if now := time.Now(); !now.Before(nextStatus) {
 			if now.Sub(lastHeard) > silence {
 				return fmt.Errorf("peer %q sent nothing for %s: connection presumed dead", s.cfg.Peer.Name, silence.Round(time.Second))
@@ -237,14 +262,39 @@ func (s *Stream) receive(ctx context.Context, repl *pgconn.PgConn, a *applier, f
 			}
 			nextStatus = now.Add(s.cfg.StatusInterval)
 		}
-		rctx, cancel := context.WithDeadline(ctx, nextStatus)
-		raw, err := repl.ReceiveMessage(rctx)
-		cancel()
+		deadline := nextStatus
+		if a.busy() {
+			// Transactions wait in the pipeline: confirm them as soon as
+			// the peer pauses.
+			if soon := time.Now().Add(time.Millisecond); soon.Before(deadline) {
+				deadline = soon
+			}
+		}
+		// A deadline on the socket, not a context per message: receiving is
+		// the hot loop, and every wait is short, so shutdown is prompt. It is
+		// set every time: calls with a context clear it when they finish.
+		if err := repl.Conn().SetReadDeadline(deadline); err != nil {
+			return fmt.Errorf("receive from peer %q: %w", s.cfg.Peer.Name, err)
+		}
+		raw, err := repl.ReceiveMessage(context.Background())
 		if err != nil {
 			if ctx.Err() != nil {
 				return ctx.Err()
 			}
 			if pgconn.Timeout(err) {
+				if a.busy() {
+					end, err := a.idle(ctx)
+					if err != nil {
+						return err
+					}
+					if end > 0 {
+						flushed, received = max(flushed, end), max(received, end)
+						s.stats.setApplied(flushed)
+						if soon := time.Now().Add(10 * time.Millisecond); soon.Before(nextStatus) {
+							nextStatus = soon
+						}
+					}
+				}
 				continue
 			}
 			return fmt.Errorf("receive from peer %q: %w", s.cfg.Peer.Name, err)
@@ -263,7 +313,7 @@ func (s *Stream) receive(ctx context.Context, repl *pgconn.PgConn, a *applier, f
 				}
 				// Between transactions, everything the sender read up to
 				// ka.ServerWALEnd has reached us: nothing below it is pending.
-				if !a.filter.InTxn() && ka.ServerWALEnd > flushed {
+				if a.quiet() && ka.ServerWALEnd > flushed {
 					flushed, received = ka.ServerWALEnd, max(received, ka.ServerWALEnd)
 					s.stats.setApplied(flushed)
 				}
@@ -310,9 +360,11 @@ func (s *Stream) pollPeer(ctx context.Context) {
 	defer t.Stop()
 	for {
 		if conn == nil {
-			c, err := pgx.Connect(ctx, s.cfg.Peer.DSN)
-			if err == nil {
-				conn = c
+			if cfg, err := pgx.ParseConfig(s.cfg.Peer.DSN); err == nil {
+				cfg.RuntimeParams["application_name"] = "pgmesh lag probe"
+				if c, err := pgx.ConnectConfig(ctx, cfg); err == nil {
+					conn = c
+				}
 			}
 		}
 		if conn != nil {

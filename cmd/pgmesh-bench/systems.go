@@ -63,6 +63,11 @@ func (p *meshPair) release(ctx context.Context) error {
 }
 
 func (p *meshPair) close() {
+	// A clean stop, so that a daemon's CPU profile (-profile) is written.
+	_ = p.a.Stop()
+	if p.b != nil {
+		_ = p.b.Stop()
+	}
 	p.a.Remove()
 	if p.b != nil {
 		p.b.Remove()

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"runtime/pprof"
 	"sort"
 	"strings"
 	"time"
@@ -206,5 +207,26 @@ func cmdRun(ctx context.Context, args []string) error {
 		return err
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: lvl}))
+	// For developers: PGMESH_CPUPROFILE=/tmp/p writes /tmp/p.<node> (a Go
+	// CPU profile) from start to shutdown; make bench uses it with -profile.
+	if dir := os.Getenv("PGMESH_CPUPROFILE"); dir != "" {
+		stop, err := cpuProfile(dir + "." + cfg.NodeName)
+		if err != nil {
+			return err
+		}
+		defer stop()
+	}
 	return daemon.Run(ctx, cfg, log)
+}
+
+func cpuProfile(path string) (stop func(), err error) {
+	f, err := os.Create(path)
+	if err != nil {
+		return nil, fmt.Errorf("create CPU profile: %w", err)
+	}
+	if err := pprof.StartCPUProfile(f); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("start CPU profile: %w", err)
+	}
+	return func() { pprof.StopCPUProfile(); f.Close() }, nil
 }

@@ -1,0 +1,97 @@
+package daemon
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"net/http"
+	"sync"
+	"time"
+)
+
+// A joining node copies a member's data under a snapshot and must know, for
+// every other member, how far that snapshot has got with its changes. The
+// member holds its streams between transactions while the snapshot is taken
+// (a pause, with a lease in case the joining node dies), so each origin's
+// progress read meanwhile is exactly what the snapshot holds.
+
+// pauseLease bounds a pause: streams wait no longer than this, well inside
+// the peers' wal_sender_timeout.
+const pauseLease = 20 * time.Second
+
+type pauses struct {
+	mu   sync.Mutex
+	open map[string]func() bool
+}
+
+type pauseResponse struct {
+	ID string `json:"id"`
+}
+
+type resumeRequest struct {
+	ID string `json:"id"`
+}
+
+type resumeResponse struct {
+	// Held is false when the lease ran out before the resume.
+	Held bool `json:"held"`
+}
+
+func (d *Daemon) handleClusterPause(w http.ResponseWriter, r *http.Request) {
+	if _, err := d.authorized(r); err != nil {
+		writeErr(w, http.StatusForbidden, err)
+		return
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), pauseLease)
+	defer cancel()
+	open, err := d.gate.Close(ctx, pauseLease)
+	if err != nil {
+		writeErr(w, http.StatusServiceUnavailable, fmt.Errorf("streams on %q did not reach a transaction boundary within %s: %w", d.cfg.NodeName, pauseLease, err))
+		return
+	}
+	b := make([]byte, 8)
+	_, _ = rand.Read(b)
+	id := hex.EncodeToString(b)
+	d.pauses.mu.Lock()
+	if d.pauses.open == nil {
+		d.pauses.open = map[string]func() bool{}
+	}
+	d.pauses.open[id] = open
+	d.pauses.mu.Unlock()
+	d.log.Info("streams paused for a joining node's snapshot", "lease", pauseLease)
+	writeJSON(w, http.StatusOK, pauseResponse{ID: id})
+}
+
+func (d *Daemon) handleClusterResume(w http.ResponseWriter, r *http.Request) {
+	if _, err := d.authorized(r); err != nil {
+		writeErr(w, http.StatusForbidden, err)
+		return
+	}
+	var req resumeRequest
+	if err := readJSON(r, &req); err != nil {
+		writeErr(w, http.StatusBadRequest, err)
+		return
+	}
+	d.pauses.mu.Lock()
+	open := d.pauses.open[req.ID]
+	delete(d.pauses.open, req.ID)
+	d.pauses.mu.Unlock()
+	held := open != nil && open()
+	d.log.Info("streams resumed", "held_throughout", held)
+	writeJSON(w, http.StatusOK, resumeResponse{Held: held})
+}
+
+// pauseApply pauses the streams of the member at api; resume lets them go
+// and reports whether they were held throughout.
+func pauseApply(ctx context.Context, api, token string) (resume func(context.Context) (bool, error), err error) {
+	var p pauseResponse
+	if err := Call(ctx, api, http.MethodPost, "/v1/cluster/pause", token, struct{}{}, &p); err != nil {
+		return nil, err
+	}
+	return func(ctx context.Context) (bool, error) {
+		var r resumeResponse
+		err := Call(ctx, api, http.MethodPost, "/v1/cluster/resume", token, resumeRequest{ID: p.ID}, &r)
+		return r.Held, err
+	}, nil
+}

@@ -1,0 +1,615 @@
+package replicator
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgtype"
+)
+
+// The fast path applies a peer's transactions through a pipeline, without
+// waiting for the server between them. Each source transaction becomes
+// statements that do exactly what the careful path would do when nothing
+// conflicts, and raise an error otherwise, followed by a Sync: one implicit
+// local transaction, committed with the origin's progress and commit time.
+//
+// A transaction that fails there (a conflict, a missing row, a remembered
+// delete, a lock timeout, bad data) is applied again on the careful path,
+// which settles, logs or reports it. Every later transaction in the same
+// batch failed too: each one first checks that the origin's progress is
+// where the previous one left it, so commits never run ahead of a failure.
+//
+// Transactions that cannot go fast (DDL, TRUNCATE, relation changes, tables
+// without a primary key, delta columns, large transactions) take the careful
+// path from their first change, after everything before them is confirmed.
+
+// Bounds of the fast path: a transaction larger than this is applied
+// carefully (it is streamed, not held), and a batch is sent once this much
+// is waiting.
+const (
+	fastMaxTxnBytes   = 4 << 20
+	fastMaxTxnChanges = 20000
+	fastMaxRun        = 1000
+	fastMaxQueued     = 500
+	fastMaxQueueBytes = 16 << 20
+	// carefulStretch is how many transactions in a row must apply without
+	// a conflict on the careful path before the fast path is tried again.
+	carefulStretch = 100
+)
+
+// fastTxn is one source transaction on the fast path, held until its local
+// commit is confirmed so that it can be applied again carefully.
+type fastTxn struct {
+	msgs     [][]byte // raw messages, Begin to Commit
+	size     int
+	stmts    []fastStmt // nil: nothing to apply here (forwarded, or no changes)
+	end      pglogrepl.LSN
+	commitTS time.Time
+	changes  int64
+	skip     bool
+}
+
+type fastStmt struct {
+	name   string
+	params [][]byte
+}
+
+// insertRun gathers consecutive inserts into one relation with one column
+// set, applied by a single statement.
+type insertRun struct {
+	r    *relation
+	cols []int
+	rows [][][]byte
+}
+
+// errNotFast sends the current transaction to the careful path.
+var errNotFast = errors.New("change needs the careful path")
+
+// handle applies one pgoutput message and returns the peer position up to
+// which everything is now committed here (0 when that did not move).
+func (a *applier) handle(ctx context.Context, data []byte) (pglogrepl.LSN, error) {
+	err := a.handleMsg(ctx, data)
+	return a.takeConfirmed(), err
+}
+
+// takeConfirmed returns the position newly confirmed, or 0.
+func (a *applier) takeConfirmed() pglogrepl.LSN {
+	end := a.confirmedEnd
+	a.confirmedEnd = 0
+	return end
+}
+
+func (a *applier) handleMsg(ctx context.Context, data []byte) error {
+	if a.careful {
+		end, err := a.handleCareful(ctx, data)
+		if end > 0 {
+			a.careful = false
+			a.confirm(end)
+			if a.carefulFor > 0 {
+				a.carefulFor--
+				if a.hadConflict {
+					a.carefulFor = carefulStretch
+				}
+			}
+		}
+		return err
+	}
+	if a.carefulFor > 0 && len(data) > 0 && data[0] == 'B' {
+		// Recent transactions conflicted: this one goes careful too, after
+		// everything before it is confirmed.
+		if err := a.drain(ctx); err != nil {
+			return err
+		}
+		a.careful = true
+		_, err := a.handleCareful(ctx, data)
+		return err
+	}
+	t := a.fast
+	if t != nil && t.skip && len(data) > 0 && (data[0] == 'I' || data[0] == 'U' || data[0] == 'D') {
+		return nil // a forwarded transaction's rows: not even decoded
+	}
+	msg, err := pglogrepl.Parse(data)
+	if err != nil {
+		return fmt.Errorf("decode pgoutput message: %w", err)
+	}
+	switch m := msg.(type) {
+	case *pglogrepl.BeginMessage:
+		a.fast = &fastTxn{msgs: [][]byte{bytes.Clone(data)}, skip: m.FinalLSN < a.progress}
+		a.fastBegin = *m
+		return nil
+	case *pglogrepl.CommitMessage:
+		if t == nil {
+			return fmt.Errorf("peer %q sent a commit without a begin (protocol error)", a.cfg.Peer.Name)
+		}
+		t.msgs = append(t.msgs, bytes.Clone(data))
+		return a.fastCommit(ctx, t, m)
+	case *pglogrepl.TypeMessage:
+		return nil
+	case *pglogrepl.LogicalDecodingMessage:
+		if m.Prefix != ddlPrefix || !m.Transactional || t == nil || t.skip {
+			return nil
+		}
+	}
+	if t == nil {
+		// Nothing but the above is sent outside a transaction.
+		_, err := a.handleCareful(ctx, data)
+		return err
+	}
+	if _, ok := msg.(*pglogrepl.OriginMessage); ok {
+		t.skip = true
+		t.msgs = append(t.msgs, bytes.Clone(data))
+		return nil
+	}
+	if _, ok := msg.(*pglogrepl.RelationMessage); !ok && t.skip {
+		return nil
+	}
+	t.msgs = append(t.msgs, bytes.Clone(data))
+	t.size += len(data)
+	t.changes++
+	err = errNotFast
+	if t.size <= fastMaxTxnBytes && t.changes <= fastMaxTxnChanges {
+		switch m := msg.(type) {
+		case *pglogrepl.InsertMessage:
+			err = a.fastInsert(ctx, t, m)
+		case *pglogrepl.UpdateMessage:
+			err = a.fastUpdate(ctx, t, m)
+		case *pglogrepl.DeleteMessage:
+			err = a.fastDelete(ctx, t, m)
+		}
+	}
+	if errors.Is(err, errNotFast) {
+		return a.toCareful(ctx, t)
+	}
+	return err
+}
+
+// toCareful applies the transaction read so far on the careful path, after
+// everything before it is confirmed, and stays there until its commit.
+func (a *applier) toCareful(ctx context.Context, t *fastTxn) error {
+	a.fast, a.run = nil, insertRun{}
+	if err := a.drain(ctx); err != nil {
+		return err
+	}
+	a.careful = true
+	for _, msg := range t.msgs {
+		end, err := a.handleCareful(ctx, msg)
+		if err != nil {
+			return err
+		}
+		if end > 0 { // the transaction ended (it failed at its commit)
+			a.careful = false
+			a.confirm(end)
+		}
+	}
+	return nil
+}
+
+// fastRelation returns the relation a change is for, with fresh local
+// catalog facts.
+func (a *applier) fastRelation(ctx context.Context, id uint32) (*relation, error) {
+	r, ok := a.rels[id]
+	if !ok {
+		return nil, errNotFast // the careful path reports the protocol error
+	}
+	if r.stale() {
+		if err := a.collect(ctx); err != nil {
+			return nil, err
+		}
+		if err := r.load(ctx, a.pc, a.cfg.Peer.Name); err != nil {
+			return nil, errNotFast // the careful path reports it
+		}
+	}
+	return r, nil
+}
+
+// fastKey reports whether the change can be matched by the local primary
+// key, which the fast path needs for tombstones and single-row statements.
+func fastKey(r *relation, t *pglogrepl.TupleData) bool {
+	return r.pk != nil && carries(t, r.pk)
+}
+
+func (a *applier) fastInsert(ctx context.Context, t *fastTxn, m *pglogrepl.InsertMessage) error {
+	r, err := a.fastRelation(ctx, m.RelationID)
+	if err != nil {
+		return err
+	}
+	if r.pk != nil && !fastKey(r, m.Tuple) {
+		return errNotFast
+	}
+	cols, vals := values(m.Tuple)
+	for i := range vals {
+		vals[i] = bytes.Clone(vals[i]) // bytes.Clone keeps an empty value empty
+	}
+	if a.run.r != r || !equalInts(a.run.cols, cols) || len(a.run.rows) >= fastMaxRun {
+		if err := a.finishRun(ctx, t); err != nil {
+			return err
+		}
+		a.run = insertRun{r: r, cols: cols}
+	}
+	a.run.rows = append(a.run.rows, vals)
+	return nil
+}
+
+func equalInts(a, b []int) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if a[i] != b[i] {
+			return false
+		}
+	}
+	return true
+}
+
+// finishRun turns the pending inserts into one statement: a plain INSERT,
+// which fails on any unique collision, guarded against remembered deletes.
+// Several rows travel as one text array per column.
+func (a *applier) finishRun(ctx context.Context, t *fastTxn) error {
+	run := a.run
+	a.run = insertRun{}
+	if run.r == nil || len(run.rows) == 0 {
+		return nil
+	}
+	r := run.r
+	var p params
+	names := make([]string, len(run.cols))
+	exprs := make([]string, len(run.cols)) // each column's value, typed
+	from := ""
+	if len(run.rows) == 1 {
+		for i, c := range run.cols {
+			exprs[i] = r.typed(&p, c, run.rows[0][i])
+		}
+	} else {
+		arrays := make([]string, len(run.cols))
+		aliases := make([]string, len(run.cols))
+		for i, c := range run.cols {
+			col := make([]pgtype.Text, len(run.rows))
+			for j, row := range run.rows {
+				col[j] = pgtype.Text{String: string(row[i]), Valid: row[i] != nil}
+			}
+			enc, err := a.types.Encode(pgtype.TextArrayOID, pgtype.TextFormatCode, col, nil)
+			if err != nil {
+				return fmt.Errorf("encode values of %s: %w", r.qualified, err)
+			}
+			arrays[i] = p.add(enc) + "::text[]"
+			aliases[i] = "c" + strconv.Itoa(i)
+			exprs[i] = "u." + aliases[i] + "::" + r.localType[c]
+		}
+		from = " FROM unnest(" + strings.Join(arrays, ", ") + ") AS u(" + strings.Join(aliases, ", ") + ")"
+	}
+	for i, c := range run.cols {
+		names[i] = quote(r.cols[c])
+	}
+	where := ""
+	if r.pk != nil {
+		var kv []string
+		for _, c := range r.pk {
+			for i, x := range run.cols {
+				if x == c {
+					kv = append(kv, pgLiteral(r.cols[c]), exprs[i])
+				}
+			}
+		}
+		where = fmt.Sprintf(` WHERE CASE WHEN EXISTS (SELECT 1 FROM pgmesh.tombstone ts
+	WHERE ts.relation = %s AND ts.key = jsonb_build_object(%s))
+	THEN pgmesh.apply_conflict('a delete of this key is remembered') ELSE true END`,
+			p.add([]byte(r.tombName)), strings.Join(kv, ", "))
+	}
+	override := ""
+	if r.anyIdentity {
+		override = " OVERRIDING SYSTEM VALUE"
+	}
+	sql := fmt.Sprintf("INSERT INTO %s (%s)%s SELECT %s%s%s", r.qualified, strings.Join(names, ", "), override,
+		strings.Join(exprs, ", "), from, where)
+	return a.addStmt(ctx, t, sql, p.vals)
+}
+
+func (a *applier) addStmt(ctx context.Context, t *fastTxn, sql string, vals [][]byte) error {
+	name, err := a.prepare(ctx, sql)
+	if err != nil {
+		return errNotFast // the careful path reports what is wrong
+	}
+	t.stmts = append(t.stmts, fastStmt{name: name, params: vals})
+	return nil
+}
+
+// lastWriterIsPeer is true for a row whose last change came from this peer:
+// an ordinary sequential change, which last-update-wins applies without a
+// conflict. Anything else is settled on the careful path.
+func (a *applier) lastWriterIsPeer() string {
+	return fmt.Sprintf(`CASE WHEN (pg_catalog.pg_xact_commit_timestamp_origin(t.xmin)).roident = %d THEN true
+	ELSE pgmesh.apply_conflict('the row was last written elsewhere') END`, a.roident)
+}
+
+const expectOneRow = ` SELECT CASE WHEN count(*) = 1 THEN true ELSE pgmesh.apply_conflict('no row with this key') END FROM c`
+
+func (a *applier) fastUpdate(ctx context.Context, t *fastTxn, m *pglogrepl.UpdateMessage) error {
+	r, err := a.fastRelation(ctx, m.RelationID)
+	if err != nil {
+		return err
+	}
+	keySrc := m.NewTuple
+	if m.OldTuple != nil {
+		keySrc = m.OldTuple
+	}
+	if !fastKey(r, keySrc) || hasDelta(r) {
+		return errNotFast
+	}
+	if err := a.finishRun(ctx, t); err != nil {
+		return err
+	}
+	var p params
+	var sets []string
+	cols, vals := values(m.NewTuple)
+	for i, c := range cols {
+		if r.identityAlways[c] {
+			continue
+		}
+		sets = append(sets, quote(r.cols[c])+" = "+p.add(bytes.Clone(vals[i])))
+	}
+	if len(sets) == 0 {
+		return errNotFast
+	}
+	keyVals := pick(keySrc, r.pk)
+	for i := range keyVals {
+		keyVals[i] = bytes.Clone(keyVals[i])
+	}
+	sql := fmt.Sprintf("WITH c AS (UPDATE %s t SET %s WHERE %s AND %s RETURNING 1)", r.qualified,
+		strings.Join(sets, ", "), r.where(&p, r.pk, keyVals, false), a.lastWriterIsPeer()) + expectOneRow
+	return a.addStmt(ctx, t, sql, p.vals)
+}
+
+func (a *applier) fastDelete(ctx context.Context, t *fastTxn, m *pglogrepl.DeleteMessage) error {
+	r, err := a.fastRelation(ctx, m.RelationID)
+	if err != nil {
+		return err
+	}
+	if m.OldTuple == nil || !fastKey(r, m.OldTuple) {
+		return errNotFast
+	}
+	if err := a.finishRun(ctx, t); err != nil {
+		return err
+	}
+	var p params
+	keyVals := pick(m.OldTuple, r.pk)
+	for i := range keyVals {
+		keyVals[i] = bytes.Clone(keyVals[i])
+	}
+	var kv []string
+	for _, c := range r.pk {
+		kv = append(kv, pgLiteral(r.cols[c]), "t."+quote(r.cols[c]))
+	}
+	// The delete is remembered as the careful path does (deleteRow).
+	sql := fmt.Sprintf(`WITH c AS (DELETE FROM %s t WHERE %s AND %s RETURNING jsonb_build_object(%s) AS k),
+	s AS (INSERT INTO pgmesh.tombstone AS t (relation, key, deleted_at, deleted_by)
+	      SELECT %s, c.k, %s::timestamptz, %s FROM c`+tombstoneUpsert+`)`,
+		r.qualified, r.where(&p, r.pk, keyVals, false), a.lastWriterIsPeer(), strings.Join(kv, ", "),
+		p.add([]byte(r.tombName)), p.add([]byte(pgTime(a.fastBegin.CommitTime))), p.add([]byte(a.cfg.Peer.Name))) + expectOneRow
+	return a.addStmt(ctx, t, sql, p.vals)
+}
+
+// fastCommit queues the transaction: a first statement checks the order and
+// stamps the local commit with the origin's position and commit time.
+func (a *applier) fastCommit(ctx context.Context, t *fastTxn, m *pglogrepl.CommitMessage) error {
+	a.fast = nil
+	t.end, t.commitTS = m.TransactionEndLSN, m.CommitTime
+	if t.skip {
+		t.stmts = nil
+		a.stats.skipped(true, m.CommitTime)
+	} else if err := a.finishRun(ctx, t); err != nil {
+		if !errors.Is(err, errNotFast) {
+			return err
+		}
+		return a.toCareful(ctx, t)
+	}
+	if len(t.stmts) == 0 {
+		if !t.skip {
+			a.stats.skipped(false, m.CommitTime)
+		}
+		t.msgs = nil
+		if len(a.queued)+len(a.sent) == 0 {
+			a.confirm(t.end)
+			return nil
+		}
+		a.queued = append(a.queued, t)
+		return nil
+	}
+	name, err := a.prepare(ctx, `SELECT pg_catalog.pg_replication_origin_xact_setup($1::pg_lsn, $2::timestamptz)
+WHERE CASE WHEN coalesce(pg_catalog.pg_replication_origin_session_progress(false), '0/0') = $3::pg_lsn THEN true
+	ELSE pgmesh.apply_conflict('an earlier transaction from this peer is not applied yet') END`)
+	if err != nil {
+		return err
+	}
+	guard := fastStmt{name: name, params: [][]byte{[]byte(t.end.String()), []byte(pgTime(t.commitTS)),
+		[]byte(a.applied.String())}}
+	t.stmts = append([]fastStmt{guard}, t.stmts...)
+	a.queued = append(a.queued, t)
+	a.queuedBytes += t.size
+	a.applied = t.end
+	// Send at once when the server is idle (latency); else let the queue
+	// fill while it works on the batch in flight (throughput).
+	if len(a.sent) == 0 || len(a.queued) >= fastMaxQueued || a.queuedBytes >= fastMaxQueueBytes {
+		return a.send(ctx)
+	}
+	return nil
+}
+
+// busy reports whether transactions wait to be sent or confirmed.
+func (a *applier) busy() bool { return len(a.queued)+len(a.sent) > 0 }
+
+// between reports whether the stream is between transactions.
+func (a *applier) between() bool { return a.fast == nil && !a.careful }
+
+// quiet reports whether no transaction is open or unconfirmed.
+func (a *applier) quiet() bool { return !a.busy() && a.fast == nil && !a.careful }
+
+// idle is called when the stream has nothing more to read for now: it
+// confirms the batch in flight and sends what is queued.
+func (a *applier) idle(ctx context.Context) (pglogrepl.LSN, error) {
+	err := a.send(ctx)
+	return a.takeConfirmed(), err
+}
+
+// confirm records that everything up to end is committed here.
+func (a *applier) confirm(end pglogrepl.LSN) { a.confirmedEnd = max(a.confirmedEnd, end) }
+
+// send confirms the batch in flight, then sends the queued transactions as
+// the next batch, without waiting.
+func (a *applier) send(ctx context.Context) error {
+	if err := a.collect(ctx); err != nil {
+		return err
+	}
+	queued := a.queued
+	a.queued, a.queuedBytes = nil, 0
+	work := false
+	for _, t := range queued {
+		work = work || len(t.stmts) > 0
+	}
+	if !work {
+		for _, t := range queued {
+			a.confirm(t.end)
+		}
+		return nil
+	}
+	a.pl = a.pc.StartPipeline(ctx)
+	for _, t := range queued {
+		if len(t.stmts) == 0 {
+			continue
+		}
+		for _, s := range t.stmts {
+			a.pl.SendQueryPrepared(s.name, s.params, nil, nil)
+		}
+		a.pl.SendPipelineSync()
+	}
+	a.sent = queued
+	if err := a.pl.Flush(); err != nil {
+		return fmt.Errorf("send transactions to the local database: %w", err)
+	}
+	return nil
+}
+
+// drain sends everything queued and confirms it, so that the connection is
+// free for statements outside the pipeline.
+func (a *applier) drain(ctx context.Context) error {
+	for a.busy() {
+		if err := a.send(ctx); err != nil {
+			return err
+		}
+		if err := a.collect(ctx); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// collect reads the results of the batch in flight. Transactions up to the
+// first failure are confirmed; that one and all after it are applied again
+// on the careful path, in order.
+func (a *applier) collect(ctx context.Context) error {
+	if a.pl == nil {
+		return nil
+	}
+	sent := a.sent
+	a.sent = nil
+	failed := -1
+	var cause error
+	for i, t := range sent {
+		if len(t.stmts) == 0 {
+			if failed < 0 {
+				a.confirm(t.end)
+			}
+			continue
+		}
+		ok, err := a.readTxn()
+		if err != nil {
+			a.pl = nil
+			return fmt.Errorf("read apply results from the local database: %w", err)
+		}
+		if ok == nil && failed < 0 {
+			a.stats.applied(t.end, t.commitTS, t.changes, nil)
+			a.confirm(t.end)
+			continue
+		}
+		if failed < 0 {
+			failed, cause = i, ok
+		}
+	}
+	err := a.pl.Close()
+	a.pl = nil
+	if err != nil {
+		var pe *pgconn.PgError
+		if !errors.As(err, &pe) {
+			return fmt.Errorf("end apply pipeline: %w", err)
+		}
+	}
+	if failed < 0 {
+		return nil
+	}
+	// The failed transaction and all after it (which failed only because
+	// it had) are applied carefully, in order. Conflicts come in runs, so
+	// the next transactions take the careful path straight away too.
+	a.stats.fallback(len(sent) - failed)
+	a.carefulFor = carefulStretch
+	a.cfg.Logger.Debug("transaction left the fast path; applying it and the rest of its batch carefully",
+		"remote_commit_lsn", sent[failed].end, "cause", cause, "after_it", len(sent)-failed-1)
+	for _, t := range sent[failed:] {
+		if len(t.stmts) == 0 {
+			a.confirm(t.end)
+			continue
+		}
+		for _, msg := range t.msgs {
+			end, err := a.handleCareful(ctx, msg)
+			if err != nil {
+				return err
+			}
+			a.confirm(end)
+		}
+	}
+	return nil
+}
+
+// readTxn reads one transaction's results, through its Sync. It returns the
+// server's error for the transaction (nil if it committed), or err when the
+// connection failed.
+func (a *applier) readTxn() (failure error, err error) {
+	for {
+		res, err := a.pl.GetResults()
+		if err != nil {
+			var pe *pgconn.PgError
+			if !errors.As(err, &pe) {
+				return nil, err
+			}
+			failure = cmpFailure(failure, err)
+			continue
+		}
+		switch r := res.(type) {
+		case *pgconn.ResultReader:
+			if _, err := r.Close(); err != nil {
+				var pe *pgconn.PgError
+				if !errors.As(err, &pe) {
+					return nil, err
+				}
+				failure = cmpFailure(failure, err)
+			}
+		case *pgconn.PipelineSync:
+			return failure, nil
+		case nil:
+			return nil, errors.New("the pipeline ended before the transaction's sync")
+		}
+	}
+}
+
+func cmpFailure(first, err error) error {
+	if first != nil {
+		return first
+	}
+	return err
+}
