@@ -33,8 +33,10 @@ BENCH_ARGS ?=
 bench:
 	$(GO) run ./cmd/pgmesh-bench $(BENCH_ARGS)
 
-# The randomized convergence test, long: make soak SOAK=10m SEED=42
+# The randomized convergence test and the fault scenarios, long: each keeps
+# its load or fault for SOAK. make soak SOAK=10m SEED=42
 SOAK ?= 5m
 SEED ?=
+SOAK_TESTS = TestRandomizedConvergence|TestRegionCutOffAndHealed|TestFlappingLink|TestThinLink|TestFourRegionsWANLatency
 soak:
-	PGMESH_SOAK=$(SOAK) PGMESH_SEED=$(SEED) $(GO) test -tags integration -count=1 -timeout 0 -run TestRandomizedConvergence -v ./systemtest/
+	PGMESH_SOAK=$(SOAK) PGMESH_SEED=$(SEED) $(GO) test -tags integration -count=1 -timeout 0 -run '$(SOAK_TESTS)' -v ./systemtest/

@@ -5,6 +5,7 @@ package systemtest
 import (
 	"context"
 	"fmt"
+	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -89,11 +90,26 @@ func underLoad(t *testing.T, ctx context.Context, nodes []*localmesh.Node, durin
 	t.Logf("%d ledger rows written under faults, all present exactly once on %d nodes", written.Load(), len(nodes))
 }
 
+// faultTime is how long a fault scenario keeps its fault: short in make
+// test, PGMESH_SOAK (a duration) in make soak.
+func faultTime(t *testing.T, short time.Duration) time.Duration {
+	s := os.Getenv("PGMESH_SOAK")
+	if s == "" {
+		return short
+	}
+	d, err := time.ParseDuration(s)
+	if err != nil {
+		t.Fatalf("PGMESH_SOAK=%q is not a duration", s)
+	}
+	return max(d, short)
+}
+
 // A region is cut off (every link to and from it) under writes everywhere,
 // then healed.
 func TestRegionCutOffAndHealed(t *testing.T) {
 	ctx := ctxFor(t)
 	nodes, links := proxiedMesh(t, ctx, joinSchema, "a", "b", "c")
+	alone := faultTime(t, 3*time.Second)
 	underLoad(t, ctx, nodes, func() {
 		time.Sleep(time.Second)
 		for l, p := range links {
@@ -101,7 +117,7 @@ func TestRegionCutOffAndHealed(t *testing.T) {
 				p.Cut()
 			}
 		}
-		time.Sleep(3 * time.Second) // c is alone while everyone writes
+		time.Sleep(alone) // c is alone while everyone writes
 		for _, p := range links {
 			p.Heal()
 		}
@@ -113,13 +129,26 @@ func TestRegionCutOffAndHealed(t *testing.T) {
 func TestFlappingLink(t *testing.T) {
 	ctx := ctxFor(t)
 	nodes, links := proxiedMesh(t, ctx, joinSchema, "a", "b")
+	flaps := int(faultTime(t, 3*time.Second) / (200 * time.Millisecond))
 	underLoad(t, ctx, nodes, func() {
-		for i := 0; i < 15; i++ {
+		for i := 0; i < flaps; i++ {
 			time.Sleep(200 * time.Millisecond)
 			links[link{"a", "b"}].Reset()
 			links[link{"b", "a"}].Reset()
 		}
 	})
+}
+
+// A thin pipe between two regions (128 kB/s each way, with latency): the
+// stream falls behind under load and catches up once the load stops.
+func TestThinLink(t *testing.T) {
+	ctx := ctxFor(t)
+	nodes, links := proxiedMesh(t, ctx, joinSchema, "a", "b")
+	for _, p := range links {
+		p.SetBandwidth(128 << 10)
+		p.SetLatency(20*time.Millisecond, 5*time.Millisecond)
+	}
+	underLoad(t, ctx, nodes, func() { time.Sleep(faultTime(t, 3*time.Second)) })
 }
 
 // BDR's four regions with their round-trip times, scaled down tenfold.
@@ -139,5 +168,5 @@ func TestFourRegionsWANLatency(t *testing.T) {
 		oneWay := ms * time.Millisecond / 20
 		p.SetLatency(oneWay, oneWay/10)
 	}
-	underLoad(t, ctx, nodes, func() { time.Sleep(3 * time.Second) })
+	underLoad(t, ctx, nodes, func() { time.Sleep(faultTime(t, 3*time.Second)) })
 }

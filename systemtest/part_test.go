@@ -167,3 +167,66 @@ func TestLongAbsenceCatchUp(t *testing.T) {
 	t.Logf("caught up 200000 rows in 20000 transactions in %s (%.0f rows/s)", took.Round(time.Millisecond), 200000/took.Seconds())
 	assertNoConflicts(t, ctx, b)
 }
+
+// The Raft leader dies while a part is draining: the part waits for it to
+// come back (it must have the parting node's changes too), then commits
+// through the new leader, and nothing the parted node wrote is lost.
+func TestPartSurvivesLeaderKill(t *testing.T) {
+	ctx := ctxFor(t)
+	nodes := mesh(t, ctx, joinSchema, "a", "b", "c", "d")
+	a, b, c, d := nodes[0], nodes[1], nodes[2], nodes[3]
+	const burst = 20000
+	mustExec(t, ctx, d, fmt.Sprintf(`DO $$ BEGIN FOR i IN 1..%d LOOP
+		INSERT INTO ledger (id, node, n) VALUES (4000000 + i, 'd', i); COMMIT; END LOOP; END $$`, burst))
+
+	type result struct {
+		out, stderr string
+		err         error
+	}
+	done := make(chan result, 1)
+	go func() {
+		out, stderr, err := b.CLI(ctx, "node", "part", "d")
+		done <- result{out, stderr, err}
+	}()
+	if err := a.Kill(); err != nil { // a created the group: it leads Raft
+		t.Fatal(err)
+	}
+	time.Sleep(2 * time.Second) // the drain waits for a; a new leader is elected
+	if err := a.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case r := <-done:
+		if r.err != nil {
+			t.Fatalf("part with the leader killed: %v\n%s\n%s", r.err, r.out, r.stderr)
+		}
+	case <-ctx.Done():
+		t.Fatal("part did not finish")
+	}
+	rest := []*localmesh.Node{a, b, c}
+	for _, n := range rest {
+		if got := count(t, ctx, n, `SELECT count(*) FROM ledger WHERE node = 'd'`); got != burst {
+			t.Fatalf("after the part, %s has %d of d's %d rows", n.Name, got, burst)
+		}
+	}
+	eventually(t, 60*time.Second, "every remaining node sees d parted, its slots and origins gone", func() error {
+		for _, n := range rest {
+			rep, err := n.Status(ctx)
+			if err != nil {
+				return err
+			}
+			for _, m := range rep.Nodes {
+				if m.Name == "d" && m.State != "parted" {
+					return fmt.Errorf("%s sees d %s", n.Name, m.State)
+				}
+			}
+			if left := count(t, ctx, n, `SELECT (SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'pgmesh_d')
+				+ (SELECT count(*) FROM pg_replication_origin WHERE roname = 'pgmesh_d')`); left != 0 {
+				return fmt.Errorf("%s still has %d of d's slots and origins", n.Name, left)
+			}
+		}
+		return nil
+	})
+	mustExec(t, ctx, c, `INSERT INTO ledger (id, node, n) VALUES (8000001, 'c', 1)`)
+	converged(t, ctx, 30*time.Second, "ledger", rest...)
+}

@@ -1,14 +1,17 @@
 // Package faultproxy is a TCP proxy for tests that misbehaves on demand:
-// it adds latency and jitter, cuts a link (existing connections reset, new
-// ones refused) and heals it. Tests place one on each link they want to
+// it adds latency and jitter, throttles bandwidth, cuts a link (existing
+// connections reset, new ones refused) and heals it. Tests place one on each link they want to
 // control; it only ever listens on and dials loopback addresses it is given.
 package faultproxy
 
 import (
+	"context"
 	"math/rand/v2"
 	"net"
 	"sync"
 	"time"
+
+	"golang.org/x/time/rate"
 )
 
 // Proxy forwards connections from its listen address to a target.
@@ -20,9 +23,12 @@ type Proxy struct {
 	latency time.Duration // one way
 	jitter  time.Duration
 	cut     bool
-	conns   map[net.Conn]bool
-	closed  bool
-	wg      sync.WaitGroup
+	// limit caps each direction's bytes per second, shared by every
+	// connection (nil: unlimited).
+	limit  map[bool]*rate.Limiter
+	conns  map[net.Conn]bool
+	closed bool
+	wg     sync.WaitGroup
 }
 
 // New listens on 127.0.0.1 (a free port) and forwards to target.
@@ -49,6 +55,24 @@ func (p *Proxy) SetLatency(d, jitter time.Duration) {
 	p.mu.Lock()
 	p.latency, p.jitter = d, jitter
 	p.mu.Unlock()
+}
+
+// chunk is the most a pipe reads at once; it is also the limiters' burst.
+const chunk = 32 << 10
+
+// SetBandwidth caps the link at bytesPerSec in each direction (0: no cap),
+// like a thin pipe between regions.
+func (p *Proxy) SetBandwidth(bytesPerSec int) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if bytesPerSec <= 0 {
+		p.limit = nil
+		return
+	}
+	p.limit = map[bool]*rate.Limiter{
+		false: rate.NewLimiter(rate.Limit(bytesPerSec), chunk),
+		true:  rate.NewLimiter(rate.Limit(bytesPerSec), chunk),
+	}
 }
 
 // Cut resets every connection and refuses new ones until Heal.
@@ -108,13 +132,14 @@ func (p *Proxy) accept() {
 		p.conns[c], p.conns[up] = true, true
 		p.mu.Unlock()
 		p.wg.Add(2)
-		go p.pipe(c, up)
-		go p.pipe(up, c)
+		go p.pipe(c, up, false)
+		go p.pipe(up, c, true)
 	}
 }
 
-// pipe copies src to dst, delaying each chunk, until either side closes.
-func (p *Proxy) pipe(src, dst net.Conn) {
+// pipe copies src to dst, delaying and throttling each chunk, until either
+// side closes. back is the direction from the target to the client.
+func (p *Proxy) pipe(src, dst net.Conn, back bool) {
 	defer p.wg.Done()
 	defer func() {
 		src.Close()
@@ -124,7 +149,7 @@ func (p *Proxy) pipe(src, dst net.Conn) {
 		delete(p.conns, dst)
 		p.mu.Unlock()
 	}()
-	buf := make([]byte, 32<<10)
+	buf := make([]byte, chunk)
 	for {
 		n, err := src.Read(buf)
 		if n > 0 {
@@ -133,9 +158,15 @@ func (p *Proxy) pipe(src, dst net.Conn) {
 			if p.jitter > 0 {
 				d += time.Duration(rand.Int64N(int64(p.jitter)))
 			}
+			lim := p.limit[back]
 			p.mu.Unlock()
 			if d > 0 {
 				time.Sleep(d)
+			}
+			if lim != nil {
+				if lim.WaitN(context.Background(), n) != nil {
+					return
+				}
 			}
 			if _, werr := dst.Write(buf[:n]); werr != nil {
 				return

@@ -1,0 +1,93 @@
+package faultproxy
+
+import (
+	"io"
+	"net"
+	"testing"
+	"time"
+)
+
+// sink accepts connections and counts what it reads.
+func sink(t *testing.T) (addr string, got chan int64) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	got = make(chan int64, 4)
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				n, _ := io.Copy(io.Discard, c)
+				c.Close()
+				got <- n
+			}()
+		}
+	}()
+	return ln.Addr().String(), got
+}
+
+func TestBandwidthCapsThroughput(t *testing.T) {
+	addr, got := sink(t)
+	p, err := New(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	const rate, size = 256 << 10, 512 << 10
+	p.SetBandwidth(rate)
+	c, err := net.Dial("tcp", p.Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	if _, err := c.Write(make([]byte, size)); err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	if n := <-got; n != size {
+		t.Fatalf("sink got %d bytes, want %d", n, size)
+	}
+	// One burst goes at once; the rest cannot go faster than the cap.
+	if min := time.Duration(float64(size-chunk) / rate * float64(time.Second)); time.Since(start) < min {
+		t.Fatalf("%d bytes through a %d B/s link took %s, less than %s", size, rate, time.Since(start), min)
+	}
+}
+
+func TestCutRefusesAndHealRestores(t *testing.T) {
+	addr, got := sink(t)
+	p, err := New(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	p.Cut()
+	c, err := net.Dial("tcp", p.Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The proxy accepts, then closes at once: a read sees the end.
+	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	_, err = c.Read(make([]byte, 1))
+	if ne, ok := err.(net.Error); err == nil || ok && ne.Timeout() {
+		t.Fatalf("a cut link was not closed: read returned %v", err)
+	}
+	c.Close()
+	p.Heal()
+	c, err = net.Dial("tcp", p.Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Write([]byte("hello")); err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	if n := <-got; n != 5 {
+		t.Fatalf("sink got %d bytes after heal, want 5", n)
+	}
+}
