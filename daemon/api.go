@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"net/http"
 	"strconv"
 	"strings"
@@ -40,7 +41,32 @@ func (d *Daemon) routes() http.Handler {
 	mux.HandleFunc("POST /v1/cluster/join", d.handleClusterJoin)
 	mux.HandleFunc("POST /v1/cluster/state", d.handleClusterState)
 	mux.HandleFunc("POST /v1/cluster/part", d.handleClusterPart)
-	return mux
+	mux.HandleFunc("POST /v1/cluster/pause", d.handleClusterPause)
+	mux.HandleFunc("POST /v1/cluster/resume", d.handleClusterResume)
+	return localOnly(mux, func(r *http.Request) error { _, err := d.authorized(r); return err })
+}
+
+// localOnly lets requests from other hosts reach only what members need
+// from each other (status, health, metrics, and the /v1/cluster/ routes,
+// which check the token themselves); anything else — parting a node,
+// changing settings, reading conflicts with their row data — must come
+// from this host or carry the group's token.
+func localOnly(next http.Handler, authorized func(*http.Request) error) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		host, _, _ := net.SplitHostPort(r.RemoteAddr)
+		open := r.Method == http.MethodGet && (r.URL.Path == "/v1/status" || r.URL.Path == "/status" ||
+			r.URL.Path == "/health" || r.URL.Path == "/metrics")
+		if isLoopback(host) || open || strings.HasPrefix(r.URL.Path, "/v1/cluster/") {
+			next.ServeHTTP(w, r)
+			return
+		}
+		if err := authorized(r); err != nil {
+			writeErr(w, http.StatusForbidden, &APIError{Status: http.StatusForbidden,
+				Message: fmt.Sprintf("%s %s from another host needs the group's token: run the command on the node itself, or set PGMESH_TOKEN", r.Method, r.URL.Path)})
+			return
+		}
+		next.ServeHTTP(w, r)
+	})
 }
 
 func writeJSON(w http.ResponseWriter, code int, v any) {

@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"time"
 )
 
 // APIError is an error answered by a daemon's API.
@@ -24,8 +23,6 @@ type errorBody struct {
 	Error string `json:"error"`
 }
 
-var httpClient = &http.Client{Timeout: 5 * time.Minute}
-
 // Call sends a JSON request to the daemon API at addr (host:port) and decodes
 // the JSON answer into out (if not nil). token, when set, authenticates calls
 // between members.
@@ -38,7 +35,8 @@ func Call(ctx context.Context, addr, method, path, token string, in, out any) er
 		}
 		body = bytes.NewReader(b)
 	}
-	req, err := http.NewRequestWithContext(ctx, method, "http://"+addr+path, body)
+	client, scheme := apiClient()
+	req, err := http.NewRequestWithContext(ctx, method, scheme+addr+path, body)
 	if err != nil {
 		return err
 	}
@@ -46,7 +44,7 @@ func Call(ctx context.Context, addr, method, path, token string, in, out any) er
 	if token != "" {
 		req.Header.Set("Authorization", "Bearer "+token)
 	}
-	resp, err := httpClient.Do(req)
+	resp, err := client.Do(req)
 	if err != nil {
 		return fmt.Errorf("cannot reach the pgmesh daemon at %s: %w", addr, unwrapURL(err))
 	}

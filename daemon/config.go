@@ -44,6 +44,9 @@ type Config struct {
 	// WALRetentionMax drops the slot of a disconnected peer holding more
 	// WAL than this (0: never); the peer must then rejoin.
 	WALRetentionMax int64
+	// TLSCertFile, TLSKeyFile and TLSCAFile put the API and Raft ports on
+	// TLS (see tls.go).
+	TLSCertFile, TLSKeyFile, TLSCAFile string
 }
 
 // Defaults for the optional keys.
@@ -129,6 +132,9 @@ func (c *Config) Normalize() error {
 	}
 	if c.WALRetentionMax > 0 && c.WALRetentionMax <= c.WALRetentionWarn {
 		errs = append(errs, fmt.Errorf("wal_retention_max (%s) must be larger than wal_retention_warn (%s)", FormatSize(c.WALRetentionMax), FormatSize(c.WALRetentionWarn)))
+	}
+	if err := c.checkTLS(); err != nil {
+		errs = append(errs, err)
 	}
 	if c.ConflictRetention < 0 || c.HousekeepingInterval < 0 {
 		errs = append(errs, errors.New("conflict_retention and housekeeping_interval must be positive durations, like 720h or 30s"))

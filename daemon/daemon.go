@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -124,8 +125,17 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return fmt.Errorf("create data_dir %s: %w", cfg.DataDir, err)
 	}
-	if d.store, err = membership.Open(membership.Config{NodeName: cfg.NodeName, DataDir: cfg.DataDir,
-		ListenRaft: cfg.ListenRaft, AdvertiseRaft: cfg.AdvertiseRaft}); err != nil {
+	tlsCfg, err := loadTLS(cfg)
+	if err != nil {
+		return err
+	}
+	mcfg := membership.Config{NodeName: cfg.NodeName, DataDir: cfg.DataDir,
+		ListenRaft: cfg.ListenRaft, AdvertiseRaft: cfg.AdvertiseRaft}
+	if tlsCfg != nil {
+		mcfg.TLSServer, mcfg.TLSClient = tlsCfg.raft, tlsCfg.client
+		SetClientTLS(tlsCfg.client)
+	}
+	if d.store, err = membership.Open(mcfg); err != nil {
 		return err
 	}
 	defer d.store.Close()
@@ -134,13 +144,15 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	if err != nil {
 		return fmt.Errorf("listen for the API on %s: %w: choose a free address with listen_api", cfg.ListenAPI, err)
 	}
-	if host, _, _ := net.SplitHostPort(cfg.ListenAPI); !isLoopback(host) {
-		log.Warn("the API listens beyond loopback without TLS; restrict access to it with a firewall", "listen_api", cfg.ListenAPI)
+	if tlsCfg != nil {
+		ln = tls.NewListener(ln, tlsCfg.api)
+	} else if host, _, _ := net.SplitHostPort(cfg.ListenAPI); !isLoopback(host) {
+		log.Warn("the API listens beyond loopback without TLS; set tls_cert_file, tls_key_file and tls_ca_file, or restrict access to it with a firewall", "listen_api", cfg.ListenAPI)
 	}
 	srv := &http.Server{Handler: d.routes(), ReadHeaderTimeout: 10 * time.Second}
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(ln) }()
-	log.Info("pgmesh daemon started", "dsn", dsn.Describe(cfg.DSN), "api", cfg.ListenAPI, "raft", cfg.ListenRaft)
+	log.Info("pgmesh daemon started", "dsn", dsn.Describe(cfg.DSN), "api", cfg.ListenAPI, "raft", cfg.ListenRaft, "tls", tlsCfg != nil)
 
 	hkCtx, stopHK := context.WithCancel(ctx)
 	hkDone := make(chan struct{})

@@ -20,16 +20,15 @@ func preflight(ctx context.Context, conn *pgx.Conn) error {
 		version                   int
 		walLevel, commitTS        string
 		slots, senders            int
-		super, repl, originGrants bool
+		super                     bool
 		user                      string
 	)
 	err := conn.QueryRow(ctx, `SELECT current_setting('server_version_num')::int,
 		current_setting('wal_level'), current_setting('track_commit_timestamp'),
 		current_setting('max_replication_slots')::int, current_setting('max_wal_senders')::int,
-		r.rolsuper, r.rolreplication, current_user,
-		has_function_privilege('pg_catalog.pg_replication_origin_session_setup(text)', 'execute')
+		r.rolsuper, current_user
 		FROM pg_catalog.pg_roles r WHERE r.rolname = current_user`).Scan(
-		&version, &walLevel, &commitTS, &slots, &senders, &super, &repl, &user, &originGrants)
+		&version, &walLevel, &commitTS, &slots, &senders, &super, &user)
 	if err != nil {
 		return fmt.Errorf("read settings of local Postgres: %w", err)
 	}
@@ -49,8 +48,10 @@ func preflight(ctx context.Context, conn *pgx.Conn) error {
 	if senders < minSlots {
 		errs = append(errs, fmt.Errorf("local Postgres has max_wal_senders=%d: set it to at least %d (one per peer plus spares) and restart Postgres", senders, minSlots))
 	}
-	if !super && !(repl && originGrants) {
-		errs = append(errs, fmt.Errorf("role %q may not replicate: connect as a superuser, or ALTER ROLE %s REPLICATION and grant it EXECUTE on the pg_replication_origin_* functions", user, user))
+	if !super {
+		// PG15 keeps publications over whole schemas, event triggers and (by
+		// default) replication origins to superusers (README, Security).
+		errs = append(errs, fmt.Errorf("role %q is not a superuser, which pgmesh needs on this server (schema-wide publications, replication origins, session_replication_role): connect with a role made for pgmesh, CREATE ROLE pgmesh LOGIN SUPERUSER", user))
 	}
 	return errors.Join(errs...)
 }

@@ -9,6 +9,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"crypto/subtle"
+	"crypto/tls"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -26,10 +27,13 @@ import (
 
 // Config opens a Store.
 type Config struct {
-	NodeName      string
-	DataDir       string
-	ListenRaft    string
-	AdvertiseRaft string
+	// TLSServer and TLSClient, when set, put the Raft transport on mutual
+	// TLS (each side verifies the other's certificate).
+	TLSServer, TLSClient *tls.Config
+	NodeName             string
+	DataDir              string
+	ListenRaft           string
+	AdvertiseRaft        string
 	// LogOutput receives Raft's own log lines (warnings and errors only).
 	LogOutput io.Writer
 }
@@ -70,7 +74,15 @@ func Open(cfg Config) (*Store, error) {
 		logs.Close()
 		return nil, fmt.Errorf("advertise_raft %q is not a host:port address: %w", cfg.AdvertiseRaft, err)
 	}
-	transport, err := raft.NewTCPTransport(cfg.ListenRaft, adv, 3, 10*time.Second, cfg.LogOutput)
+	var transport *raft.NetworkTransport
+	if cfg.TLSServer != nil {
+		var stream *tlsStream
+		if stream, err = newTLSStream(cfg.ListenRaft, adv, cfg.TLSServer, cfg.TLSClient); err == nil {
+			transport = raft.NewNetworkTransport(stream, 3, 10*time.Second, cfg.LogOutput)
+		}
+	} else {
+		transport, err = raft.NewTCPTransport(cfg.ListenRaft, adv, 3, 10*time.Second, cfg.LogOutput)
+	}
 	if err != nil {
 		logs.Close()
 		return nil, fmt.Errorf("listen for raft on %s: %w: choose a free port with listen_raft", cfg.ListenRaft, err)

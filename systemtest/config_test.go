@@ -56,6 +56,35 @@ func TestDaemonRefusesMisconfiguredPostgres(t *testing.T) {
 	}
 }
 
+// A role that is not a superuser is refused at start, with the fix; so is
+// half a TLS setup.
+func TestDaemonRefusesRoleAndHalfTLS(t *testing.T) {
+	ctx := ctxFor(t)
+	pg, err := pgtest.Start(ctx, pgtest.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pg.Remove()
+	if err := pg.Exec(ctx, `CREATE ROLE app LOGIN REPLICATION`); err != nil {
+		t.Fatal(err)
+	}
+	api, _ := pgtest.FreePort()
+	raft, _ := pgtest.FreePort()
+	out := runDaemon(t, ctx, "--node-name", "a", "--dsn", strings.Replace(pg.DSN(), "postgres@", "app@", 1),
+		"--listen-api", "127.0.0.1:"+itoa(api), "--listen-raft", "127.0.0.1:"+itoa(raft))
+	if want := `role "app" is not a superuser`; !strings.Contains(out, want) || !strings.Contains(out, "CREATE ROLE pgmesh LOGIN SUPERUSER") {
+		t.Errorf("stderr lacks %q and the fix:\n%s", want, out)
+	}
+	out = runDaemon(t, ctx, "--node-name", "a", "--dsn", pg.DSN(), "--tls-cert-file", "node.crt")
+	if want := "only one of tls_cert_file and tls_key_file is set"; !strings.Contains(out, want) {
+		t.Errorf("stderr lacks %q:\n%s", want, out)
+	}
+	out = runDaemon(t, ctx, "--node-name", "a", "--dsn", pg.DSN(), "--tls-cert-file", "node.crt", "--tls-key-file", "node.key")
+	if want := "tls_ca_file is not set"; !strings.Contains(out, want) {
+		t.Errorf("stderr lacks %q:\n%s", want, out)
+	}
+}
+
 func TestDaemonConfigErrors(t *testing.T) {
 	ctx := ctxFor(t)
 	port, _ := pgtest.FreePort()

@@ -85,18 +85,7 @@ func newNodes(t *testing.T, ctx context.Context, schema string, names ...string)
 			t.Fatal(err)
 		}
 		nodes = append(nodes, n)
-		t.Cleanup(func() {
-			if t.Failed() {
-				t.Logf("daemon log of %s:\n%s", n.Name, n.LogTail(3000))
-				if b, err := os.ReadFile(n.LogPath); err == nil {
-					keep := filepath.Join(os.TempDir(), fmt.Sprintf("pgmesh-%s-%s.log", t.Name(), n.Name))
-					if os.WriteFile(keep, b, 0o644) == nil {
-						t.Logf("full daemon log of %s kept in %s", n.Name, keep)
-					}
-				}
-			}
-			n.Remove()
-		})
+		keepLogs(t, n)
 		if schema != "" {
 			if err := n.PG.Exec(ctx, schema); err != nil {
 				t.Fatalf("schema on %s: %v", name, err)
@@ -114,6 +103,22 @@ func mesh(t *testing.T, ctx context.Context, schema string, names ...string) []*
 }
 
 // meshWith is mesh with extra `pgmesh run` arguments.
+// keepLogs removes n after the test, keeping its daemon log if it failed.
+func keepLogs(t *testing.T, n *localmesh.Node) {
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("daemon log of %s:\n%s", n.Name, n.LogTail(3000))
+			if b, err := os.ReadFile(n.LogPath); err == nil {
+				keep := filepath.Join(os.TempDir(), fmt.Sprintf("pgmesh-%s-%s.log", t.Name(), n.Name))
+				if os.WriteFile(keep, b, 0o644) == nil {
+					t.Logf("full daemon log of %s kept in %s", n.Name, keep)
+				}
+			}
+		}
+		n.Remove()
+	})
+}
+
 func meshWith(t *testing.T, ctx context.Context, schema string, args []string, names ...string) []*localmesh.Node {
 	t.Helper()
 	nodes := startNodesWith(t, ctx, schema, args, names...)

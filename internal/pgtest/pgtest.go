@@ -31,6 +31,8 @@ type Options struct {
 	Settings map[string]string
 	// Port to listen on; 0 picks a free one.
 	Port int
+	// ServerCert and ServerKey (PEM), when set, turn on SSL with them.
+	ServerCert, ServerKey []byte
 }
 
 // Cluster is one running (or stopped) throwaway PostgreSQL cluster.
@@ -132,6 +134,15 @@ func Start(ctx context.Context, opts Options) (*Cluster, error) {
 		"max_connections":         "100",
 		"log_line_prefix":         "'%m [%p] '",
 	}
+	if opts.ServerCert != nil {
+		for name, pem := range map[string][]byte{"server.crt": opts.ServerCert, "server.key": opts.ServerKey} {
+			if err := c.writeFile(filepath.Join(c.Data, name), pem); err != nil {
+				os.RemoveAll(dir)
+				return nil, err
+			}
+		}
+		conf["ssl"] = "on"
+	}
 	for k, v := range opts.Settings {
 		conf[k] = v
 	}
@@ -154,6 +165,18 @@ func Start(ctx context.Context, opts Options) (*Cluster, error) {
 		return nil, err
 	}
 	return c, nil
+}
+
+// writeFile writes a file only the server's user may read (Postgres
+// refuses a key file others can read).
+func (c *Cluster) writeFile(path string, data []byte) error {
+	if err := os.WriteFile(path, data, 0o600); err != nil {
+		return err
+	}
+	if c.cred != nil {
+		return os.Chown(path, int(c.cred.Uid), int(c.cred.Gid))
+	}
+	return nil
 }
 
 func unprivilegedUser() (*syscall.Credential, error) {
