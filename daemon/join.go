@@ -245,7 +245,7 @@ func (d *Daemon) copyAndActivate(ctx context.Context, req JoinRequest) error {
 		}
 	}
 
-	if err := d.copyFrom(ctx, source, snapshot.name, starts); err != nil {
+	if err := d.copyFrom(ctx, source, snapshot, starts); err != nil {
 		return err
 	}
 	repl.Close(ctx) // the snapshot is no longer needed
@@ -318,6 +318,7 @@ func waitApplied(ctx context.Context, api, peer string, lsn pglogrepl.LSN, timeo
 type exported struct {
 	name  string        // the snapshot, for SET TRANSACTION SNAPSHOT
 	start pglogrepl.LSN // where streaming the source starts
+	at    time.Time     // when it was taken, by the source's clock
 }
 
 // sourceSnapshot creates this node's slot on the source with an exported
@@ -339,6 +340,9 @@ func (d *Daemon) sourceSnapshot(ctx context.Context, repl *pgconn.PgConn, source
 	var progress map[string]pglogrepl.LSN
 	if err == nil {
 		progress, err = originProgress(ctx, conn)
+	}
+	if err == nil {
+		err = conn.QueryRow(ctx, `SELECT clock_timestamp()`).Scan(&snap.at)
 	}
 	held, rerr := resume(context.Background())
 	if err != nil {
@@ -407,7 +411,8 @@ type sourceTable struct {
 // copyFrom copies schema (when this database has none) and every
 // replicated table from the source under its exported snapshot, in one
 // local transaction that also records where each member's stream starts.
-func (d *Daemon) copyFrom(ctx context.Context, source *membership.Node, snapshot string, starts map[string]pglogrepl.LSN) error {
+func (d *Daemon) copyFrom(ctx context.Context, source *membership.Node, snap exported, starts map[string]pglogrepl.LSN) error {
+	snapshot := snap.name
 	scfg, err := pgx.ParseConfig(d.peerDSN(source))
 	if err != nil {
 		return err
@@ -451,6 +456,19 @@ func (d *Daemon) copyFrom(ctx context.Context, source *membership.Node, snapshot
 	}
 	d.join.update(func(s *JoinStatus) { s.TablesTotal, s.BytesTotal = len(tables), total })
 	d.phase("copying data")
+	// The copied rows carry the source's origin and the snapshot's time, as
+	// if the source had written them then: its later changes to them are
+	// ordinary sequential changes here, not conflicts (which they would
+	// lose against the copy's own, later commit time).
+	for name := range starts {
+		if _, err := dst.Exec(ctx, `SELECT pg_replication_origin_create($1)
+			WHERE NOT EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = $1)`, origin.Name(name)); err != nil {
+			return fmt.Errorf("create the replication origin of %s: %w", name, err)
+		}
+	}
+	if _, err := dst.Exec(ctx, `SELECT pg_replication_origin_session_setup($1)`, origin.Name(source.Name)); err != nil {
+		return fmt.Errorf("copy as %s's changes: %w", source.Name, err)
+	}
 	tx, err := dst.Begin(ctx)
 	if err != nil {
 		return err
@@ -478,11 +496,13 @@ func (d *Daemon) copyFrom(ctx context.Context, source *membership.Node, snapshot
 	}
 	// Streaming starts where the copy ends, atomically with the data.
 	for name, lsn := range starts {
-		if _, err := tx.Exec(ctx, `SELECT pg_replication_origin_create($1)
-			WHERE NOT EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = $1)`, origin.Name(name)); err != nil {
-			return err
+		if name == source.Name {
+			// The source's origin is this session's: its commit sets it.
+			_, err = tx.Exec(ctx, `SELECT pg_replication_origin_xact_setup($1::text::pg_lsn, $2)`, lsn.String(), snap.at)
+		} else {
+			_, err = tx.Exec(ctx, `SELECT pg_replication_origin_advance($1, $2::text::pg_lsn)`, origin.Name(name), lsn.String())
 		}
-		if _, err := tx.Exec(ctx, `SELECT pg_replication_origin_advance($1, $2::text::pg_lsn)`, origin.Name(name), lsn.String()); err != nil {
+		if err != nil {
 			return fmt.Errorf("set the start of %s's stream: %w", name, err)
 		}
 	}

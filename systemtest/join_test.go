@@ -290,3 +290,52 @@ func TestJoinSurvivesLeaderKill(t *testing.T) {
 		t.Fatalf("d has %d ledger rows, want 200001", got)
 	}
 }
+
+// The source updates rows while a new node copies them. Its updates commit
+// before the copy does, so by commit time they look older than the copied
+// rows; they must still win, as they do everywhere else: copied rows carry
+// the source's origin and the snapshot's time, so the source's later
+// changes are plain sequential changes, with no conflict.
+func TestJoinKeepsSourceUpdatesMadeDuringCopy(t *testing.T) {
+	ctx := ctxFor(t)
+	members := mesh(t, ctx, joinSchema, "a", "b")
+	a, b := members[0], members[1]
+	mustExec(t, ctx, a, `INSERT INTO ledger (id, node, n) SELECT g, repeat('x', 200), g FROM generate_series(1, 300000) g`)
+	if err := localmesh.CaughtUp(ctx, 120*time.Second, a, b); err != nil {
+		t.Fatal(err)
+	}
+	c := startNodes(t, ctx, "", "c")[0]
+	if _, stderr, err := c.CLI(ctx, "group", "join", "--no-wait", "--via", a.API, "--token", joinToken(t, ctx, a)); err != nil {
+		t.Fatalf("join: %v %s", err, stderr)
+	}
+	eventually(t, 60*time.Second, "copy under way", func() error {
+		rep, err := c.Status(ctx)
+		if err != nil {
+			return err
+		}
+		if rep.Join == nil || rep.Join.Phase != "copying data" {
+			return fmt.Errorf("join status %+v", rep.Join)
+		}
+		return nil
+	})
+	mustExec(t, ctx, a, `UPDATE ledger SET n = -n WHERE id <= 1000`)
+	eventually(t, 120*time.Second, "c active", func() error {
+		rep, err := c.Status(ctx)
+		if err != nil {
+			return err
+		}
+		if rep.State != "active" {
+			return fmt.Errorf("state %s, join %+v", rep.State, rep.Join)
+		}
+		return nil
+	})
+	all := []*localmesh.Node{a, b, c}
+	if err := localmesh.CaughtUp(ctx, 120*time.Second, all...); err != nil {
+		t.Fatal(err)
+	}
+	if got := count(t, ctx, c, `SELECT count(*) FROM ledger WHERE n < 0`); got != 1000 {
+		t.Fatalf("c has %d of the 1000 rows a updated during the copy", got)
+	}
+	converged(t, ctx, 60*time.Second, "ledger", all...)
+	assertNoConflicts(t, ctx, c)
+}
