@@ -17,11 +17,11 @@ const minSlots = 4
 // sentence per problem, each naming the cause and the fix.
 func preflight(ctx context.Context, conn *pgx.Conn) error {
 	var (
-		version                   int
-		walLevel, commitTS        string
-		slots, senders            int
-		super                     bool
-		user                      string
+		version            int
+		walLevel, commitTS string
+		slots, senders     int
+		super              bool
+		user               string
 	)
 	err := conn.QueryRow(ctx, `SELECT current_setting('server_version_num')::int,
 		current_setting('wal_level'), current_setting('track_commit_timestamp'),
