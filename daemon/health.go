@@ -161,6 +161,7 @@ var (
 	descRows         = prometheus.NewDesc("pgmesh_applied_rows_total", "Row changes applied here.", []string{"peer"}, nil)
 	descDropped      = prometheus.NewDesc("pgmesh_forwarded_transactions_dropped_total", "Transactions a peer forwarded from a third node, dropped (loop prevention).", []string{"peer"}, nil)
 	descErrors       = prometheus.NewDesc("pgmesh_apply_errors_total", "Times the stream from the peer stopped on an error.", []string{"peer"}, nil)
+	descRetried      = prometheus.NewDesc("pgmesh_apply_retried_transactions_total", "Transactions that left the pipelined fast path and were applied again carefully.", []string{"peer"}, nil)
 	descConflicts    = prometheus.NewDesc("pgmesh_conflicts_total", "Conflicts settled here, by type and resolution.", []string{"peer", "type", "resolution"}, nil)
 	descSlotRetained = prometheus.NewDesc("pgmesh_slot_retained_wal_bytes", "WAL the peer's slot holds back on this node.", []string{"peer"}, nil)
 	descSlotLagging  = prometheus.NewDesc("pgmesh_slot_lagging", "1 when the peer's slot holds more WAL than wal_retention_warn.", []string{"peer"}, nil)
@@ -190,6 +191,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		counter(descRows, float64(p.AppliedRows), p.Peer)
 		counter(descDropped, float64(p.DroppedTxns), p.Peer)
 		counter(descErrors, float64(p.Errors), p.Peer)
+		counter(descRetried, float64(p.RetriedTxns), p.Peer)
 		for kind, n := range p.ConflictsByResolution {
 			typ, res := splitKind(kind)
 			counter(descConflicts, float64(n), p.Peer, typ, res)

@@ -55,6 +55,7 @@ type applier struct {
 	applied      pglogrepl.LSN // origin progress once everything sent commits
 	confirmedEnd pglogrepl.LSN // committed here since handle last returned
 	carefulFor   int           // transactions to apply carefully before trying fast again
+	bulk         *fastTxn      // the large transaction being applied in bulk (bulk.go)
 	hadConflict  bool          // the last careful transaction logged a conflict
 }
 
@@ -844,6 +845,7 @@ func (a *applier) ddl(ctx context.Context, content []byte) error {
 
 // rollback abandons an open local transaction after an error.
 func (a *applier) rollback(ctx context.Context) {
+	a.bulk = nil
 	if a.pl != nil {
 		_ = a.pl.Close() // the connection is closed next
 		a.pl = nil

@@ -54,6 +54,14 @@ type fastTxn struct {
 	commitTS time.Time
 	changes  int64
 	skip     bool
+	touched  map[uint32]bool // relations this transaction changed
+}
+
+func (t *fastTxn) touch(rel uint32) {
+	if t.touched == nil {
+		t.touched = map[uint32]bool{}
+	}
+	t.touched[rel] = true
 }
 
 type fastStmt struct {
@@ -87,6 +95,9 @@ func (a *applier) takeConfirmed() pglogrepl.LSN {
 }
 
 func (a *applier) handleMsg(ctx context.Context, data []byte) error {
+	if a.bulk != nil {
+		return a.bulkMsg(ctx, data)
+	}
 	if a.careful {
 		end, err := a.handleCareful(ctx, data)
 		if end > 0 {
@@ -147,20 +158,37 @@ func (a *applier) handleMsg(ctx context.Context, data []byte) error {
 		t.msgs = append(t.msgs, bytes.Clone(data))
 		return nil
 	}
+	if rm, ok := msg.(*pglogrepl.RelationMessage); ok && !t.touched[rm.RelationID] {
+		// A table's (new) description, before this transaction changes it:
+		// transactions in flight must not be replayed with it, so they are
+		// confirmed first.
+		if err := a.drain(ctx); err != nil {
+			return err
+		}
+		t.msgs = append(t.msgs, bytes.Clone(data))
+		a.rels[rm.RelationID] = newRelation(rm)
+		return nil
+	}
 	if _, ok := msg.(*pglogrepl.RelationMessage); !ok && t.skip {
 		return nil
 	}
 	t.msgs = append(t.msgs, bytes.Clone(data))
 	t.size += len(data)
 	t.changes++
+	if (t.size > fastMaxTxnBytes || t.changes > fastMaxTxnChanges) && a.fastBegin.FinalLSN != a.cfg.retryCarefully {
+		return a.toBulk(ctx, t)
+	}
 	err = errNotFast
 	if t.size <= fastMaxTxnBytes && t.changes <= fastMaxTxnChanges {
 		switch m := msg.(type) {
 		case *pglogrepl.InsertMessage:
+			t.touch(m.RelationID)
 			err = a.fastInsert(ctx, t, m)
 		case *pglogrepl.UpdateMessage:
+			t.touch(m.RelationID)
 			err = a.fastUpdate(ctx, t, m)
 		case *pglogrepl.DeleteMessage:
+			t.touch(m.RelationID)
 			err = a.fastDelete(ctx, t, m)
 		}
 	}
@@ -449,10 +477,10 @@ WHERE CASE WHEN coalesce(pg_catalog.pg_replication_origin_session_progress(false
 func (a *applier) busy() bool { return len(a.queued)+len(a.sent) > 0 }
 
 // between reports whether the stream is between transactions.
-func (a *applier) between() bool { return a.fast == nil && !a.careful }
+func (a *applier) between() bool { return a.fast == nil && !a.careful && a.bulk == nil }
 
 // quiet reports whether no transaction is open or unconfirmed.
-func (a *applier) quiet() bool { return !a.busy() && a.fast == nil && !a.careful }
+func (a *applier) quiet() bool { return !a.busy() && a.between() }
 
 // idle is called when the stream has nothing more to read for now: it
 // confirms the batch in flight and sends what is queued.

@@ -44,6 +44,10 @@ type Config struct {
 	StatusInterval time.Duration
 	// Gate, when set, can hold the stream between transactions.
 	Gate *Gate
+
+	// retryCarefully is a large transaction (FinalLSN) whose bulk apply
+	// failed: streamed again, it takes the careful path.
+	retryCarefully pglogrepl.LSN
 }
 
 // Stream replicates one peer into the local database until its context ends.
@@ -79,6 +83,13 @@ func (s *Stream) Run(ctx context.Context) {
 		s.stats.setConnected(false)
 		if ctx.Err() != nil {
 			return
+		}
+		var retry *retryCarefully
+		if errors.As(err, &retry) {
+			s.log.Info("a large transaction did not apply in bulk; applying it carefully", "err", err)
+			s.cfg.retryCarefully = retry.lsn
+			s.stats.fallback(1)
+			continue
 		}
 		if transient(err) {
 			// A deadlock or serialization failure against local writers:

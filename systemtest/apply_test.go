@@ -133,3 +133,46 @@ func assertNoConflicts(t *testing.T, ctx context.Context, nodes ...*localmesh.No
 		}
 	}
 }
+
+// A transaction too large to hold (50,000 rows) is applied in bulk; when
+// one of its rows collides with a local row, the whole transaction is
+// applied again on the careful path, which settles and logs the conflict.
+func TestLargeTransactionWithConflict(t *testing.T) {
+	ctx := ctxFor(t)
+	nodes := mesh(t, ctx, `CREATE TABLE big (id int PRIMARY KEY, who text NOT NULL)`, "a", "b")
+	a, b := nodes[0], nodes[1]
+	for _, n := range nodes { // both write while neither replicates
+		if err := n.Stop(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	mustExec(t, ctx, b, `INSERT INTO big VALUES (25000, 'b')`)
+	// A small transaction first: it carries the table's description, which
+	// sends the first transaction after a reconnect down the careful path.
+	mustExec(t, ctx, a, `INSERT INTO big VALUES (0, 'a')`)
+	mustExec(t, ctx, a, `INSERT INTO big SELECT g, 'a' FROM generate_series(1, 50000) g`)
+	for _, n := range nodes {
+		if err := n.Start(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := localmesh.CaughtUp(ctx, 120*time.Second, a, b); err != nil {
+		t.Fatal(err)
+	}
+	converged(t, ctx, 30*time.Second, "big", a, b)
+	if got := count(t, ctx, b, `SELECT count(*) FROM big WHERE who = 'a'`); got != 50001 {
+		t.Fatalf("b has %d of a's 50001 rows", got)
+	}
+	if got := count(t, ctx, b, `SELECT count(*) FROM pgmesh.conflict_history WHERE conflict_type = 'insert_exists' AND key_tuple = '{"id": 25000}'`); got != 1 {
+		t.Fatalf("b logged %d insert_exists conflicts for id 25000, want 1", got)
+	}
+	rep, err := b.Status(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range rep.Peers {
+		if p.Peer == "a" && p.RetriedTxns < 1 {
+			t.Fatalf("b's stream from a retried %d transactions carefully, want the large one", p.RetriedTxns)
+		}
+	}
+}

@@ -74,12 +74,14 @@ func TestHealthAndMetrics(t *testing.T) {
 			return err
 		}
 		checks := map[string]func(float64) bool{
-			`pgmesh_peer_connected{peer="b"}`:                                                         func(v float64) bool { return v == 1 },
-			`pgmesh_applied_transactions_total{peer="b"}`:                                             func(v float64) bool { return v >= 200 },
-			`pgmesh_applied_rows_total{peer="b"}`:                                                     func(v float64) bool { return v >= 200 },
-			`pgmesh_peer_lag_bytes{peer="b"}`:                                                         func(v float64) bool { return v >= 0 },
-			`pgmesh_peer_lag_seconds{peer="b"}`:                                                       func(v float64) bool { return v >= 0 && v < 60 },
-			`pgmesh_apply_errors_total{peer="b"}`:                                                     func(v float64) bool { return v == 0 },
+			`pgmesh_peer_connected{peer="b"}`:             func(v float64) bool { return v == 1 },
+			`pgmesh_applied_transactions_total{peer="b"}`: func(v float64) bool { return v >= 200 },
+			`pgmesh_applied_rows_total{peer="b"}`:         func(v float64) bool { return v >= 200 },
+			`pgmesh_peer_lag_bytes{peer="b"}`:             func(v float64) bool { return v >= 0 },
+			`pgmesh_peer_lag_seconds{peer="b"}`:           func(v float64) bool { return v >= 0 && v < 60 },
+			`pgmesh_apply_errors_total{peer="b"}`:         func(v float64) bool { return v == 0 },
+			// The conflicting update left the fast path.
+			`pgmesh_apply_retried_transactions_total{peer="b"}`:                                       func(v float64) bool { return v >= 1 },
 			`pgmesh_conflicts_total{peer="b",resolution="apply_remote",type="update_origin_differs"}`: func(v float64) bool { return v == 1 },
 			`pgmesh_slot_retained_wal_bytes{peer="b"}`:                                                func(v float64) bool { return v >= 0 },
 			`pgmesh_nodes{state="active"}`:                                                            func(v float64) bool { return v == 2 },

@@ -10,6 +10,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net"
 	"os"
 	"os/exec"
@@ -17,6 +18,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -70,14 +72,51 @@ func FindBinDir() (string, error) {
 	return best, nil
 }
 
-// FreePort asks the kernel for a free TCP port on 127.0.0.1.
+// FreePort returns a TCP port on 127.0.0.1 that is free now and stays out
+// of the kernel's way (see below).
 func FreePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
+	// Below the kernel's ephemeral range, so that no port picked here is
+	// handed out meanwhile to an outgoing connection or a listener on
+	// port 0 (test proxies), and never twice in one process.
+	low, _ := ephemeralLow()
+	freeMu.Lock()
+	defer freeMu.Unlock()
+	for range 1000 {
+		p := 10000 + rand.IntN(max(low-10000, 1000))
+		if handedOut[p] {
+			continue
+		}
+		l, err := net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(p))
+		if err != nil {
+			continue
+		}
+		l.Close()
+		handedOut[p] = true
+		return p, nil
 	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
+	return 0, errors.New("no free port found below the ephemeral range")
+}
+
+var (
+	freeMu    sync.Mutex
+	handedOut = map[int]bool{}
+)
+
+// ephemeralLow is the start of the kernel's ephemeral port range.
+func ephemeralLow() (int, error) {
+	b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
+	if err != nil {
+		return 32768, err
+	}
+	f := strings.Fields(string(b))
+	if len(f) == 0 {
+		return 32768, nil
+	}
+	low, err := strconv.Atoi(f[0])
+	if err != nil || low <= 11000 {
+		return 32768, err
+	}
+	return low, nil
 }
 
 // Start runs initdb and starts the server. The caller must Remove the cluster.
