@@ -352,11 +352,13 @@ func (a *applier) addStmt(ctx context.Context, t *fastTxn, sql string, vals [][]
 	return nil
 }
 
-// lastWriterIsPeer is true for a row whose last change came from this peer:
-// an ordinary sequential change, which last-update-wins applies without a
-// conflict. Anything else is settled on the careful path.
+// lastWriterIsPeer is true for a row whose last change came from this peer
+// (or from this very transaction): an ordinary sequential change, which
+// last-update-wins applies without a conflict. Anything else is settled on
+// the careful path.
 func (a *applier) lastWriterIsPeer() string {
 	return fmt.Sprintf(`CASE WHEN (pg_catalog.pg_xact_commit_timestamp_origin(t.xmin)).roident = %d THEN true
+	WHEN t.xmin = (pg_catalog.pg_current_xact_id_if_assigned()::text::numeric %% 4294967296)::text::xid THEN true
 	ELSE pgmesh.apply_conflict('the row was last written elsewhere') END`, a.roident)
 }
 
