@@ -107,7 +107,7 @@ func (a *applier) bulkFlush(ctx context.Context) error {
 	}
 	b := &pgconn.Batch{}
 	for _, s := range t.stmts {
-		b.ExecPrepared(s.name, s.params, nil, nil)
+		b.ExecPrepared(s.name, s.params, s.formats, nil)
 	}
 	t.stmts = t.stmts[:0]
 	_, err := a.pc.ExecBatch(ctx, b).ReadAll()

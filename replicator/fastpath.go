@@ -65,8 +65,9 @@ func (t *fastTxn) touch(rel uint32) {
 }
 
 type fastStmt struct {
-	name   string
-	params [][]byte
+	name    string
+	params  [][]byte
+	formats []int16 // nil: all text
 }
 
 // insertRun gathers consecutive inserts into one relation with one column
@@ -303,7 +304,7 @@ func (a *applier) finishRun(ctx context.Context, t *fastTxn) error {
 			for j, row := range run.rows {
 				col[j] = pgtype.Text{String: string(row[i]), Valid: row[i] != nil}
 			}
-			enc, err := a.types.Encode(pgtype.TextArrayOID, pgtype.TextFormatCode, col, nil)
+			enc, err := a.types.Encode(pgtype.TextArrayOID, pgtype.BinaryFormatCode, col, nil)
 			if err != nil {
 				return fmt.Errorf("encode values of %s: %w", r.qualified, err)
 			}
@@ -340,15 +341,23 @@ func (a *applier) finishRun(ctx context.Context, t *fastTxn) error {
 	}
 	sql := fmt.Sprintf("INSERT INTO %s (%s)%s SELECT %s%s%s", r.qualified, strings.Join(names, ", "), override,
 		strings.Join(exprs, ", "), from, where)
-	return a.addStmt(ctx, t, sql, p.vals)
+	if from != "" {
+		// Arrays travel in binary (the relation's name, text, reads the
+		// same either way): no quoting to write or parse.
+		return a.addStmt(ctx, t, sql, p.vals, binaryParams)
+	}
+	return a.addStmt(ctx, t, sql, p.vals, nil)
 }
 
-func (a *applier) addStmt(ctx context.Context, t *fastTxn, sql string, vals [][]byte) error {
+// binaryParams marks every parameter of a statement as binary.
+var binaryParams = []int16{pgtype.BinaryFormatCode}
+
+func (a *applier) addStmt(ctx context.Context, t *fastTxn, sql string, vals [][]byte, formats []int16) error {
 	name, err := a.prepare(ctx, sql)
 	if err != nil {
 		return errNotFast // the careful path reports what is wrong
 	}
-	t.stmts = append(t.stmts, fastStmt{name: name, params: vals})
+	t.stmts = append(t.stmts, fastStmt{name: name, params: vals, formats: formats})
 	return nil
 }
 
@@ -397,7 +406,7 @@ func (a *applier) fastUpdate(ctx context.Context, t *fastTxn, m *pglogrepl.Updat
 	}
 	sql := fmt.Sprintf("WITH c AS (UPDATE %s t SET %s WHERE %s AND %s RETURNING 1)", r.qualified,
 		strings.Join(sets, ", "), r.where(&p, r.pk, keyVals, false), a.lastWriterIsPeer()) + expectOneRow
-	return a.addStmt(ctx, t, sql, p.vals)
+	return a.addStmt(ctx, t, sql, p.vals, nil)
 }
 
 func (a *applier) fastDelete(ctx context.Context, t *fastTxn, m *pglogrepl.DeleteMessage) error {
@@ -426,7 +435,7 @@ func (a *applier) fastDelete(ctx context.Context, t *fastTxn, m *pglogrepl.Delet
 	      SELECT %s, c.k, %s::timestamptz, %s FROM c`+tombstoneUpsert+`)`,
 		r.qualified, r.where(&p, r.pk, keyVals, false), a.lastWriterIsPeer(), strings.Join(kv, ", "),
 		p.add([]byte(r.tombName)), p.add([]byte(pgTime(a.fastBegin.CommitTime))), p.add([]byte(a.cfg.Peer.Name))) + expectOneRow
-	return a.addStmt(ctx, t, sql, p.vals)
+	return a.addStmt(ctx, t, sql, p.vals, nil)
 }
 
 // fastCommit queues the transaction: a first statement checks the order and
@@ -518,7 +527,7 @@ func (a *applier) send(ctx context.Context) error {
 			continue
 		}
 		for _, s := range t.stmts {
-			a.pl.SendQueryPrepared(s.name, s.params, nil, nil)
+			a.pl.SendQueryPrepared(s.name, s.params, s.formats, nil)
 		}
 		a.pl.SendPipelineSync()
 	}
