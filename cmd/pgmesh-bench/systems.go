@@ -62,6 +62,12 @@ func (p *meshPair) release(ctx context.Context) error {
 	return localmesh.WaitConnected(ctx, 30*time.Second, p.a, p.b)
 }
 
+// settle waits for both streams: on PostgreSQL 15 the sender's daemon also
+// reads back every transaction the receiver applied (and drops it).
+func (p *meshPair) settle(ctx context.Context) error {
+	return localmesh.CaughtUp(ctx, 5*time.Minute, p.a, p.b)
+}
+
 func (p *meshPair) close() {
 	// A clean stop, so that a daemon's CPU profile (-profile) is written.
 	_ = p.a.Stop()
@@ -128,6 +134,8 @@ func (p *nativePair) release(ctx context.Context) error {
 	}
 	return waitFor(ctx, p.b, `SELECT count(*) FROM pg_stat_subscription WHERE pid IS NOT NULL AND $1::int = 1`, 1)
 }
+
+func (p *nativePair) settle(context.Context) error { return nil }
 
 func (p *nativePair) close() {
 	if p.a != nil {
