@@ -37,6 +37,6 @@ bench:
 # its load or fault for SOAK. make soak SOAK=10m SEED=42
 SOAK ?= 5m
 SEED ?=
-SOAK_TESTS = TestRandomizedConvergence|TestRegionCutOffAndHealed|TestFlappingLink|TestThinLink|TestFourRegionsWANLatency
+SOAK_TESTS = TestRandomizedConvergence|TestRegionCutOffAndHealed|TestFlappingLink|TestOneWayStall|TestThinLink|TestFourRegionsWANLatency
 soak:
 	PGMESH_SOAK=$(SOAK) PGMESH_SEED=$(SEED) $(GO) test -tags integration -count=1 -timeout 0 -run '$(SOAK_TESTS)' -v ./systemtest/

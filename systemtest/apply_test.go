@@ -112,9 +112,25 @@ func TestPeerPostgresRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 	insertRange(1001, 1500)
+	// b's daemon starts while a's Postgres is down: it runs, says why the
+	// stream from a is not there, and streams once a is back.
+	if err := b.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.PG.Stop(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	statusSays(t, b, "stream from a:", "connect to peer \"a\"")
+	if err := a.PG.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	insertRange(1501, 2000)
 	eventually(t, 60*time.Second, "b caught up", func() error {
-		if n := count(t, ctx, b, `SELECT count(*) FROM items`); n != 1500 {
-			return fmt.Errorf("b has %d of 1500 rows", n)
+		if n := count(t, ctx, b, `SELECT count(*) FROM items`); n != 2000 {
+			return fmt.Errorf("b has %d of 2000 rows", n)
 		}
 		return nil
 	})

@@ -35,7 +35,8 @@ func statusSays(t *testing.T, n *localmesh.Node, want ...string) {
 func TestBadInputStopsAndResumes(t *testing.T) {
 	ctx := ctxFor(t)
 	nodes := mesh(t, ctx, `CREATE TABLE items (id int PRIMARY KEY, name varchar(50), extra text);
-		CREATE TABLE notes (id int PRIMARY KEY, body text)`, "a", "b")
+		CREATE TABLE notes (id int PRIMARY KEY, body text);
+		CREATE TABLE nums (id int PRIMARY KEY, v text)`, "a", "b")
 	a, b := nodes[0], nodes[1]
 
 	// 1. b lacks a column a sends.
@@ -59,7 +60,17 @@ func TestBadInputStopsAndResumes(t *testing.T) {
 	mustExec(t, ctx, b, `ALTER TABLE items ALTER COLUMN name TYPE varchar(50)`)
 	converged(t, ctx, 30*time.Second, "items", a, b)
 
-	// 3. A table dropped on b.
+	// 3. A column of another type on b, which a's values do not fit.
+	mustExec(t, ctx, b, `ALTER TABLE nums ALTER COLUMN v TYPE int USING v::int`)
+	mustExec(t, ctx, a, `INSERT INTO nums VALUES (1, '12'), (2, 'not a number')`)
+	statusSays(t, b, `invalid input syntax for type integer: "not a number"`)
+	if n := count(t, ctx, b, `SELECT count(*) FROM nums`); n != 0 {
+		t.Fatalf("b applied part of the transaction: %d rows", n)
+	}
+	mustExec(t, ctx, b, `ALTER TABLE nums ALTER COLUMN v TYPE text`)
+	converged(t, ctx, 30*time.Second, "nums", a, b)
+
+	// 4. A table dropped on b.
 	mustExec(t, ctx, b, `DROP TABLE notes`)
 	mustExec(t, ctx, a, `INSERT INTO notes VALUES (1, 'kept')`)
 	statusSays(t, b, `table "public"."notes" sent by peer "a" does not exist on this node`)

@@ -139,6 +139,21 @@ func TestFlappingLink(t *testing.T) {
 	})
 }
 
+// One direction of a link goes silent without closing (a route lost one
+// way): the peer's changes stop arriving at a while a's feedback still
+// reaches b; then the route comes back.
+func TestOneWayStall(t *testing.T) {
+	ctx := ctxFor(t)
+	nodes, links := proxiedMesh(t, ctx, joinSchema, "a", "b")
+	underLoad(t, ctx, nodes, func() {
+		time.Sleep(time.Second)
+		links[link{"a", "b"}].Stall(true) // b's Postgres to a's daemon
+		time.Sleep(faultTime(t, 3*time.Second))
+		links[link{"a", "b"}].Heal()
+		time.Sleep(time.Second)
+	})
+}
+
 // A thin pipe between two regions (128 kB/s each way, with latency): the
 // stream falls behind under load and catches up once the load stops.
 func TestThinLink(t *testing.T) {

@@ -1,6 +1,6 @@
 // Package faultproxy is a TCP proxy for tests that misbehaves on demand:
-// it adds latency and jitter, throttles bandwidth, cuts a link (existing
-// connections reset, new ones refused) and heals it. Tests place one on each link they want to
+// it adds latency and jitter, throttles bandwidth, stalls one direction,
+// cuts a link (existing connections reset, new ones refused) and heals it. Tests place one on each link they want to
 // control; it only ever listens on and dials loopback addresses it is given.
 package faultproxy
 
@@ -25,10 +25,11 @@ type Proxy struct {
 	cut     bool
 	// limit caps each direction's bytes per second, shared by every
 	// connection (nil: unlimited).
-	limit  map[bool]*rate.Limiter
-	conns  map[net.Conn]bool
-	closed bool
-	wg     sync.WaitGroup
+	limit   map[bool]*rate.Limiter
+	stalled map[bool]bool // directions that forward nothing until Heal
+	conns   map[net.Conn]bool
+	closed  bool
+	wg      sync.WaitGroup
 }
 
 // New listens on 127.0.0.1 (a free port) and forwards to target.
@@ -37,7 +38,7 @@ func New(target string) (*Proxy, error) {
 	if err != nil {
 		return nil, err
 	}
-	p := &Proxy{ln: ln, target: target, conns: map[net.Conn]bool{}}
+	p := &Proxy{ln: ln, target: target, conns: map[net.Conn]bool{}, stalled: map[bool]bool{}}
 	p.wg.Add(1)
 	go p.accept()
 	return p, nil
@@ -83,10 +84,20 @@ func (p *Proxy) Cut() {
 	p.Reset()
 }
 
-// Heal lets connections through again.
+// Stall stops forwarding in one direction (back: from the target to the
+// client) without closing anything, like a route lost one way: bytes wait
+// in the kernel's buffers, and the peer's sends block, until Heal.
+func (p *Proxy) Stall(back bool) {
+	p.mu.Lock()
+	p.stalled[back] = true
+	p.mu.Unlock()
+}
+
+// Heal lets connections through again, both ways.
 func (p *Proxy) Heal() {
 	p.mu.Lock()
 	p.cut = false
+	clear(p.stalled)
 	p.mu.Unlock()
 }
 
@@ -151,6 +162,9 @@ func (p *Proxy) pipe(src, dst net.Conn, back bool) {
 	}()
 	buf := make([]byte, chunk)
 	for {
+		for p.isStalled(back) {
+			time.Sleep(10 * time.Millisecond)
+		}
 		n, err := src.Read(buf)
 		if n > 0 {
 			p.mu.Lock()
@@ -176,4 +190,10 @@ func (p *Proxy) pipe(src, dst net.Conn, back bool) {
 			return // EOF or a reset: close both sides
 		}
 	}
+}
+
+func (p *Proxy) isStalled(back bool) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.stalled[back] && !p.closed
 }

@@ -91,3 +91,30 @@ func TestCutRefusesAndHealRestores(t *testing.T) {
 		t.Fatalf("sink got %d bytes after heal, want 5", n)
 	}
 }
+
+func TestStallHoldsOneDirectionUntilHeal(t *testing.T) {
+	addr, got := sink(t)
+	p, err := New(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	c, err := net.Dial("tcp", p.Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.Stall(false) // client to target
+	if _, err := c.Write([]byte("held")); err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	select {
+	case n := <-got:
+		t.Fatalf("the sink got %d bytes through a stalled direction", n)
+	case <-time.After(200 * time.Millisecond):
+	}
+	p.Heal()
+	if n := <-got; n != 4 {
+		t.Fatalf("after heal the sink got %d bytes, want 4", n)
+	}
+}
