@@ -67,18 +67,8 @@ func (a *applier) bulkMsg(ctx context.Context, data []byte) error {
 		}
 		a.rels[m.RelationID] = newRelation(m)
 		return nil
-	case *pglogrepl.InsertMessage:
-		t.touch(m.RelationID)
-		err = a.fastInsert(ctx, t, m)
-		if err == nil && len(a.run.rows) >= fastMaxRun {
-			err = a.finishRun(ctx, t)
-		}
-	case *pglogrepl.UpdateMessage:
-		t.touch(m.RelationID)
-		err = a.fastUpdate(ctx, t, m)
-	case *pglogrepl.DeleteMessage:
-		t.touch(m.RelationID)
-		err = a.fastDelete(ctx, t, m)
+	case *pglogrepl.InsertMessage, *pglogrepl.UpdateMessage, *pglogrepl.DeleteMessage:
+		err = a.fastChange(ctx, t, msg)
 	case *pglogrepl.CommitMessage:
 		return a.bulkCommit(ctx, m)
 	case *pglogrepl.TypeMessage:

@@ -181,22 +181,29 @@ func (a *applier) handleMsg(ctx context.Context, data []byte) error {
 	}
 	err = errNotFast
 	if t.size <= fastMaxTxnBytes && t.changes <= fastMaxTxnChanges {
-		switch m := msg.(type) {
-		case *pglogrepl.InsertMessage:
-			t.touch(m.RelationID)
-			err = a.fastInsert(ctx, t, m)
-		case *pglogrepl.UpdateMessage:
-			t.touch(m.RelationID)
-			err = a.fastUpdate(ctx, t, m)
-		case *pglogrepl.DeleteMessage:
-			t.touch(m.RelationID)
-			err = a.fastDelete(ctx, t, m)
-		}
+		err = a.fastChange(ctx, t, msg)
 	}
 	if errors.Is(err, errNotFast) {
 		return a.toCareful(ctx, t)
 	}
 	return err
+}
+
+// fastChange builds the statements for an insert, update or delete; any
+// other message is errNotFast.
+func (a *applier) fastChange(ctx context.Context, t *fastTxn, msg pglogrepl.Message) error {
+	switch m := msg.(type) {
+	case *pglogrepl.InsertMessage:
+		t.touch(m.RelationID)
+		return a.fastInsert(ctx, t, m)
+	case *pglogrepl.UpdateMessage:
+		t.touch(m.RelationID)
+		return a.fastUpdate(ctx, t, m)
+	case *pglogrepl.DeleteMessage:
+		t.touch(m.RelationID)
+		return a.fastDelete(ctx, t, m)
+	}
+	return errNotFast
 }
 
 // toCareful applies the transaction read so far on the careful path, after

@@ -245,6 +245,18 @@ func (s *Stream) receive(ctx context.Context, repl *pgconn.PgConn, a *applier, f
 	lastHeard := time.Now()
 	silence := max(15*time.Second, 10*s.cfg.StatusInterval)
 	nextStatus := time.Now()
+	// committed records that everything up to end is committed here, and
+	// confirms it soon: peers waiting in wait_for_peers see it.
+	committed := func(end pglogrepl.LSN) {
+		if end == 0 {
+			return
+		}
+		flushed, received = max(flushed, end), max(received, end)
+		s.stats.setApplied(flushed)
+		if soon := time.Now().Add(10 * time.Millisecond); soon.Before(nextStatus) {
+			nextStatus = soon
+		}
+	}
 	for {
 		if ctx.Err() != nil {
 			return ctx.Err()
@@ -255,10 +267,7 @@ func (s *Stream) receive(ctx context.Context, repl *pgconn.PgConn, a *applier, f
 			if err := a.drain(ctx); err != nil {
 				return err
 			}
-			if end := a.takeConfirmed(); end > 0 {
-				flushed, received = max(flushed, end), max(received, end)
-				s.stats.setApplied(flushed)
-			}
+			committed(a.takeConfirmed())
 			s.cfg.Gate.yield()
 		}
 		if now := time.Now(); !now.Before(nextStatus) {
@@ -298,13 +307,7 @@ func (s *Stream) receive(ctx context.Context, repl *pgconn.PgConn, a *applier, f
 					if err != nil {
 						return err
 					}
-					if end > 0 {
-						flushed, received = max(flushed, end), max(received, end)
-						s.stats.setApplied(flushed)
-						if soon := time.Now().Add(10 * time.Millisecond); soon.Before(nextStatus) {
-							nextStatus = soon
-						}
-					}
+					committed(end)
 				}
 				continue
 			}
@@ -341,14 +344,7 @@ func (s *Stream) receive(ctx context.Context, repl *pgconn.PgConn, a *applier, f
 				if err != nil {
 					return err
 				}
-				if end > 0 {
-					flushed, received = max(flushed, end), max(received, end)
-					s.stats.setApplied(flushed)
-					// Confirm soon: peers waiting in wait_for_peers see it.
-					if soon := time.Now().Add(10 * time.Millisecond); soon.Before(nextStatus) {
-						nextStatus = soon
-					}
-				}
+				committed(end)
 			}
 		case *pgproto3.ErrorResponse:
 			return fmt.Errorf("peer %q: %w", s.cfg.Peer.Name, pgconn.ErrorResponseToPgError(msg))
