@@ -242,16 +242,7 @@ func TestJoinSurvivesLeaderKill(t *testing.T) {
 	if _, stderr, err := d.CLI(ctx, "group", "join", "--no-wait", "--via", b.API, "--token", token); err != nil {
 		t.Fatalf("join: %v %s", err, stderr)
 	}
-	eventually(t, 60*time.Second, "copy under way", func() error {
-		rep, err := d.Status(ctx)
-		if err != nil {
-			return err
-		}
-		if rep.Join == nil || rep.Join.Phase != "copying data" {
-			return fmt.Errorf("join status %+v", rep.Join)
-		}
-		return nil
-	})
+	copying(t, d)
 	if err := a.Kill(); err != nil { // a created the group: it leads Raft
 		t.Fatal(err)
 	}
@@ -308,16 +299,7 @@ func TestJoinKeepsSourceUpdatesMadeDuringCopy(t *testing.T) {
 	if _, stderr, err := c.CLI(ctx, "group", "join", "--no-wait", "--via", a.API, "--token", joinToken(t, ctx, a)); err != nil {
 		t.Fatalf("join: %v %s", err, stderr)
 	}
-	eventually(t, 60*time.Second, "copy under way", func() error {
-		rep, err := c.Status(ctx)
-		if err != nil {
-			return err
-		}
-		if rep.Join == nil || rep.Join.Phase != "copying data" {
-			return fmt.Errorf("join status %+v", rep.Join)
-		}
-		return nil
-	})
+	copying(t, c)
 	mustExec(t, ctx, a, `UPDATE ledger SET n = -n WHERE id <= 1000`)
 	eventually(t, 120*time.Second, "c active", func() error {
 		rep, err := c.Status(ctx)
@@ -338,4 +320,19 @@ func TestJoinKeepsSourceUpdatesMadeDuringCopy(t *testing.T) {
 	}
 	converged(t, ctx, 60*time.Second, "ledger", all...)
 	assertNoConflicts(t, ctx, c)
+}
+
+// copying waits until n's join is copying data.
+func copying(t *testing.T, n *localmesh.Node) {
+	t.Helper()
+	eventually(t, 60*time.Second, "copy under way", func() error {
+		rep, err := n.Status(ctxFor(t))
+		if err != nil {
+			return err
+		}
+		if rep.Join == nil || rep.Join.Phase != "copying data" {
+			return fmt.Errorf("join status %+v", rep.Join)
+		}
+		return nil
+	})
 }
