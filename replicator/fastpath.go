@@ -176,13 +176,13 @@ func (a *applier) handleMsg(ctx context.Context, data []byte) error {
 	t.msgs = append(t.msgs, bytes.Clone(data))
 	t.size += len(data)
 	t.changes++
-	if (t.size > fastMaxTxnBytes || t.changes > fastMaxTxnChanges) && a.fastBegin.FinalLSN != a.cfg.retryCarefully {
+	if t.size > fastMaxTxnBytes || t.changes > fastMaxTxnChanges {
+		if a.fastBegin.FinalLSN == a.cfg.retryCarefully { // its bulk apply failed before
+			return a.toCareful(ctx, t)
+		}
 		return a.toBulk(ctx, t)
 	}
-	err = errNotFast
-	if t.size <= fastMaxTxnBytes && t.changes <= fastMaxTxnChanges {
-		err = a.fastChange(ctx, t, msg)
-	}
+	err = a.fastChange(ctx, t, msg)
 	if errors.Is(err, errNotFast) {
 		return a.toCareful(ctx, t)
 	}

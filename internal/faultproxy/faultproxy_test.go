@@ -32,13 +32,20 @@ func sink(t *testing.T) (addr string, got chan int64) {
 	return ln.Addr().String(), got
 }
 
-func TestBandwidthCapsThroughput(t *testing.T) {
+// proxiedSink is a proxy in front of a sink, closed after the test.
+func proxiedSink(t *testing.T) (*Proxy, chan int64) {
+	t.Helper()
 	addr, got := sink(t)
 	p, err := New(addr)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer p.Close()
+	t.Cleanup(p.Close)
+	return p, got
+}
+
+func TestBandwidthCapsThroughput(t *testing.T) {
+	p, got := proxiedSink(t)
 	const rate, size = 256 << 10, 512 << 10
 	p.SetBandwidth(rate)
 	c, err := net.Dial("tcp", p.Addr())
@@ -60,12 +67,7 @@ func TestBandwidthCapsThroughput(t *testing.T) {
 }
 
 func TestCutRefusesAndHealRestores(t *testing.T) {
-	addr, got := sink(t)
-	p, err := New(addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer p.Close()
+	p, got := proxiedSink(t)
 	p.Cut()
 	c, err := net.Dial("tcp", p.Addr())
 	if err != nil {
@@ -93,12 +95,7 @@ func TestCutRefusesAndHealRestores(t *testing.T) {
 }
 
 func TestStallHoldsOneDirectionUntilHeal(t *testing.T) {
-	addr, got := sink(t)
-	p, err := New(addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer p.Close()
+	p, got := proxiedSink(t)
 	c, err := net.Dial("tcp", p.Addr())
 	if err != nil {
 		t.Fatal(err)
