@@ -1,6 +1,7 @@
 // Package conflict settles changes that do not fit the local row by
-// last-update-wins on (origin commit timestamp, node id), and describes each
-// such event as a pgmesh.conflict_history row.
+// last-update-wins on (origin commit timestamp rounded to the group's
+// resolution, node id), and describes each such event as a
+// pgmesh.conflict_history row.
 package conflict
 
 import "time"
@@ -46,22 +47,54 @@ type Version struct {
 // Known reports whether the version's commit time is known.
 func (v Version) Known() bool { return !v.CommitTS.IsZero() }
 
-// Newer reports whether a wins over b under last-update-wins: the later commit
-// time wins; equal times (to the microsecond, PostgreSQL's precision) go to
-// the higher node id. Every node evaluates the same pair the same way, which is
-// what makes the group converge.
-func Newer(a, b Version) bool {
-	au, bu := a.CommitTS.UnixMicro(), b.CommitTS.UnixMicro()
+// Rule is last-update-wins at a fixed resolution: commit times are rounded
+// up to Resolution before they are compared, and versions in the same
+// interval are ordered by node id. Every node must use the same Rule (the
+// group checks that every member has the same luw_resolution); then every
+// node decides every pair the same way, which is what makes the group
+// converge. The zero Rule compares exact times (PostgreSQL's microseconds).
+//
+// Rounding is what lets consecutive transactions of one peer share a local
+// commit: they carry the last one's commit time, which rounds to the same
+// value as each of theirs (see ARCHITECTURE.md, "Grouped commits").
+type Rule struct {
+	Resolution time.Duration
+}
+
+// Round returns t rounded up to the rule's resolution, in microseconds since
+// the Unix epoch. Rounding up (not to nearest) keeps a rounded time at or
+// after the real one, which the causality guard relies on: once the local
+// clock has passed Round(t), it has passed t.
+func (r Rule) Round(t time.Time) int64 {
+	us := t.UnixMicro()
+	res := r.Resolution.Microseconds()
+	if res <= 1 {
+		return us
+	}
+	q := us / res
+	if us%res > 0 { // for negative times, Go's division already rounds up
+		q++
+	}
+	return q * res
+}
+
+// RoundTime is Round as a time.Time (UTC).
+func (r Rule) RoundTime(t time.Time) time.Time { return time.UnixMicro(r.Round(t)).UTC() }
+
+// Newer reports whether a wins over b: the later rounded commit time wins;
+// equal rounded times go to the higher node id. A version whose time is
+// unknown is older than every known one.
+func (r Rule) Newer(a, b Version) bool {
 	switch {
 	case !b.Known():
 		return a.Known() || a.NodeID > b.NodeID
 	case !a.Known():
 		return false
-	case au != bu:
-		return au > bu
-	default:
-		return a.NodeID > b.NodeID
 	}
+	if ar, br := r.Round(a.CommitTS), r.Round(b.CommitTS); ar != br {
+		return ar > br
+	}
+	return a.NodeID > b.NodeID
 }
 
 // Change is the kind of remote change being applied.
@@ -100,9 +133,9 @@ type Local struct {
 }
 
 // Decide settles a remote change against what the node holds for its key.
-func Decide(change Change, l Local, remote Version) Decision {
+func (r Rule) Decide(change Change, l Local, remote Version) Decision {
 	if l.Row == nil {
-		deletedLater := l.Tombstone != nil && Newer(*l.Tombstone, remote)
+		deletedLater := l.Tombstone != nil && r.Newer(*l.Tombstone, remote)
 		switch {
 		case change == Insert && deletedLater:
 			return Decision{Conflict: true, Type: InsertDeleted, Resolution: Skip,
@@ -133,7 +166,7 @@ func Decide(change Change, l Local, remote Version) Decision {
 		return Decision{Apply: true}
 	}
 	typ := map[Change]Type{Insert: InsertExists, Update: UpdateOriginDiffers, Delete: DeleteOriginDiffers}[change]
-	if Newer(remote, *local) {
+	if r.Newer(remote, *local) {
 		return Decision{Conflict: true, Type: typ, Resolution: ApplyRemote, Apply: true,
 			Reason: "remote change is newer (last update wins)"}
 	}
@@ -146,7 +179,7 @@ func Decide(change Change, l Local, remote Version) Decision {
 // if it is newer than every blocker; each blocker older than the remote row
 // loses and is removed either way. Every node meets the same rows and
 // decides the same, so all keep the same winner.
-func Unique(change Change, blockers []Version, remote Version) (d Decision, losers []int) {
+func (r Rule) Unique(change Change, blockers []Version, remote Version) (d Decision, losers []int) {
 	d = Decision{Conflict: true, Type: UpdateExists, Apply: true, Resolution: ApplyRemote,
 		Reason: "remote row is newer than the row holding the same unique value, which is removed"}
 	if change == Insert {
@@ -157,7 +190,7 @@ func Unique(change Change, blockers []Version, remote Version) (d Decision, lose
 		d.Reason = "remote row is newer than every row holding its unique values, which are removed"
 	}
 	for i, b := range blockers {
-		if Newer(remote, b) {
+		if r.Newer(remote, b) {
 			losers = append(losers, i)
 		} else {
 			d.Apply = false

@@ -22,11 +22,11 @@ func TestNewer(t *testing.T) {
 		{"unknown remote time loses to known", Version{NodeID: 5}, v(t0, 1), false},
 	}
 	for _, c := range cases {
-		if got := Newer(c.a, c.b); got != c.want {
+		if got := (Rule{}).Newer(c.a, c.b); got != c.want {
 			t.Errorf("%s: Newer = %v, want %v", c.name, got, c.want)
 		}
 		// Antisymmetry: exactly one side wins for distinct versions.
-		if c.a != c.b && Newer(c.a, c.b) == Newer(c.b, c.a) {
+		if c.a != c.b && (Rule{}).Newer(c.a, c.b) == (Rule{}).Newer(c.b, c.a) {
 			t.Errorf("%s: both or neither side wins", c.name)
 		}
 	}
@@ -63,7 +63,7 @@ func TestDecide(t *testing.T) {
 		{"delete missing", Delete, Local{}, Decision{Conflict: true, Type: DeleteMissing, Resolution: Skip}},
 	}
 	for _, c := range cases {
-		got := Decide(c.change, c.local, remote)
+		got := (Rule{}).Decide(c.change, c.local, remote)
 		got.Reason = ""
 		if got != c.want {
 			t.Errorf("%s: got %+v, want %+v", c.name, got, c.want)
@@ -77,18 +77,84 @@ func TestUnique(t *testing.T) {
 	older := Version{CommitTS: t0, NodeID: 1}
 	newer := Version{CommitTS: t0.Add(time.Hour), NodeID: 1}
 
-	d, losers := Unique(Update, []Version{older}, remote)
+	d, losers := (Rule{}).Unique(Update, []Version{older}, remote)
 	if d.Type != UpdateExists || !d.Apply || d.Resolution != ApplyRemote || len(losers) != 1 {
 		t.Errorf("newer remote update: %+v losers %v", d, losers)
 	}
-	d, losers = Unique(Insert, []Version{newer}, remote)
+	d, losers = (Rule{}).Unique(Insert, []Version{newer}, remote)
 	if d.Type != InsertExists || d.Apply || d.Resolution != KeepLocal || len(losers) != 0 {
 		t.Errorf("older remote insert: %+v losers %v", d, losers)
 	}
 	// Against two rows, one older and one newer: the remote row loses, and
 	// so does the older blocker.
-	d, losers = Unique(Update, []Version{older, newer}, remote)
+	d, losers = (Rule{}).Unique(Update, []Version{older, newer}, remote)
 	if d.Type != MultipleUniqueConflicts || d.Apply || len(losers) != 1 || losers[0] != 0 {
 		t.Errorf("mixed blockers: %+v losers %v", d, losers)
+	}
+}
+
+func TestRoundAtIntervalEdges(t *testing.T) {
+	ms := Rule{Resolution: time.Millisecond}
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC) // on an edge
+	us := t0.UnixMicro()
+	cases := []struct {
+		name string
+		rule Rule
+		at   time.Time
+		want int64
+	}{
+		{"on an edge stays", ms, t0, us},
+		{"one microsecond past an edge goes to the next", ms, t0.Add(time.Microsecond), us + 1000},
+		{"just before an edge goes to it", ms, t0.Add(999 * time.Microsecond), us + 1000},
+		{"nanoseconds are below PostgreSQL's precision", ms, t0.Add(500 * time.Nanosecond), us},
+		{"zero resolution keeps microseconds", Rule{}, t0.Add(1234 * time.Microsecond), us + 1234},
+		{"1us resolution keeps microseconds", Rule{Resolution: time.Microsecond}, t0.Add(7 * time.Microsecond), us + 7},
+		{"10ms resolution", Rule{Resolution: 10 * time.Millisecond}, t0.Add(10001 * time.Microsecond), us + 20000},
+		{"before 1970 rounds up too", ms, time.UnixMicro(-1500).UTC(), -1000},
+		{"before 1970 on an edge", ms, time.UnixMicro(-2000).UTC(), -2000},
+	}
+	for _, c := range cases {
+		if got := c.rule.Round(c.at); got != c.want {
+			t.Errorf("%s: Round = %d, want %d", c.name, got, c.want)
+		}
+		if got := c.rule.Round(c.at); got < c.at.UnixMicro() {
+			t.Errorf("%s: rounded time %d is before the real one", c.name, got)
+		}
+	}
+}
+
+func TestNewerAtResolution(t *testing.T) {
+	ms := Rule{Resolution: time.Millisecond}
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	v := func(offset time.Duration, id int) Version { return Version{CommitTS: t0.Add(offset), NodeID: id} }
+	cases := []struct {
+		name string
+		a, b Version
+		want bool
+	}{
+		{"same interval: higher node id wins though earlier", v(100*time.Microsecond, 3), v(900*time.Microsecond, 2), true},
+		{"same interval: lower node id loses though later", v(900*time.Microsecond, 2), v(100*time.Microsecond, 3), false},
+		{"an edge belongs to the interval it ends", v(time.Millisecond, 1), v(500*time.Microsecond, 2), false},
+		{"next interval wins whatever the node id", v(time.Millisecond+time.Microsecond, 1), v(time.Millisecond, 9), true},
+		{"same time, same node: neither wins", v(0, 4), v(0, 4), false},
+		{"unknown is oldest", v(0, 1), Version{NodeID: 9}, true},
+		{"two unknowns: higher node id", Version{NodeID: 2}, Version{NodeID: 1}, true},
+	}
+	for _, c := range cases {
+		if got := ms.Newer(c.a, c.b); got != c.want {
+			t.Errorf("%s: Newer = %v, want %v", c.name, got, c.want)
+		}
+		if c.a != c.b && ms.Newer(c.a, c.b) == ms.Newer(c.b, c.a) {
+			t.Errorf("%s: both or neither side wins", c.name)
+		}
+	}
+	// A group of one peer's transactions is stamped with its last commit
+	// time; against any third version it must decide as each member would.
+	third := v(500*time.Microsecond, 2)
+	for _, member := range []time.Duration{1, 200 * time.Microsecond, 999 * time.Microsecond} {
+		alone, grouped := v(member, 1), v(time.Millisecond, 1)
+		if ms.Newer(alone, third) != ms.Newer(grouped, third) || ms.Newer(third, alone) != ms.Newer(third, grouped) {
+			t.Errorf("member at %s decides differently once stamped with the group's time", member)
+		}
 	}
 }

@@ -47,6 +47,14 @@ type Config struct {
 	// TLSCertFile, TLSKeyFile and TLSCAFile put the API and Raft ports on
 	// TLS (see tls.go).
 	TLSCertFile, TLSKeyFile, TLSCAFile string
+	// LUWResolution is what commit times are rounded up to before
+	// last-update-wins compares them (0: exact microseconds). Every member
+	// of a group must use the same; `pgmesh run` defaults it to
+	// DefaultLUWResolution.
+	LUWResolution time.Duration
+	// MaxClockSkew is how far a peer's clock may be ahead of this node's
+	// before it is reported in status, health, metrics and the log.
+	MaxClockSkew time.Duration
 }
 
 // Defaults for the optional keys.
@@ -59,6 +67,16 @@ const (
 	DefaultHousekeepingInterval = 30 * time.Second
 	DefaultWALRetentionWarn     = 1 << 30
 	DefaultHealthMaxLag         = 30 * time.Second
+	// DefaultLUWResolution: below what NTP can order between servers
+	// anyway, and wide enough for a busy peer's consecutive transactions to
+	// share a local commit (README, Performance).
+	DefaultLUWResolution = time.Millisecond
+	// MaxLUWResolution bounds luw_resolution: writes from different nodes
+	// within one interval are ordered by node id, not by time.
+	MaxLUWResolution = 100 * time.Millisecond
+	// DefaultMaxClockSkew: NTP keeps servers within a few milliseconds;
+	// half a second ahead means a clock is not synchronised.
+	DefaultMaxClockSkew = 500 * time.Millisecond
 )
 
 var nodeNameRE = regexp.MustCompile(`^[a-z][a-z0-9_]{0,39}$`)
@@ -135,6 +153,12 @@ func (c *Config) Normalize() error {
 	}
 	if err := c.checkTLS(); err != nil {
 		errs = append(errs, err)
+	}
+	if c.LUWResolution < 0 || c.LUWResolution > MaxLUWResolution || c.LUWResolution%time.Microsecond != 0 {
+		errs = append(errs, fmt.Errorf("luw_resolution %s is out of range: use whole microseconds from 0 (exact times) to %s, the same on every node, e.g. 1ms", c.LUWResolution, MaxLUWResolution))
+	}
+	if c.MaxClockSkew == 0 {
+		c.MaxClockSkew = DefaultMaxClockSkew
 	}
 	if c.ConflictRetention < 0 || c.HousekeepingInterval < 0 {
 		errs = append(errs, errors.New("conflict_retention and housekeeping_interval must be positive durations, like 720h or 30s"))

@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -20,6 +21,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 
+	"github.com/pgmesh/pgmesh/conflict"
 	"github.com/pgmesh/pgmesh/internal/dsn"
 	"github.com/pgmesh/pgmesh/membership"
 	"github.com/pgmesh/pgmesh/origin"
@@ -110,8 +112,9 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		err = ensurePublication(ctx, conn)
 	}
 	if err == nil {
-		_, err = conn.Exec(ctx, `INSERT INTO pgmesh.setting VALUES ('capture_ddl', $1)
-			ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value`, map[bool]string{true: "on", false: "off"}[cfg.CaptureDDL])
+		_, err = conn.Exec(ctx, `INSERT INTO pgmesh.setting VALUES ('capture_ddl', $1), ('luw_resolution_us', $2)
+			ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value`, map[bool]string{true: "on", false: "off"}[cfg.CaptureDDL],
+			strconv.FormatInt(cfg.LUWResolution.Microseconds(), 10))
 	}
 	conn.Close(ctx)
 	if err != nil {
@@ -239,9 +242,16 @@ func (d *Daemon) reconcile(ctx context.Context, g *membership.Group) {
 	d.ids.Store(&ids)
 	me := g.Nodes[d.cfg.NodeName]
 	want := map[string]*membership.Node{}
+	res := d.cfg.LUWResolution.String()
+	agreed := true
+	if other := differingResolution(g, res, ""); other != nil && me != nil {
+		agreed = false
+		problems = append(problems, fmt.Sprintf("this node has luw_resolution %s, but %s uses %s: every node must round commit times the same way, so nothing is applied here until luw_resolution is %s in this node's config and pgmesh is restarted",
+			res, describeMember(other, d.cfg.NodeName), other.LUWResolution, other.LUWResolution))
+	}
 	// Streams run only once this node is active: a joining node's slots
 	// are still being made.
-	if me != nil && me.State == membership.Active {
+	if me != nil && me.State == membership.Active && agreed {
 		for _, n := range g.Nodes {
 			if n.Name != me.Name && n.State == membership.Active {
 				want[n.Name] = n
@@ -276,6 +286,14 @@ func (d *Daemon) reconcile(ctx context.Context, g *membership.Group) {
 	d.setProblems(problems)
 }
 
+// describeMember names a member in a sentence.
+func describeMember(n *membership.Node, self string) string {
+	if n.Name == self {
+		return "this node's record in the group (from when it joined)"
+	}
+	return "member " + n.Name
+}
+
 func (d *Daemon) setProblems(p []string) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -298,12 +316,14 @@ func contains(list []string, s string) bool {
 
 func (d *Daemon) startLocked(ctx context.Context, n *membership.Node) {
 	s := replicator.New(replicator.Config{
-		LocalNode: d.cfg.NodeName,
-		LocalDSN:  d.cfg.DSN,
-		Peer:      replicator.Peer{Name: n.Name, ID: n.ID, DSN: d.peerDSN(n)},
-		NodeID:    d.nodeID,
-		Logger:    d.log,
-		Gate:      &d.gate,
+		LocalNode:    d.cfg.NodeName,
+		LocalDSN:     d.cfg.DSN,
+		Peer:         replicator.Peer{Name: n.Name, ID: n.ID, DSN: d.peerDSN(n)},
+		NodeID:       d.nodeID,
+		Logger:       d.log,
+		Gate:         &d.gate,
+		Rule:         conflict.Rule{Resolution: d.cfg.LUWResolution},
+		MaxClockSkew: d.cfg.MaxClockSkew,
 	})
 	sctx, cancel := context.WithCancel(ctx)
 	r := &running{stream: s, dsn: d.peerDSN(n), cancel: cancel, done: make(chan struct{})}

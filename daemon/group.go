@@ -57,7 +57,21 @@ type clusterJoinRequest struct {
 }
 
 func (d *Daemon) self() membership.Node {
-	return membership.Node{Name: d.cfg.NodeName, DSN: d.cfg.PublicDSN, API: d.cfg.AdvertiseAPI, Raft: d.cfg.AdvertiseRaft}
+	return membership.Node{Name: d.cfg.NodeName, DSN: d.cfg.PublicDSN, API: d.cfg.AdvertiseAPI, Raft: d.cfg.AdvertiseRaft,
+		LUWResolution: d.cfg.LUWResolution.String()}
+}
+
+// differingResolution returns a member of g, other than skip, whose
+// recorded luw_resolution differs from res, or nil. Members must agree: a
+// node rounding commit times differently would settle the same conflict
+// differently, and the group would diverge.
+func differingResolution(g *membership.Group, res, skip string) *membership.Node {
+	for _, n := range g.Sorted() {
+		if n.Name != skip && n.State != membership.Parted && n.LUWResolution != "" && n.LUWResolution != res {
+			return n
+		}
+	}
+	return nil
 }
 
 func newToken() (string, error) {
@@ -153,6 +167,11 @@ func (d *Daemon) handleClusterJoin(w http.ResponseWriter, r *http.Request) {
 	n := req.Node
 	if !ValidNodeName(n.Name) || n.DSN == "" || n.API == "" || n.Raft == "" {
 		writeErr(w, http.StatusBadRequest, fmt.Errorf("join request for node %q lacks a valid name, public_dsn, API or Raft address", n.Name))
+		return
+	}
+	if other := differingResolution(g, n.LUWResolution, n.Name); other != nil && n.LUWResolution != "" {
+		writeErr(w, http.StatusBadRequest, fmt.Errorf("node %s has luw_resolution %s, but member %s uses %s: every node must round commit times the same way, so set luw_resolution: %s on %s and join again",
+			n.Name, n.LUWResolution, other.Name, other.LUWResolution, other.LUWResolution, n.Name))
 		return
 	}
 	added, err := d.store.AddNode(n)

@@ -55,6 +55,9 @@ func (d *Daemon) health(ctx context.Context) HealthReport {
 			if lag > max {
 				rep.Reasons = append(rep.Reasons, fmt.Sprintf("stream from %s lags %s (health_max_lag %s)", s.Peer, lag.Round(time.Second), max))
 			}
+			if s.ClockWarning != "" {
+				rep.Reasons = append(rep.Reasons, s.ClockWarning)
+			}
 		}
 		for _, n := range g.Nodes {
 			if n.Name != me.Name && n.State == membership.Active && !streams[n.Name] {
@@ -161,6 +164,9 @@ var (
 	descRows         = prometheus.NewDesc("pgmesh_applied_rows_total", "Row changes applied here.", []string{"peer"}, nil)
 	descDropped      = prometheus.NewDesc("pgmesh_forwarded_transactions_dropped_total", "Transactions a peer forwarded from a third node, dropped (loop prevention).", []string{"peer"}, nil)
 	descErrors       = prometheus.NewDesc("pgmesh_apply_errors_total", "Times the stream from the peer stopped on an error.", []string{"peer"}, nil)
+	descCommits      = prometheus.NewDesc("pgmesh_apply_local_commits_total", "Local transactions that applied the peer's transactions (consecutive ones share a commit).", []string{"peer"}, nil)
+	descClockWaits   = prometheus.NewDesc("pgmesh_apply_clock_waits_total", "Local commits that waited for this node's clock to pass the peer's commit time.", []string{"peer"}, nil)
+	descClockSkew    = prometheus.NewDesc("pgmesh_peer_clock_skew_seconds", "How far the peer's Postgres clock is ahead of this node's (negative: behind).", []string{"peer"}, nil)
 	descRetried      = prometheus.NewDesc("pgmesh_apply_retried_transactions_total", "Transactions that left the pipelined fast path and were applied again carefully.", []string{"peer"}, nil)
 	descConflicts    = prometheus.NewDesc("pgmesh_conflicts_total", "Conflicts settled here, by type and resolution.", []string{"peer", "type", "resolution"}, nil)
 	descSlotRetained = prometheus.NewDesc("pgmesh_slot_retained_wal_bytes", "WAL the peer's slot holds back on this node.", []string{"peer"}, nil)
@@ -192,6 +198,11 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		counter(descDropped, float64(p.DroppedTxns), p.Peer)
 		counter(descErrors, float64(p.Errors), p.Peer)
 		counter(descRetried, float64(p.RetriedTxns), p.Peer)
+		counter(descCommits, float64(p.LocalCommits), p.Peer)
+		counter(descClockWaits, float64(p.ClockWaits), p.Peer)
+		if p.ClockSkew != nil {
+			g(descClockSkew, *p.ClockSkew, p.Peer)
+		}
 		for kind, n := range p.ConflictsByResolution {
 			typ, res := splitKind(kind)
 			counter(descConflicts, float64(n), p.Peer, typ, res)

@@ -33,6 +33,9 @@ type Node struct {
 	Raft     string    `json:"raft_addr"`
 	State    State     `json:"state"`
 	JoinedAt time.Time `json:"joined_at"`
+	// LUWResolution is the node's luw_resolution (a Go duration), which
+	// every member must share; empty for nodes recorded before it was.
+	LUWResolution string `json:"luw_resolution,omitempty"`
 }
 
 // Group is the replicated control-plane state.

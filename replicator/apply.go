@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"log/slog"
 	"strconv"
 	"strings"
 	"time"
@@ -19,8 +20,9 @@ import (
 
 // applier turns one peer's decoded changes into local transactions on a
 // connection bound to that peer's replication origin. One source transaction
-// becomes exactly one local transaction, committed together with the origin's
-// progress (DESIGN.md §3.2–3.3).
+// becomes one local transaction (or shares one with its neighbours of the
+// same rounded commit time, see fastpath.go), committed together with the
+// origin's progress (DESIGN.md §3.2–3.3).
 type applier struct {
 	pc       *pgconn.PgConn
 	cfg      *Config
@@ -46,21 +48,26 @@ type applier struct {
 	roident      uint32 // this peer's replication origin here
 	fast         *fastTxn
 	fastBegin    pglogrepl.BeginMessage
-	run          insertRun
-	careful      bool       // the current transaction is on the careful path
-	queued       []*fastTxn // built, not yet sent
+	group        *fastGroup   // the open group, collecting transactions
+	careful      bool         // the current transaction is on the careful path
+	queued       []*fastGroup // closed, not yet sent
 	queuedBytes  int
-	sent         []*fastTxn // in the open pipeline
+	sent         []*fastGroup // in the open pipeline
 	pl           *pgconn.Pipeline
 	applied      pglogrepl.LSN // origin progress once everything sent commits
 	confirmedEnd pglogrepl.LSN // committed here since handle last returned
 	carefulFor   int           // transactions to apply carefully before trying fast again
 	bulk         *fastTxn      // the large transaction being applied in bulk (bulk.go)
 	hadConflict  bool          // the last careful transaction logged a conflict
+	// retryLSN is a large transaction (FinalLSN) whose bulk apply failed:
+	// streamed again, it takes the careful path.
+	retryLSN pglogrepl.LSN
+	log      *slog.Logger
 }
 
-func newApplier(pc *pgconn.PgConn, cfg *Config, progress pglogrepl.LSN, roident uint32, st *stats) *applier {
+func newApplier(pc *pgconn.PgConn, cfg *Config, progress pglogrepl.LSN, roident uint32, st *stats, retryLSN pglogrepl.LSN, log *slog.Logger) *applier {
 	return &applier{pc: pc, cfg: cfg, progress: progress, applied: progress, roident: roident, stats: st, types: pgtype.NewMap(),
+		retryLSN: retryLSN, log: log,
 		rels: map[uint32]*relation{}, stmts: map[string]string{}, origins: map[uint32]string{},
 		conflicts: map[string]int64{}, warned: map[string]bool{}}
 }
@@ -433,7 +440,7 @@ func (a *applier) insertConflict(ctx context.Context, r *relation, cols []int, v
 		return err
 	}
 	if local != nil {
-		d := conflict.Decide(conflict.Insert, conflict.Local{Row: &local.version, OwnTxn: local.ownTxn}, a.remote())
+		d := a.cfg.Rule.Decide(conflict.Insert, conflict.Local{Row: &local.version, OwnTxn: local.ownTxn}, a.remote())
 		if err := a.record(ctx, r, d, []localRow{*local}, match, keyVals, cols, vals); err != nil {
 			return err
 		}
@@ -446,7 +453,7 @@ func (a *applier) insertConflict(ctx context.Context, r *relation, cols []int, v
 	if err != nil {
 		return err
 	}
-	d := conflict.Decide(conflict.Insert, conflict.Local{Tombstone: tomb, FullRow: true}, a.remote())
+	d := a.cfg.Rule.Decide(conflict.Insert, conflict.Local{Tombstone: tomb, FullRow: true}, a.remote())
 	if d.Conflict {
 		return a.record(ctx, r, d, nil, match, keyVals, cols, vals)
 	}
@@ -555,7 +562,7 @@ func (a *applier) settleUnique(ctx context.Context, r *relation, change conflict
 	for i, b := range blockers {
 		vs[i] = b.version
 	}
-	d, losers := conflict.Unique(change, vs, a.remote())
+	d, losers := a.cfg.Rule.Unique(change, vs, a.remote())
 	if err := a.record(ctx, r, d, blockers, match, keyVals, cols, vals); err != nil {
 		return false, err
 	}
@@ -593,7 +600,7 @@ func (a *applier) update(ctx context.Context, r *relation, m *pglogrepl.UpdateMe
 		if err != nil {
 			return err
 		}
-		d := conflict.Decide(conflict.Update, conflict.Local{Tombstone: tomb, FullRow: len(cols) == len(r.cols)}, a.remote())
+		d := a.cfg.Rule.Decide(conflict.Update, conflict.Local{Tombstone: tomb, FullRow: len(cols) == len(r.cols)}, a.remote())
 		if err := a.record(ctx, r, d, nil, match, keyVals, cols, vals); err != nil {
 			return err
 		}
@@ -604,7 +611,7 @@ func (a *applier) update(ctx context.Context, r *relation, m *pglogrepl.UpdateMe
 		newMatch, _ := r.match(m.NewTuple)
 		return a.insertChecked(ctx, r, conflict.Update, newMatch, pick(m.NewTuple, newMatch), cols, vals)
 	}
-	d := conflict.Decide(conflict.Update, conflict.Local{Row: &local.version, OwnTxn: local.ownTxn}, a.remote())
+	d := a.cfg.Rule.Decide(conflict.Update, conflict.Local{Row: &local.version, OwnTxn: local.ownTxn}, a.remote())
 	if !d.Apply && old != nil && hasDelta(r) {
 		// The local row is newer, but increments are never lost.
 		d.Resolution, d.Reason = conflict.Merge, "local row is newer; the remote increments to delta columns are added"
@@ -623,7 +630,7 @@ func (a *applier) update(ctx context.Context, r *relation, m *pglogrepl.UpdateMe
 	}
 	if hasDelta(r) && old == nil && !a.warned[r.name] {
 		a.warned[r.name] = true
-		a.cfg.Logger.Warn("table has delta columns but the peer does not send old values, so its updates overwrite them: run SELECT pgmesh.set_delta_column(...) on every node (pgmesh delta-column does)",
+		a.log.Warn("table has delta columns but the peer does not send old values, so its updates overwrite them: run SELECT pgmesh.set_delta_column(...) on every node (pgmesh delta-column does)",
 			"table", r.name, "peer", a.cfg.Peer.Name)
 	}
 	return a.updateChecked(ctx, r, local.ctid, match, keyVals, cols, vals, old)
@@ -695,7 +702,7 @@ func (a *applier) delete(ctx context.Context, r *relation, m *pglogrepl.DeleteMe
 		return err
 	}
 	if local == nil {
-		d := conflict.Decide(conflict.Delete, conflict.Local{}, a.remote())
+		d := a.cfg.Rule.Decide(conflict.Delete, conflict.Local{}, a.remote())
 		if err := a.record(ctx, r, d, nil, match, keyVals, nil, nil); err != nil {
 			return err
 		}
@@ -703,7 +710,7 @@ func (a *applier) delete(ctx context.Context, r *relation, m *pglogrepl.DeleteMe
 		// still be on its way from another node.
 		return a.saveTombstone(ctx, r, match, keyVals)
 	}
-	d := conflict.Decide(conflict.Delete, conflict.Local{Row: &local.version, OwnTxn: local.ownTxn}, a.remote())
+	d := a.cfg.Rule.Decide(conflict.Delete, conflict.Local{Row: &local.version, OwnTxn: local.ownTxn}, a.remote())
 	if d.Conflict {
 		if err := a.record(ctx, r, d, []localRow{*local}, match, keyVals, nil, nil); err != nil {
 			return err
@@ -716,9 +723,10 @@ func (a *applier) delete(ctx context.Context, r *relation, m *pglogrepl.DeleteMe
 }
 
 // tombstoneUpsert is the tail of a statement writing a tombstone, keeping
-// the newest delete of a key.
+// the newest delete of a key by the same rule as conflict.Rule.Newer (its
+// SQL copy, pgmesh.luw_newer).
 const tombstoneUpsert = ` ON CONFLICT (relation, key) DO UPDATE SET deleted_at = EXCLUDED.deleted_at, deleted_by = EXCLUDED.deleted_by
-WHERE coalesce(t.deleted_at, pg_catalog.pg_xact_commit_timestamp(t.xmin), '-infinity') < EXCLUDED.deleted_at`
+WHERE pgmesh.luw_newer(EXCLUDED.deleted_at, EXCLUDED.deleted_by, coalesce(t.deleted_at, pg_catalog.pg_xact_commit_timestamp(t.xmin)), t.deleted_by)`
 
 // deleteRow deletes the row at ctid and, for tables with a primary key,
 // records a tombstone stamped with the deleting change's time and origin,
@@ -798,18 +806,27 @@ func (a *applier) commit(ctx context.Context, m *pglogrepl.CommitMessage) (pglog
 	if err := a.openLocal(ctx); err != nil { // a transaction whose changes all were no-ops here
 		return 0, err
 	}
-	sql := fmt.Sprintf(`SELECT pg_catalog.pg_replication_origin_xact_setup('%s', '%s'); COMMIT`,
-		m.TransactionEndLSN, pgTime(m.CommitTime))
 	a.localOpen = false
-	if _, err := a.pc.Exec(ctx, sql).ReadAll(); err != nil {
+	if _, err := a.pc.Exec(ctx, a.commitSQL(m)).ReadAll(); err != nil {
 		return 0, fmt.Errorf("commit transaction from peer %q (remote xid %d): %w", a.cfg.Peer.Name, a.begin.Xid, err)
 	}
+	a.stats.committedGroup()
 	a.stats.applied(m.TransactionEndLSN, m.CommitTime, a.rows, a.conflicts)
 	a.hadConflict = len(a.conflicts) > 0
 	if a.careful {
 		a.applied = m.TransactionEndLSN
 	}
 	return m.TransactionEndLSN, nil
+}
+
+// commitSQL ends the local transaction applying one source transaction:
+// once the local clock has passed its rounded commit time (see clockGuard),
+// it commits with the origin's progress and commit time (DESIGN.md 3.2-3.3).
+func (a *applier) commitSQL(m *pglogrepl.CommitMessage) string {
+	at := a.cfg.Rule.RoundTime(m.CommitTime)
+	a.stats.clockAhead(at)
+	return fmt.Sprintf(`SELECT %s; SELECT pg_catalog.pg_replication_origin_xact_setup('%s', '%s'); COMMIT`,
+		clockGuard("'"+pgTime(at)+"'"), m.TransactionEndLSN, pgTime(m.CommitTime))
 }
 
 // ddlPrefix marks the logical decoding messages that carry DDL.

@@ -33,7 +33,7 @@ func (e *retryCarefully) Error() string {
 // toBulk starts applying the transaction in bulk, after everything before
 // it is confirmed.
 func (a *applier) toBulk(ctx context.Context, t *fastTxn) error {
-	a.fast, a.run = nil, insertRun{}
+	a.fast = nil
 	if err := a.drain(ctx); err != nil {
 		return err
 	}
@@ -120,19 +120,18 @@ func (a *applier) bulkFailed(ctx context.Context, err error) error {
 
 func (a *applier) bulkCommit(ctx context.Context, m *pglogrepl.CommitMessage) error {
 	t := a.bulk
-	err := a.finishRun(ctx, t)
+	err := a.finishRun(ctx, &t.run, &t.stmts)
 	if err == nil {
 		err = a.bulkFlush(ctx)
 	}
 	if err != nil {
 		return a.bulkFailed(ctx, err)
 	}
-	sql := fmt.Sprintf(`SELECT pg_catalog.pg_replication_origin_xact_setup('%s', '%s'); COMMIT`,
-		m.TransactionEndLSN, pgTime(m.CommitTime))
 	a.bulk, a.localOpen = nil, false
-	if _, err := a.pc.Exec(ctx, sql).ReadAll(); err != nil {
+	if _, err := a.pc.Exec(ctx, a.commitSQL(m)).ReadAll(); err != nil {
 		return fmt.Errorf("commit transaction from peer %q (remote xid %d): %w", a.cfg.Peer.Name, a.fastBegin.Xid, err)
 	}
+	a.stats.committedGroup()
 	a.stats.applied(m.TransactionEndLSN, m.CommitTime, t.changes-1, nil)
 	a.applied = m.TransactionEndLSN
 	a.confirm(m.TransactionEndLSN)

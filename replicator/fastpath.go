@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -17,26 +18,37 @@ import (
 // The fast path applies a peer's transactions through a pipeline, without
 // waiting for the server between them. Each source transaction becomes
 // statements that do exactly what the careful path would do when nothing
-// conflicts, and raise an error otherwise, followed by a Sync: one implicit
-// local transaction, committed with the origin's progress and commit time.
+// conflicts, and raise an error otherwise.
 //
-// A transaction that fails there (a conflict, a missing row, a remembered
-// delete, a lock timeout, bad data) is applied again on the careful path,
-// which settles, logs or reports it. Every later transaction in the same
-// batch failed too: each one first checks that the origin's progress is
-// where the previous one left it, so commits never run ahead of a failure.
+// Consecutive transactions whose commit times round to the same value
+// (conflict.Rule) are merged into a group: one local transaction, stamped
+// with the last member's commit time and end LSN, so the origin's progress
+// still commits atomically with the data. Runs of inserts continue from one
+// member into the next, so a stream of one-row transactions becomes
+// multi-row INSERTs. Last-update-wins compares rounded times, and every
+// member's time rounds to the group's, so every node decides as if each
+// member had committed alone.
+//
+// A group that fails (a conflict, a missing row, a remembered delete, a
+// lock timeout, bad data) is applied again on the careful path, one source
+// transaction at a time, which settles, logs or reports it. Every later
+// group in the same batch failed too: each one's last statement checks that
+// the origin's progress is where the previous one left it, so commits never
+// run ahead of a failure.
 //
 // Transactions that cannot go fast (DDL, TRUNCATE, relation changes, tables
 // without a primary key, delta columns, large transactions) take the careful
 // path from their first change, after everything before them is confirmed.
 
-// Bounds of the fast path: a transaction larger than this is applied
-// carefully (it is streamed, not held), and a batch is sent once this much
-// is waiting.
+// Bounds of the fast path: a transaction larger than this is applied in
+// bulk (it is streamed, not held), a group closes at these sizes, and a
+// batch is sent once this much is waiting.
 const (
 	fastMaxTxnBytes   = 4 << 20
 	fastMaxTxnChanges = 20000
 	fastMaxRun        = 1000
+	fastMaxGroupTxns  = 1000
+	fastMaxGroupBytes = 4 << 20
 	fastMaxQueued     = 500
 	fastMaxQueueBytes = 16 << 20
 	// carefulStretch is how many transactions in a row must apply without
@@ -49,11 +61,12 @@ const (
 type fastTxn struct {
 	msgs     [][]byte // raw messages, Begin to Commit
 	size     int
-	stmts    []fastStmt // nil: nothing to apply here (forwarded, or no changes)
+	stmts    []fastStmt
+	run      insertRun // inserts not yet turned into a statement
 	end      pglogrepl.LSN
 	commitTS time.Time
 	changes  int64
-	skip     bool
+	skip     bool            // forwarded, or applied before: nothing to do here
 	touched  map[uint32]bool // relations this transaction changed
 }
 
@@ -63,6 +76,25 @@ func (t *fastTxn) touch(rel uint32) {
 	}
 	t.touched[rel] = true
 }
+
+// empty reports whether the transaction has nothing to apply here.
+func (t *fastTxn) empty() bool { return len(t.stmts) == 0 && len(t.run.rows) == 0 }
+
+// fastGroup is one local transaction: the statements of one or more source
+// transactions of the same rounded commit time, ended by the commit guard.
+// A group without statements (forwarded or empty transactions) is only
+// confirmed in its turn.
+type fastGroup struct {
+	txns     []*fastTxn
+	stmts    []fastStmt
+	run      insertRun
+	rounded  int64         // the members' rounded commit time (conflict.Rule.Round)
+	end      pglogrepl.LSN // the last member's end
+	commitTS time.Time     // the last applying member's commit time
+	size     int
+}
+
+func (g *fastGroup) applies() bool { return len(g.stmts) > 0 }
 
 type fastStmt struct {
 	name    string
@@ -162,11 +194,15 @@ func (a *applier) handleMsg(ctx context.Context, data []byte) error {
 	if rm, ok := msg.(*pglogrepl.RelationMessage); ok && !t.touched[rm.RelationID] {
 		// A table's (new) description, before this transaction changes it:
 		// transactions in flight must not be replayed with it, so they are
-		// confirmed first.
+		// confirmed first; this one, if it changed other tables already,
+		// goes careful.
+		t.msgs = append(t.msgs, bytes.Clone(data))
+		if !t.empty() {
+			return a.toCareful(ctx, t)
+		}
 		if err := a.drain(ctx); err != nil {
 			return err
 		}
-		t.msgs = append(t.msgs, bytes.Clone(data))
 		a.rels[rm.RelationID] = newRelation(rm)
 		return nil
 	}
@@ -177,7 +213,7 @@ func (a *applier) handleMsg(ctx context.Context, data []byte) error {
 	t.size += len(data)
 	t.changes++
 	if t.size > fastMaxTxnBytes || t.changes > fastMaxTxnChanges {
-		if a.fastBegin.FinalLSN == a.cfg.retryCarefully { // its bulk apply failed before
+		if a.fastBegin.FinalLSN == a.retryLSN { // its bulk apply failed before
 			return a.toCareful(ctx, t)
 		}
 		return a.toBulk(ctx, t)
@@ -209,7 +245,7 @@ func (a *applier) fastChange(ctx context.Context, t *fastTxn, msg pglogrepl.Mess
 // toCareful applies the transaction read so far on the careful path, after
 // everything before it is confirmed, and stays there until its commit.
 func (a *applier) toCareful(ctx context.Context, t *fastTxn) error {
-	a.fast, a.run = nil, insertRun{}
+	a.fast = nil
 	if err := a.drain(ctx); err != nil {
 		return err
 	}
@@ -221,6 +257,25 @@ func (a *applier) toCareful(ctx context.Context, t *fastTxn) error {
 		}
 		if end > 0 { // the transaction ended (it failed at its commit)
 			a.careful = false
+			a.confirm(end)
+		}
+	}
+	return nil
+}
+
+// replayCarefully applies whole source transactions again on the careful
+// path, one local transaction each, confirming each.
+func (a *applier) replayCarefully(ctx context.Context, txns []*fastTxn) error {
+	for _, t := range txns {
+		if t.msgs == nil { // nothing to apply here (see fastCommit)
+			a.confirm(t.end)
+			continue
+		}
+		for _, msg := range t.msgs {
+			end, err := a.handleCareful(ctx, msg)
+			if err != nil {
+				return err
+			}
 			a.confirm(end)
 		}
 	}
@@ -263,34 +318,28 @@ func (a *applier) fastInsert(ctx context.Context, t *fastTxn, m *pglogrepl.Inser
 	for i := range vals {
 		vals[i] = bytes.Clone(vals[i]) // bytes.Clone keeps an empty value empty
 	}
-	if a.run.r != r || !equalInts(a.run.cols, cols) || len(a.run.rows) >= fastMaxRun {
-		if err := a.finishRun(ctx, t); err != nil {
+	if !t.run.continues(r, cols) {
+		if err := a.finishRun(ctx, &t.run, &t.stmts); err != nil {
 			return err
 		}
-		a.run = insertRun{r: r, cols: cols}
+		t.run = insertRun{r: r, cols: cols}
 	}
-	a.run.rows = append(a.run.rows, vals)
+	t.run.rows = append(t.run.rows, vals)
 	return nil
 }
 
-func equalInts(a, b []int) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
+// continues reports whether rows of r with these columns can join the run.
+func (run *insertRun) continues(r *relation, cols []int) bool {
+	return run.r == r && slices.Equal(run.cols, cols) && len(run.rows) < fastMaxRun
 }
 
-// finishRun turns the pending inserts into one statement: a plain INSERT,
-// which fails on any unique collision, guarded against remembered deletes.
-// Several rows travel as one text array per column.
-func (a *applier) finishRun(ctx context.Context, t *fastTxn) error {
-	run := a.run
-	a.run = insertRun{}
+// finishRun turns the pending inserts into one statement, appended to
+// stmts: a plain INSERT, which fails on any unique collision, guarded
+// against remembered deletes. Several rows travel as one text array per
+// column.
+func (a *applier) finishRun(ctx context.Context, pending *insertRun, stmts *[]fastStmt) error {
+	run := *pending
+	*pending = insertRun{}
 	if run.r == nil || len(run.rows) == 0 {
 		return nil
 	}
@@ -351,20 +400,20 @@ func (a *applier) finishRun(ctx context.Context, t *fastTxn) error {
 	if from != "" {
 		// Arrays travel in binary (the relation's name, text, reads the
 		// same either way): no quoting to write or parse.
-		return a.addStmt(ctx, t, sql, p.vals, binaryParams)
+		return a.addStmt(ctx, stmts, sql, p.vals, binaryParams)
 	}
-	return a.addStmt(ctx, t, sql, p.vals, nil)
+	return a.addStmt(ctx, stmts, sql, p.vals, nil)
 }
 
 // binaryParams marks every parameter of a statement as binary.
 var binaryParams = []int16{pgtype.BinaryFormatCode}
 
-func (a *applier) addStmt(ctx context.Context, t *fastTxn, sql string, vals [][]byte, formats []int16) error {
+func (a *applier) addStmt(ctx context.Context, stmts *[]fastStmt, sql string, vals [][]byte, formats []int16) error {
 	name, err := a.prepare(ctx, sql)
 	if err != nil {
 		return errNotFast // the careful path reports what is wrong
 	}
-	t.stmts = append(t.stmts, fastStmt{name: name, params: vals, formats: formats})
+	*stmts = append(*stmts, fastStmt{name: name, params: vals, formats: formats})
 	return nil
 }
 
@@ -392,7 +441,7 @@ func (a *applier) fastUpdate(ctx context.Context, t *fastTxn, m *pglogrepl.Updat
 	if !fastKey(r, keySrc) || hasDelta(r) {
 		return errNotFast
 	}
-	if err := a.finishRun(ctx, t); err != nil {
+	if err := a.finishRun(ctx, &t.run, &t.stmts); err != nil {
 		return err
 	}
 	var p params
@@ -413,7 +462,7 @@ func (a *applier) fastUpdate(ctx context.Context, t *fastTxn, m *pglogrepl.Updat
 	}
 	sql := fmt.Sprintf("WITH c AS (UPDATE %s t SET %s WHERE %s AND %s RETURNING 1)", r.qualified,
 		strings.Join(sets, ", "), r.where(&p, r.pk, keyVals, false), a.lastWriterIsPeer()) + expectOneRow
-	return a.addStmt(ctx, t, sql, p.vals, nil)
+	return a.addStmt(ctx, &t.stmts, sql, p.vals, nil)
 }
 
 func (a *applier) fastDelete(ctx context.Context, t *fastTxn, m *pglogrepl.DeleteMessage) error {
@@ -424,7 +473,7 @@ func (a *applier) fastDelete(ctx context.Context, t *fastTxn, m *pglogrepl.Delet
 	if m.OldTuple == nil || !fastKey(r, m.OldTuple) {
 		return errNotFast
 	}
-	if err := a.finishRun(ctx, t); err != nil {
+	if err := a.finishRun(ctx, &t.run, &t.stmts); err != nil {
 		return err
 	}
 	var p params
@@ -442,57 +491,136 @@ func (a *applier) fastDelete(ctx context.Context, t *fastTxn, m *pglogrepl.Delet
 	      SELECT %s, c.k, %s::timestamptz, %s FROM c`+tombstoneUpsert+`)`,
 		r.qualified, r.where(&p, r.pk, keyVals, false), a.lastWriterIsPeer(), strings.Join(kv, ", "),
 		p.add([]byte(r.tombName)), p.add([]byte(pgTime(a.fastBegin.CommitTime))), p.add([]byte(a.cfg.Peer.Name))) + expectOneRow
-	return a.addStmt(ctx, t, sql, p.vals, nil)
+	return a.addStmt(ctx, &t.stmts, sql, p.vals, nil)
 }
 
-// fastCommit queues the transaction: a first statement checks the order and
-// stamps the local commit with the origin's position and commit time.
+// fastCommit ends a source transaction: it joins the open group when its
+// commit time rounds to the group's, else it closes that group and opens
+// the next. A group closes too when the server is idle (latency) and at its
+// size bounds; closed groups wait in the queue for the next batch.
 func (a *applier) fastCommit(ctx context.Context, t *fastTxn, m *pglogrepl.CommitMessage) error {
 	a.fast = nil
 	t.end, t.commitTS = m.TransactionEndLSN, m.CommitTime
 	if t.skip {
-		t.stmts = nil
+		t.stmts, t.run = nil, insertRun{}
 		a.stats.skipped(true, m.CommitTime)
-	} else if err := a.finishRun(ctx, t); err != nil {
-		if !errors.Is(err, errNotFast) {
-			return err
-		}
-		return a.toCareful(ctx, t)
+	} else if t.empty() {
+		a.stats.skipped(false, m.CommitTime)
 	}
-	if len(t.stmts) == 0 {
-		if !t.skip {
-			a.stats.skipped(false, m.CommitTime)
-		}
+	if t.empty() {
 		t.msgs = nil
-		if len(a.queued)+len(a.sent) == 0 {
+		if g := a.group; g != nil {
+			g.txns, g.end = append(g.txns, t), t.end // confirmed with the group
+			return nil
+		}
+		if !a.busy() {
 			a.confirm(t.end)
 			return nil
 		}
-		a.queued = append(a.queued, t)
+		a.queued = append(a.queued, &fastGroup{txns: []*fastTxn{t}, end: t.end})
 		return nil
 	}
-	name, err := a.prepare(ctx, `SELECT pg_catalog.pg_replication_origin_xact_setup($1::pg_lsn, $2::timestamptz)
-WHERE CASE WHEN coalesce(pg_catalog.pg_replication_origin_session_progress(false), '0/0') = $3::pg_lsn THEN true
-	ELSE pgmesh.apply_conflict('an earlier transaction from this peer is not applied yet') END`)
-	if err != nil {
-		return err
+	rounded := a.cfg.Rule.Round(t.commitTS)
+	if g := a.group; g != nil && (g.rounded != rounded || len(g.txns) >= fastMaxGroupTxns || g.size >= fastMaxGroupBytes) {
+		if err := a.closeGroup(ctx); err != nil {
+			return err
+		}
 	}
-	guard := fastStmt{name: name, params: [][]byte{[]byte(t.end.String()), []byte(pgTime(t.commitTS)),
-		[]byte(a.applied.String())}}
-	t.stmts = append([]fastStmt{guard}, t.stmts...)
-	a.queued = append(a.queued, t)
-	a.queuedBytes += t.size
-	a.applied = t.end
-	// Send at once when the server is idle (latency); else let the queue
-	// fill while it works on the batch in flight (throughput).
-	if len(a.sent) == 0 || len(a.queued) >= fastMaxQueued || a.queuedBytes >= fastMaxQueueBytes {
+	g := a.group
+	if g == nil {
+		g = &fastGroup{rounded: rounded}
+		a.group = g
+	}
+	g.txns = append(g.txns, t)
+	if len(t.stmts) == 0 && len(t.run.rows) <= fastMaxRun-len(g.run.rows) && g.run.continues(t.run.r, t.run.cols) {
+		g.run.rows = append(g.run.rows, t.run.rows...)
+	} else {
+		if err := a.finishRun(ctx, &g.run, &g.stmts); err != nil {
+			return a.groupFailed(ctx, err)
+		}
+		g.stmts = append(g.stmts, t.stmts...)
+		g.run = t.run
+	}
+	t.stmts, t.run = nil, insertRun{}
+	g.end, g.commitTS = t.end, t.commitTS
+	g.size += t.size
+	// Close and send at once when the server is idle (latency); else let
+	// the group grow while the server works on the batch in flight.
+	if len(a.sent) == 0 {
+		if err := a.closeGroup(ctx); err != nil {
+			return err
+		}
 		return a.send(ctx)
 	}
 	return nil
 }
 
+// closeGroup ends the open group with its commit guard and queues it; the
+// queue is sent once it is large.
+func (a *applier) closeGroup(ctx context.Context) error {
+	g := a.group
+	if g == nil {
+		return nil
+	}
+	a.group = nil
+	if err := a.finishRun(ctx, &g.run, &g.stmts); err != nil {
+		a.group = g
+		return a.groupFailed(ctx, err)
+	}
+	if g.applies() {
+		// The guard comes last: the group's end is known only now. It
+		// checks that every group before it committed, waits for the local
+		// clock to pass the group's rounded time (causality), and stamps
+		// the commit with the origin's progress and commit time.
+		name, err := a.prepare(ctx, `SELECT pg_catalog.pg_replication_origin_xact_setup($1::pg_lsn, $2::timestamptz)
+WHERE CASE WHEN coalesce(pg_catalog.pg_replication_origin_session_progress(false), '0/0') = $3::pg_lsn THEN true
+	ELSE pgmesh.apply_conflict('an earlier transaction from this peer is not applied yet') END
+	AND `+clockGuard("$4"))
+		if err != nil {
+			return err
+		}
+		at := time.UnixMicro(g.rounded).UTC()
+		a.stats.clockAhead(at)
+		g.stmts = append(g.stmts, fastStmt{name: name, params: [][]byte{[]byte(g.end.String()), []byte(pgTime(g.commitTS)),
+			[]byte(a.applied.String()), []byte(pgTime(at))}})
+		a.applied = g.end
+	}
+	a.queued = append(a.queued, g)
+	a.queuedBytes += g.size
+	if len(a.queued) >= fastMaxQueued || a.queuedBytes >= fastMaxQueueBytes {
+		return a.send(ctx)
+	}
+	return nil
+}
+
+// groupFailed applies the open group's transactions carefully, after
+// everything before them is confirmed: its statements could not be built.
+func (a *applier) groupFailed(ctx context.Context, err error) error {
+	if !errors.Is(err, errNotFast) {
+		return err
+	}
+	g := a.group
+	a.group = nil
+	if err := a.drain(ctx); err != nil {
+		return err
+	}
+	a.stats.fallback(len(g.txns))
+	return a.replayCarefully(ctx, g.txns)
+}
+
+// clockGuard is a condition that holds once the local server's clock has
+// passed the timestamptz parameter param, waiting for it if need be: a
+// remote transaction commits here only after its rounded commit time, so
+// every later local write to its rows is stamped later (causality; see
+// ARCHITECTURE.md). The server's clock is the one that stamps commits, so
+// it is the one waited on, not the daemon's.
+func clockGuard(param string) string {
+	return `CASE WHEN pg_catalog.clock_timestamp() > ` + param + `::timestamptz THEN true
+	ELSE pgmesh.wait_for_clock(` + param + `::timestamptz) END`
+}
+
 // busy reports whether transactions wait to be sent or confirmed.
-func (a *applier) busy() bool { return len(a.queued)+len(a.sent) > 0 }
+func (a *applier) busy() bool { return a.group != nil || len(a.queued)+len(a.sent) > 0 }
 
 // between reports whether the stream is between transactions.
 func (a *applier) between() bool { return a.fast == nil && !a.careful && a.bulk == nil }
@@ -501,39 +629,39 @@ func (a *applier) between() bool { return a.fast == nil && !a.careful && a.bulk 
 func (a *applier) quiet() bool { return !a.busy() && a.between() }
 
 // idle is called when the stream has nothing more to read for now: it
-// confirms the batch in flight and sends what is queued.
+// closes the open group, confirms the batch in flight and sends what is
+// queued.
 func (a *applier) idle(ctx context.Context) (pglogrepl.LSN, error) {
-	err := a.send(ctx)
+	err := a.closeGroup(ctx)
+	if err == nil {
+		err = a.send(ctx)
+	}
 	return a.takeConfirmed(), err
 }
 
 // confirm records that everything up to end is committed here.
 func (a *applier) confirm(end pglogrepl.LSN) { a.confirmedEnd = max(a.confirmedEnd, end) }
 
-// send confirms the batch in flight, then sends the queued transactions as
-// the next batch, without waiting.
+// send confirms the batch in flight, then sends the queued groups as the
+// next batch, without waiting.
 func (a *applier) send(ctx context.Context) error {
 	if err := a.collect(ctx); err != nil {
 		return err
 	}
 	queued := a.queued
 	a.queued, a.queuedBytes = nil, 0
-	work := false
-	for _, t := range queued {
-		work = work || len(t.stmts) > 0
-	}
-	if !work {
-		for _, t := range queued {
-			a.confirm(t.end)
+	if !slices.ContainsFunc(queued, (*fastGroup).applies) {
+		for _, g := range queued {
+			a.confirm(g.end)
 		}
 		return nil
 	}
 	a.pl = a.pc.StartPipeline(ctx)
-	for _, t := range queued {
-		if len(t.stmts) == 0 {
+	for _, g := range queued {
+		if !g.applies() {
 			continue
 		}
-		for _, s := range t.stmts {
+		for _, s := range g.stmts {
 			a.pl.SendQueryPrepared(s.name, s.params, s.formats, nil)
 		}
 		a.pl.SendPipelineSync()
@@ -545,9 +673,12 @@ func (a *applier) send(ctx context.Context) error {
 	return nil
 }
 
-// drain sends everything queued and confirms it, so that the connection is
-// free for statements outside the pipeline.
+// drain closes the open group, sends everything queued and confirms it, so
+// that the connection is free for statements outside the pipeline.
 func (a *applier) drain(ctx context.Context) error {
+	if err := a.closeGroup(ctx); err != nil {
+		return err
+	}
 	for a.busy() {
 		if err := a.send(ctx); err != nil {
 			return err
@@ -559,9 +690,9 @@ func (a *applier) drain(ctx context.Context) error {
 	return nil
 }
 
-// collect reads the results of the batch in flight. Transactions up to the
-// first failure are confirmed; that one and all after it are applied again
-// on the careful path, in order.
+// collect reads the results of the batch in flight. Groups up to the first
+// failure are confirmed; the transactions of that one and of all after it
+// are applied again on the careful path, one by one, in order.
 func (a *applier) collect(ctx context.Context) error {
 	if a.pl == nil {
 		return nil
@@ -570,10 +701,10 @@ func (a *applier) collect(ctx context.Context) error {
 	a.sent = nil
 	failed := -1
 	var cause error
-	for i, t := range sent {
-		if len(t.stmts) == 0 {
+	for i, g := range sent {
+		if !g.applies() {
 			if failed < 0 {
-				a.confirm(t.end)
+				a.confirm(g.end)
 			}
 			continue
 		}
@@ -583,8 +714,13 @@ func (a *applier) collect(ctx context.Context) error {
 			return fmt.Errorf("read apply results from the local database: %w", err)
 		}
 		if ok == nil && failed < 0 {
-			a.stats.applied(t.end, t.commitTS, t.changes, nil)
-			a.confirm(t.end)
+			a.stats.committedGroup()
+			for _, t := range g.txns {
+				if t.changes > 0 {
+					a.stats.applied(t.end, t.commitTS, t.changes, nil)
+				}
+			}
+			a.confirm(g.end)
 			continue
 		}
 		if failed < 0 {
@@ -602,27 +738,19 @@ func (a *applier) collect(ctx context.Context) error {
 	if failed < 0 {
 		return nil
 	}
-	// The failed transaction and all after it (which failed only because
-	// it had) are applied carefully, in order. Conflicts come in runs, so
-	// the next transactions take the careful path straight away too.
-	a.stats.fallback(len(sent) - failed)
-	a.carefulFor = carefulStretch
-	a.cfg.Logger.Debug("transaction left the fast path; applying it and the rest of its batch carefully",
-		"remote_commit_lsn", sent[failed].end, "cause", cause, "after_it", len(sent)-failed-1)
-	for _, t := range sent[failed:] {
-		if len(t.stmts) == 0 {
-			a.confirm(t.end)
-			continue
-		}
-		for _, msg := range t.msgs {
-			end, err := a.handleCareful(ctx, msg)
-			if err != nil {
-				return err
-			}
-			a.confirm(end)
-		}
+	// The failed group's transactions and all after them (which failed
+	// only because it had) are applied carefully, in order. Conflicts come
+	// in runs, so the next transactions take the careful path straight
+	// away too.
+	var txns []*fastTxn
+	for _, g := range sent[failed:] {
+		txns = append(txns, g.txns...)
 	}
-	return nil
+	a.stats.fallback(len(txns))
+	a.carefulFor = carefulStretch
+	a.log.Debug("group left the fast path; applying its transactions and the rest of its batch carefully",
+		"remote_commit_lsn", sent[failed].end, "cause", cause, "transactions", len(txns))
+	return a.replayCarefully(ctx, txns)
 }
 
 // readTxn reads one transaction's results, through its Sync. It returns the

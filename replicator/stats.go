@@ -25,7 +25,12 @@ type Status struct {
 	LagSeconds  float64 `json:"lag_seconds"`
 	AppliedTxns int64   `json:"applied_txns"`
 	AppliedRows int64   `json:"applied_rows"`
-	DroppedTxns int64   `json:"forwarded_txns_dropped"`
+	// LocalCommits counts the local transactions that applied them:
+	// consecutive peer transactions of the same rounded commit time share
+	// one (grouped commits), so during a catch-up it grows more slowly
+	// than AppliedTxns.
+	LocalCommits int64 `json:"local_commits"`
+	DroppedTxns  int64 `json:"forwarded_txns_dropped"`
 	// RetriedTxns counts transactions that left the pipelined fast path
 	// (a conflict, or an earlier one in the same batch did) and were
 	// applied again on the careful path.
@@ -45,6 +50,16 @@ type Status struct {
 	ConflictsByResolution map[string]int64 `json:"conflicts_by_resolution,omitempty"`
 	LastError             string           `json:"last_error,omitempty"`
 	LastErrorAt           *time.Time       `json:"last_error_at,omitempty"`
+	// ClockSkew is how far the peer's Postgres clock is ahead of this
+	// node's (negative: behind), in seconds, sampled every second; nil
+	// until measured.
+	ClockSkew *float64 `json:"clock_skew_seconds,omitempty"`
+	// ClockWarning is set while the peer's clock is ahead by more than
+	// max_clock_skew: one sentence naming the peer, the amount and the fix.
+	ClockWarning string `json:"clock_warning,omitempty"`
+	// ClockWaits counts local commits that had to wait for this node's
+	// clock to pass the peer's commit time (the causality guard).
+	ClockWaits int64 `json:"clock_waits"`
 }
 
 // sample is the peer's WAL position at a moment, by our clock (for lag)
@@ -59,6 +74,8 @@ type stats struct {
 	st         Status
 	appliedLSN pglogrepl.LSN
 	samples    []sample // peer WAL positions not yet applied here, oldest first
+	// localOffset is the local Postgres clock minus the daemon's.
+	localOffset time.Duration
 }
 
 func newStats(peer string) *stats { return &stats{st: Status{Peer: peer}} }
@@ -126,6 +143,37 @@ func (s *stats) applied(end pglogrepl.LSN, commitTS time.Time, rows int64, confl
 	s.mu.Unlock()
 }
 
+// committedGroup counts one local commit of peer transactions.
+func (s *stats) committedGroup() {
+	s.mu.Lock()
+	s.st.LocalCommits++
+	s.mu.Unlock()
+}
+
+// clockAhead counts a commit whose rounded time at is ahead of the local
+// Postgres clock (as last measured), so the causality guard waits for it.
+func (s *stats) clockAhead(at time.Time) {
+	s.mu.Lock()
+	if at.After(time.Now().Add(s.localOffset)) {
+		s.st.ClockWaits++
+	}
+	s.mu.Unlock()
+}
+
+// setClocks records the measured offsets and the skew between the two
+// Postgres clocks, and the warning for it (empty when within bounds). It
+// returns the warning and whether it changed.
+func (s *stats) setClocks(localOffset, skew time.Duration, warning string) (changed bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.localOffset = localOffset
+	sec := skew.Seconds()
+	s.st.ClockSkew = &sec
+	changed = s.st.ClockWarning != warning
+	s.st.ClockWarning = warning
+	return changed
+}
+
 func (s *stats) fallback(n int) {
 	s.mu.Lock()
 	s.st.RetriedTxns += int64(n)
@@ -171,6 +219,10 @@ func (s *stats) snapshot() Status {
 	st := s.st
 	st.ConflictsByType = maps.Clone(s.st.ConflictsByType)
 	st.ConflictsByResolution = maps.Clone(s.st.ConflictsByResolution)
+	if s.st.ClockSkew != nil {
+		sec := *s.st.ClockSkew
+		st.ClockSkew = &sec
+	}
 	st.AppliedLSN = s.appliedLSN.String()
 	st.LagBytes, st.LagSeconds = 0, 0
 	if len(s.samples) > 0 {

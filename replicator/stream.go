@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/jackc/pglogrepl"
@@ -17,6 +18,7 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgproto3"
 
+	"github.com/pgmesh/pgmesh/conflict"
 	"github.com/pgmesh/pgmesh/origin"
 )
 
@@ -44,10 +46,12 @@ type Config struct {
 	StatusInterval time.Duration
 	// Gate, when set, can hold the stream between transactions.
 	Gate *Gate
-
-	// retryCarefully is a large transaction (FinalLSN) whose bulk apply
-	// failed: streamed again, it takes the careful path.
-	retryCarefully pglogrepl.LSN
+	// Rule is the group's last-update-wins rule; every node must use the
+	// same (see conflict.Rule).
+	Rule conflict.Rule
+	// MaxClockSkew is how far the peer's clock may be ahead of ours before
+	// it is reported (0: never).
+	MaxClockSkew time.Duration
 }
 
 // Stream replicates one peer into the local database until its context ends.
@@ -55,6 +59,9 @@ type Stream struct {
 	cfg   Config
 	stats *stats
 	log   *slog.Logger
+	// retryLSN is a large transaction (FinalLSN) whose bulk apply failed:
+	// streamed again, it takes the careful path.
+	retryLSN pglogrepl.LSN
 }
 
 // New returns a stream; call Run to start it.
@@ -87,7 +94,7 @@ func (s *Stream) Run(ctx context.Context) {
 		var retry *retryCarefully
 		if errors.As(err, &retry) {
 			s.log.Info("a large transaction did not apply in bulk; applying it carefully", "err", err)
-			s.cfg.retryCarefully = retry.lsn
+			s.retryLSN = retry.lsn
 			s.stats.fallback(1)
 			continue
 		}
@@ -156,7 +163,9 @@ func (s *Stream) runOnce(ctx context.Context) error {
 	s.stats.setApplied(progress)
 	s.log.Info("streaming from peer", "from_lsn", progress)
 
-	go s.pollPeer(ctx)
+	var probes sync.WaitGroup
+	probes.Go(func() { s.pollPeer(ctx) })
+	defer func() { cancel(); probes.Wait() }()
 
 	// The fast path recognises rows last written by this peer by origin id.
 	var roident uint32
@@ -166,7 +175,7 @@ func (s *Stream) runOnce(ctx context.Context) error {
 	}
 	s.cfg.Gate.enter()
 	defer s.cfg.Gate.leave()
-	a := newApplier(applyConn.PgConn(), &s.cfg, progress, roident, s.stats)
+	a := newApplier(applyConn.PgConn(), &s.cfg, progress, roident, s.stats, s.retryLSN, s.log)
 	defer a.rollback(context.Background())
 	return s.receive(ctx, repl, a, progress)
 }
@@ -354,43 +363,88 @@ func (s *Stream) receive(ctx context.Context, repl *pgconn.PgConn, a *applier, f
 	}
 }
 
-// pollPeer samples the peer's WAL position every second over an ordinary
-// connection, for lag in bytes and seconds. It ends with ctx.
+// pollPeer samples the peer's WAL position and both Postgres clocks every
+// second over ordinary connections: the position for lag in bytes and
+// seconds, the clocks for the skew between them. It ends with ctx.
 func (s *Stream) pollPeer(ctx context.Context) {
-	var conn *pgx.Conn
-	defer func() {
-		if conn != nil {
-			conn.Close(context.Background())
-		}
-	}()
+	peer := &probe{dsn: s.cfg.Peer.DSN, query: "SELECT pg_current_wal_lsn(), clock_timestamp()"}
+	local := &probe{dsn: s.cfg.LocalDSN, query: "SELECT '0/0'::pg_lsn, clock_timestamp()"}
+	defer peer.close()
+	defer local.close()
 	t := time.NewTicker(time.Second)
 	defer t.Stop()
 	for {
-		if conn == nil {
-			if cfg, err := pgx.ParseConfig(s.cfg.Peer.DSN); err == nil {
-				cfg.RuntimeParams["application_name"] = "pgmesh lag probe"
-				if c, err := pgx.ConnectConfig(ctx, cfg); err == nil {
-					conn = c
-				}
-			}
+		localOffset, _, okLocal := local.sample(ctx)
+		peerOffset, lsn, okPeer := peer.sample(ctx)
+		if okPeer {
+			s.stats.sample(time.Now(), time.Now().Add(peerOffset), lsn)
 		}
-		if conn != nil {
-			var lsn pglogrepl.LSN
-			var peerAt time.Time
-			qctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-			err := conn.QueryRow(qctx, "SELECT pg_current_wal_lsn(), clock_timestamp()").Scan(&lsn, &peerAt)
-			cancel()
-			if err != nil {
-				conn.Close(context.Background())
-				conn = nil
-			} else {
-				s.stats.sample(time.Now(), peerAt, lsn)
-			}
+		if okLocal && okPeer {
+			s.checkSkew(localOffset, peerOffset-localOffset)
 		}
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
 		}
+	}
+}
+
+// checkSkew records the skew between the peer's Postgres clock and ours and
+// logs when it crosses max_clock_skew, either way. A peer ahead of us is
+// the case that matters: its changes wait for our clock (the causality
+// guard), so they are applied late, though never out of order or lost.
+func (s *Stream) checkSkew(localOffset, skew time.Duration) {
+	warning := ""
+	if max := s.cfg.MaxClockSkew; max > 0 && skew > max {
+		warning = fmt.Sprintf("the clock of peer %s is %s ahead of this node's Postgres clock (max_clock_skew %s), so its changes are applied only once this clock has caught up: synchronise both servers' clocks (NTP)",
+			s.cfg.Peer.Name, skew.Round(time.Millisecond), max)
+	}
+	if s.stats.setClocks(localOffset, skew, warning) {
+		if warning != "" {
+			s.log.Warn("clock skew", "err", warning, "skew", skew.Round(time.Millisecond))
+		} else {
+			s.log.Info("clock skew back within max_clock_skew", "skew", skew.Round(time.Millisecond))
+		}
+	}
+}
+
+// probe is an ordinary connection that reads a WAL position and the
+// server's clock, reconnecting as needed.
+type probe struct {
+	dsn, query string
+	conn       *pgx.Conn
+}
+
+// sample returns the server clock's offset from the daemon's (taken at the
+// middle of the round trip) and the position read; ok is false when the
+// server could not be asked.
+func (p *probe) sample(ctx context.Context) (offset time.Duration, lsn pglogrepl.LSN, ok bool) {
+	if p.conn == nil {
+		cfg, err := pgx.ParseConfig(p.dsn)
+		if err != nil {
+			return 0, 0, false
+		}
+		cfg.RuntimeParams["application_name"] = "pgmesh lag probe"
+		if p.conn, err = pgx.ConnectConfig(ctx, cfg); err != nil {
+			return 0, 0, false
+		}
+	}
+	var at time.Time
+	qctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	start := time.Now()
+	if err := p.conn.QueryRow(qctx, p.query).Scan(&lsn, &at); err != nil {
+		p.close()
+		return 0, 0, false
+	}
+	mid := start.Add(time.Since(start) / 2)
+	return at.Sub(mid), lsn, true
+}
+
+func (p *probe) close() {
+	if p.conn != nil {
+		p.conn.Close(context.Background())
+		p.conn = nil
 	}
 }

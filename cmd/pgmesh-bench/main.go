@@ -1,10 +1,11 @@
 // Command pgmesh-bench measures pgmesh against native PostgreSQL logical
-// replication (publication + subscription) on the same machine, in one run,
+// replication (publication + subscription, one way) and pglogical 2 (two
+// nodes, bidirectional, last-update-wins) on the same machine, in one run,
 // with the same workloads. Run it with `make bench`; sizes are flags.
 //
 // Catch-up workloads build a backlog on the sender while the receiver is
-// held (pgmesh: the receiving daemon stopped; native: the subscription
-// disabled), then release it and time how long the backlog takes to become
+// held (pgmesh: the receiving daemon stopped; native and pglogical: the
+// subscription disabled), then release it and time how long the backlog takes to become
 // visible on the receiver, from the moment the receiver's stream is running.
 package main
 
@@ -16,7 +17,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
-	"sort"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -38,7 +39,7 @@ var (
 	latencyDur = flag.Duration("latency-for", 10*time.Second, "workload 4: how long")
 	bigRows    = flag.Int("big", 1000000, "workload 5: rows in one transaction")
 	nextvals   = flag.Int("nextvals", 200000, "workload 6: values drawn per sequence kind")
-	repeat     = flag.Int("repeat", 3, "workloads 1 and 2: runs per system (the median is reported)")
+	repeat     = flag.Int("repeat", 3, "workloads 1, 2 and 3: runs per system (the median is reported)")
 	only       = flag.String("only", "", "comma-separated workloads to run (1-7); default all")
 )
 
@@ -78,12 +79,23 @@ type system interface {
 	// settle waits until the last workload's work is done everywhere, so
 	// that none of it runs into the next.
 	settle(ctx context.Context) error
+	// roots are the processes (postmasters, daemons) whose trees' CPU
+	// time is the system's cost.
+	roots() []int
 }
 
+// result is one table row: a value per system (pgmesh first), and pgmesh's
+// ratio to the best of the others.
 type result struct {
-	what           string
-	pgmesh, native string
-	ratio          string
+	what  string
+	vals  []string
+	ratio string
+}
+
+// catchUpRun is one timed catch-up: how long it took and the CPU time the
+// system's processes used meanwhile.
+type catchUpRun struct {
+	took, cpu time.Duration
 }
 
 func run(ctx context.Context) error {
@@ -92,7 +104,7 @@ func run(ctx context.Context) error {
 		return err
 	}
 	defer os.RemoveAll(dir)
-	fmt.Println("building pgmesh and starting four throwaway clusters (fsync=off, synchronous_commit=off)")
+	fmt.Println("building pgmesh and starting six throwaway clusters (fsync=off, synchronous_commit=off)")
 	bin, err := localmesh.Build(ctx, dir)
 	if err != nil {
 		return err
@@ -108,71 +120,91 @@ func run(ctx context.Context) error {
 	}
 	defer nat.close()
 	systems := []system{pm, nat}
+	if why := pglogicalMissing(); why != "" {
+		fmt.Println("pglogical left out:", why)
+	} else {
+		pgl, err := newPglogical(ctx)
+		if err != nil {
+			return err
+		}
+		defer pgl.close()
+		systems = append(systems, pgl)
+	}
 
 	var results []result
-	add := func(what string, vals [2]float64, unit string, higherIsBetter bool, format string) {
-		r := result{what: what, pgmesh: fmt.Sprintf(format, vals[0]) + unit, native: fmt.Sprintf(format, vals[1]) + unit}
-		if vals[0] > 0 && vals[1] > 0 {
-			ratio := vals[0] / vals[1]
+	// add records a row; higherIsBetter says which way the ratio goes.
+	add := func(what string, vals []float64, unit string, higherIsBetter bool, format string) {
+		r := result{what: what}
+		best := 0.0
+		for i, v := range vals {
+			r.vals = append(r.vals, fmt.Sprintf(format, v)+unit)
+			if i > 0 && v > 0 && (best == 0 || (higherIsBetter && v > best) || (!higherIsBetter && v < best)) {
+				best = v
+			}
+		}
+		if vals[0] > 0 && best > 0 {
+			ratio := vals[0] / best
 			if !higherIsBetter {
-				ratio = vals[1] / vals[0]
+				ratio = best / vals[0]
 			}
 			r.ratio = fmt.Sprintf("%.2f", ratio)
 		}
 		results = append(results, r)
-		fmt.Printf("  %s: pgmesh %s, native %s\n", what, r.pgmesh, r.native)
+		fmt.Printf("  %s: %s\n", what, strings.Join(r.vals, " | "))
 	}
 	sentinel := 0
-	catchUp := func(s system, build func(*pgtest.Cluster) error) (time.Duration, error) {
+	catchUp := func(s system, build func(*pgtest.Cluster) error) (catchUpRun, error) {
 		sentinel++
 		if err := s.settle(ctx); err != nil {
-			return 0, err
+			return catchUpRun{}, err
 		}
 		if err := s.hold(ctx); err != nil {
-			return 0, err
+			return catchUpRun{}, err
 		}
 		if err := build(s.sender()); err != nil {
-			return 0, err
+			return catchUpRun{}, err
 		}
 		if err := s.sender().Exec(ctx, `INSERT INTO sentinel VALUES ($1)`, sentinel); err != nil {
-			return 0, err
+			return catchUpRun{}, err
 		}
 		if err := s.release(ctx); err != nil {
-			return 0, err
+			return catchUpRun{}, err
 		}
-		start := time.Now()
+		start, cpu := time.Now(), cpuTime(s.roots())
 		if err := waitFor(ctx, s.receiver(), `SELECT count(*) FROM sentinel WHERE id = $1`, sentinel); err != nil {
-			return 0, fmt.Errorf("%s: %w", s.name(), err)
+			return catchUpRun{}, fmt.Errorf("%s: %w", s.name(), err)
 		}
-		return time.Since(start), nil
+		return catchUpRun{took: time.Since(start), cpu: cpuTime(s.roots()) - cpu}, nil
 	}
-	// Catch-up of inserts is run -repeat times, the systems taking turns,
-	// and the median reported: a shared 2-core machine is noisy.
-	rowsPerSec := func(what string, rows int, build func(*pgtest.Cluster) error) error {
-		runs := [2][]float64{}
-		for range max(*repeat, 1) {
+	// A catch-up is run -repeat times, the systems taking turns, and the
+	// median reported: a shared 2-core machine is noisy. CPU seconds per
+	// 100k rows (every process of the pair: daemons, backends,
+	// walsenders) go beside the rate.
+	catchUps := func(what, unit string, rows, repeat int, build func(*pgtest.Cluster) error) error {
+		rates := make([][]float64, len(systems))
+		cpus := make([][]float64, len(systems))
+		for range max(repeat, 1) {
 			for i, s := range systems {
-				d, err := catchUp(s, build)
+				r, err := catchUp(s, build)
 				if err != nil {
 					return err
 				}
-				runs[i] = append(runs[i], float64(rows)/d.Seconds())
+				rates[i] = append(rates[i], float64(rows)/r.took.Seconds())
+				cpus[i] = append(cpus[i], r.cpu.Seconds()*100000/float64(rows))
 			}
 		}
-		var v [2]float64
-		for i := range runs {
-			sort.Float64s(runs[i])
-			v[i] = runs[i][len(runs[i])/2]
+		if repeat > 1 {
+			for i, s := range systems {
+				fmt.Printf("  runs, %s: %.0f %s\n", s.name(), rates[i], unit)
+			}
 		}
-		if *repeat > 1 {
-			fmt.Printf("  runs: pgmesh %.0f, native %.0f rows/s\n", runs[0], runs[1])
-		}
-		add(what, v, " rows/s", true, "%.0f")
+		add(what, medians(rates), " "+unit, true, "%.0f")
+		add(what+", CPU s per 100k rows", medians(cpus), " s", false, "%.2f")
 		return nil
 	}
 	if want(1) {
 		fmt.Printf("1. catch-up of %d single-row INSERT transactions\n", *singleTxns)
-		if err := rowsPerSec("1. single-row inserts", *singleTxns, func(c *pgtest.Cluster) error {
+		if err := catchUps("1. single-row inserts", "rows/s", *singleTxns, *repeat, func(c *pgtest.Cluster) error {
 			return c.Exec(ctx, fmt.Sprintf(`DO $$ DECLARE base bigint := (SELECT coalesce(max(id), 0) FROM single);
 				BEGIN FOR i IN 1..%d LOOP
 				INSERT INTO single VALUES (base + i, 'payload ' || i); COMMIT; END LOOP; END $$`, *singleTxns))
@@ -182,7 +214,7 @@ func run(ctx context.Context) error {
 	}
 	if want(2) {
 		fmt.Printf("2. catch-up of %d INSERT transactions of 100 rows\n", *batchTxns)
-		if err := rowsPerSec("2. 100-row inserts", *batchTxns*100, func(c *pgtest.Cluster) error {
+		if err := catchUps("2. 100-row inserts", "rows/s", *batchTxns*100, *repeat, func(c *pgtest.Cluster) error {
 			return c.Exec(ctx, fmt.Sprintf(`DO $$ DECLARE base bigint := (SELECT coalesce(max(id), 0) FROM batch);
 				BEGIN FOR i IN 0..%d LOOP
 				INSERT INTO batch SELECT base + i * 100 + g, 'payload ' || g FROM generate_series(1, 100) g; COMMIT; END LOOP; END $$`, *batchTxns-1))
@@ -192,21 +224,16 @@ func run(ctx context.Context) error {
 	}
 	if want(3) {
 		fmt.Printf("3. catch-up of %d pgbench tpcb-like transactions (scale 1)\n", *updateTxns)
-		var v [2]float64
-		for i, s := range systems {
-			d, err := catchUp(s, func(c *pgtest.Cluster) error {
-				return pgbench(ctx, c, "-n", "-b", "tpcb-like", "-t", strconv.Itoa(*updateTxns))
-			})
-			if err != nil {
-				return err
-			}
-			v[i] = float64(*updateTxns) / d.Seconds()
+		// Rows: each transaction changes four (3 updates, 1 insert).
+		if err := catchUps("3. pgbench tpcb-like", "txn/s", *updateTxns, *repeat, func(c *pgtest.Cluster) error {
+			return pgbench(ctx, c, "-n", "-b", "tpcb-like", "-t", strconv.Itoa(*updateTxns))
+		}); err != nil {
+			return err
 		}
-		add("3. pgbench tpcb-like", v, " txn/s", true, "%.0f")
 	}
 	if want(4) {
 		fmt.Printf("4. commit-to-visible latency at %d transactions/s for %s\n", *rate, *latencyDur)
-		var p50, p99 [2]float64
+		p50, p99 := make([]float64, len(systems)), make([]float64, len(systems))
 		for i, s := range systems {
 			if err := s.settle(ctx); err != nil {
 				return err
@@ -222,29 +249,23 @@ func run(ctx context.Context) error {
 	}
 	if want(5) {
 		fmt.Printf("5. one transaction of %d rows: catch-up and the pgmesh daemon's peak RSS\n", *bigRows)
-		var v [2]float64
-		for i, s := range systems {
-			d, err := catchUp(s, func(c *pgtest.Cluster) error {
-				return c.Exec(ctx, fmt.Sprintf(`INSERT INTO big SELECT g, 'payload ' || g FROM generate_series(1, %d) g`, *bigRows))
-			})
-			if err != nil {
-				return err
-			}
-			v[i] = float64(*bigRows) / d.Seconds()
+		if err := catchUps("5. one big transaction", "rows/s", *bigRows, 1, func(c *pgtest.Cluster) error {
+			return c.Exec(ctx, fmt.Sprintf(`INSERT INTO big SELECT g, 'payload ' || g FROM generate_series(1, %d) g`, *bigRows))
+		}); err != nil {
+			return err
 		}
-		add("5. one big transaction", v, " rows/s", true, "%.0f")
 		rss, err := peakRSS(pm.b.Pid())
 		if err != nil {
 			return err
 		}
-		results = append(results, result{what: "5. pgmesh daemon peak RSS", pgmesh: fmt.Sprintf("%.0f MB", float64(rss)/(1<<20)), native: "-"})
+		results = append(results, one("5. pgmesh daemon peak RSS (whole run)", fmt.Sprintf("%.0f MB", float64(rss)/(1<<20)), len(systems)))
 	}
 
 	if want(6) {
 		fmt.Printf("6. nextval rate, %d values per kind, on one pgmesh node\n", *nextvals)
 		for _, r := range sequenceRates(ctx, pm) {
-			results = append(results, r)
-			fmt.Printf("  %s: %s\n", r.what, r.pgmesh)
+			results = append(results, one(r.what, r.vals[0], len(systems)))
+			fmt.Printf("  %s: %s\n", r.what, r.vals[0])
 		}
 	}
 
@@ -254,19 +275,43 @@ func run(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
-		r := result{what: "7. SQL-protocol floor, 1-row txns", pgmesh: fmt.Sprintf("%.0f rows/s", v), native: "-"}
+		r := one("7. SQL-protocol floor, 1-row txns", fmt.Sprintf("%.0f rows/s", v), len(systems))
 		results = append(results, r)
-		fmt.Printf("  %s: %s\n", r.what, r.pgmesh)
+		fmt.Printf("  %s: %s\n", r.what, r.vals[0])
 	}
 
 	fmt.Printf("\nmachine: %d cores, %s, %s, %s\n", runtime.NumCPU(), memTotal(), pgVersion(ctx, nat.b), runtime.Version())
 	w := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(w, "workload\tpgmesh\tnative\tpgmesh/native\t")
+	header := "workload"
+	for _, s := range systems {
+		header += "\t" + s.name()
+	}
+	fmt.Fprintln(w, header+"\tpgmesh/best other\t")
 	for _, r := range results {
-		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t\n", r.what, r.pgmesh, r.native, r.ratio)
+		fmt.Fprintf(w, "%s\t%s\t%s\t\n", r.what, strings.Join(r.vals, "\t"), r.ratio)
 	}
 	w.Flush()
 	return nil
+}
+
+// one is a row with a figure for pgmesh alone.
+func one(what, val string, systems int) result {
+	r := result{what: what, vals: []string{val}}
+	for range systems - 1 {
+		r.vals = append(r.vals, "-")
+	}
+	return r
+}
+
+// medians returns the median of each system's runs.
+func medians(runs [][]float64) []float64 {
+	out := make([]float64, len(runs))
+	for i, r := range runs {
+		r = slices.Clone(r)
+		slices.Sort(r)
+		out[i] = r[len(r)/2]
+	}
+	return out
 }
 
 // latency writes at a fixed rate on the sender and reads the arrival times
@@ -404,12 +449,12 @@ func sequenceRates(ctx context.Context, pm *meshPair) []result {
 	// Plain DDL stays on its node: the sequences are made on both directly.
 	for _, n := range []*localmesh.Node{pm.a, pm.b} {
 		if err := n.PG.Exec(ctx, setup); err != nil {
-			return []result{{what: "6. nextval", pgmesh: "setup failed: " + err.Error()}}
+			return []result{{what: "6. nextval", vals: []string{"setup failed: " + err.Error()}}}
 		}
 	}
 	for _, conv := range [][]string{{"--kind", "timeshard", "bench_ts"}, {"--kind", "galloc", "--chunk-size", "100000", "bench_ga"}} {
 		if _, stderr, err := pm.a.CLI(ctx, append([]string{"sequences", "convert"}, conv...)...); err != nil {
-			return []result{{what: "6. nextval", pgmesh: "convert failed: " + stderr}}
+			return []result{{what: "6. nextval", vals: []string{"convert failed: " + stderr}}}
 		}
 	}
 	var out []result
@@ -429,11 +474,11 @@ func sequenceRates(ctx context.Context, pm *meshPair) []result {
 			}
 		}
 		conn.Close(ctx)
-		r := result{what: "6. nextval, " + k.name, native: "-"}
+		r := result{what: "6. nextval, " + k.name}
 		if err != nil {
-			r.pgmesh = "failed: " + err.Error()
+			r.vals = []string{"failed: " + err.Error()}
 		} else {
-			r.pgmesh = fmt.Sprintf("%.0f values/s", float64(*nextvals)/time.Since(start).Seconds())
+			r.vals = []string{fmt.Sprintf("%.0f values/s", float64(*nextvals)/time.Since(start).Seconds())}
 		}
 		out = append(out, r)
 	}

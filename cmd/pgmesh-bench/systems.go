@@ -3,6 +3,11 @@ package main
 import (
 	"context"
 	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/pgmesh/pgmesh/internal/localmesh"
@@ -144,4 +149,197 @@ func (p *nativePair) close() {
 	if p.b != nil {
 		p.b.Remove()
 	}
+}
+
+// pglogicalPair is pglogical 2 bidirectional on two clusters, as its users
+// run it for multi-master: each node subscribes to the other with
+// forward_origins '{}' (no loops) and last-update-wins conflict resolution.
+type pglogicalPair struct{ a, b *pgtest.Cluster }
+
+// pglogicalMissing says why pglogical cannot run here, or "".
+func pglogicalMissing() string {
+	bin, err := pgtest.FindBinDir()
+	if err != nil {
+		return err.Error()
+	}
+	lib := filepath.Join(filepath.Dir(bin), "lib", "pglogical.so")
+	if _, err := os.Stat(lib); err != nil {
+		return "pglogical is not installed for this server (" + lib + "): apt-get install postgresql-15-pglogical"
+	}
+	return ""
+}
+
+func newPglogical(ctx context.Context) (*pglogicalPair, error) {
+	p := &pglogicalPair{}
+	settings := map[string]string{
+		"shared_preload_libraries":        "'pglogical'",
+		"pglogical.conflict_resolution":   "'last_update_wins'",
+		"pglogical.conflict_log_level":    "'debug1'",
+		"max_logical_replication_workers": "8",
+	}
+	var err error
+	for _, c := range []**pgtest.Cluster{&p.a, &p.b} {
+		if *c, err = pgtest.Start(ctx, pgtest.Options{Settings: settings}); err != nil {
+			p.close()
+			return nil, err
+		}
+		// From minor releases 15.19/16.15/17.11/18.6 on, only listed output
+		// plugins load: pglogical's must be allowed.
+		if err := (*c).Exec(ctx, `DO $$ BEGIN IF EXISTS (SELECT 1 FROM pg_settings WHERE name = 'output_plugin_libraries') THEN
+			EXECUTE 'ALTER SYSTEM SET output_plugin_libraries = ''pgoutput, test_decoding, pglogical_output'''; END IF; END $$`); err != nil {
+			p.close()
+			return nil, err
+		}
+		if err := (*c).Restart(ctx); err != nil {
+			p.close()
+			return nil, err
+		}
+	}
+	dsn := func(c *pgtest.Cluster) string {
+		return fmt.Sprintf("host=127.0.0.1 port=%d dbname=postgres user=postgres", c.Port)
+	}
+	node := func(c *pgtest.Cluster, name string) error {
+		return c.Exec(ctx, fmt.Sprintf(`CREATE EXTENSION pglogical;
+			SELECT pglogical.create_node(node_name := '%s', dsn := '%s');
+			SELECT pglogical.replication_set_add_table('default', c.oid::regclass, synchronize_data := false)
+			  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+			  WHERE n.nspname = 'public' AND c.relkind = 'r' AND c.relname <> 'pgbench_history';
+			SELECT pglogical.replication_set_add_table('default_insert_only', 'pgbench_history', synchronize_data := false)`, name, dsn(c)))
+	}
+	subscribe := func(c, provider *pgtest.Cluster, name string) error {
+		return c.Exec(ctx, fmt.Sprintf(`SELECT pglogical.create_subscription(subscription_name := '%s', provider_dsn := '%s',
+			replication_sets := ARRAY['default', 'default_insert_only'], synchronize_structure := false,
+			synchronize_data := false, forward_origins := '{}')`, name, dsn(provider)))
+	}
+	steps := []func() error{
+		func() error { return p.a.Exec(ctx, schema) },
+		func() error { return p.b.Exec(ctx, schema) },
+		func() error { return pgbench(ctx, p.a, "-i", "-q", "-s", "1") },
+		func() error { return pgbench(ctx, p.b, "-i", "-q", "-s", "1") }, // same rows on both
+		func() error { return p.b.Exec(ctx, stampArrival) },
+		func() error { return node(p.a, "a") },
+		func() error { return node(p.b, "b") },
+		func() error { return subscribe(p.b, p.a, "b_from_a") },
+		func() error { return subscribe(p.a, p.b, "a_from_b") },
+		func() error { return p.waitReplicating(ctx) },
+	}
+	for _, s := range steps {
+		if err := s(); err != nil {
+			p.close()
+			return nil, fmt.Errorf("pglogical setup: %w", err)
+		}
+	}
+	return p, nil
+}
+
+func (p *pglogicalPair) waitReplicating(ctx context.Context) error {
+	for _, c := range []*pgtest.Cluster{p.a, p.b} {
+		if err := waitFor(ctx, c, `SELECT CASE WHEN count(*) = $1 THEN 1 ELSE 0 END FROM pglogical.show_subscription_status() WHERE status = 'replicating'`, 1); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (p *pglogicalPair) name() string              { return "pglogical" }
+func (p *pglogicalPair) sender() *pgtest.Cluster   { return p.a }
+func (p *pglogicalPair) receiver() *pgtest.Cluster { return p.b }
+
+func (p *pglogicalPair) hold(ctx context.Context) error {
+	return p.b.Exec(ctx, `SELECT pglogical.alter_subscription_disable('b_from_a', immediate := true)`)
+}
+
+func (p *pglogicalPair) release(ctx context.Context) error {
+	if err := p.b.Exec(ctx, `SELECT pglogical.alter_subscription_enable('b_from_a', immediate := true)`); err != nil {
+		return err
+	}
+	return p.waitReplicating(ctx)
+}
+
+// settle waits until each node's slot for the other has confirmed
+// everything written: the backward stream reads (and drops) what b applied.
+func (p *pglogicalPair) settle(ctx context.Context) error {
+	for _, c := range []*pgtest.Cluster{p.a, p.b} {
+		if err := waitFor(ctx, c, `SELECT CASE WHEN bool_and(confirmed_flush_lsn >= pg_current_wal_lsn() - 1024 * $1) THEN 1 ELSE 0 END FROM pg_replication_slots`, 64); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (p *pglogicalPair) roots() []int { return []int{postmasterPID(p.a), postmasterPID(p.b)} }
+
+func (p *pglogicalPair) close() {
+	if p.a != nil {
+		p.a.Remove()
+	}
+	if p.b != nil {
+		p.b.Remove()
+	}
+}
+
+func (p *meshPair) roots() []int {
+	return []int{postmasterPID(p.a.PG), postmasterPID(p.b.PG), p.a.Pid(), p.b.Pid()}
+}
+
+func (p *nativePair) roots() []int { return []int{postmasterPID(p.a), postmasterPID(p.b)} }
+
+// postmasterPID reads a running cluster's postmaster pid (0 if unknown).
+func postmasterPID(c *pgtest.Cluster) int {
+	b, err := os.ReadFile(filepath.Join(c.Data, "postmaster.pid"))
+	if err != nil {
+		return 0
+	}
+	line, _, _ := strings.Cut(string(b), "\n")
+	pid, _ := strconv.Atoi(strings.TrimSpace(line))
+	return pid
+}
+
+// cpuTime is the CPU time used so far by the processes rooted at roots and
+// all their descendants, plus what their exited children used.
+func cpuTime(roots []int) time.Duration {
+	type proc struct{ ppid, ticks, childTicks int64 }
+	procs := map[int]proc{}
+	dirs, _ := os.ReadDir("/proc")
+	for _, d := range dirs {
+		pid, err := strconv.Atoi(d.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile("/proc/" + d.Name() + "/stat")
+		if err != nil {
+			continue
+		}
+		// Fields after the command name, which is in parentheses.
+		i := strings.LastIndexByte(string(b), ')')
+		f := strings.Fields(string(b[i+1:]))
+		if len(f) < 15 {
+			continue
+		}
+		num := func(k int) int64 { v, _ := strconv.ParseInt(f[k], 10, 64); return v }
+		// f[1] ppid, f[11] utime, f[12] stime, f[13] cutime, f[14] cstime
+		procs[pid] = proc{ppid: num(1), ticks: num(11) + num(12), childTicks: num(13) + num(14)}
+	}
+	in := map[int]bool{}
+	for _, r := range roots {
+		in[r] = r != 0
+	}
+	var ticks int64
+	for changed := true; changed; {
+		changed = false
+		for pid, p := range procs {
+			if !in[pid] && in[int(p.ppid)] {
+				in[pid], changed = true, true
+			}
+		}
+	}
+	for pid := range in {
+		if p, ok := procs[pid]; ok && in[pid] {
+			ticks += p.ticks
+			if slices.Contains(roots, pid) {
+				ticks += p.childTicks
+			}
+		}
+	}
+	return time.Duration(ticks) * time.Second / 100 // USER_HZ
 }

@@ -75,6 +75,20 @@ var configKeys = []configKey{
 		duration("housekeeping_interval", func(c *daemon.Config) *time.Duration { return &c.HousekeepingInterval })},
 	{"health_max_lag", "GET /health answers 503 once a peer's stream lags (or is disconnected) longer (default 30s)",
 		duration("health_max_lag", func(c *daemon.Config) *time.Duration { return &c.HealthMaxLag })},
+	{"luw_resolution", "commit times are rounded up to this before last-update-wins compares them; the same on every node, 0 for exact times (default 1ms)", func(c *daemon.Config, v string) error {
+		if v == "" {
+			c.LUWResolution = daemon.DefaultLUWResolution
+			return nil
+		}
+		d, err := time.ParseDuration(v)
+		if err != nil {
+			return fmt.Errorf("luw_resolution %q is not a duration: write it like 1ms, 500us or 0", v)
+		}
+		c.LUWResolution = d
+		return nil
+	}},
+	{"max_clock_skew", "report a peer whose Postgres clock is further ahead of this node's (default 500ms)",
+		duration("max_clock_skew", func(c *daemon.Config) *time.Duration { return &c.MaxClockSkew })},
 	{"wal_retention_warn", "mark a peer lagging once its slot here holds this much WAL (default 1GB)",
 		size("wal_retention_warn", func(c *daemon.Config) *int64 { return &c.WALRetentionWarn })},
 	{"wal_retention_max", "drop a disconnected peer's slot past this much WAL; it must rejoin (default: never)",

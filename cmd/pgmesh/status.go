@@ -56,16 +56,25 @@ func printStatus(out io.Writer, rep daemon.StatusReport) {
 	if len(rep.Peers) > 0 {
 		fmt.Fprintln(out)
 		w = tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
-		fmt.Fprintln(w, "PEER\tCONNECTED\tLAST APPLIED COMMIT\tLAG BYTES\tLAG SECONDS\tTXNS\tROWS\tCONFLICTS\tLAST ERROR")
+		fmt.Fprintln(w, "PEER\tCONNECTED\tLAST APPLIED COMMIT\tLAG BYTES\tLAG SECONDS\tTXNS\tROWS\tCONFLICTS\tCLOCK SKEW\tLAST ERROR")
 		for _, p := range rep.Peers {
 			last := "-"
 			if p.LastCommitTS != nil {
 				last = p.LastCommitTS.Local().Format(time.DateTime + ".000")
 			}
-			fmt.Fprintf(w, "%s\t%v\t%s\t%d\t%.1f\t%d\t%d\t%d\t%s\n", p.Peer, p.Connected, last, p.LagBytes,
-				p.LagSeconds, p.AppliedTxns, p.AppliedRows, p.Conflicts, orDash(p.LastError))
+			skew := "-"
+			if p.ClockSkew != nil {
+				skew = (time.Duration(*p.ClockSkew * float64(time.Second))).Round(time.Millisecond).String()
+			}
+			fmt.Fprintf(w, "%s\t%v\t%s\t%d\t%.1f\t%d\t%d\t%d\t%s\t%s\n", p.Peer, p.Connected, last, p.LagBytes,
+				p.LagSeconds, p.AppliedTxns, p.AppliedRows, p.Conflicts, skew, orDash(p.LastError))
 		}
 		w.Flush()
+		for _, p := range rep.Peers {
+			if p.ClockWarning != "" {
+				fmt.Fprintf(out, "clock: %s\n", p.ClockWarning)
+			}
+		}
 		for _, p := range rep.Peers {
 			if len(p.ConflictsByType) == 0 {
 				continue

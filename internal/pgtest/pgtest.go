@@ -35,6 +35,20 @@ type Options struct {
 	Port int
 	// ServerCert and ServerKey (PEM), when set, turn on SSL with them.
 	ServerCert, ServerKey []byte
+	// Env is added to the environment of the server's programs (e.g.
+	// LD_PRELOAD of libfaketime, see FakeClock).
+	Env []string
+}
+
+// FakeClock returns the environment that runs a server with its clock
+// offset by the given number of seconds (libfaketime; the monotonic clock
+// stays real, so timeouts behave). It fails when libfaketime is missing.
+func FakeClock(offsetSeconds int) ([]string, error) {
+	libs, _ := filepath.Glob("/usr/lib/*/faketime/libfaketime.so.1")
+	if len(libs) == 0 {
+		return nil, errors.New("libfaketime is not installed, so a server cannot be given a skewed clock: apt-get install libfaketime")
+	}
+	return []string{"LD_PRELOAD=" + libs[0], fmt.Sprintf("FAKETIME=%+d", offsetSeconds), "FAKETIME_DONT_FAKE_MONOTONIC=1"}, nil
 }
 
 // Cluster is one running (or stopped) throwaway PostgreSQL cluster.
@@ -44,6 +58,7 @@ type Cluster struct {
 	Port   int
 	binDir string
 	cred   *syscall.Credential
+	env    []string
 }
 
 // FindBinDir returns the directory holding the PostgreSQL server binaries:
@@ -139,7 +154,7 @@ func Start(ctx context.Context, opts Options) (*Cluster, error) {
 	if err != nil {
 		return nil, fmt.Errorf("create temp dir: %w", err)
 	}
-	c := &Cluster{Dir: dir, Data: filepath.Join(dir, "data"), Port: port, binDir: bin}
+	c := &Cluster{Dir: dir, Data: filepath.Join(dir, "data"), Port: port, binDir: bin, env: opts.Env}
 	if os.Geteuid() == 0 {
 		if c.cred, err = unprivilegedUser(); err != nil {
 			os.RemoveAll(dir)
@@ -237,7 +252,7 @@ func (c *Cluster) run(ctx context.Context, prog string, args ...string) error {
 		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: c.cred}
 	}
 	cmd.Dir = c.Dir
-	cmd.Env = append(os.Environ(), "LC_ALL=C.UTF-8")
+	cmd.Env = append(append(os.Environ(), "LC_ALL=C.UTF-8"), c.env...)
 	out, err := cmd.CombinedOutput()
 	if err != nil {
 		return fmt.Errorf("%s %s: %w\n%s", prog, strings.Join(args, " "), err, out)

@@ -1,0 +1,100 @@
+//go:build integration
+
+package sql_test
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/pgmesh/pgmesh/conflict"
+	"github.com/pgmesh/pgmesh/internal/pgtest"
+	pgsql "github.com/pgmesh/pgmesh/sql"
+)
+
+// The tombstone upsert keeps the newest delete with pgmesh.luw_newer, the
+// SQL copy of conflict.Rule.Newer; both must decide every pair alike, at
+// every resolution, or nodes would keep different tombstones.
+func TestSQLRuleMatchesGo(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	pg, err := pgtest.Start(ctx, pgtest.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pg.Remove()
+	conn, err := pg.Connect(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	if _, _, err := pgsql.Install(ctx, conn); err != nil {
+		t.Fatal(err)
+	}
+	ids := map[string]int{"a": 1, "b": 2, "c": 3}
+	if _, err := conn.Exec(ctx, `INSERT INTO pgmesh.node (node_name, node_id, state, is_local)
+		VALUES ('a', 1, 'active', false), ('b', 2, 'active', true), ('c', 3, 'active', false)`); err != nil {
+		t.Fatal(err)
+	}
+	edge := time.Date(2026, 11, 30, 12, 0, 0, 0, time.UTC)
+	var times []time.Time
+	for _, us := range []int64{-1001, -1000, -999, -1, 0, 1, 499, 500, 999, 1000, 1001, 9999, 10000, 10001} {
+		times = append(times, edge.Add(time.Duration(us)*time.Microsecond))
+	}
+	times = append(times, time.UnixMicro(-1500).UTC(), time.UnixMicro(-2000).UTC(), time.Time{}) // before 1970; unknown
+	nodes := []string{"a", "b", "c", ""}                                                         // "": this node (NULL)
+
+	for _, res := range []time.Duration{0, time.Microsecond, time.Millisecond, 10 * time.Millisecond} {
+		rule := conflict.Rule{Resolution: res}
+		if _, err := conn.Exec(ctx, `INSERT INTO pgmesh.setting VALUES ('luw_resolution_us', $1)
+			ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value`, res.Microseconds()); err != nil {
+			t.Fatal(err)
+		}
+		for _, at := range times {
+			if at.IsZero() {
+				continue
+			}
+			var got int64
+			if err := conn.QueryRow(ctx, `SELECT pgmesh.luw_round($1)`, at).Scan(&got); err != nil {
+				t.Fatal(err)
+			}
+			if want := rule.Round(at); got != want {
+				t.Errorf("resolution %s: luw_round(%s) = %d, Go rounds to %d", res, at.Format(time.RFC3339Nano), got, want)
+			}
+		}
+		version := func(at time.Time, node string) (conflict.Version, any, any) {
+			name := node
+			if node == "" {
+				name = "b"
+			}
+			var ts, nd any
+			if !at.IsZero() {
+				ts = at
+			}
+			if node != "" {
+				nd = node
+			}
+			return conflict.Version{CommitTS: at, Node: name, NodeID: ids[name]}, ts, nd
+		}
+		pairs := 0
+		for _, at1 := range times {
+			for _, at2 := range times {
+				for _, n1 := range nodes {
+					for _, n2 := range nodes {
+						v1, ts1, nd1 := version(at1, n1)
+						v2, ts2, nd2 := version(at2, n2)
+						var got bool
+						if err := conn.QueryRow(ctx, `SELECT pgmesh.luw_newer($1, $2, $3, $4)`, ts1, nd1, ts2, nd2).Scan(&got); err != nil {
+							t.Fatal(err)
+						}
+						if want := rule.Newer(v1, v2); got != want {
+							t.Errorf("resolution %s: luw_newer(%v %q, %v %q) = %v, Go says %v", res, ts1, n1, ts2, n2, got, want)
+						}
+						pairs++
+					}
+				}
+			}
+		}
+		t.Logf("resolution %s: %d pairs decided alike", res, pairs)
+	}
+}

@@ -1,0 +1,175 @@
+//go:build integration
+
+package systemtest
+
+import (
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/pgmesh/pgmesh/internal/localmesh"
+	"github.com/pgmesh/pgmesh/internal/pgtest"
+	"github.com/pgmesh/pgmesh/replicator"
+)
+
+// One node's Postgres clock runs 2 s behind the others (libfaketime on its
+// postmaster). A row inserted on a and, once b has it, updated on b: b's
+// update causally follows a's insert, so it must win everywhere. Without
+// the causality guard b would stamp its update 2 s before the version it
+// overwrote, a and c would keep a's value and b its own, for good. b also
+// reports a's clock as ahead, in status and /health.
+func TestClockSkewConverges(t *testing.T) {
+	ctx := ctxFor(t)
+	env, err := pgtest.FakeClock(-2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const schema = `CREATE TABLE kv (k int PRIMARY KEY, v text NOT NULL)`
+	var nodes []*localmesh.Node
+	for _, name := range []string{"a", "b", "c"} {
+		opts := pgtest.Options{}
+		if name == "b" {
+			opts.Env = env
+		}
+		n, err := localmesh.NewNode(ctx, bin, name, opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		keepLogs(t, n)
+		mustExec(t, ctx, n, schema)
+		if err := n.Start(ctx); err != nil {
+			t.Fatal(err)
+		}
+		nodes = append(nodes, n)
+	}
+	a, b, c := nodes[0], nodes[1], nodes[2]
+	var skew, bNow float64
+	if err := connect(t, ctx, b).QueryRow(ctx, `SELECT extract(epoch FROM clock_timestamp())::float8`).Scan(&bNow); err != nil {
+		t.Fatal(err)
+	}
+	if behind := float64(time.Now().UnixMicro())/1e6 - bNow; behind < 1.5 || behind > 2.5 {
+		t.Fatalf("b's Postgres clock is %.2fs behind, not about 2s: libfaketime did not take", behind)
+	}
+	if _, err := localmesh.Form(ctx, "test", nodes...); err != nil {
+		t.Fatal(err)
+	}
+	if err := localmesh.WaitConnected(ctx, 30*time.Second, nodes...); err != nil {
+		t.Fatal(err)
+	}
+
+	const rows = 20
+	for k := 1; k <= rows; k++ {
+		mustExec(t, ctx, a, `INSERT INTO kv VALUES ($1, 'from a')`, k)
+	}
+	eventually(t, 30*time.Second, "b has a's rows", func() error {
+		if n := count(t, ctx, b, `SELECT count(*) FROM kv`); n != rows {
+			return fmt.Errorf("b has %d of %d rows", n, rows)
+		}
+		return nil
+	})
+	mustExec(t, ctx, b, `UPDATE kv SET v = 'from b'`)
+	want := converged(t, ctx, time.Minute, "kv", a, b, c)
+	if n := strings.Count(want, "from b"); n != rows {
+		t.Fatalf("the group converged, but on %d of %d rows holding b's later update:\n%s", n, rows, want)
+	}
+
+	peerOf := func(n *localmesh.Node, peer string) replicator.Status {
+		rep, err := n.Status(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, p := range rep.Peers {
+			if p.Peer == peer {
+				return p
+			}
+		}
+		t.Fatalf("%s has no stream from %s", n.Name, peer)
+		return replicator.Status{}
+	}
+	eventually(t, 30*time.Second, "b reports a's clock 2s ahead", func() error {
+		p := peerOf(b, "a")
+		if p.ClockSkew == nil || *p.ClockSkew < 1.5 || *p.ClockSkew > 2.5 {
+			return fmt.Errorf("clock_skew_seconds of a on b: %v", p.ClockSkew)
+		}
+		skew = *p.ClockSkew
+		if !strings.Contains(p.ClockWarning, "peer a") || !strings.Contains(p.ClockWarning, "max_clock_skew") {
+			return fmt.Errorf("clock warning of a on b: %q", p.ClockWarning)
+		}
+		return nil
+	})
+	if p := peerOf(b, "a"); p.ClockWaits == 0 {
+		t.Errorf("b applied a's fresh writes without waiting for its clock (clock_waits 0)")
+	}
+	if p := peerOf(a, "b"); p.ClockWarning != "" || p.ClockSkew == nil || *p.ClockSkew > -1.5 {
+		t.Errorf("a sees b's clock behind, which needs no warning; got skew %v, warning %q", p.ClockSkew, p.ClockWarning)
+	}
+	resp, err := http.Get("http://" + b.API + "/health")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusServiceUnavailable || !strings.Contains(string(body), "clock of peer a") {
+		t.Errorf("b's /health: %d %s; want 503 naming a's clock", resp.StatusCode, body)
+	}
+	out, _, err := b.CLI(ctx, "status")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(out, "clock: the clock of peer a is") {
+		t.Errorf("pgmesh status on b does not show the skew:\n%s", out)
+	}
+	t.Logf("b measured a's clock %.3fs ahead; %d rows converged on b's update", skew, rows)
+}
+
+// During a catch-up of one-row transactions, consecutive ones of the same
+// rounded commit time share a local commit: far fewer local transactions
+// than source transactions, read from status counters.
+func TestGroupedCommitsForm(t *testing.T) {
+	ctx := ctxFor(t)
+	nodes := mesh(t, ctx, `CREATE TABLE ledger (id int PRIMARY KEY, note text)`, "a", "b")
+	a, b := nodes[0], nodes[1]
+	before := func() replicator.Status {
+		rep, err := b.Status(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, p := range rep.Peers {
+			if p.Peer == "a" {
+				return p
+			}
+		}
+		return replicator.Status{}
+	}
+	if err := b.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	const total = 20000
+	mustExec(t, ctx, a, fmt.Sprintf(`DO $$ BEGIN FOR i IN 1..%d LOOP
+		INSERT INTO ledger VALUES (i, 'one-row transaction'); COMMIT; END LOOP; END $$`, total))
+	if err := b.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 2*time.Minute, "b catches up", func() error {
+		if n := count(t, ctx, b, `SELECT count(*) FROM ledger`); n != total {
+			return fmt.Errorf("b has %d of %d rows", n, total)
+		}
+		return nil
+	})
+	var st replicator.Status
+	eventually(t, 10*time.Second, "b counts every transaction", func() error {
+		if st = before(); st.AppliedTxns < total {
+			return fmt.Errorf("applied_txns %d", st.AppliedTxns)
+		}
+		return nil
+	})
+	perHundred := 100 * float64(st.LocalCommits) / float64(st.AppliedTxns)
+	t.Logf("%d source transactions applied in %d local commits: %.1f per 100", st.AppliedTxns, st.LocalCommits, perHundred)
+	if perHundred > 50 {
+		t.Errorf("groups did not form: %.1f local commits per 100 source transactions", perHundred)
+	}
+	converged(t, ctx, time.Minute, "ledger", a, b)
+}
