@@ -4,6 +4,7 @@ package sql_test
 
 import (
 	"context"
+	"strconv"
 	"testing"
 	"time"
 
@@ -47,7 +48,7 @@ func TestSQLRuleMatchesGo(t *testing.T) {
 	for _, res := range []time.Duration{0, time.Microsecond, time.Millisecond, 10 * time.Millisecond} {
 		rule := conflict.Rule{Resolution: res}
 		if _, err := conn.Exec(ctx, `INSERT INTO pgmesh.setting VALUES ('luw_resolution_us', $1)
-			ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value`, res.Microseconds()); err != nil {
+			ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value`, strconv.FormatInt(res.Microseconds(), 10)); err != nil {
 			t.Fatal(err)
 		}
 		for _, at := range times {
