@@ -41,3 +41,23 @@ func TestLocalOnly(t *testing.T) {
 		}
 	}
 }
+
+func TestAllowsPlugin(t *testing.T) {
+	cases := []struct {
+		setting string
+		want    bool
+	}{
+		{"pgoutput, test_decoding", true},
+		{"test_decoding,pgoutput", true},
+		{`"pgoutput"`, true},
+		{"test_decoding", false},
+		{"", false},
+		{"pgoutput_extra", false},
+		{"$libdir/pgoutput", true},
+	}
+	for _, c := range cases {
+		if got := allowsPlugin(c.setting, "pgoutput"); got != c.want {
+			t.Errorf("allowsPlugin(%q) = %v, want %v", c.setting, got, c.want)
+		}
+	}
+}

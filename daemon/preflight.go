@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"strings"
 
 	"github.com/jackc/pgx/v5"
 )
@@ -22,13 +23,15 @@ func preflight(ctx context.Context, conn *pgx.Conn) error {
 		slots, senders     int
 		super              bool
 		user               string
+		pluginLibs         *string
 	)
 	err := conn.QueryRow(ctx, `SELECT current_setting('server_version_num')::int,
 		current_setting('wal_level'), current_setting('track_commit_timestamp'),
 		current_setting('max_replication_slots')::int, current_setting('max_wal_senders')::int,
-		r.rolsuper, current_user
+		r.rolsuper, current_user,
+		(SELECT s.setting FROM pg_catalog.pg_settings s WHERE s.name = 'output_plugin_libraries')
 		FROM pg_catalog.pg_roles r WHERE r.rolname = current_user`).Scan(
-		&version, &walLevel, &commitTS, &slots, &senders, &super, &user)
+		&version, &walLevel, &commitTS, &slots, &senders, &super, &user, &pluginLibs)
 	if err != nil {
 		return fmt.Errorf("read settings of local Postgres: %w", err)
 	}
@@ -48,10 +51,27 @@ func preflight(ctx context.Context, conn *pgx.Conn) error {
 	if senders < minSlots {
 		errs = append(errs, fmt.Errorf("local Postgres has max_wal_senders=%d: set it to at least %d (one per peer plus spares) and restart Postgres", senders, minSlots))
 	}
+	if pluginLibs != nil && !allowsPlugin(*pluginLibs, "pgoutput") {
+		errs = append(errs, fmt.Errorf("local Postgres has output_plugin_libraries = '%s', which does not allow pgoutput, so peers cannot stream from this node: add pgoutput to output_plugin_libraries in postgresql.conf and restart Postgres", *pluginLibs))
+	}
 	if !super {
 		// PG15 keeps publications over whole schemas, event triggers and (by
 		// default) replication origins to superusers (README, Security).
 		errs = append(errs, fmt.Errorf("role %q is not a superuser, which pgmesh needs on this server (schema-wide publications, replication origins, session_replication_role): connect with a role made for pgmesh, CREATE ROLE pgmesh LOGIN SUPERUSER", user))
 	}
 	return errors.Join(errs...)
+}
+
+// allowsPlugin reports whether the output_plugin_libraries setting (a
+// comma-separated list, in PostgreSQL's minor releases from 15.19, 16.15,
+// 17.11 and 18.6 on) lets logical decoding load the named output plugin.
+func allowsPlugin(setting, plugin string) bool {
+	for _, lib := range strings.Split(setting, ",") {
+		lib = strings.Trim(strings.TrimSpace(lib), `"`)
+		// A name may be given as for LOAD, with a directory.
+		if lib == plugin || strings.HasSuffix(lib, "/"+plugin) {
+			return true
+		}
+	}
+	return false
 }

@@ -4,6 +4,7 @@ import (
 	"maps"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pglogrepl"
@@ -13,6 +14,14 @@ import (
 type Status struct {
 	Peer      string `json:"peer"`
 	Connected bool   `json:"connected"`
+	// PeerVersion is the peer's PostgreSQL major version, and ProtoVersion
+	// the pgoutput protocol version streamed in, once connected.
+	PeerVersion  int `json:"peer_version,omitempty"`
+	ProtoVersion int `json:"proto_version,omitempty"`
+	// ReceivedBytes counts the change data received from the peer (on
+	// PostgreSQL 15 it includes the transactions the peer applied from
+	// others, which are dropped here; 16+ filters them at the sender).
+	ReceivedBytes int64 `json:"received_bytes"`
 	// AppliedLSN is the peer's WAL position up to which everything is
 	// applied here (or was not for this node).
 	AppliedLSN string `json:"applied_lsn"`
@@ -75,10 +84,18 @@ type stats struct {
 	appliedLSN pglogrepl.LSN
 	samples    []sample // peer WAL positions not yet applied here, oldest first
 	// localOffset is the local Postgres clock minus the daemon's.
-	localOffset time.Duration
+	localOffset   time.Duration
+	receivedBytes atomic.Int64
 }
 
 func newStats(peer string) *stats { return &stats{st: Status{Peer: peer}} }
+
+// setVersions records the peer's major version and the protocol streamed.
+func (s *stats) setVersions(major, proto int) {
+	s.mu.Lock()
+	s.st.PeerVersion, s.st.ProtoVersion = major, proto
+	s.mu.Unlock()
+}
 
 func (s *stats) setConnected(c bool) {
 	s.mu.Lock()
@@ -142,6 +159,10 @@ func (s *stats) applied(end pglogrepl.LSN, commitTS time.Time, rows int64, confl
 	s.prune()
 	s.mu.Unlock()
 }
+
+// received counts change data received from the peer (an atomic: it is
+// called for every message).
+func (s *stats) received(n int) { s.receivedBytes.Add(int64(n)) }
 
 // committedGroup counts one local commit of peer transactions.
 func (s *stats) committedGroup() {
@@ -224,6 +245,7 @@ func (s *stats) snapshot() Status {
 		st.ClockSkew = &sec
 	}
 	st.AppliedLSN = s.appliedLSN.String()
+	st.ReceivedBytes = s.receivedBytes.Load()
 	st.LagBytes, st.LagSeconds = 0, 0
 	if len(s.samples) > 0 {
 		last := s.samples[len(s.samples)-1]

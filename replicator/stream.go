@@ -150,8 +150,10 @@ func (s *Stream) runOnce(ctx context.Context) error {
 		return err
 	}
 	// messages: replicated DDL travels as logical decoding messages.
-	args := []string{"proto_version '1'", "publication_names '" + Publication + "'", "messages 'true'"}
-	if major := serverMajor(repl); major >= 16 {
+	major := serverMajor(repl)
+	proto := protoVersion(major)
+	args := []string{"proto_version '" + strconv.Itoa(proto) + "'", "publication_names '" + Publication + "'", "messages 'true'"}
+	if major >= 16 {
 		// Ask the sender to drop forwarded transactions itself.
 		args = append(args, "origin 'none'")
 	}
@@ -160,6 +162,7 @@ func (s *Stream) runOnce(ctx context.Context) error {
 		return fmt.Errorf("start replication from slot %s on peer %q: %w", slot, s.cfg.Peer.Name, err)
 	}
 	s.stats.setConnected(true)
+	s.stats.setVersions(major, proto)
 	s.stats.setApplied(progress)
 	s.log.Info("streaming from peer", "from_lsn", progress)
 
@@ -220,6 +223,18 @@ func ConnectReplication(ctx context.Context, dsn, appName string) (*pgconn.PgCon
 	cctx, cancel := context.WithTimeout(ctx, 15*time.Second)
 	defer cancel()
 	return pgconn.ConnectConfig(cctx, cfg)
+}
+
+// protoVersion is the highest pgoutput protocol a server of that major
+// version offers: 3 (two-phase) on 15, 4 (parallel streaming) on 16 and
+// later. pgmesh turns on neither streaming nor two-phase, so the messages
+// it reads are the same in all of them; the newest is asked for so that
+// those options are there to switch on.
+func protoVersion(major int) int {
+	if major >= 16 {
+		return 4
+	}
+	return 3
 }
 
 func serverMajor(c *pgconn.PgConn) int {
@@ -349,6 +364,7 @@ func (s *Stream) receive(ctx context.Context, repl *pgconn.PgConn, a *applier, f
 					return fmt.Errorf("parse XLogData: %w", err)
 				}
 				received = max(received, xld.WALStart)
+				s.stats.received(len(msg.Data))
 				end, err := a.handle(ctx, xld.WALData)
 				if err != nil {
 					return err
