@@ -12,7 +12,7 @@ PG ?=
 WITH_PG = $(if $(PG),bin=$$(scripts/pg-bin.sh $(PG)) && export PGMESH_PG_BIN=$$bin && echo "PostgreSQL $(PG): $$bin" &&,)
 # The servers fetched for 16+ ship no pg_dump, so joining a node with an
 # empty database (join copies the schema with pg_dump) is tested on 15 only.
-NEEDS_PG_DUMP = TestJoinUnderWriteLoad|TestJoinInterruptedAndRetried|TestJoinSurvivesLeaderKill|TestJoinKeepsSourceUpdatesMadeDuringCopy|TestTLSEverywhere
+NEEDS_PG_DUMP = TestJoinUnderWriteLoad|TestJoinInterruptedAndRetried|TestJoinSurvivesLeaderKill|TestJoinKeepsSourceUpdatesMadeDuringCopy|TestPartDrainForceAndRejoin
 SKIP = $(if $(filter-out 15,$(PG)),-skip '$(NEEDS_PG_DUMP)',)
 
 # Unit tests and the system tests against real throwaway Postgres clusters.

@@ -248,7 +248,9 @@ func (d *Daemon) drainParting(ctx context.Context, g *membership.Group, parting 
 	var target pglogrepl.LSN
 	conn, err := pgx.Connect(cctx, d.peerDSN(parting))
 	if err == nil {
-		err = conn.QueryRow(cctx, `SELECT pg_current_wal_lsn()`).Scan(&target)
+		// The insert position, not pg_current_wal_lsn() (the write
+		// position), which lags commits under synchronous_commit = off.
+		err = conn.QueryRow(cctx, `SELECT pg_current_wal_insert_lsn()`).Scan(&target)
 		conn.Close(context.Background())
 	}
 	cancel()

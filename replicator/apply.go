@@ -22,7 +22,7 @@ import (
 // connection bound to that peer's replication origin. One source transaction
 // becomes one local transaction (or shares one with its neighbours of the
 // same rounded commit time, see fastpath.go), committed together with the
-// origin's progress (DESIGN.md §3.2–3.3).
+// origin's progress (ARCHITECTURE.md, DESIGN.md §3.2–3.3).
 type applier struct {
 	pc       *pgconn.PgConn
 	cfg      *Config

@@ -383,7 +383,8 @@ func (s *Stream) receive(ctx context.Context, repl *pgconn.PgConn, a *applier, f
 // second over ordinary connections: the position for lag in bytes and
 // seconds, the clocks for the skew between them. It ends with ctx.
 func (s *Stream) pollPeer(ctx context.Context) {
-	peer := &probe{dsn: s.cfg.Peer.DSN, query: "SELECT pg_current_wal_lsn(), clock_timestamp()"}
+	// The insert position: everything committed lies below it.
+	peer := &probe{dsn: s.cfg.Peer.DSN, query: "SELECT pg_current_wal_insert_lsn(), clock_timestamp()"}
 	local := &probe{dsn: s.cfg.LocalDSN, query: "SELECT '0/0'::pg_lsn, clock_timestamp()"}
 	defer peer.close()
 	defer local.close()
