@@ -48,12 +48,9 @@ type applier struct {
 	roident      uint32 // this peer's replication origin here
 	fast         *fastTxn
 	fastBegin    pglogrepl.BeginMessage
-	group        *fastGroup   // the open group, collecting transactions
-	careful      bool         // the current transaction is on the careful path
-	queued       []*fastGroup // closed, not yet sent
-	queuedBytes  int
-	sent         []*fastGroup // in the open pipeline
-	pl           *pgconn.Pipeline
+	group        *fastGroup    // the open group, collecting transactions
+	careful      bool          // the current transaction is on the careful path
+	pipe         pipeline      // closed groups on their way to the server
 	applied      pglogrepl.LSN // origin progress once everything sent commits
 	confirmedEnd pglogrepl.LSN // committed here since handle last returned
 	carefulFor   int           // transactions to apply carefully before trying fast again
@@ -67,7 +64,7 @@ type applier struct {
 
 func newApplier(pc *pgconn.PgConn, cfg *Config, progress pglogrepl.LSN, roident uint32, st *stats, retryLSN pglogrepl.LSN, log *slog.Logger) *applier {
 	return &applier{pc: pc, cfg: cfg, progress: progress, applied: progress, roident: roident, stats: st, types: pgtype.NewMap(),
-		retryLSN: retryLSN, log: log,
+		retryLSN: retryLSN, log: log, pipe: pipeline{pc: pc},
 		rels: map[uint32]*relation{}, stmts: map[string]string{}, origins: map[uint32]string{},
 		conflicts: map[string]int64{}, warned: map[string]bool{}}
 }
@@ -863,9 +860,8 @@ func (a *applier) ddl(ctx context.Context, content []byte) error {
 // rollback abandons an open local transaction after an error.
 func (a *applier) rollback(ctx context.Context) {
 	a.bulk = nil
-	if a.pl != nil {
-		_ = a.pl.Close() // the connection is closed next
-		a.pl = nil
+	if a.pipe.pl != nil {
+		a.pipe.abandon() // the connection is closed next
 		return
 	}
 	a.pending, a.wantTxn = nil, false

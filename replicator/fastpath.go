@@ -11,7 +11,6 @@ import (
 	"time"
 
 	"github.com/jackc/pglogrepl"
-	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgtype"
 )
 
@@ -517,7 +516,7 @@ func (a *applier) fastCommit(ctx context.Context, t *fastTxn, m *pglogrepl.Commi
 			a.confirm(t.end)
 			return nil
 		}
-		a.queued = append(a.queued, &fastGroup{txns: []*fastTxn{t}, end: t.end})
+		a.pipe.enqueue(&fastGroup{txns: []*fastTxn{t}, end: t.end})
 		return nil
 	}
 	rounded := a.cfg.Rule.Round(t.commitTS)
@@ -546,7 +545,7 @@ func (a *applier) fastCommit(ctx context.Context, t *fastTxn, m *pglogrepl.Commi
 	g.size += t.size
 	// Close and send at once when the server is idle (latency); else let
 	// the group grow while the server works on the batch in flight.
-	if len(a.sent) == 0 {
+	if !a.pipe.inFlight() {
 		if err := a.closeGroup(ctx); err != nil {
 			return err
 		}
@@ -585,9 +584,7 @@ WHERE CASE WHEN coalesce(pg_catalog.pg_replication_origin_session_progress(false
 			[]byte(a.applied.String()), []byte(pgTime(at))}})
 		a.applied = g.end
 	}
-	a.queued = append(a.queued, g)
-	a.queuedBytes += g.size
-	if len(a.queued) >= fastMaxQueued || a.queuedBytes >= fastMaxQueueBytes {
+	if a.pipe.enqueue(g) {
 		return a.send(ctx)
 	}
 	return nil
@@ -620,7 +617,7 @@ func clockGuard(param string) string {
 }
 
 // busy reports whether transactions wait to be sent or confirmed.
-func (a *applier) busy() bool { return a.group != nil || len(a.queued)+len(a.sent) > 0 }
+func (a *applier) busy() bool { return a.group != nil || a.pipe.busy() }
 
 // between reports whether the stream is between transactions.
 func (a *applier) between() bool { return a.fast == nil && !a.careful && a.bulk == nil }
@@ -648,29 +645,11 @@ func (a *applier) send(ctx context.Context) error {
 	if err := a.collect(ctx); err != nil {
 		return err
 	}
-	queued := a.queued
-	a.queued, a.queuedBytes = nil, 0
-	if !slices.ContainsFunc(queued, (*fastGroup).applies) {
-		for _, g := range queued {
-			a.confirm(g.end)
-		}
-		return nil
+	done, err := a.pipe.flush(ctx)
+	for _, g := range done {
+		a.confirm(g.end)
 	}
-	a.pl = a.pc.StartPipeline(ctx)
-	for _, g := range queued {
-		if !g.applies() {
-			continue
-		}
-		for _, s := range g.stmts {
-			a.pl.SendQueryPrepared(s.name, s.params, s.formats, nil)
-		}
-		a.pl.SendPipelineSync()
-	}
-	a.sent = queued
-	if err := a.pl.Flush(); err != nil {
-		return fmt.Errorf("send transactions to the local database: %w", err)
-	}
-	return nil
+	return err
 }
 
 // drain closes the open group, sends everything queued and confirms it, so
@@ -690,103 +669,36 @@ func (a *applier) drain(ctx context.Context) error {
 	return nil
 }
 
-// collect reads the results of the batch in flight. Groups up to the first
-// failure are confirmed; the transactions of that one and of all after it
-// are applied again on the careful path, one by one, in order.
+// collect reads back the batch in flight. Groups up to the first failure
+// are confirmed; the transactions of that one and of all after it are
+// applied again on the careful path, one by one, in order.
 func (a *applier) collect(ctx context.Context) error {
-	if a.pl == nil {
-		return nil
-	}
-	sent := a.sent
-	a.sent = nil
-	failed := -1
-	var cause error
-	for i, g := range sent {
-		if !g.applies() {
-			if failed < 0 {
-				a.confirm(g.end)
-			}
-			continue
-		}
-		ok, err := a.readTxn()
-		if err != nil {
-			a.pl = nil
-			return fmt.Errorf("read apply results from the local database: %w", err)
-		}
-		if ok == nil && failed < 0 {
+	committed, failed, cause, err := a.pipe.collect()
+	for _, g := range committed {
+		if g.applies() {
 			a.stats.committedGroup()
 			for _, t := range g.txns {
 				if t.changes > 0 {
 					a.stats.applied(t.end, t.commitTS, t.changes, nil)
 				}
 			}
-			a.confirm(g.end)
-			continue
 		}
-		if failed < 0 {
-			failed, cause = i, ok
-		}
+		a.confirm(g.end)
 	}
-	err := a.pl.Close()
-	a.pl = nil
-	if err != nil {
-		var pe *pgconn.PgError
-		if !errors.As(err, &pe) {
-			return fmt.Errorf("end apply pipeline: %w", err)
-		}
-	}
-	if failed < 0 {
-		return nil
+	if err != nil || len(failed) == 0 {
+		return err
 	}
 	// The failed group's transactions and all after them (which failed
 	// only because it had) are applied carefully, in order. Conflicts come
 	// in runs, so the next transactions take the careful path straight
 	// away too.
 	var txns []*fastTxn
-	for _, g := range sent[failed:] {
+	for _, g := range failed {
 		txns = append(txns, g.txns...)
 	}
 	a.stats.fallback(len(txns))
 	a.carefulFor = carefulStretch
 	a.log.Debug("group left the fast path; applying its transactions and the rest of its batch carefully",
-		"remote_commit_lsn", sent[failed].end, "cause", cause, "transactions", len(txns))
+		"remote_commit_lsn", failed[0].end, "cause", cause, "transactions", len(txns))
 	return a.replayCarefully(ctx, txns)
-}
-
-// readTxn reads one transaction's results, through its Sync. It returns the
-// server's error for the transaction (nil if it committed), or err when the
-// connection failed.
-func (a *applier) readTxn() (failure error, err error) {
-	for {
-		res, err := a.pl.GetResults()
-		if err != nil {
-			var pe *pgconn.PgError
-			if !errors.As(err, &pe) {
-				return nil, err
-			}
-			failure = cmpFailure(failure, err)
-			continue
-		}
-		switch r := res.(type) {
-		case *pgconn.ResultReader:
-			if _, err := r.Close(); err != nil {
-				var pe *pgconn.PgError
-				if !errors.As(err, &pe) {
-					return nil, err
-				}
-				failure = cmpFailure(failure, err)
-			}
-		case *pgconn.PipelineSync:
-			return failure, nil
-		case nil:
-			return nil, errors.New("the pipeline ended before the transaction's sync")
-		}
-	}
-}
-
-func cmpFailure(first, err error) error {
-	if first != nil {
-		return first
-	}
-	return err
 }

@@ -199,7 +199,7 @@ func run(ctx context.Context) error {
 			}
 		}
 		add(what, medians(rates), " "+unit, true, "%.0f")
-		add(what+", CPU s per 100k rows", medians(cpus), " s", false, "%.2f")
+		add(what+", CPU s per 100k "+strings.TrimSuffix(unit, "/s"), medians(cpus), " s", false, "%.2f")
 		return nil
 	}
 	if want(1) {
@@ -224,7 +224,7 @@ func run(ctx context.Context) error {
 	}
 	if want(3) {
 		fmt.Printf("3. catch-up of %d pgbench tpcb-like transactions (scale 1)\n", *updateTxns)
-		// Rows: each transaction changes four (3 updates, 1 insert).
+		// Counted in transactions; each changes four rows (3 updates, 1 insert).
 		if err := catchUps("3. pgbench tpcb-like", "txn/s", *updateTxns, *repeat, func(c *pgtest.Cluster) error {
 			return pgbench(ctx, c, "-n", "-b", "tpcb-like", "-t", strconv.Itoa(*updateTxns))
 		}); err != nil {

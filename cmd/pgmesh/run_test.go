@@ -5,6 +5,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 func writeFile(t *testing.T, body string) string {
@@ -65,5 +66,30 @@ func TestConfigValidation(t *testing.T) {
 	}
 	if strings.Contains(err.Error(), "secret") {
 		t.Errorf("an error repeats the password:\n%v", err)
+	}
+}
+
+func TestClockKeys(t *testing.T) {
+	none := func(string) string { return "" }
+	cfg, _, err := loadConfig(nil, none)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.LUWResolution != time.Millisecond {
+		t.Errorf("default luw_resolution = %s, want 1ms", cfg.LUWResolution)
+	}
+	cfg, _, err = loadConfig([]string{"--luw-resolution", "0", "--max-clock-skew", "2s"}, none)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.LUWResolution != 0 || cfg.MaxClockSkew != 2*time.Second {
+		t.Errorf("luw_resolution %s, max_clock_skew %s; want 0 (exact) and 2s", cfg.LUWResolution, cfg.MaxClockSkew)
+	}
+	if _, _, err := loadConfig([]string{"--luw-resolution", "soon"}, none); err == nil || !strings.Contains(err.Error(), "luw_resolution") {
+		t.Errorf("a bad luw_resolution: err = %v", err)
+	}
+	cfg, _, _ = loadConfig([]string{"--node-name", "a", "--dsn", "postgres://x/db", "--luw-resolution", "1s"}, none)
+	if err := cfg.Normalize(); err == nil || !strings.Contains(err.Error(), "luw_resolution 1s is out of range") {
+		t.Errorf("luw_resolution 1s: err = %v, want it refused", err)
 	}
 }
