@@ -220,7 +220,7 @@ func (d *Daemon) onLeader(w http.ResponseWriter, r *http.Request, req any) (*mem
 		writeErr(w, 0, err)
 		return nil, false
 	}
-	if d.forward(w, r, g, req) {
+	if d.forward(w, r, req) {
 		return nil, false
 	}
 	return g, true
@@ -246,7 +246,7 @@ func (d *Daemon) callLeader(ctx context.Context, path string, in, out any, noLea
 
 // forward sends a member-to-member call on to the Raft leader when this node
 // is not it. It reports whether it handled the request.
-func (d *Daemon) forward(w http.ResponseWriter, r *http.Request, g *membership.Group, in any) bool {
+func (d *Daemon) forward(w http.ResponseWriter, r *http.Request, in any) bool {
 	if d.store.IsLeader() {
 		return false
 	}
@@ -259,7 +259,7 @@ func (d *Daemon) forward(w http.ResponseWriter, r *http.Request, g *membership.G
 		if d.store.IsLeader() {
 			return false
 		}
-		g, _ = d.store.Group()
+		g, _ := d.store.Group()
 		var leader *membership.Node
 		if g != nil {
 			leader = g.Nodes[d.store.Leader()]

@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -298,20 +299,11 @@ func (d *Daemon) setProblems(p []string) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	for _, s := range p {
-		if !contains(d.problems, s) {
+		if !slices.Contains(d.problems, s) {
 			d.log.Error("problem", "err", s)
 		}
 	}
 	d.problems = p
-}
-
-func contains(list []string, s string) bool {
-	for _, x := range list {
-		if x == s {
-			return true
-		}
-	}
-	return false
 }
 
 func (d *Daemon) startLocked(ctx context.Context, n *membership.Node) {
@@ -467,7 +459,7 @@ func ensurePublication(ctx context.Context, conn *pgx.Conn) error {
 	}
 	var missing []string
 	for _, s := range want {
-		if !contains(have, s) {
+		if !slices.Contains(have, s) {
 			missing = append(missing, s)
 		}
 	}

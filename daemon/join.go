@@ -18,6 +18,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 
+	"github.com/pgmesh/pgmesh/internal/pgquote"
 	"github.com/pgmesh/pgmesh/membership"
 	"github.com/pgmesh/pgmesh/origin"
 	"github.com/pgmesh/pgmesh/replicator"
@@ -426,7 +427,7 @@ func (d *Daemon) copyFrom(ctx context.Context, source *membership.Node, snap exp
 	if _, err := src.Exec(ctx, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"); err != nil {
 		return err
 	}
-	if _, err := src.Exec(ctx, "SET TRANSACTION SNAPSHOT "+pgLiteral(snapshot)); err != nil {
+	if _, err := src.Exec(ctx, "SET TRANSACTION SNAPSHOT "+pgquote.Literal(snapshot)); err != nil {
 		return fmt.Errorf("use the source's snapshot: %w", err)
 	}
 	tables, err := sourceTables(ctx, src)
@@ -751,5 +752,3 @@ func findPgDump() (string, error) {
 	}
 	return "", errors.New("pg_dump is needed to copy the schema but was not found: install the PostgreSQL client (apt-get install postgresql-client-15), or create the schema here before joining")
 }
-
-func pgLiteral(s string) string { return "'" + strings.ReplaceAll(s, "'", "''") + "'" }

@@ -91,7 +91,7 @@ func pauseApply(ctx context.Context, api, token string) (resume func(context.Con
 	}
 	return func(ctx context.Context) (bool, error) {
 		var r resumeResponse
-		err := Call(ctx, api, http.MethodPost, "/v1/cluster/resume", token, resumeRequest{ID: p.ID}, &r)
+		err := Call(ctx, api, http.MethodPost, "/v1/cluster/resume", token, resumeRequest(p), &r)
 		return r.Held, err
 	}, nil
 }

@@ -5,11 +5,13 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"slices"
 	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/pgmesh/pgmesh/internal/pgquote"
 	"github.com/pgmesh/pgmesh/membership"
 )
 
@@ -273,7 +275,7 @@ func (d *Daemon) convertGalloc(ctx context.Context, seq string, size, minStart i
 		_, err = tx.Exec(ctx, fmt.Sprintf(`ALTER SEQUENCE %s MINVALUE -1 MAXVALUE 0 START WITH 0 RESTART WITH 0;
 			SELECT setval(%s, 0, true);
 			COMMENT ON SEQUENCE %s IS 'pgmesh galloc: draw values with pgmesh.galloc_nextval(''%s'')'`,
-			seq, pgLiteral(seq), seq, strings.ReplaceAll(seq, "'", "''")))
+			seq, pgquote.Literal(seq), seq, strings.ReplaceAll(seq, "'", "''")))
 		return err
 	})
 }
@@ -289,7 +291,7 @@ func (d *Daemon) maintainSequences(ctx context.Context) {
 		}
 		d.mu.Lock()
 		for _, p := range problems {
-			if !contains(d.seqProblems, p) {
+			if !slices.Contains(d.seqProblems, p) {
 				d.log.Error("problem", "err", p)
 			}
 		}

@@ -15,6 +15,7 @@ import (
 	"github.com/jackc/pgx/v5/pgtype"
 
 	"github.com/pgmesh/pgmesh/conflict"
+	"github.com/pgmesh/pgmesh/internal/pgquote"
 	"github.com/pgmesh/pgmesh/origin"
 )
 
@@ -736,7 +737,7 @@ func (a *applier) deleteRow(ctx context.Context, r *relation, ctid []byte, by co
 	}
 	var kv []string
 	for _, c := range r.pk {
-		kv = append(kv, pgLiteral(r.cols[c]), "t."+quote(r.cols[c]))
+		kv = append(kv, pgquote.Literal(r.cols[c]), "t."+quote(r.cols[c]))
 	}
 	sql := fmt.Sprintf(`WITH d AS (DELETE FROM %s t WHERE t.ctid = %s::tid RETURNING jsonb_build_object(%s) AS k)
 INSERT INTO pgmesh.tombstone AS t (relation, key, deleted_at, deleted_by)
@@ -757,8 +758,6 @@ func (a *applier) saveTombstone(ctx context.Context, r *relation, match []int, k
 		rel, key, p.add([]byte(pgTime(a.begin.CommitTime))), p.add([]byte(a.cfg.Peer.Name)))
 	return a.exec(ctx, sql, p.vals).Err
 }
-
-func pgLiteral(s string) string { return "'" + strings.ReplaceAll(s, "'", "''") + "'" }
 
 func (a *applier) truncate(ctx context.Context, m *pglogrepl.TruncateMessage) error {
 	if a.filter.Skip() {
@@ -844,7 +843,7 @@ func (a *applier) ddl(ctx context.Context, content []byte) error {
 	}
 	a.wantTxn = true
 	sql := fmt.Sprintf("SELECT pg_catalog.set_config('search_path', %s, true);\n%s;\nSELECT pg_catalog.set_config('search_path', '', true); DEALLOCATE ALL",
-		pgLiteral(msg.SearchPath), msg.Command)
+		pgquote.Literal(msg.SearchPath), msg.Command)
 	if _, err := a.pc.Exec(ctx, sql).ReadAll(); err != nil {
 		return fmt.Errorf("run DDL from peer %q (remote xid %d) %q: %w; fix the cause on this node and the stream resumes from this DDL", a.cfg.Peer.Name, a.begin.Xid, msg.Command, err)
 	}

@@ -12,6 +12,8 @@ import (
 
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5/pgtype"
+
+	"github.com/pgmesh/pgmesh/internal/pgquote"
 )
 
 // The fast path applies a peer's transactions through a pipeline, without
@@ -378,7 +380,7 @@ func (a *applier) finishRun(ctx context.Context, pending *insertRun, stmts *[]fa
 		for _, c := range r.pk {
 			for i, x := range run.cols {
 				if x == c {
-					kv = append(kv, pgLiteral(r.cols[c]), exprs[i])
+					kv = append(kv, pgquote.Literal(r.cols[c]), exprs[i])
 				}
 			}
 		}
@@ -482,7 +484,7 @@ func (a *applier) fastDelete(ctx context.Context, t *fastTxn, m *pglogrepl.Delet
 	}
 	var kv []string
 	for _, c := range r.pk {
-		kv = append(kv, pgLiteral(r.cols[c]), "t."+quote(r.cols[c]))
+		kv = append(kv, pgquote.Literal(r.cols[c]), "t."+quote(r.cols[c]))
 	}
 	// The delete is remembered as the careful path does (deleteRow).
 	sql := fmt.Sprintf(`WITH c AS (DELETE FROM %s t WHERE %s AND %s RETURNING jsonb_build_object(%s) AS k),

@@ -10,6 +10,8 @@ import (
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/pgmesh/pgmesh/internal/pgquote"
 )
 
 // relation is a peer's table as announced by a Relation message, matched by
@@ -172,7 +174,7 @@ func parseTextArray(s string) []string {
 	return out
 }
 
-func quote(name string) string { return pgx.Identifier{name}.Sanitize() }
+func quote(name string) string { return pgquote.Ident(name) }
 
 func hasDelta(r *relation) bool {
 	for _, d := range r.delta {

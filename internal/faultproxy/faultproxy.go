@@ -47,9 +47,6 @@ func New(target string) (*Proxy, error) {
 // Addr is the address to connect to instead of the target.
 func (p *Proxy) Addr() string { return p.ln.Addr().String() }
 
-// Port is Addr's port.
-func (p *Proxy) Port() int { return p.ln.Addr().(*net.TCPAddr).Port }
-
 // SetLatency delays every chunk by d (plus up to jitter) in each direction,
 // so a round trip costs about 2d.
 func (p *Proxy) SetLatency(d, jitter time.Duration) {
