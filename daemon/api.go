@@ -34,6 +34,7 @@ func (d *Daemon) routes() http.Handler {
 	mux.HandleFunc("GET /v1/sequences", d.handleSequences)
 	mux.HandleFunc("POST /v1/cluster/galloc", d.handleClusterGalloc)
 	mux.HandleFunc("POST /v1/ddl", d.handleDDL)
+	mux.HandleFunc("POST /v1/compare", d.handleCompare)
 	mux.HandleFunc("POST /v1/cluster/lock", d.handleClusterLock)
 	mux.HandleFunc("GET /status", d.handleStatus)
 	mux.HandleFunc("GET /health", d.handleHealth)

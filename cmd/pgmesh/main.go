@@ -34,6 +34,9 @@ Usage:
   pgmesh sequences show                      global sequences, kinds and galloc chunks
   pgmesh ddl [--timeout 30s] [--proceed] "SQL"
                                              run DDL on every node, one at a time in the group
+  pgmesh compare [TABLE...] [--json] [--chunk-rows N]
+                                             find rows that differ between nodes (exit 1 if any)
+  pgmesh repair TABLE... [--dry-run]         write each differing row's winner again
 
 CLI commands talk to the local daemon at --api (env PGMESH_API, default 127.0.0.1:7400).
 `
@@ -88,6 +91,10 @@ func dispatch(ctx context.Context, args []string) error {
 		return cmdSequences(ctx, args[1:])
 	case "ddl":
 		return cmdDDL(ctx, args[1:])
+	case "compare":
+		return cmdCompare(ctx, args[1:])
+	case "repair":
+		return cmdRepair(ctx, args[1:])
 	case "help", "-h", "--help":
 		fmt.Print(usage)
 		return nil

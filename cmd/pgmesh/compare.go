@@ -1,0 +1,184 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/pgmesh/pgmesh/compare"
+	"github.com/pgmesh/pgmesh/daemon"
+)
+
+// errDrift ends pgmesh compare with exit code 1 when nodes differ.
+var errDrift = errors.New("nodes hold different rows")
+
+func cmdCompare(ctx context.Context, args []string) error {
+	fs := flag.NewFlagSet("pgmesh compare", flag.ContinueOnError)
+	api := apiFlag(fs)
+	asJSON := fs.Bool("json", false, "print JSON")
+	chunk := fs.Int("chunk-rows", 10000, "rows per hashed chunk: smaller chunks read fewer rows where nodes differ")
+	tables, err := parseInterleaved(fs, args)
+	if err != nil {
+		return err
+	}
+	if *chunk < 1 {
+		return fmt.Errorf("--chunk-rows %d: give a positive number", *chunk)
+	}
+	rep, err := compareTables(ctx, *api, tables, daemon.CompareRequest{ChunkRows: *chunk})
+	if err != nil {
+		return err
+	}
+	if *asJSON {
+		if err := printJSON(os.Stdout, rep); err != nil {
+			return err
+		}
+	} else {
+		printCompare(os.Stdout, rep)
+	}
+	if n := countDiffs(rep); n > 0 {
+		return fmt.Errorf("%w for %d keys: pgmesh repair TABLE... writes each winner again (--dry-run shows how)", errDrift, n)
+	}
+	return nil
+}
+
+func cmdRepair(ctx context.Context, args []string) error {
+	fs := flag.NewFlagSet("pgmesh repair", flag.ContinueOnError)
+	api := apiFlag(fs)
+	dry := fs.Bool("dry-run", false, "print what would be written, write nothing")
+	asJSON := fs.Bool("json", false, "print JSON")
+	tables, err := parseInterleaved(fs, args)
+	if err != nil {
+		return err
+	}
+	if len(tables) == 0 {
+		return errors.New("name the tables to repair (pgmesh repair TABLE...): run pgmesh compare first to see which differ")
+	}
+	rep, err := compareTables(ctx, *api, tables, daemon.CompareRequest{Repair: true, DryRun: *dry})
+	if err != nil {
+		return err
+	}
+	if *asJSON {
+		return printJSON(os.Stdout, rep)
+	}
+	printCompare(os.Stdout, rep)
+	verb := "wrote"
+	if *dry {
+		verb = "would write"
+	}
+	for _, a := range rep.Actions {
+		fmt.Printf("%s on %s: %s %s key %s\n", verb, a.Node, a.Do, a.Table, keyText(a.Key))
+		if *dry {
+			fmt.Printf("  %s  -- $1 = %s\n", a.SQL, keyText(a.Key))
+		}
+	}
+	if len(rep.Actions) == 0 {
+		fmt.Println("nothing to repair: every node holds the same rows")
+	} else if !*dry {
+		fmt.Println("the writes replicate to every node; pgmesh compare shows when they have")
+	}
+	return nil
+}
+
+// compareTables compares the tables one request at a time, with a progress
+// line on a terminal.
+func compareTables(ctx context.Context, api string, tables []string, req daemon.CompareRequest) (daemon.CompareResponse, error) {
+	var list daemon.CompareResponse
+	if err := call(ctx, api, http.MethodPost, "/v1/compare", daemon.CompareRequest{Tables: tables, ListOnly: true}, &list); err != nil {
+		return list, err
+	}
+	tty := isTerminal(os.Stderr)
+	var out daemon.CompareResponse
+	for i, t := range list.Names {
+		if tty {
+			fmt.Fprintf(os.Stderr, "\rcomparing %s (%d of %d)...\033[K", t, i+1, len(list.Names))
+		}
+		r := req
+		r.Tables = []string{t}
+		var one daemon.CompareResponse
+		if err := call(ctx, api, http.MethodPost, "/v1/compare", r, &one); err != nil {
+			if tty {
+				fmt.Fprintln(os.Stderr)
+			}
+			return out, err
+		}
+		out.Nodes = one.Nodes
+		out.Tables = append(out.Tables, one.Tables...)
+		out.Actions = append(out.Actions, one.Actions...)
+	}
+	if tty {
+		fmt.Fprint(os.Stderr, "\r\033[K")
+	}
+	return out, nil
+}
+
+func countDiffs(rep daemon.CompareResponse) int {
+	n := 0
+	for _, t := range rep.Tables {
+		n += len(t.Diffs)
+	}
+	return n
+}
+
+func printCompare(w io.Writer, rep daemon.CompareResponse) {
+	fmt.Fprintf(w, "nodes: %s\n", strings.Join(rep.Nodes, ", "))
+	for _, t := range rep.Tables {
+		switch {
+		case t.NotComparable != "":
+			fmt.Fprintf(w, "%s: not comparable: %s\n", t.Table, t.NotComparable)
+			continue
+		case len(t.Diffs) == 0:
+			fmt.Fprintf(w, "%s: %d rows, identical on every node (%.1fs)\n", t.Table, t.Rows, t.Seconds)
+		default:
+			fmt.Fprintf(w, "%s: %d rows, %d keys differ (%.1fs)\n", t.Table, t.Rows, len(t.Diffs), t.Seconds)
+		}
+		if t.InFlight > 0 {
+			fmt.Fprintf(w, "  %d keys were being written during the comparison and are not counted\n", t.InFlight)
+		}
+		for _, d := range t.Diffs {
+			win := "the row on " + d.Winner
+			if d.WinnerIsDelete {
+				win = "the delete on " + d.Winner
+			}
+			fmt.Fprintf(w, "  key %s: last update wins: %s\n", keyText(d.Key), win)
+			for _, v := range d.Versions {
+				fmt.Fprintf(w, "    %-12s %s\n", v.Node, describeVersion(v))
+			}
+		}
+	}
+}
+
+// keyText is a key's JSON on one line.
+func keyText(k json.RawMessage) string {
+	var b bytes.Buffer
+	if json.Compact(&b, k) != nil {
+		return string(k)
+	}
+	return b.String()
+}
+
+func describeVersion(v compare.Version) string {
+	when := "time unknown"
+	if v.CommitTS != nil {
+		when = v.CommitTS.Local().Format(time.DateTime + ".000000")
+	}
+	switch {
+	case v.Present:
+		h := v.Hash
+		if len(h) > 12 {
+			h = h[:12]
+		}
+		return fmt.Sprintf("row (hash %s), written %s by %s", h, when, v.Origin)
+	case v.CommitTS != nil:
+		return fmt.Sprintf("absent: deleted %s by %s", when, v.Origin)
+	default:
+		return "absent: never received"
+	}
+}
