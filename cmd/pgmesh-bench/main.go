@@ -32,15 +32,16 @@ import (
 )
 
 var (
-	singleTxns = flag.Int("single", 100000, "workload 1 and 7: single-row INSERT transactions")
-	batchTxns  = flag.Int("batches", 5000, "workload 2: 100-row INSERT transactions")
-	updateTxns = flag.Int("updates", 20000, "workload 3: pgbench tpcb-like transactions (3 updates + 1 insert)")
-	rate       = flag.Int("rate", 2000, "workload 4: transactions per second")
-	latencyDur = flag.Duration("latency-for", 10*time.Second, "workload 4: how long")
-	bigRows    = flag.Int("big", 1000000, "workload 5: rows in one transaction")
-	nextvals   = flag.Int("nextvals", 200000, "workload 6: values drawn per sequence kind")
-	repeat     = flag.Int("repeat", 3, "workloads 1, 2 and 3: runs per system (the median is reported)")
-	only       = flag.String("only", "", "comma-separated workloads to run (1-7); default all")
+	singleTxns  = flag.Int("single", 100000, "workload 1 and 7: single-row INSERT transactions")
+	batchTxns   = flag.Int("batches", 5000, "workload 2: 100-row INSERT transactions")
+	updateTxns  = flag.Int("updates", 20000, "workload 3: pgbench tpcb-like transactions (3 updates + 1 insert)")
+	rate        = flag.Int("rate", 2000, "workload 4: transactions per second")
+	latencyDur  = flag.Duration("latency-for", 10*time.Second, "workload 4: how long")
+	bigRows     = flag.Int("big", 1000000, "workload 5: rows in one transaction")
+	nextvals    = flag.Int("nextvals", 200000, "workload 6: values drawn per sequence kind")
+	repeat      = flag.Int("repeat", 3, "workloads 1, 2 and 3: runs per system (the median is reported)")
+	compareRows = flag.Int("compare-rows", 1000000, "workload 8: rows of the table compared on three nodes")
+	only        = flag.String("only", "", "comma-separated workloads to run (1-8); default all")
 )
 
 const schema = `CREATE TABLE single (id bigint PRIMARY KEY, payload text NOT NULL);
@@ -278,6 +279,18 @@ func run(ctx context.Context) error {
 		r := one("7. SQL-protocol floor, 1-row txns", fmt.Sprintf("%.0f rows/s", v), len(systems))
 		results = append(results, r)
 		fmt.Printf("  %s: %s\n", r.what, r.vals[0])
+	}
+
+	if want(8) {
+		fmt.Printf("8. pgmesh compare of a %d-row table on three nodes\n", *compareRows)
+		rs, err := compareTimes(ctx, bin, *compareRows)
+		if err != nil {
+			return err
+		}
+		for _, r := range rs {
+			results = append(results, one(r.what, r.vals[0], len(systems)))
+			fmt.Printf("  %s: %s\n", r.what, r.vals[0])
+		}
 	}
 
 	fmt.Printf("\nmachine: %d cores, %s, %s, %s\n", runtime.NumCPU(), memTotal(), pgVersion(ctx, nat.b), runtime.Version())
