@@ -196,6 +196,9 @@ func (s *Stream) connectApply(ctx context.Context) (*pgx.Conn, pglogrepl.LSN, er
 	cfg.RuntimeParams["session_replication_role"] = "replica"
 	cfg.RuntimeParams["search_path"] = ""
 	cfg.RuntimeParams["default_transaction_read_only"] = "off"
+	// A backend waiting for its clock (pgmesh.wait_for_clock) notices a
+	// daemon that went away within a second, instead of when it next writes.
+	cfg.RuntimeParams["client_connection_check_interval"] = "1000"
 	conn, err := pgx.ConnectConfig(ctx, cfg)
 	if err != nil {
 		return nil, 0, fmt.Errorf("connect to local Postgres: %w", err)

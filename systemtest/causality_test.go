@@ -76,21 +76,8 @@ func TestClockSkewConverges(t *testing.T) {
 		t.Fatalf("the group converged, but on %d of %d rows holding b's later update:\n%s", n, rows, want)
 	}
 
-	peerOf := func(n *localmesh.Node, peer string) replicator.Status {
-		rep, err := n.Status(ctx)
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, p := range rep.Peers {
-			if p.Peer == peer {
-				return p
-			}
-		}
-		t.Fatalf("%s has no stream from %s", n.Name, peer)
-		return replicator.Status{}
-	}
 	eventually(t, 30*time.Second, "b reports a's clock 2s ahead", func() error {
-		p := peerOf(b, "a")
+		p := streamFrom(t, ctx, b, "a")
 		if p.ClockSkew == nil || *p.ClockSkew < 1.5 || *p.ClockSkew > 2.5 {
 			return fmt.Errorf("clock_skew_seconds of a on b: %v", p.ClockSkew)
 		}
@@ -100,10 +87,10 @@ func TestClockSkewConverges(t *testing.T) {
 		}
 		return nil
 	})
-	if p := peerOf(b, "a"); p.ClockWaits == 0 {
+	if p := streamFrom(t, ctx, b, "a"); p.ClockWaits == 0 {
 		t.Errorf("b applied a's fresh writes without waiting for its clock (clock_waits 0)")
 	}
-	if p := peerOf(a, "b"); p.ClockWarning != "" || p.ClockSkew == nil || *p.ClockSkew > -1.5 {
+	if p := streamFrom(t, ctx, a, "b"); p.ClockWarning != "" || p.ClockSkew == nil || *p.ClockSkew > -1.5 {
 		t.Errorf("a sees b's clock behind, which needs no warning; got skew %v, warning %q", p.ClockSkew, p.ClockWarning)
 	}
 	resp, err := http.Get("http://" + b.API + "/health")
@@ -132,18 +119,6 @@ func TestGroupedCommitsForm(t *testing.T) {
 	ctx := ctxFor(t)
 	nodes := mesh(t, ctx, `CREATE TABLE ledger (id int PRIMARY KEY, note text)`, "a", "b")
 	a, b := nodes[0], nodes[1]
-	before := func() replicator.Status {
-		rep, err := b.Status(ctx)
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, p := range rep.Peers {
-			if p.Peer == "a" {
-				return p
-			}
-		}
-		return replicator.Status{}
-	}
 	if err := b.Stop(); err != nil {
 		t.Fatal(err)
 	}
@@ -161,7 +136,7 @@ func TestGroupedCommitsForm(t *testing.T) {
 	})
 	var st replicator.Status
 	eventually(t, 10*time.Second, "b counts every transaction", func() error {
-		if st = before(); st.AppliedTxns < total {
+		if st = streamFrom(t, ctx, b, "a"); st.AppliedTxns < total {
 			return fmt.Errorf("applied_txns %d", st.AppliedTxns)
 		}
 		return nil

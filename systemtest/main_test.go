@@ -17,6 +17,7 @@ import (
 
 	"github.com/pgmesh/pgmesh/internal/localmesh"
 	"github.com/pgmesh/pgmesh/internal/pgtest"
+	"github.com/pgmesh/pgmesh/replicator"
 )
 
 var bin string
@@ -305,4 +306,20 @@ func count(t *testing.T, ctx context.Context, n *localmesh.Node, sql string, arg
 func readToken(n *localmesh.Node) (string, error) {
 	b, err := os.ReadFile(filepath.Join(n.DataDir, "join-token"))
 	return strings.TrimSpace(string(b)), err
+}
+
+// streamFrom returns n's stream from peer, as its status reports it.
+func streamFrom(t *testing.T, ctx context.Context, n *localmesh.Node, peer string) replicator.Status {
+	t.Helper()
+	rep, err := n.Status(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range rep.Peers {
+		if p.Peer == peer {
+			return p
+		}
+	}
+	t.Fatalf("%s has no stream from %s", n.Name, peer)
+	return replicator.Status{}
 }

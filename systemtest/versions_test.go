@@ -34,19 +34,7 @@ func TestVersionSpecificStreaming(t *testing.T) {
 	if major >= 16 {
 		wantProto = 4
 	}
-	stream := func(n *localmesh.Node, peer string) replicator.Status {
-		rep, err := n.Status(ctx)
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, p := range rep.Peers {
-			if p.Peer == peer {
-				return p
-			}
-		}
-		t.Fatalf("%s has no stream from %s", n.Name, peer)
-		return replicator.Status{}
-	}
+	stream := func(n *localmesh.Node, peer string) replicator.Status { return streamFrom(t, ctx, n, peer) }
 	for _, s := range []replicator.Status{stream(a, "b"), stream(b, "a")} {
 		if s.PeerVersion != major || s.ProtoVersion != wantProto {
 			t.Errorf("stream from %s: peer version %d, protocol %d; want %d and %d", s.Peer, s.PeerVersion, s.ProtoVersion, major, wantProto)
