@@ -12,8 +12,6 @@ import (
 
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5/pgtype"
-
-	"github.com/pgmesh/pgmesh/internal/pgquote"
 )
 
 // The fast path applies a peer's transactions through a pipeline, without
@@ -346,7 +344,6 @@ func (a *applier) finishRun(ctx context.Context, pending *insertRun, stmts *[]fa
 	}
 	r := run.r
 	var p params
-	names := make([]string, len(run.cols))
 	exprs := make([]string, len(run.cols)) // each column's value, typed
 	from := ""
 	if len(run.rows) == 1 {
@@ -371,33 +368,7 @@ func (a *applier) finishRun(ctx context.Context, pending *insertRun, stmts *[]fa
 		}
 		from = " FROM unnest(" + strings.Join(arrays, ", ") + ") AS u(" + strings.Join(aliases, ", ") + ")"
 	}
-	for i, c := range run.cols {
-		names[i] = quote(r.cols[c])
-	}
-	where := ""
-	if r.pk != nil {
-		var kv []string
-		for _, c := range r.pk {
-			for i, x := range run.cols {
-				if x == c {
-					kv = append(kv, pgquote.Literal(r.cols[c]), exprs[i])
-				}
-			}
-		}
-		// The first test runs once per statement (an uncorrelated
-		// subquery): most tables have no tombstones most of the time.
-		rel := p.add([]byte(r.tombName))
-		where = fmt.Sprintf(` WHERE CASE WHEN NOT EXISTS (SELECT 1 FROM pgmesh.tombstone ts WHERE ts.relation = %s) THEN true
-	WHEN EXISTS (SELECT 1 FROM pgmesh.tombstone ts WHERE ts.relation = %s AND ts.key = jsonb_build_object(%s))
-	THEN pgmesh.apply_conflict('a delete of this key is remembered') ELSE true END`,
-			rel, rel, strings.Join(kv, ", "))
-	}
-	override := ""
-	if r.anyIdentity {
-		override = " OVERRIDING SYSTEM VALUE"
-	}
-	sql := fmt.Sprintf("INSERT INTO %s (%s)%s SELECT %s%s%s", r.qualified, strings.Join(names, ", "), override,
-		strings.Join(exprs, ", "), from, where)
+	sql := r.insertSQL(&p, run.cols, exprs, from)
 	if from != "" {
 		// Arrays travel in binary (the relation's name, text, reads the
 		// same either way): no quoting to write or parse.
@@ -418,18 +389,6 @@ func (a *applier) addStmt(ctx context.Context, stmts *[]fastStmt, sql string, va
 	return nil
 }
 
-// lastWriterIsPeer is true for a row whose last change came from this peer
-// (or from this very transaction): an ordinary sequential change, which
-// last-update-wins applies without a conflict. Anything else is settled on
-// the careful path.
-func (a *applier) lastWriterIsPeer() string {
-	return fmt.Sprintf(`CASE WHEN (pg_catalog.pg_xact_commit_timestamp_origin(t.xmin)).roident = %d THEN true
-	WHEN t.xmin = (pg_catalog.pg_current_xact_id_if_assigned()::text::numeric %% 4294967296)::text::xid THEN true
-	ELSE pgmesh.apply_conflict('the row was last written elsewhere') END`, a.roident)
-}
-
-const expectOneRow = ` SELECT CASE WHEN count(*) = 1 THEN true ELSE pgmesh.apply_conflict('no row with this key') END FROM c`
-
 func (a *applier) fastUpdate(ctx context.Context, t *fastTxn, m *pglogrepl.UpdateMessage) error {
 	r, err := a.fastRelation(ctx, m.RelationID)
 	if err != nil {
@@ -445,24 +404,19 @@ func (a *applier) fastUpdate(ctx context.Context, t *fastTxn, m *pglogrepl.Updat
 	if err := a.finishRun(ctx, &t.run, &t.stmts); err != nil {
 		return err
 	}
-	var p params
-	var sets []string
 	cols, vals := values(m.NewTuple)
-	for i, c := range cols {
-		if r.identityAlways[c] {
-			continue
-		}
-		sets = append(sets, quote(r.cols[c])+" = "+p.add(bytes.Clone(vals[i])))
-	}
-	if len(sets) == 0 {
-		return errNotFast
+	for i := range vals {
+		vals[i] = bytes.Clone(vals[i])
 	}
 	keyVals := pick(keySrc, r.pk)
 	for i := range keyVals {
 		keyVals[i] = bytes.Clone(keyVals[i])
 	}
-	sql := fmt.Sprintf("WITH c AS (UPDATE %s t SET %s WHERE %s AND %s RETURNING 1)", r.qualified,
-		strings.Join(sets, ", "), r.where(&p, r.pk, keyVals, false), a.lastWriterIsPeer()) + expectOneRow
+	var p params
+	sql, ok := r.updateSQL(&p, cols, vals, keyVals, a.roident)
+	if !ok {
+		return errNotFast
+	}
 	return a.addStmt(ctx, &t.stmts, sql, p.vals, nil)
 }
 
@@ -477,21 +431,12 @@ func (a *applier) fastDelete(ctx context.Context, t *fastTxn, m *pglogrepl.Delet
 	if err := a.finishRun(ctx, &t.run, &t.stmts); err != nil {
 		return err
 	}
-	var p params
 	keyVals := pick(m.OldTuple, r.pk)
 	for i := range keyVals {
 		keyVals[i] = bytes.Clone(keyVals[i])
 	}
-	var kv []string
-	for _, c := range r.pk {
-		kv = append(kv, pgquote.Literal(r.cols[c]), "t."+quote(r.cols[c]))
-	}
-	// The delete is remembered as the careful path does (deleteRow).
-	sql := fmt.Sprintf(`WITH c AS (DELETE FROM %s t WHERE %s AND %s RETURNING jsonb_build_object(%s) AS k),
-	s AS (INSERT INTO pgmesh.tombstone AS t (relation, key, deleted_at, deleted_by)
-	      SELECT %s, c.k, %s::timestamptz, %s FROM c`+tombstoneUpsert+`)`,
-		r.qualified, r.where(&p, r.pk, keyVals, false), a.lastWriterIsPeer(), strings.Join(kv, ", "),
-		p.add([]byte(r.tombName)), p.add([]byte(pgTime(a.fastBegin.CommitTime))), p.add([]byte(a.cfg.Peer.Name))) + expectOneRow
+	var p params
+	sql := r.deleteSQL(&p, keyVals, a.roident, a.fastBegin.CommitTime, a.cfg.Peer.Name)
 	return a.addStmt(ctx, &t.stmts, sql, p.vals, nil)
 }
 

@@ -2,7 +2,9 @@ package replicator
 
 import (
 	"slices"
+	"strings"
 	"testing"
+	"time"
 
 	"github.com/jackc/pglogrepl"
 )
@@ -124,5 +126,56 @@ func TestProtocolPerVersion(t *testing.T) {
 		if got := protoVersion(major); got != want {
 			t.Errorf("PostgreSQL %d: protocol %d, want %d", major, got, want)
 		}
+	}
+}
+
+func TestFastPathStatements(t *testing.T) {
+	r := testRelation()
+	r.tombName = `s."T x"`
+	r.identityAlways = make([]bool, 3)
+
+	var p params
+	one := r.insertSQL(&p, []int{0, 1}, []string{r.typed(&p, 0, []byte("1")), r.typed(&p, 1, []byte("a"))}, "")
+	for _, want := range []string{`INSERT INTO "s"."T x" ("id", "Name") SELECT $1::integer, $2::text`,
+		`ts.relation = $3`, `jsonb_build_object('id', $1::integer)`, `pgmesh.apply_conflict('a delete of this key is remembered')`} {
+		if !strings.Contains(one, want) {
+			t.Errorf("insert of one row lacks %q:\n%s", want, one)
+		}
+	}
+	if strings.Contains(one, "OVERRIDING") {
+		t.Error("no identity column, yet OVERRIDING SYSTEM VALUE")
+	}
+	r.anyIdentity = true
+	p = params{}
+	run := r.insertSQL(&p, []int{0}, []string{"u.c0::integer"}, " FROM unnest($1::text[]) AS u(c0)")
+	if !strings.Contains(run, `OVERRIDING SYSTEM VALUE SELECT u.c0::integer FROM unnest($1::text[]) AS u(c0) WHERE`) {
+		t.Errorf("insert run:\n%s", run)
+	}
+
+	p = params{}
+	up, ok := r.updateSQL(&p, []int{0, 1, 2}, [][]byte{[]byte("1"), []byte("b"), nil}, [][]byte{[]byte("1")}, 7)
+	if !ok || !strings.Contains(up, `UPDATE "s"."T x" t SET "id" = $1, "Name" = $2, "n" = $3 WHERE t."id" = $4 AND CASE WHEN (pg_catalog.pg_xact_commit_timestamp_origin(t.xmin)).roident = 7`) ||
+		!strings.HasSuffix(up, expectOneRow) || len(p.vals) != 4 || p.vals[2] != nil {
+		t.Errorf("update (ok %v, params %q):\n%s", ok, p.vals, up)
+	}
+	r.identityAlways[0] = true
+	p = params{}
+	if up, _ := r.updateSQL(&p, []int{0, 2}, [][]byte{[]byte("1"), []byte("5")}, [][]byte{[]byte("1")}, 7); strings.Contains(up, `"id" = $`) && !strings.Contains(up, `t."id" = $`) {
+		t.Errorf("a GENERATED ALWAYS column must not be set:\n%s", up)
+	}
+	if _, ok := r.updateSQL(&p, []int{0}, [][]byte{[]byte("1")}, [][]byte{[]byte("1")}, 7); ok {
+		t.Error("an update of nothing but GENERATED ALWAYS columns must go careful")
+	}
+
+	p = params{}
+	del := r.deleteSQL(&p, [][]byte{[]byte("9")}, 7, time.Date(2026, 11, 30, 8, 0, 0, 5000, time.UTC), "tokyo")
+	for _, want := range []string{`DELETE FROM "s"."T x" t WHERE t."id" = $1 AND CASE`, `RETURNING jsonb_build_object('id', t."id") AS k`,
+		`INSERT INTO pgmesh.tombstone`, `pgmesh.luw_newer(`} {
+		if !strings.Contains(del, want) {
+			t.Errorf("delete lacks %q:\n%s", want, del)
+		}
+	}
+	if got := []string{string(p.vals[1]), string(p.vals[2]), string(p.vals[3])}; !slices.Equal(got, []string{`s."T x"`, "2026-11-30 08:00:00.000005+00", "tokyo"}) {
+		t.Errorf("delete parameters %q", got)
 	}
 }

@@ -1,0 +1,98 @@
+package replicator
+
+import (
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/pgmesh/pgmesh/internal/pgquote"
+)
+
+// The fast path's statements, built from a relation alone (no connection):
+// each does what the careful path does when nothing conflicts, and raises
+// pgmesh.apply_conflict (SQLSTATE PM100) otherwise, which sends the
+// transaction to the careful path. They never compare commit times: the
+// only last writer they accept is the peer itself (or the local
+// transaction applying it), so every decision between versions is left to
+// conflict.Rule.
+
+// insertSQL inserts rows given as one typed expression per column (exprs,
+// over the FROM clause from, which may be empty for a single row). It fails
+// on any unique collision, and raises when a delete of a key is remembered.
+func (r *relation) insertSQL(p *params, cols []int, exprs []string, from string) string {
+	names := make([]string, len(cols))
+	for i, c := range cols {
+		names[i] = quote(r.cols[c])
+	}
+	where := ""
+	if r.pk != nil {
+		var kv []string
+		for _, c := range r.pk {
+			for i, x := range cols {
+				if x == c {
+					kv = append(kv, pgquote.Literal(r.cols[c]), exprs[i])
+				}
+			}
+		}
+		// The first test runs once per statement (an uncorrelated
+		// subquery): most tables have no tombstones most of the time.
+		rel := p.add([]byte(r.tombName))
+		where = fmt.Sprintf(` WHERE CASE WHEN NOT EXISTS (SELECT 1 FROM pgmesh.tombstone ts WHERE ts.relation = %s) THEN true
+	WHEN EXISTS (SELECT 1 FROM pgmesh.tombstone ts WHERE ts.relation = %s AND ts.key = jsonb_build_object(%s))
+	THEN pgmesh.apply_conflict('a delete of this key is remembered') ELSE true END`,
+			rel, rel, strings.Join(kv, ", "))
+	}
+	override := ""
+	if r.anyIdentity {
+		override = " OVERRIDING SYSTEM VALUE"
+	}
+	return fmt.Sprintf("INSERT INTO %s (%s)%s SELECT %s%s%s", r.qualified, strings.Join(names, ", "), override,
+		strings.Join(exprs, ", "), from, where)
+}
+
+// updateSQL sets the given columns of the row with the primary key keyVals,
+// if its last writer is the peer (roident); it raises unless exactly one
+// row is updated. ok is false when nothing can be set (every column sent
+// is GENERATED ALWAYS): the careful path decides.
+func (r *relation) updateSQL(p *params, cols []int, vals, keyVals [][]byte, roident uint32) (sql string, ok bool) {
+	var sets []string
+	for i, c := range cols {
+		if !r.identityAlways[c] {
+			sets = append(sets, quote(r.cols[c])+" = "+p.add(vals[i]))
+		}
+	}
+	if len(sets) == 0 {
+		return "", false
+	}
+	return fmt.Sprintf("WITH c AS (UPDATE %s t SET %s WHERE %s AND %s RETURNING 1)", r.qualified,
+		strings.Join(sets, ", "), r.where(p, r.pk, keyVals, false), lastWriterIs(roident)) + expectOneRow, true
+}
+
+// deleteSQL deletes the row with the primary key keyVals if its last writer
+// is the peer, and remembers the delete in a tombstone stamped with the
+// source transaction's commit time and the peer (as the careful path's
+// deleteRow does); it raises unless exactly one row is deleted.
+func (r *relation) deleteSQL(p *params, keyVals [][]byte, roident uint32, commitTS time.Time, peer string) string {
+	var kv []string
+	for _, c := range r.pk {
+		kv = append(kv, pgquote.Literal(r.cols[c]), "t."+quote(r.cols[c]))
+	}
+	return fmt.Sprintf(`WITH c AS (DELETE FROM %s t WHERE %s AND %s RETURNING jsonb_build_object(%s) AS k),
+	s AS (INSERT INTO pgmesh.tombstone AS t (relation, key, deleted_at, deleted_by)
+	      SELECT %s, c.k, %s::timestamptz, %s FROM c`+tombstoneUpsert+`)`,
+		r.qualified, r.where(p, r.pk, keyVals, false), lastWriterIs(roident), strings.Join(kv, ", "),
+		p.add([]byte(r.tombName)), p.add([]byte(pgTime(commitTS))), p.add([]byte(peer))) + expectOneRow
+}
+
+// lastWriterIs is true for a row (alias t) whose last change came from the
+// origin roident or from the transaction applying this one: an ordinary
+// sequential change, which last-update-wins applies without a conflict.
+// Anything else raises, and is settled on the careful path.
+func lastWriterIs(roident uint32) string {
+	return fmt.Sprintf(`CASE WHEN (pg_catalog.pg_xact_commit_timestamp_origin(t.xmin)).roident = %d THEN true
+	WHEN t.xmin = (pg_catalog.pg_current_xact_id_if_assigned()::text::numeric %% 4294967296)::text::xid THEN true
+	ELSE pgmesh.apply_conflict('the row was last written elsewhere') END`, roident)
+}
+
+// expectOneRow ends a statement whose CTE c returns one row per row changed.
+const expectOneRow = ` SELECT CASE WHEN count(*) = 1 THEN true ELSE pgmesh.apply_conflict('no row with this key') END FROM c`
