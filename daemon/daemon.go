@@ -259,12 +259,18 @@ func (d *Daemon) reconcile(ctx context.Context, g *membership.Group) {
 			}
 		}
 	}
+	// Streams are stopped outside d.mu: a stream may take a while to stop
+	// (a joining node holds it), and status, health and metrics read d.mu.
 	d.mu.Lock()
+	var stopping []*running
 	for name, r := range d.streams {
 		if n, ok := want[name]; !ok || d.peerDSN(n) != r.dsn {
-			d.stopLocked(name)
+			stopping = append(stopping, d.detachLocked(name))
 		}
 	}
+	d.mu.Unlock()
+	waitStopped(stopping)
+	d.mu.Lock()
 	for name, n := range want {
 		if _, ok := d.streams[name]; !ok {
 			d.startLocked(ctx, n)
@@ -326,19 +332,29 @@ func (d *Daemon) startLocked(ctx context.Context, n *membership.Node) {
 	}()
 }
 
-func (d *Daemon) stopLocked(name string) {
+// detachLocked tells a stream to stop and forgets it; the caller waits for
+// it (waitStopped) after releasing d.mu.
+func (d *Daemon) detachLocked(name string) *running {
 	r := d.streams[name]
 	r.cancel()
-	<-r.done
 	delete(d.streams, name)
+	return r
+}
+
+func waitStopped(rs []*running) {
+	for _, r := range rs {
+		<-r.done
+	}
 }
 
 func (d *Daemon) stopAll() {
 	d.mu.Lock()
-	defer d.mu.Unlock()
+	var stopping []*running
 	for name := range d.streams {
-		d.stopLocked(name)
+		stopping = append(stopping, d.detachLocked(name))
 	}
+	d.mu.Unlock()
+	waitStopped(stopping)
 }
 
 // forgetPeer drops what this node kept for a parted peer: its origin here and

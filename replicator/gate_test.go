@@ -11,7 +11,9 @@ import (
 // stays held until the gate opens.
 func TestGateWaitsForStreamsAndHoldsThem(t *testing.T) {
 	var g Gate
-	g.enter()
+	if err := g.enter(context.Background()); err != nil {
+		t.Fatal(err)
+	}
 	var applied atomic.Int32
 	stop := make(chan struct{})
 	done := make(chan struct{})
@@ -26,7 +28,10 @@ func TestGateWaitsForStreamsAndHoldsThem(t *testing.T) {
 			}
 			applied.Add(1)
 			if g.closing() {
-				g.yield()
+				if err := g.yield(context.Background()); err != nil {
+					t.Error(err)
+					return
+				}
 			}
 			time.Sleep(time.Millisecond)
 		}
@@ -61,38 +66,66 @@ func TestGateLeaseExpires(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		if g.mu.TryRLock() {
-			g.mu.RUnlock()
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the gate stayed closed past its lease")
-		}
-		time.Sleep(time.Millisecond)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := g.enter(ctx); err != nil {
+		t.Fatal("the gate stayed closed past its lease")
 	}
+	g.leave()
 	if open() {
 		t.Fatal("open reported the gate held after its lease ran out")
 	}
 }
 
-// Close gives up with its context when a stream never steps aside.
+// Close gives up with its context when a stream never steps aside, and
+// leaves the gate open.
 func TestGateCloseGivesUp(t *testing.T) {
 	var g Gate
-	g.enter()
+	if err := g.enter(context.Background()); err != nil {
+		t.Fatal(err)
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
 	defer cancel()
 	if _, err := g.Close(ctx, time.Minute); err == nil {
 		t.Fatal("Close succeeded while a stream held the gate")
 	}
-	g.leave() // the abandoned Close takes and releases the lock
-	deadline := time.Now().Add(5 * time.Second)
-	for !g.mu.TryLock() {
-		if time.Now().After(deadline) {
-			t.Fatal("the abandoned Close never released the gate")
+	if g.closing() {
+		t.Fatal("an abandoned Close still closes the gate")
+	}
+	g.leave()
+}
+
+// A stream waiting at a closed gate stops with its context, at once.
+func TestGateWaitEndsWithContext(t *testing.T) {
+	var g Gate
+	if err := g.enter(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	closed := make(chan func() bool)
+	go func() {
+		open, err := g.Close(context.Background(), time.Minute)
+		if err != nil {
+			t.Error(err)
 		}
+		closed <- open
+	}()
+	for !g.closing() {
 		time.Sleep(time.Millisecond)
 	}
-	g.mu.Unlock()
+	ctx, cancel := context.WithCancel(context.Background())
+	yielded := make(chan error)
+	go func() { yielded <- g.yield(ctx) }()
+	open := <-closed // the stream stepped aside
+	cancel()
+	select {
+	case err := <-yielded:
+		if err == nil {
+			t.Fatal("yield entered a closed gate")
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("a stream waiting at the closed gate ignored its context")
+	}
+	if !open() {
+		t.Fatal("the gate was not held until opened")
+	}
 }

@@ -176,11 +176,18 @@ func (s *Stream) runOnce(ctx context.Context) error {
 		origin.Name(s.cfg.Peer.Name)).Scan(&roident); err != nil {
 		return fmt.Errorf("read replication origin of peer %q: %w", s.cfg.Peer.Name, err)
 	}
-	s.cfg.Gate.enter()
-	defer s.cfg.Gate.leave()
+	if err := s.cfg.Gate.enter(ctx); err != nil {
+		return err
+	}
+	inside := true // false once a yield ended with ctx
+	defer func() {
+		if inside {
+			s.cfg.Gate.leave()
+		}
+	}()
 	a := newApplier(applyConn.PgConn(), &s.cfg, progress, roident, s.stats, s.retryLSN, s.log)
 	defer a.rollback(context.Background())
-	return s.receive(ctx, repl, a, progress)
+	return s.receive(ctx, repl, a, progress, &inside)
 }
 
 // connectApply opens the local apply connection: replica role (user triggers
@@ -267,7 +274,7 @@ func checkSlot(ctx context.Context, repl *pgconn.PgConn, slot, peer string) erro
 // arrive (a large transaction is streamed, not buffered), and reports
 // progress. flushed is the position up to which everything the peer sent is
 // committed here (or was not for us), the only position ever confirmed.
-func (s *Stream) receive(ctx context.Context, repl *pgconn.PgConn, a *applier, flushed pglogrepl.LSN) error {
+func (s *Stream) receive(ctx context.Context, repl *pgconn.PgConn, a *applier, flushed pglogrepl.LSN, inside *bool) error {
 	received := flushed
 	lastHeard := time.Now()
 	silence := max(15*time.Second, 10*s.cfg.StatusInterval)
@@ -295,7 +302,10 @@ func (s *Stream) receive(ctx context.Context, repl *pgconn.PgConn, a *applier, f
 				return err
 			}
 			committed(a.takeConfirmed())
-			s.cfg.Gate.yield()
+			if err := s.cfg.Gate.yield(ctx); err != nil {
+				*inside = false
+				return err
+			}
 		}
 		if now := time.Now(); !now.Before(nextStatus) {
 			if now.Sub(lastHeard) > silence {
