@@ -47,8 +47,8 @@ type Options struct {
 	// Settle bounds the wait for the nodes to apply each other's changes
 	// (default 60s).
 	Settle time.Duration
-	// Progress, when set, is told what is being compared.
-	Progress func(table string, chunk, chunks int)
+	// Progress, when set, is told when a table's chunks are hashed.
+	Progress func(table string, chunks, of int)
 }
 
 // Version is one node's version of a differing row.
@@ -268,28 +268,92 @@ func (t *table) keyOrder() string {
 // bound is a key value as text (one per key column), or nil for no bound.
 type bound []string
 
-// rangeCond is the condition for keys in (lo, hi], with parameters from
-// $first on.
+// rangeCond is the condition for keys in [lo, hi) (nil: unbounded), its
+// parameters appended to args. Row comparisons over the key columns use the
+// primary key's index.
 func (t *table) rangeCond(lo, hi bound, args *[]any) string {
-	var conds []string
+	keys := make([]string, len(t.key))
+	for i, c := range t.key {
+		keys[i] = "t." + pgquote.Ident(c)
+	}
 	typed := func(b bound) string {
 		ps := make([]string, len(b))
 		for i, v := range b {
 			*args = append(*args, v)
 			ps[i] = "$" + strconv.Itoa(len(*args)) + "::" + t.keyTypes[i]
 		}
-		return "ROW(" + strings.Join(ps, ", ") + ")"
+		if len(ps) == 1 {
+			return ps[0]
+		}
+		return "(" + strings.Join(ps, ", ") + ")"
 	}
+	key := keys[0]
+	if len(keys) > 1 {
+		key = "(" + strings.Join(keys, ", ") + ")"
+	}
+	var conds []string
 	if lo != nil {
-		conds = append(conds, t.keyRow()+" > "+typed(lo))
+		conds = append(conds, key+" >= "+typed(lo))
 	}
 	if hi != nil {
-		conds = append(conds, t.keyRow()+" <= "+typed(hi))
+		conds = append(conds, key+" < "+typed(hi))
 	}
 	if len(conds) == 0 {
 		return "true"
 	}
 	return strings.Join(conds, " AND ")
+}
+
+// chunkSums returns each chunk's row count and hash sum on one node. With
+// a one-column key every chunk comes from one pass over the table
+// (width_bucket numbers the chunks by their lower bounds); otherwise each
+// chunk is a range read through the key's index.
+func chunkSums(ctx context.Context, c *conn, t *table, lo, hi bound, bounds []bound) (counts []int64, sums []string, err error) {
+	n := len(bounds) + 1
+	counts, sums = make([]int64, n), make([]string, n)
+	for i := range sums {
+		sums[i] = "0"
+	}
+	if len(t.key) == 1 {
+		lows := make([]string, len(bounds))
+		for i, b := range bounds {
+			lows[i] = b[0]
+		}
+		args := []any{lows}
+		q := fmt.Sprintf(`SELECT width_bucket(t.%s, $1::%s[]), count(*), sum(%s::numeric)::text FROM %s t WHERE %s GROUP BY 1`,
+			pgquote.Ident(t.key[0]), t.keyTypes[0], t.rowHash(), t.qualified, t.rangeCond(lo, hi, &args))
+		rows, err := c.c.Query(ctx, q, args...)
+		if err != nil {
+			return nil, nil, fmt.Errorf("hash chunks on node %s: %w", c.node.Name, err)
+		}
+		defer rows.Close()
+		for rows.Next() {
+			var j int
+			var cnt int64
+			var sum string
+			if err := rows.Scan(&j, &cnt, &sum); err != nil {
+				return nil, nil, err
+			}
+			counts[j], sums[j] = cnt, sum
+		}
+		return counts, sums, rows.Err()
+	}
+	for j := range n {
+		clo, chi := lo, hi
+		if j > 0 {
+			clo = bounds[j-1]
+		}
+		if j < len(bounds) {
+			chi = bounds[j]
+		}
+		var args []any
+		q := fmt.Sprintf(`SELECT count(*), coalesce(sum(%s::numeric), 0)::text FROM %s t WHERE %s`,
+			t.rowHash(), t.qualified, t.rangeCond(clo, chi, &args))
+		if err := c.c.QueryRow(ctx, q, args...).Scan(&counts[j], &sums[j]); err != nil {
+			return nil, nil, fmt.Errorf("hash a chunk on node %s: %w", c.node.Name, err)
+		}
+	}
+	return counts, sums, nil
 }
 
 func compareTable(ctx context.Context, cs []*conn, t *table, opts Options) (TableResult, error) {
@@ -302,7 +366,7 @@ func compareTable(ctx context.Context, cs []*conn, t *table, opts Options) (Tabl
 	if err := settle(ctx, cs, opts.Settle); err != nil {
 		return res, err
 	}
-	bounds, err := chunkBounds(ctx, cs[0].c, t, opts.ChunkRows)
+	bounds, err := chunkBounds(ctx, cs[0].c, t, nil, nil, opts.ChunkRows)
 	if err != nil {
 		return res, err
 	}
@@ -321,47 +385,25 @@ func compareTable(ctx context.Context, cs []*conn, t *table, opts Options) (Tabl
 	g, gctx := errgroup.WithContext(ctx)
 	for i, c := range cs {
 		g.Go(func() error {
-			for j, ch := range chunks {
-				var args []any
-				var n int64
-				var sum string
-				q := fmt.Sprintf(`SELECT count(*), coalesce(sum(%s::numeric), 0)::text FROM %s t WHERE %s`,
-					t.rowHash(), t.qualified, t.rangeCond(ch.lo, ch.hi, &args))
-				if err := c.c.QueryRow(gctx, q, args...).Scan(&n, &sum); err != nil {
-					return fmt.Errorf("hash a chunk on node %s: %w", c.node.Name, err)
-				}
-				counts[i], sums[i] = append(counts[i], n), append(sums[i], sum)
-				if i == 0 && opts.Progress != nil {
-					opts.Progress(t.name, j+1, len(chunks))
-				}
-			}
-			return nil
+			var err error
+			counts[i], sums[i], err = chunkSums(gctx, c, t, nil, nil, bounds)
+			return err
 		})
 	}
 	if err := g.Wait(); err != nil {
 		return res, err
 	}
+	if opts.Progress != nil {
+		opts.Progress(t.name, len(chunks), len(chunks))
+	}
 	for _, n := range counts[0] {
 		res.Rows += n
 	}
-	// Differing chunks are read key by key.
+	// Differing chunks are narrowed down, then read key by key.
 	suspects := map[string]json.RawMessage{}
 	for j, ch := range chunks {
-		same := true
-		for i := range cs[1:] {
-			same = same && counts[i+1][j] == counts[0][j] && sums[i+1][j] == sums[0][j]
-		}
-		if same {
-			continue
-		}
-		per, err := readChunk(ctx, cs, t, ch.lo, ch.hi)
-		if err != nil {
+		if err := narrow(ctx, cs, t, ch.lo, ch.hi, column(counts, j), column(sums, j), suspects, 0); err != nil {
 			return res, err
-		}
-		for k, vs := range per {
-			if differ(vs) {
-				suspects[k] = json.RawMessage(k)
-			}
 		}
 	}
 	// Read the suspects again once everything committed has been applied
@@ -400,6 +442,80 @@ func compareTable(ctx context.Context, cs []*conn, t *table, opts Options) (Tabl
 	return res, nil
 }
 
+// column returns every node's j-th value.
+func column[T any](perNode [][]T, j int) []T {
+	out := make([]T, len(perNode))
+	for i := range perNode {
+		out[i] = perNode[i][j]
+	}
+	return out
+}
+
+// narrowTo is how many rows a differing range may hold before it is read
+// key by key; larger ones are split in narrowWays and hashed again.
+const (
+	narrowTo   = 500
+	narrowWays = 16
+)
+
+// narrow adds to suspects the keys whose rows differ in [lo, hi), given
+// each node's count and hash sum of that range: nothing when they agree,
+// the keys read from every node when the range is small, else the same for
+// each of its sub-ranges, hashed on every node.
+func narrow(ctx context.Context, cs []*conn, t *table, lo, hi bound, counts []int64, sums []string, suspects map[string]json.RawMessage, depth int) error {
+	if !slices.ContainsFunc(counts[1:], func(n int64) bool { return n != counts[0] }) &&
+		!slices.ContainsFunc(sums[1:], func(s string) bool { return s != sums[0] }) {
+		return nil
+	}
+	rows := slices.Max(counts)
+	// Depth bounds the splitting when the nodes' rows lie far apart in key
+	// order, so that cuts made on one node do not shrink another's share.
+	if rows <= narrowTo || depth >= 6 {
+		per, err := readChunk(ctx, cs, t, lo, hi)
+		if err != nil {
+			return err
+		}
+		for k, vs := range per {
+			if differ(vs) {
+				suspects[k] = json.RawMessage(k)
+			}
+		}
+		return nil
+	}
+	// The sub-ranges are cut on the node holding the most rows of it, so
+	// that each is smaller than the range wherever the rows are.
+	most := slices.Index(counts, rows)
+	bounds, err := chunkBounds(ctx, cs[most].c, t, lo, hi, int(max(rows/narrowWays, 1)))
+	if err != nil {
+		return err
+	}
+	subCounts, subSums := make([][]int64, len(cs)), make([][]string, len(cs))
+	g, gctx := errgroup.WithContext(ctx)
+	for i, c := range cs {
+		g.Go(func() error {
+			var err error
+			subCounts[i], subSums[i], err = chunkSums(gctx, c, t, lo, hi, bounds)
+			return err
+		})
+	}
+	if err := g.Wait(); err != nil {
+		return err
+	}
+	for j := range len(bounds) + 1 {
+		sublo, subhi := lo, hi
+		if j > 0 {
+			sublo = bounds[j-1]
+		}
+		if j < len(bounds) {
+			subhi = bounds[j]
+		}
+		if err := narrow(ctx, cs, t, sublo, subhi, column(subCounts, j), column(subSums, j), suspects, depth+1); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 func sameVersion(a, b Version) bool {
 	return a.Node == b.Node && a.Present == b.Present && a.Hash == b.Hash && a.Origin == b.Origin &&
 		(a.CommitTS == nil) == (b.CommitTS == nil) && (a.CommitTS == nil || a.CommitTS.Equal(*b.CommitTS))
@@ -415,15 +531,18 @@ func differ(vs []Version) bool {
 	return false
 }
 
-// chunkBounds returns the key of every chunkRows-th row on the first node.
-func chunkBounds(ctx context.Context, c *pgx.Conn, t *table, chunkRows int) ([]bound, error) {
+// chunkBounds returns the key of every chunkRows-th row in [lo, hi) on the
+// first node.
+func chunkBounds(ctx context.Context, c *pgx.Conn, t *table, lo, hi bound, chunkRows int) ([]bound, error) {
 	var sel []string
 	for _, k := range t.key {
 		sel = append(sel, "s."+pgquote.Ident(k)+"::text")
 	}
-	q := fmt.Sprintf(`SELECT %s FROM (SELECT %s, row_number() OVER (ORDER BY %s) AS pgmesh_rn FROM %s t) s
-		WHERE s.pgmesh_rn %% $1 = 0 ORDER BY s.pgmesh_rn`, strings.Join(sel, ", "), t.keyOrder(), t.keyOrder(), t.qualified)
-	rows, err := c.Query(ctx, q, chunkRows)
+	args := []any{chunkRows}
+	q := fmt.Sprintf(`SELECT %s FROM (SELECT %s, row_number() OVER (ORDER BY %s) AS pgmesh_rn FROM %s t WHERE %s) s
+		WHERE s.pgmesh_rn %% $1 = 0 ORDER BY s.pgmesh_rn`, strings.Join(sel, ", "), t.keyOrder(), t.keyOrder(), t.qualified,
+		t.rangeCond(lo, hi, &args))
+	rows, err := c.Query(ctx, q, args...)
 	if err != nil {
 		return nil, fmt.Errorf("find chunk boundaries: %w", err)
 	}
@@ -452,7 +571,7 @@ func (t *table) versionQuery(cond string) string {
 		t.keyJSON(), t.rowHash(), t.qualified, cond)
 }
 
-// readChunk reads every node's versions of the rows in (lo, hi].
+// readChunk reads every node's versions of the rows in [lo, hi).
 func readChunk(ctx context.Context, cs []*conn, t *table, lo, hi bound) (map[string][]Version, error) {
 	return readVersions(ctx, cs, t, func(args *[]any) string { return t.rangeCond(lo, hi, args) }, nil)
 }

@@ -50,6 +50,12 @@ func compareTimes(ctx context.Context, bin string, rows int) ([]result, error) {
 			return nil, err
 		}
 	}
+	// Compare first waits until every stream has caught up; on PostgreSQL
+	// 15 that includes reading back (and dropping) what each node applied.
+	// Timed is the comparison of a settled group.
+	if err := localmesh.CaughtUp(ctx, 10*time.Minute, nodes...); err != nil {
+		return nil, err
+	}
 	timed := func() (time.Duration, int, error) {
 		start := time.Now()
 		out, stderr, err := nodes[0].CLI(ctx, "compare", "--json", "cmp")
