@@ -11,6 +11,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"os"
@@ -410,15 +411,39 @@ func waitFor(ctx context.Context, c *pgtest.Cluster, sql string, arg any) error 
 }
 
 func pgbench(ctx context.Context, c *pgtest.Cluster, args ...string) error {
-	bin, err := pgtest.FindBinDir()
+	prog, err := pgbenchPath()
 	if err != nil {
 		return err
 	}
-	cmd := exec.CommandContext(ctx, filepath.Join(bin, "pgbench"), append(args, "-h", "127.0.0.1", "-p", strconv.Itoa(c.Port), "-U", "postgres", "postgres")...)
+	cmd := exec.CommandContext(ctx, prog, append(args, "-h", "127.0.0.1", "-p", strconv.Itoa(c.Port), "-U", "postgres", "postgres")...)
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return fmt.Errorf("pgbench %v: %w\n%s", args, err, out)
 	}
 	return nil
+}
+
+// pgbenchPath finds pgbench: beside the server, else any PostgreSQL
+// client installed (the servers fetched for 16+ ship none; pgbench speaks
+// to newer servers fine), else on PATH.
+func pgbenchPath() (string, error) {
+	if bin, err := pgtest.FindBinDir(); err == nil {
+		if p := filepath.Join(bin, "pgbench"); fileExists(p) {
+			return p, nil
+		}
+	}
+	found, _ := filepath.Glob("/usr/lib/postgresql/*/bin/pgbench")
+	if len(found) > 0 {
+		return found[len(found)-1], nil
+	}
+	if p, err := exec.LookPath("pgbench"); err == nil {
+		return p, nil
+	}
+	return "", errors.New("pgbench not found: apt-get install postgresql-client (or postgresql-15)")
+}
+
+func fileExists(p string) bool {
+	_, err := os.Stat(p)
+	return err == nil
 }
 
 // peakRSS reads VmHWM (the peak resident set) of a process.
