@@ -106,7 +106,7 @@ func run(ctx context.Context) error {
 		return err
 	}
 	defer os.RemoveAll(dir)
-	fmt.Println("building pgmesh and starting six throwaway clusters (fsync=off, synchronous_commit=off)")
+	fmt.Println("building pgmesh and starting a pair of throwaway clusters per system (fsync=off, synchronous_commit=off)")
 	bin, err := localmesh.Build(ctx, dir)
 	if err != nil {
 		return err

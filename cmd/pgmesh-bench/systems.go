@@ -174,7 +174,7 @@ func pglogicalMissing() string {
 	}
 	lib := filepath.Join(filepath.Dir(bin), "lib", "pglogical.so")
 	if _, err := os.Stat(lib); err != nil {
-		return "pglogical is not installed for this server (" + lib + "): apt-get install postgresql-15-pglogical"
+		return "pglogical is not installed for this server (no " + lib + "); Debian packages it for its PostgreSQL 15 (apt-get install postgresql-15-pglogical)"
 	}
 	return ""
 }
