@@ -16,7 +16,7 @@ import (
 	"github.com/pgmesh/pgmesh/internal/dsn"
 )
 
-// Config holds the daemon's settings (DESIGN.md §1).
+// Config holds the daemon's settings (the README lists them as config keys).
 type Config struct {
 	NodeName      string
 	DSN           string

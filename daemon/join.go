@@ -172,7 +172,7 @@ func (d *Daemon) register(ctx context.Context, req JoinRequest) (*JoinResponse, 
 
 // copyAndActivate copies schema and data from the source member and makes
 // this node active, so that every change of every member reaches it exactly
-// once (DESIGN.md §3.7).
+// once (ARCHITECTURE.md, invariants: join loses nothing).
 func (d *Daemon) copyAndActivate(ctx context.Context, req JoinRequest) error {
 	g, err := d.waitForSelf(ctx)
 	if err != nil {

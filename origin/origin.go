@@ -1,6 +1,6 @@
 // Package origin names replication origins and slots, reads and sets up
 // origin progress, and filters transactions that did not originate on the
-// peer that streams them (loop prevention, DESIGN.md §3.1–3.2).
+// peer that streams them (loop prevention; ARCHITECTURE.md, "Data flows one way").
 package origin
 
 import (

@@ -23,7 +23,7 @@ import (
 // connection bound to that peer's replication origin. One source transaction
 // becomes one local transaction (or shares one with its neighbours of the
 // same rounded commit time, see fastpath.go), committed together with the
-// origin's progress (ARCHITECTURE.md, DESIGN.md §3.2–3.3).
+// origin's progress (ARCHITECTURE.md, "The apply pipeline").
 type applier struct {
 	pc       *pgconn.PgConn
 	cfg      *Config
@@ -790,7 +790,7 @@ func (a *applier) truncate(ctx context.Context, m *pglogrepl.TruncateMessage) er
 
 // commit ends the source transaction. An applied one commits together with
 // the origin's progress and the origin's commit time, so the local rows carry
-// the origin's timestamp (DESIGN.md §3.3).
+// the origin's timestamp (ARCHITECTURE.md, invariants: origin time is the row's time).
 func (a *applier) commit(ctx context.Context, m *pglogrepl.CommitMessage) (pglogrepl.LSN, error) {
 	defer a.filter.End()
 	if !a.wantTxn {

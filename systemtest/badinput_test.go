@@ -31,7 +31,7 @@ func statusSays(t *testing.T, n *localmesh.Node, want ...string) {
 // A change that does not fit this node's schema stops the stream at that
 // change, with the cause in status; the peer's slot keeps the WAL; once the
 // schema is fixed the stream resumes from the same change and nothing is
-// lost (DESIGN.md §3.6).
+// lost (ARCHITECTURE.md, invariants: nothing lost on bad input).
 func TestBadInputStopsAndResumes(t *testing.T) {
 	ctx := ctxFor(t)
 	nodes := mesh(t, ctx, `CREATE TABLE items (id int PRIMARY KEY, name varchar(50), extra text);

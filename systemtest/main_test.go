@@ -1,7 +1,7 @@
 //go:build integration
 
 // Package systemtest runs whole pgmesh nodes (real Postgres clusters and
-// daemon processes) and checks the invariants of DESIGN.md §3 end to end.
+// daemon processes) and checks the invariants ARCHITECTURE.md lists, end to end.
 package systemtest
 
 import (
