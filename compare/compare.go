@@ -304,6 +304,20 @@ func (t *table) rangeCond(lo, hi bound, args *[]any) string {
 	return strings.Join(conds, " AND ")
 }
 
+// sumsEverywhere is chunkSums on every node, the nodes in parallel.
+func sumsEverywhere(ctx context.Context, cs []*conn, t *table, lo, hi bound, bounds []bound) (counts [][]int64, sums [][]string, err error) {
+	counts, sums = make([][]int64, len(cs)), make([][]string, len(cs))
+	g, gctx := errgroup.WithContext(ctx)
+	for i, c := range cs {
+		g.Go(func() error {
+			var err error
+			counts[i], sums[i], err = chunkSums(gctx, c, t, lo, hi, bounds)
+			return err
+		})
+	}
+	return counts, sums, g.Wait()
+}
+
 // chunkSums returns each chunk's row count and hash sum on one node. With
 // a one-column key every chunk comes from one pass over the table
 // (width_bucket numbers the chunks by their lower bounds); otherwise each
@@ -379,18 +393,8 @@ func compareTable(ctx context.Context, cs []*conn, t *table, opts Options) (Tabl
 	}
 	chunks = append(chunks, chunk{prev, nil})
 
-	// Hash every chunk on every node, the nodes in parallel.
-	sums := make([][]string, len(cs))
-	counts := make([][]int64, len(cs))
-	g, gctx := errgroup.WithContext(ctx)
-	for i, c := range cs {
-		g.Go(func() error {
-			var err error
-			counts[i], sums[i], err = chunkSums(gctx, c, t, nil, nil, bounds)
-			return err
-		})
-	}
-	if err := g.Wait(); err != nil {
+	counts, sums, err := sumsEverywhere(ctx, cs, t, nil, nil, bounds)
+	if err != nil {
 		return res, err
 	}
 	if opts.Progress != nil {
@@ -489,16 +493,8 @@ func narrow(ctx context.Context, cs []*conn, t *table, lo, hi bound, counts []in
 	if err != nil {
 		return err
 	}
-	subCounts, subSums := make([][]int64, len(cs)), make([][]string, len(cs))
-	g, gctx := errgroup.WithContext(ctx)
-	for i, c := range cs {
-		g.Go(func() error {
-			var err error
-			subCounts[i], subSums[i], err = chunkSums(gctx, c, t, lo, hi, bounds)
-			return err
-		})
-	}
-	if err := g.Wait(); err != nil {
+	subCounts, subSums, err := sumsEverywhere(ctx, cs, t, lo, hi, bounds)
+	if err != nil {
 		return err
 	}
 	for j := range len(bounds) + 1 {
