@@ -240,15 +240,7 @@ func (t *table) rowHash() string {
 	return "hashtextextended(ROW(" + strings.Join(cols, ", ") + ")::text, 0)"
 }
 
-// keyRow is the key as a row value, keyJSON as pgmesh.tombstone stores it.
-func (t *table) keyRow() string {
-	cols := make([]string, len(t.key))
-	for i, c := range t.key {
-		cols[i] = "t." + pgquote.Ident(c)
-	}
-	return "ROW(" + strings.Join(cols, ", ") + ")"
-}
-
+// keyJSON is the key as pgmesh.tombstone stores it.
 func (t *table) keyJSON() string {
 	var kv []string
 	for _, c := range t.key {
