@@ -46,7 +46,10 @@ type Daemon struct {
 	// seqProblems are the global-sequence problems found by maintainSequences.
 	seqProblems []string
 	join        joiner
-	ctx         context.Context // the daemon's lifetime, for background work
+	// bg holds work the API starts in the background (a join); Run waits
+	// for it before closing the pool and the Raft store it uses.
+	bg  sync.WaitGroup
+	ctx context.Context // the daemon's lifetime, for background work
 	// gate holds the streams while a joining node takes its snapshot here.
 	gate   replicator.Gate
 	pauses pauses
@@ -174,8 +177,9 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 
 	shutCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	_ = srv.Shutdown(shutCtx)
+	_ = srv.Shutdown(shutCtx) // no handler runs after it: bg gets no new work
 	d.stopAll()
+	d.bg.Wait()
 	log.Info("pgmesh daemon stopped")
 	return err
 }

@@ -98,10 +98,10 @@ func (d *Daemon) handleJoin(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, http.StatusBadRequest, err)
 		return
 	}
-	go func() {
+	d.bg.Go(func() {
 		err := d.copyAndActivate(d.ctx, req)
 		d.finishJoin(err)
-	}()
+	})
 	writeJSON(w, http.StatusAccepted, reg)
 }
 
