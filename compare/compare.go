@@ -26,6 +26,7 @@ import (
 	"github.com/pgmesh/pgmesh/conflict"
 	"github.com/pgmesh/pgmesh/internal/pgquote"
 	"github.com/pgmesh/pgmesh/origin"
+	"github.com/pgmesh/pgmesh/replicator"
 )
 
 // Node is a member whose database is compared.
@@ -194,8 +195,8 @@ func listTables(ctx context.Context, c *pgx.Conn, names []string) ([]*table, err
 		      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
 		      WHERE i.indrelid = c.oid AND i.indisprimary ORDER BY k.ord)
 		FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-		JOIN pg_publication_tables pt ON pt.schemaname = n.nspname AND pt.tablename = c.relname AND pt.pubname = 'pgmesh'
-		WHERE c.relkind = 'r' ORDER BY 1, 2`)
+		JOIN pg_publication_tables pt ON pt.schemaname = n.nspname AND pt.tablename = c.relname AND pt.pubname = $1
+		WHERE c.relkind = 'r' ORDER BY 1, 2`, replicator.Publication)
 	if err != nil {
 		return nil, fmt.Errorf("list replicated tables: %w", err)
 	}

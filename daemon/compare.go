@@ -6,7 +6,6 @@ import (
 	"net/http"
 
 	"github.com/pgmesh/pgmesh/compare"
-	"github.com/pgmesh/pgmesh/conflict"
 	"github.com/pgmesh/pgmesh/membership"
 )
 
@@ -71,7 +70,7 @@ func (d *Daemon) handleCompare(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	res, err := compare.Compare(ctx, nodes, compare.Options{Tables: req.Tables, ChunkRows: req.ChunkRows,
-		Rule: conflict.Rule{Resolution: d.cfg.LUWResolution}})
+		Rule: d.rule()})
 	if err != nil {
 		writeErr(w, http.StatusInternalServerError, err)
 		return

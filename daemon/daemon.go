@@ -297,6 +297,10 @@ func (d *Daemon) reconcile(ctx context.Context, g *membership.Group) {
 	d.setProblems(problems)
 }
 
+// rule is the group's last-update-wins rule, as this node applies it (the
+// reconcile refuses to stream while members disagree on luw_resolution).
+func (d *Daemon) rule() conflict.Rule { return conflict.Rule{Resolution: d.cfg.LUWResolution} }
+
 // describeMember names a member in a sentence.
 func describeMember(n *membership.Node, self string) string {
 	if n.Name == self {
@@ -324,7 +328,7 @@ func (d *Daemon) startLocked(ctx context.Context, n *membership.Node) {
 		NodeID:       d.nodeID,
 		Logger:       d.log,
 		Gate:         &d.gate,
-		Rule:         conflict.Rule{Resolution: d.cfg.LUWResolution},
+		Rule:         d.rule(),
 		MaxClockSkew: d.cfg.MaxClockSkew,
 	})
 	sctx, cancel := context.WithCancel(ctx)

@@ -817,7 +817,8 @@ func (a *applier) commit(ctx context.Context, m *pglogrepl.CommitMessage) (pglog
 
 // commitSQL ends the local transaction applying one source transaction:
 // once the local clock has passed its rounded commit time (see clockGuard),
-// it commits with the origin's progress and commit time (DESIGN.md 3.2-3.3).
+// it commits with the origin's progress and commit time (ARCHITECTURE.md,
+// invariants: exactly once, origin time is the row's time).
 func (a *applier) commitSQL(m *pglogrepl.CommitMessage) string {
 	at := a.cfg.Rule.RoundTime(m.CommitTime)
 	a.stats.clockAhead(at)

@@ -183,7 +183,7 @@ func (s *stats) clockAhead(at time.Time) {
 
 // setClocks records the measured offsets and the skew between the two
 // Postgres clocks, and the warning for it (empty when within bounds). It
-// returns the warning and whether it changed.
+// reports whether the warning changed.
 func (s *stats) setClocks(localOffset, skew time.Duration, warning string) (changed bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
