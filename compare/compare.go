@@ -26,7 +26,6 @@ import (
 	"github.com/pgmesh/pgmesh/conflict"
 	"github.com/pgmesh/pgmesh/internal/pgquote"
 	"github.com/pgmesh/pgmesh/origin"
-	"github.com/pgmesh/pgmesh/replicator"
 )
 
 // Node is a member whose database is compared.
@@ -50,6 +49,11 @@ type Options struct {
 	Settle time.Duration
 	// Progress, when set, is told when a table's chunks are hashed.
 	Progress func(table string, chunks, of int)
+	// Where and Columns narrow the comparison to the share of the tables
+	// that every node compared receives (replication sets): rows matching
+	// the filter, the listed columns. Empty: every row, every column.
+	Where   string
+	Columns []string
 }
 
 // Version is one node's version of a differing row.
@@ -86,6 +90,10 @@ type TableResult struct {
 	// InFlight counts keys that kept changing while they were checked:
 	// written meanwhile, not drift.
 	InFlight int `json:"in_flight,omitempty"`
+	// Nodes and Where, when set, say that only these nodes were compared,
+	// on the rows matching Where: the share of the table they all receive.
+	Nodes []string `json:"nodes,omitempty"`
+	Where string   `json:"where,omitempty"`
 }
 
 // sessionSettings make every node print values the same way, so that equal
@@ -148,6 +156,10 @@ func Compare(ctx context.Context, nodes []Node, opts Options) ([]TableResult, er
 	}
 	var out []TableResult
 	for _, t := range tables {
+		t.where = opts.Where
+		if len(opts.Columns) > 0 {
+			t.cols = slices.DeleteFunc(t.cols, func(c string) bool { return !slices.Contains(opts.Columns, c) })
+		}
 		res, err := compareTable(ctx, cs, t, opts)
 		if err != nil {
 			return nil, fmt.Errorf("compare %s: %w", t.name, err)
@@ -180,6 +192,7 @@ type table struct {
 	key       []string // primary key columns, in key order
 	keyTypes  []string
 	noKey     bool
+	where     string // row filter of the compared share; empty: every row
 }
 
 // listTables returns the named tables, or every table the pgmesh
@@ -195,8 +208,8 @@ func listTables(ctx context.Context, c *pgx.Conn, names []string) ([]*table, err
 		      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
 		      WHERE i.indrelid = c.oid AND i.indisprimary ORDER BY k.ord)
 		FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-		JOIN pg_publication_tables pt ON pt.schemaname = n.nspname AND pt.tablename = c.relname AND pt.pubname = $1
-		WHERE c.relkind = 'r' ORDER BY 1, 2`, replicator.Publication)
+		JOIN pgmesh.user_tables u ON u.relid = c.oid
+		WHERE u.relation IN (SELECT relation FROM pgmesh.replication_set_tables) ORDER BY 1, 2`)
 	if err != nil {
 		return nil, fmt.Errorf("list replicated tables: %w", err)
 	}
@@ -291,10 +304,20 @@ func (t *table) rangeCond(lo, hi bound, args *[]any) string {
 	if hi != nil {
 		conds = append(conds, key+" < "+typed(hi))
 	}
-	if len(conds) == 0 {
+	return t.inShare(strings.Join(conds, " AND "))
+}
+
+// inShare adds the share's row filter to a condition (empty: true).
+func (t *table) inShare(cond string) string {
+	switch {
+	case t.where == "" && cond == "":
 		return "true"
+	case t.where == "":
+		return cond
+	case cond == "":
+		return "(" + t.where + ")"
 	}
-	return strings.Join(conds, " AND ")
+	return cond + " AND (" + t.where + ")"
 }
 
 // sumsEverywhere is chunkSums on every node, the nodes in parallel.
@@ -569,7 +592,7 @@ func readChunk(ctx context.Context, cs []*conn, t *table, lo, hi bound) (map[str
 func readKeys(ctx context.Context, cs []*conn, t *table, keys []string) (map[string][]Version, error) {
 	return readVersions(ctx, cs, t, func(args *[]any) string {
 		*args = append(*args, keys)
-		return t.keyJSON() + " = ANY($1::jsonb[])"
+		return t.inShare(t.keyJSON() + " = ANY($1::jsonb[])")
 	}, keys)
 }
 

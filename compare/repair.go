@@ -114,7 +114,7 @@ func Repair(ctx context.Context, nodes []Node, results []TableResult, dryRun boo
 // ($1). Key columns are left alone (they may be identity columns).
 func (t *table) repairSQL(do string) string {
 	if do == "delete" {
-		return fmt.Sprintf("DELETE FROM %s t WHERE %s = $1::jsonb", t.qualified, t.keyJSON())
+		return fmt.Sprintf("DELETE FROM %s t WHERE %s", t.qualified, t.keyFromJSON())
 	}
 	var sets []string
 	for _, c := range t.cols {
@@ -125,5 +125,15 @@ func (t *table) repairSQL(do string) string {
 	if len(sets) == 0 {
 		sets = []string{pgquote.Ident(t.key[0]) + " = t." + pgquote.Ident(t.key[0])}
 	}
-	return fmt.Sprintf("UPDATE %s t SET %s WHERE %s = $1::jsonb", t.qualified, strings.Join(sets, ", "), t.keyJSON())
+	return fmt.Sprintf("UPDATE %s t SET %s WHERE %s", t.qualified, strings.Join(sets, ", "), t.keyFromJSON())
+}
+
+// keyFromJSON matches the row whose key is the JSON object $1, column by
+// column, so that the primary key's index finds it.
+func (t *table) keyFromJSON() string {
+	conds := make([]string, len(t.key))
+	for i, c := range t.key {
+		conds[i] = fmt.Sprintf("t.%s = ($1::jsonb ->> %s)::%s", pgquote.Ident(c), pgquote.Literal(c), t.keyTypes[i])
+	}
+	return strings.Join(conds, " AND ")
 }

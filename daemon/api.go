@@ -36,6 +36,9 @@ func (d *Daemon) routes() http.Handler {
 	mux.HandleFunc("POST /v1/ddl", d.handleDDL)
 	mux.HandleFunc("POST /v1/compare", d.handleCompare)
 	mux.HandleFunc("POST /v1/cluster/lock", d.handleClusterLock)
+	mux.HandleFunc("GET /v1/repsets", d.handleRepsetList)
+	mux.HandleFunc("POST /v1/repset", d.handleRepset)
+	mux.HandleFunc("POST /v1/cluster/repset", d.handleClusterRepset)
 	mux.HandleFunc("GET /status", d.handleStatus)
 	mux.HandleFunc("GET /health", d.handleHealth)
 	mux.Handle("GET /metrics", d.metricsHandler())
@@ -108,6 +111,13 @@ type StatusReport struct {
 	Join       *JoinStatus         `json:"join,omitempty"`
 	// Slots are the slots peers consume on this node, with retained WAL.
 	Slots []SlotStatus `json:"slots"`
+	// LocalTables are the tables in no replication set: their changes stay
+	// on the node that makes them.
+	LocalTables []string `json:"local_tables,omitempty"`
+	// RepsetsPublished identifies the replication sets this node's
+	// publications hold (repset.Sets.Hash); equal on every node once a
+	// change has taken effect everywhere.
+	RepsetsPublished string `json:"repsets_published,omitempty"`
 }
 
 // Status assembles this node's view of the group.
@@ -126,6 +136,8 @@ func (d *Daemon) Status() StatusReport {
 	d.mu.Lock()
 	rep.Problems = append(append([]string{}, d.problems...), d.seqProblems...)
 	rep.Slots = append([]SlotStatus{}, d.slots...)
+	rep.LocalTables = append([]string(nil), d.localTables...)
+	rep.RepsetsPublished = d.published
 	d.mu.Unlock()
 	for _, p := range rep.Peers {
 		if p.LastError != "" {

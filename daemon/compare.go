@@ -4,9 +4,11 @@ import (
 	"context"
 	"errors"
 	"net/http"
+	"slices"
 
 	"github.com/pgmesh/pgmesh/compare"
 	"github.com/pgmesh/pgmesh/membership"
+	"github.com/pgmesh/pgmesh/repset"
 )
 
 // CompareRequest asks for a comparison (and, with Repair, a repair) of
@@ -69,25 +71,88 @@ func (d *Daemon) handleCompare(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, CompareResponse{Names: names})
 		return
 	}
-	res, err := compare.Compare(ctx, nodes, compare.Options{Tables: req.Tables, ChunkRows: req.ChunkRows,
-		Rule: d.rule()})
+	out, err := d.compareShares(ctx, nodes, req)
 	if err != nil {
 		writeErr(w, http.StatusInternalServerError, err)
 		return
 	}
-	out := CompareResponse{Tables: res}
+	writeJSON(w, http.StatusOK, out)
+}
+
+// compareShares compares (and with req.Repair repairs) each table among the
+// nodes that receive the same share of it.
+func (d *Daemon) compareShares(ctx context.Context, nodes []compare.Node, req CompareRequest) (CompareResponse, error) {
+	out := CompareResponse{Tables: []compare.TableResult{}}
+	names, err := compare.Tables(ctx, nodes[0], req.Tables)
+	if err != nil {
+		return out, err
+	}
 	for _, n := range nodes {
 		out.Nodes = append(out.Nodes, n.Name)
 	}
-	if req.Repair {
-		out.Actions, err = compare.Repair(context.WithoutCancel(ctx), nodes, res, req.DryRun)
-		if err != nil {
-			writeErr(w, http.StatusInternalServerError, err)
-			return
+	g, _ := d.store.Group()
+	sets := g.Sets()
+	for _, t := range names {
+		groups := shareGroups(sets, nodes, t)
+		if len(groups) == 0 {
+			out.Tables = append(out.Tables, compare.TableResult{Table: t, Diffs: []compare.Diff{},
+				NotComparable: "no two active nodes receive the same share of it (see pgmesh repset list)"})
 		}
-		if !req.DryRun {
-			d.log.Info("repaired differing rows", "writes", len(out.Actions))
+		for _, sh := range groups {
+			opts := compare.Options{Tables: []string{t}, ChunkRows: req.ChunkRows, Rule: d.rule(),
+				Where: sh.share.Where, Columns: sh.share.Columns}
+			res, err := compare.Compare(ctx, sh.nodes, opts)
+			if err != nil {
+				return out, err
+			}
+			if len(sh.nodes) < len(nodes) || sh.share.Where != "" {
+				for i := range res {
+					res[i].Where = sh.share.Where
+					for _, n := range sh.nodes {
+						res[i].Nodes = append(res[i].Nodes, n.Name)
+					}
+				}
+			}
+			if req.Repair {
+				acts, err := compare.Repair(context.WithoutCancel(ctx), sh.nodes, res, req.DryRun)
+				out.Actions = append(out.Actions, acts...)
+				if err != nil {
+					return out, err
+				}
+			}
+			out.Tables = append(out.Tables, res...)
 		}
 	}
-	writeJSON(w, http.StatusOK, out)
+	if req.Repair && !req.DryRun {
+		d.log.Info("repaired differing rows", "writes", len(out.Actions))
+	}
+	return out, nil
+}
+
+// shareGroup is nodes that receive the same share of a table.
+type shareGroup struct {
+	share repset.Share
+	nodes []compare.Node
+}
+
+// shareGroups splits nodes by the share of table each receives; only groups
+// of two or more can be compared. Nodes that receive the table with the
+// same filter and columns must hold the same rows of it.
+func shareGroups(sets repset.Sets, nodes []compare.Node, table string) []shareGroup {
+	var groups []shareGroup
+	for _, n := range nodes {
+		sh, ok := sets.Shares(n.Name, []string{table})[table]
+		if !ok {
+			continue
+		}
+		i := slices.IndexFunc(groups, func(g shareGroup) bool {
+			return g.share.Where == sh.Where && slices.Equal(g.share.Columns, sh.Columns)
+		})
+		if i < 0 {
+			groups = append(groups, shareGroup{share: sh})
+			i = len(groups) - 1
+		}
+		groups[i].nodes = append(groups[i].nodes, n)
+	}
+	return slices.DeleteFunc(groups, func(g shareGroup) bool { return len(g.nodes) < 2 })
 }

@@ -35,6 +35,10 @@ type Config struct {
 	PeerDSNs map[string]string
 	// CaptureDDL replicates plain DDL statements automatically.
 	CaptureDDL bool
+	// NewTablesLocal (config key repset_new_tables: false) makes a group
+	// this node creates keep new tables local until they are added to a
+	// replication set; by default they join the default set.
+	NewTablesLocal bool
 	// HealthMaxLag is how far (or how long disconnected) a peer's stream
 	// may be behind before GET /health answers 503.
 	HealthMaxLag time.Duration

@@ -27,6 +27,7 @@ import (
 	"github.com/pgmesh/pgmesh/membership"
 	"github.com/pgmesh/pgmesh/origin"
 	"github.com/pgmesh/pgmesh/replicator"
+	"github.com/pgmesh/pgmesh/repset"
 	pgsql "github.com/pgmesh/pgmesh/sql"
 )
 
@@ -40,9 +41,13 @@ type Daemon struct {
 	mu       sync.Mutex
 	streams  map[string]*running
 	problems []string // current problems found by checks, for status
-	lastSync string   // group state last written to pgmesh.node
-	ids      atomic.Pointer[map[string]int]
-	slots    []SlotStatus
+	// localTables are the tables in no replication set, and published the
+	// hash of the sets this node's publications last took (repset.Sets.Hash).
+	localTables []string
+	published   string
+	lastSync    string // group state last written to pgmesh.node
+	ids         atomic.Pointer[map[string]int]
+	slots       []SlotStatus
 	// seqProblems are the global-sequence problems found by maintainSequences.
 	seqProblems []string
 	join        joiner
@@ -111,9 +116,6 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		if from, to, err = pgsql.Install(ctx, conn); err == nil && from != to {
 			log.Info("installed pgmesh schema", "from_version", from, "to_version", to)
 		}
-	}
-	if err == nil {
-		err = ensurePublication(ctx, conn)
 	}
 	if err == nil {
 		_, err = conn.Exec(ctx, `INSERT INTO pgmesh.setting VALUES ('capture_ddl', $1), ('luw_resolution_us', $2)
@@ -227,7 +229,7 @@ func (d *Daemon) loop(ctx context.Context, serveErr <-chan error) error {
 // reconcile makes the local streams, origins and slots match the group.
 func (d *Daemon) reconcile(ctx context.Context, g *membership.Group) {
 	var problems []string
-	if err := d.checkTables(ctx, &problems); err != nil {
+	if err := d.checkTables(ctx, g, &problems); err != nil {
 		problems = append(problems, err.Error())
 	}
 	if g == nil {
@@ -439,90 +441,37 @@ func (d *Daemon) syncNodeTable(ctx context.Context, g *membership.Group) error {
 	return err
 }
 
-// userSchemas lists the schemas pgmesh replicates: every schema but the
-// system ones and its own.
-const userSchemas = `SELECT nspname FROM pg_catalog.pg_namespace
-	WHERE nspname NOT IN ('pg_catalog', 'information_schema', 'pgmesh')
-	  AND nspname NOT LIKE 'pg\_%' ORDER BY 1`
-
-// ensurePublication keeps the publication covering every user schema, so new
-// tables in them replicate without further steps, and never pgmesh's own.
-func ensurePublication(ctx context.Context, conn *pgx.Conn) error {
-	rows, err := conn.Query(ctx, userSchemas)
-	if err != nil {
-		return fmt.Errorf("list schemas: %w", err)
-	}
-	want, err := pgx.CollectRows(rows, pgx.RowTo[string])
-	if err != nil {
-		return fmt.Errorf("list schemas: %w", err)
-	}
-	var exists bool
-	if err := conn.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)`, replicator.Publication).Scan(&exists); err != nil {
-		return fmt.Errorf("look up publication: %w", err)
-	}
-	pub := pgx.Identifier{replicator.Publication}.Sanitize()
-	if !exists {
-		sql := "CREATE PUBLICATION " + pub
-		if len(want) > 0 {
-			sql += " FOR TABLES IN SCHEMA " + quoteList(want)
-		}
-		if _, err := conn.Exec(ctx, sql); err != nil {
-			return fmt.Errorf("create publication %s: %w", replicator.Publication, err)
-		}
-		return nil
-	}
-	rows, err = conn.Query(ctx, `SELECT n.nspname FROM pg_publication_namespace pn
-		JOIN pg_publication p ON p.oid = pn.pnpubid JOIN pg_namespace n ON n.oid = pn.pnnspid
-		WHERE p.pubname = $1`, replicator.Publication)
-	if err != nil {
-		return fmt.Errorf("read publication: %w", err)
-	}
-	have, err := pgx.CollectRows(rows, pgx.RowTo[string])
-	if err != nil {
-		return fmt.Errorf("read publication: %w", err)
-	}
-	var missing []string
-	for _, s := range want {
-		if !slices.Contains(have, s) {
-			missing = append(missing, s)
-		}
-	}
-	if len(missing) > 0 {
-		if _, err := conn.Exec(ctx, "ALTER PUBLICATION "+pub+" ADD TABLES IN SCHEMA "+quoteList(missing)); err != nil {
-			return fmt.Errorf("add schemas %v to publication: %w", missing, err)
-		}
-	}
-	return nil
-}
-
-func quoteList(names []string) string {
-	q := make([]string, len(names))
-	for i, n := range names {
-		q[i] = pgx.Identifier{n}.Sanitize()
-	}
-	return strings.Join(q, ", ")
-}
-
-// checkTables keeps the publication current and reports replicated tables
-// whose updates and deletes cannot replicate for lack of a key.
-func (d *Daemon) checkTables(ctx context.Context, problems *[]string) error {
+// checkTables keeps the publications current with the replication sets and
+// reports replicated tables whose updates and deletes cannot replicate for
+// lack of a key.
+func (d *Daemon) checkTables(ctx context.Context, g *membership.Group, problems *[]string) error {
 	conn, err := d.db.Acquire(ctx)
 	if err != nil {
 		return fmt.Errorf("cannot connect to local Postgres %s: %w", dsn.Describe(d.cfg.DSN), err)
 	}
 	defer conn.Release()
-	if err := ensurePublication(ctx, conn.Conn()); err != nil {
-		return err
+	if g != nil {
+		sets := g.Sets()
+		if err := repset.Sync(ctx, conn.Conn(), sets, d.receivers(g)); err != nil {
+			return err
+		}
+		tables, err := repset.UserTables(ctx, conn.Conn())
+		if err != nil {
+			return err
+		}
+		d.mu.Lock()
+		d.localTables, d.published = sets.Local(tables), sets.Hash()
+		d.mu.Unlock()
 	}
 	if err := d.ensureTombstoneTriggers(ctx, conn.Conn()); err != nil {
 		return err
 	}
 	rows, err := conn.Query(ctx, `SELECT format('%I.%I', n.nspname, c.relname)
 		FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-		JOIN pg_publication_tables pt ON pt.schemaname = n.nspname AND pt.tablename = c.relname AND pt.pubname = $1
-		WHERE c.relkind = 'r' AND (c.relreplident = 'n' OR (c.relreplident = 'd'
+		WHERE format('%I.%I', n.nspname, c.relname) IN (SELECT relation FROM pgmesh.replication_set_tables)
+		  AND (c.relreplident = 'n' OR (c.relreplident = 'd'
 		      AND NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)))
-		ORDER BY 1`, replicator.Publication)
+		ORDER BY 1`)
 	if err != nil {
 		return fmt.Errorf("check replica identities: %w", err)
 	}
@@ -534,6 +483,23 @@ func (d *Daemon) checkTables(ctx context.Context, problems *[]string) error {
 		*problems = append(*problems, fmt.Sprintf("table %s has no primary key or replica identity, so its updates and deletes fail and cannot replicate: add a primary key (or ALTER TABLE %s REPLICA IDENTITY FULL)", t, t))
 	}
 	return nil
+}
+
+// withConn runs fn on a connection of the pool, for calls that take a
+// *pgx.Conn (and may open a transaction on it).
+func (d *Daemon) withConn(ctx context.Context, fn func(*pgx.Conn) error) error {
+	conn, err := d.db.Acquire(ctx)
+	if err != nil {
+		return fmt.Errorf("cannot connect to local Postgres %s: %w", dsn.Describe(d.cfg.DSN), err)
+	}
+	defer conn.Release()
+	return fn(conn.Conn())
+}
+
+// receivers are the nodes this node publishes to: every other member not
+// parted (a joining node included: its slots here are made during the join).
+func (d *Daemon) receivers(g *membership.Group) []string {
+	return slices.DeleteFunc(g.Receivers(), func(n string) bool { return n == d.cfg.NodeName })
 }
 
 // tokenPath is where a member keeps the group's join token (mode 0600) to

@@ -12,7 +12,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/pgmesh/pgmesh/membership"
-	"github.com/pgmesh/pgmesh/replicator"
+	"github.com/pgmesh/pgmesh/repset"
 )
 
 // CreateRequest asks the local daemon to bootstrap a group.
@@ -104,7 +104,21 @@ func (d *Daemon) handleCreate(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, http.StatusInternalServerError, fmt.Errorf("make join token: %w", err))
 		return
 	}
-	n, err := d.store.Create(r.Context(), req.Name, membership.HashToken(token), d.self())
+	sets := repset.New(true, nil)
+	if d.cfg.NewTablesLocal {
+		// The default set holds the tables there are now; later ones
+		// start local.
+		err = d.withConn(r.Context(), func(conn *pgx.Conn) error {
+			tables, err := repset.UserTables(r.Context(), conn)
+			sets = repset.New(false, tables)
+			return err
+		})
+		if err != nil {
+			writeErr(w, http.StatusInternalServerError, err)
+			return
+		}
+	}
+	n, err := d.store.Create(r.Context(), req.Name, membership.HashToken(token), d.self(), sets)
 	if err != nil {
 		writeErr(w, http.StatusInternalServerError, err)
 		return
@@ -137,8 +151,7 @@ func (d *Daemon) waitForSelf(ctx context.Context) (*membership.Group, error) {
 // joining node takes its data from the group, and rows only it has would
 // be overwritten by the copy.
 func (d *Daemon) checkEmpty(ctx context.Context) error {
-	rows, err := d.db.Query(ctx, `SELECT format('%I.%I', schemaname, tablename) FROM pg_publication_tables
-		WHERE pubname = $1 ORDER BY 1`, replicator.Publication)
+	rows, err := d.db.Query(ctx, `SELECT relation FROM pgmesh.user_tables ORDER BY 1`)
 	if err != nil {
 		return fmt.Errorf("list replicated tables: %w", err)
 	}

@@ -9,7 +9,6 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/pgmesh/pgmesh/membership"
-	"github.com/pgmesh/pgmesh/replicator"
 )
 
 // tombstoneMargin is kept beyond the GC horizon: a peer commit's timestamp
@@ -90,12 +89,9 @@ func (d *Daemon) ensureTombstoneTriggers(ctx context.Context, conn *pgx.Conn) er
 	rows, err := conn.Query(ctx, `SELECT format('%I.%I', n.nspname, c.relname),
 		array(SELECT a.attname::text FROM unnest(i.indkey) WITH ORDINALITY k(attnum, ord)
 		      JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum ORDER BY k.ord)
-		FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+		FROM pgmesh.user_tables u JOIN pg_class c ON c.oid = u.relid JOIN pg_namespace n ON n.oid = c.relnamespace
 		JOIN pg_index i ON i.indrelid = c.oid AND i.indisprimary
-		JOIN pg_publication_tables pt ON pt.schemaname = n.nspname AND pt.tablename = c.relname AND pt.pubname = $1
-		WHERE c.relkind = 'r'
-		  AND NOT EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = c.oid AND t.tgname = 'pgmesh_tombstone')`,
-		replicator.Publication)
+		WHERE NOT EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = c.oid AND t.tgname = 'pgmesh_tombstone')`)
 	if err != nil {
 		return fmt.Errorf("find tables without the tombstone trigger: %w", err)
 	}

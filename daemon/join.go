@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -22,6 +23,7 @@ import (
 	"github.com/pgmesh/pgmesh/membership"
 	"github.com/pgmesh/pgmesh/origin"
 	"github.com/pgmesh/pgmesh/replicator"
+	"github.com/pgmesh/pgmesh/repset"
 )
 
 // JoinStatus is the progress of this node's join, in status and the
@@ -204,6 +206,13 @@ func (d *Daemon) copyAndActivate(ctx context.Context, req JoinRequest) error {
 	}
 	slot := origin.SlotName(d.cfg.NodeName)
 
+	// 0. This node's publication on every member, before the slots: a
+	// slot must never meet a change from before its publication existed.
+	for _, m := range append(others, source) {
+		if err := publishOn(ctx, d.peerDSN(m), g, d.cfg.NodeName); err != nil {
+			return fmt.Errorf("publish this node's share on member %q: %w", m.Name, err)
+		}
+	}
 	// 1. Slots on every other member first: from here on their changes are
 	// kept for this node.
 	starts := map[string]pglogrepl.LSN{}
@@ -251,9 +260,14 @@ func (d *Daemon) copyAndActivate(ctx context.Context, req JoinRequest) error {
 	}
 	repl.Close(ctx) // the snapshot is no longer needed
 
-	// 4. Slots here for every member, after the copy: members must not
-	// receive the copied rows as new changes.
+	// 4. Publications and slots here for every member, after the copy:
+	// members must not receive the copied rows as new changes.
 	d.phase("creating slots for the members")
+	if err := d.withConn(ctx, func(conn *pgx.Conn) error {
+		return repset.Sync(ctx, conn, g.Sets(), d.receivers(g))
+	}); err != nil {
+		return err
+	}
 	for _, m := range append(others, source) {
 		if _, err := recreateSlot(ctx, d.cfg.DSN, origin.SlotName(m.Name)); err != nil {
 			return fmt.Errorf("create slot for member %q here: %w", m.Name, err)
@@ -270,6 +284,16 @@ func (d *Daemon) copyAndActivate(ctx context.Context, req JoinRequest) error {
 	}
 	d.log.Info("joined node group", "group", done.Group, "node_id", done.Node.ID)
 	return nil
+}
+
+// publishOn creates or updates receiver's publication on the Postgres at dsn.
+func publishOn(ctx context.Context, dsn string, g *membership.Group, receiver string) error {
+	conn, err := pgx.Connect(ctx, dsn)
+	if err != nil {
+		return err
+	}
+	defer conn.Close(context.Background())
+	return repset.Publish(ctx, conn, g.Sets(), receiver)
 }
 
 // setReadOnly makes application transactions in this database read-only
@@ -406,6 +430,7 @@ func dropSlotAt(ctx context.Context, dsn, slot string) error {
 type sourceTable struct {
 	name  string // format('%I.%I')
 	cols  []string
+	where string // the row filter of this node's share; empty: every row
 	bytes int64
 }
 
@@ -430,7 +455,7 @@ func (d *Daemon) copyFrom(ctx context.Context, source *membership.Node, snap exp
 	if _, err := src.Exec(ctx, "SET TRANSACTION SNAPSHOT "+pgquote.Literal(snapshot)); err != nil {
 		return fmt.Errorf("use the source's snapshot: %w", err)
 	}
-	tables, err := sourceTables(ctx, src)
+	tables, err := sourceTables(ctx, src, d.cfg.NodeName)
 	if err != nil {
 		return err
 	}
@@ -514,19 +539,24 @@ func (d *Daemon) copyFrom(ctx context.Context, source *membership.Node, snap exp
 	return nil
 }
 
-func sourceTables(ctx context.Context, src *pgx.Conn) ([]sourceTable, error) {
+// sourceTables lists what the source publishes to receiver (tables, their
+// columns and row filters) as of the copy's snapshot: exactly what the
+// stream from the source then continues.
+func sourceTables(ctx context.Context, src *pgx.Conn, receiver string) ([]sourceTable, error) {
 	rows, err := src.Query(ctx, `SELECT format('%I.%I', pt.schemaname, pt.tablename),
 		array(SELECT quote_ident(a.attname) FROM pg_attribute a
 		      WHERE a.attrelid = format('%I.%I', pt.schemaname, pt.tablename)::regclass
-		        AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '' ORDER BY a.attnum),
+		        AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
+		        AND a.attname = ANY (pt.attnames) ORDER BY a.attnum),
+		coalesce(pt.rowfilter, ''),
 		pg_table_size(format('%I.%I', pt.schemaname, pt.tablename)::regclass)
-		FROM pg_publication_tables pt WHERE pt.pubname = $1 ORDER BY 1`, replicator.Publication)
+		FROM pg_publication_tables pt WHERE pt.pubname = $1 ORDER BY 1`, origin.PublicationName(receiver))
 	if err != nil {
 		return nil, fmt.Errorf("list the source's tables: %w", err)
 	}
 	return pgx.CollectRows(rows, func(r pgx.CollectableRow) (sourceTable, error) {
 		var t sourceTable
-		return t, r.Scan(&t.name, &t.cols, &t.bytes)
+		return t, r.Scan(&t.name, &t.cols, &t.where, &t.bytes)
 	})
 }
 
@@ -538,7 +568,7 @@ func (d *Daemon) copyTable(ctx context.Context, src, dst *pgconn.PgConn, t sourc
 	go func() {
 		_, err := src.CopyTo(ctx, &countingWriter{w: pw, add: func(n int) {
 			d.join.update(func(s *JoinStatus) { s.Bytes += int64(n) })
-		}}, fmt.Sprintf("COPY %s (%s) TO STDOUT", t.name, cols))
+		}}, copyOut(t))
 		pw.CloseWithError(err)
 		outErr <- err
 	}()
@@ -548,6 +578,15 @@ func (d *Daemon) copyTable(ctx context.Context, src, dst *pgconn.PgConn, t sourc
 		err = oerr
 	}
 	return tag.RowsAffected(), err
+}
+
+// copyOut is the source's COPY of this node's share of t.
+func copyOut(t sourceTable) string {
+	cols := strings.Join(t.cols, ", ")
+	if t.where == "" {
+		return fmt.Sprintf("COPY %s (%s) TO STDOUT", t.name, cols)
+	}
+	return fmt.Sprintf("COPY (SELECT %s FROM %s WHERE %s) TO STDOUT", cols, t.name, t.where)
 }
 
 type countingWriter struct {
@@ -649,6 +688,9 @@ func (d *Daemon) copySchema(ctx context.Context, src, dst *pgx.Conn, source *mem
 	}
 	sort.Strings(names)
 	for _, n := range names {
+		if !slices.ContainsFunc(tables, func(t sourceTable) bool { return t.name == n }) {
+			continue // not sent to this node: its own business
+		}
 		h, ok := have[n]
 		switch {
 		case !ok:

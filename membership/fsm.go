@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"github.com/hashicorp/raft"
+
+	"github.com/pgmesh/pgmesh/repset"
 )
 
 // State is a node's place in the group's life cycle.
@@ -50,6 +52,28 @@ type Group struct {
 	Sequences map[string]*GallocSeq `json:"sequences,omitempty"`
 	// Locks are group-wide locks (e.g. the DDL lock), by name.
 	Locks map[string]Lock `json:"locks,omitempty"`
+	// Repsets are the replication sets; nil in groups created before they
+	// existed, which read as the default set holding every table.
+	Repsets repset.Sets `json:"repsets,omitempty"`
+}
+
+// Sets returns the group's replication sets (a copy).
+func (g *Group) Sets() repset.Sets {
+	if g.Repsets == nil {
+		return repset.New(true, nil)
+	}
+	return g.Repsets.Clone()
+}
+
+// Receivers returns the nodes that receive changes: every member not parted.
+func (g *Group) Receivers() []string {
+	var out []string
+	for _, n := range g.Sorted() {
+		if n.State != Parted {
+			out = append(out, n.Name)
+		}
+	}
+	return out
 }
 
 // Lock is held by a node until it releases it or it expires (a holder that
@@ -93,6 +117,7 @@ func (g *Group) Clone() *Group {
 		sq.Chunks = append([]Chunk(nil), v.Chunks...)
 		c.Sequences[k] = &sq
 	}
+	c.Repsets = g.Repsets.Clone()
 	return &c
 }
 
@@ -120,6 +145,20 @@ type command struct {
 	Expires   time.Time `json:"expires,omitempty"`
 	Size      int64     `json:"size,omitempty"`
 	MinStart  int64     `json:"min_start,omitempty"`
+	// Repsets seeds a new group's sets; Repset edits them.
+	Repsets repset.Sets `json:"repsets,omitempty"`
+	Repset  *RepsetEdit `json:"repset,omitempty"`
+}
+
+// RepsetEdit is one change to the replication sets. The FSM checks it
+// against the state it applies to, so concurrent edits cannot lose each
+// other.
+type RepsetEdit struct {
+	Action string       `json:"action"` // create, add, remove or drop
+	Set    string       `json:"set"`
+	Nodes  []string     `json:"nodes,omitempty"`
+	Tables []string     `json:"tables,omitempty"`
+	Spec   repset.Table `json:"spec"`
 }
 
 // fsm applies commands to the group state and wakes watchers on change.
@@ -157,7 +196,7 @@ func (f *fsm) apply(c command) any {
 		if f.group != nil {
 			return fmt.Errorf("this node already belongs to node group %q", f.group.Name)
 		}
-		f.group = &Group{Name: c.Group, TokenHash: c.TokenHash, NextID: 1, Nodes: map[string]*Node{}}
+		f.group = &Group{Name: c.Group, TokenHash: c.TokenHash, NextID: 1, Nodes: map[string]*Node{}, Repsets: c.Repsets}
 		return f.addNode(c.Node)
 	case "add_node":
 		if f.group == nil {
@@ -170,8 +209,21 @@ func (f *fsm) apply(c command) any {
 			return err
 		}
 		n.State = c.State
+		if n.State == Parted && f.group.Repsets != nil {
+			f.group.Repsets.ForgetNode(n.Name)
+		}
 		cp := *n
 		return &cp
+	case "repset":
+		if f.group == nil {
+			return fmt.Errorf("no node group exists")
+		}
+		sets := f.group.Sets()
+		if err := f.editSets(sets, c.Repset); err != nil {
+			return err
+		}
+		f.group.Repsets = sets
+		return sets.Clone()
 	case "lock_acquire":
 		if f.group == nil {
 			return fmt.Errorf("no node group exists")
@@ -216,6 +268,29 @@ func (f *fsm) apply(c command) any {
 	default:
 		return fmt.Errorf("unknown raft command %q", c.Op)
 	}
+}
+
+func (f *fsm) editSets(sets repset.Sets, e *RepsetEdit) error {
+	if e == nil {
+		return fmt.Errorf("empty replication set edit")
+	}
+	switch e.Action {
+	case "create":
+		var members []string
+		for name, n := range f.group.Nodes {
+			if n.State != Parted {
+				members = append(members, name)
+			}
+		}
+		return sets.Create(e.Set, e.Nodes, members)
+	case "add":
+		return sets.Add(e.Set, e.Tables, e.Spec)
+	case "remove":
+		return sets.Remove(e.Set, e.Tables)
+	case "drop":
+		return sets.Drop(e.Set)
+	}
+	return fmt.Errorf("unknown replication set action %q", e.Action)
 }
 
 // LockHeld is the answer to acquiring a lock another node holds.

@@ -23,6 +23,8 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/raft"
 	raftboltdb "github.com/hashicorp/raft-boltdb/v2"
+
+	"github.com/pgmesh/pgmesh/repset"
 )
 
 // Config opens a Store.
@@ -145,7 +147,7 @@ func (g *Group) CheckToken(token string) bool {
 }
 
 // Create bootstraps a new group with this node as its only member.
-func (s *Store) Create(ctx context.Context, group, tokenHash string, self Node) (*Node, error) {
+func (s *Store) Create(ctx context.Context, group, tokenHash string, self Node, sets repset.Sets) (*Node, error) {
 	if g, _ := s.Group(); g != nil {
 		return nil, fmt.Errorf("this node already belongs to node group %q", g.Name)
 	}
@@ -158,7 +160,7 @@ func (s *Store) Create(ctx context.Context, group, tokenHash string, self Node) 
 	}
 	self.State = Active
 	self.JoinedAt = time.Now().UTC()
-	return s.apply(command{Op: "create_group", Group: group, TokenHash: tokenHash, Node: &self})
+	return s.apply(command{Op: "create_group", Group: group, TokenHash: tokenHash, Node: &self, Repsets: sets})
 }
 
 func (s *Store) waitLeader(ctx context.Context) error {
@@ -204,6 +206,16 @@ func (s *Store) Part(name string) (*Node, error) {
 		return n, fmt.Errorf("remove %q from raft: %w", name, err)
 	}
 	return n, nil
+}
+
+// EditRepsets changes the replication sets and returns them as changed.
+// Leader only.
+func (s *Store) EditRepsets(e RepsetEdit) (repset.Sets, error) {
+	r, err := s.applyRaw(command{Op: "repset", Repset: &e})
+	if err != nil {
+		return nil, err
+	}
+	return r.(repset.Sets), nil
 }
 
 // AllocChunk draws the next chunk of size values of a galloc sequence for

@@ -24,6 +24,10 @@ func Name(peer string) string { return Prefix + peer }
 // subscriber node consumes.
 func SlotName(subscriber string) string { return Prefix + subscriber }
 
+// PublicationName is the publication on every node that holds what the
+// receiver node gets of that node's changes (see package repset).
+func PublicationName(receiver string) string { return Prefix + receiver }
+
 // NodeOf returns the node name in an origin or slot name, and whether the
 // name is one of pgmesh's.
 func NodeOf(name string) (string, bool) {

@@ -22,9 +22,6 @@ import (
 	"github.com/pgmesh/pgmesh/origin"
 )
 
-// Publication is the publication pgmesh maintains on every node.
-const Publication = "pgmesh"
-
 // Peer is a node this node streams from.
 type Peer struct {
 	Name string
@@ -152,7 +149,7 @@ func (s *Stream) runOnce(ctx context.Context) error {
 	// messages: replicated DDL travels as logical decoding messages.
 	major := serverMajor(repl)
 	proto := protoVersion(major)
-	args := []string{"proto_version '" + strconv.Itoa(proto) + "'", "publication_names '" + Publication + "'", "messages 'true'"}
+	args := []string{"proto_version '" + strconv.Itoa(proto) + "'", "publication_names '" + origin.PublicationName(s.cfg.LocalNode) + "'", "messages 'true'"}
 	if major >= 16 {
 		// Ask the sender to drop forwarded transactions itself.
 		args = append(args, "origin 'none'")

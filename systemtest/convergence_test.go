@@ -9,6 +9,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -50,9 +51,16 @@ func TestRandomizedConvergence(t *testing.T) {
 	ctx := ctxFor(t)
 	seed, ops, soak := soakSettings(t)
 	t.Logf("seed %d (rerun with PGMESH_SEED=%d)", seed, seed)
-	nodes := meshWith(t, ctx, `CREATE TABLE rnd (k int PRIMARY KEY, v int NOT NULL, who text NOT NULL)`,
+	nodes := meshWith(t, ctx, `CREATE TABLE rnd (k int PRIMARY KEY, v int NOT NULL, who text NOT NULL);
+		CREATE TABLE rndf (k int PRIMARY KEY, v int NOT NULL, who text NOT NULL)`,
 		[]string{"--housekeeping-interval", "1s"}, "a", "b", "c")
 	a, b, c := nodes[0], nodes[1], nodes[2]
+	// rndf is filtered: even keys go everywhere, keys below 10 also
+	// between a and b (the union of two sets' filters).
+	repset(t, ctx, a, "remove", "default", "rndf")
+	repset(t, ctx, a, "add", "default", "rndf", "--where", "k % 2 = 0")
+	repset(t, ctx, b, "create", "pair", "--nodes", "a,b")
+	repset(t, ctx, c, "add", "pair", "rndf", "--where", "k < 10")
 
 	var done atomic.Int64 // operations finished, all workers
 	total := int64(3 * ops)
@@ -116,6 +124,18 @@ func TestRandomizedConvergence(t *testing.T) {
 		t.Fatal(err)
 	}
 	rows := converged(t, ctx, 30*time.Second, "rnd", a, b, c)
+	converged(t, ctx, 30*time.Second, "(SELECT * FROM rndf WHERE k % 2 = 0)", a, b, c)
+	converged(t, ctx, 30*time.Second, "(SELECT * FROM rndf WHERE k % 2 = 0 OR k < 10)", a, b)
+	// Rows outside a node's share were written there, never received.
+	for _, n := range nodes {
+		outside := `SELECT count(*) FROM rndf WHERE k % 2 = 1 AND k >= 10 AND who NOT LIKE $1`
+		if n == c {
+			outside = `SELECT count(*) FROM rndf WHERE k % 2 = 1 AND who NOT LIKE $1`
+		}
+		if got := count(t, ctx, n, outside, n.Name+"%"); got != 0 {
+			t.Fatalf("%s holds %d rows of rndf outside its share that another node wrote", n.Name, got)
+		}
+	}
 	var conflicts int64
 	for _, n := range nodes {
 		conflicts += count(t, ctx, n, `SELECT count(*) FROM pgmesh.conflict_history`)
@@ -159,6 +179,10 @@ func randomWorkload(ctx context.Context, n *localmesh.Node, rng *rand.Rand, fini
 		err := pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
 			for s := 0; s < stmts; s++ {
 				k, v := rng.IntN(keys), rng.IntN(1000)
+				table := "rnd"
+				if rng.IntN(3) == 0 {
+					table = "rndf" // filtered by replication sets
+				}
 				var sql string
 				switch op := rng.IntN(10); {
 				case op < 3:
@@ -170,6 +194,7 @@ func randomWorkload(ctx context.Context, n *localmesh.Node, rng *rand.Rand, fini
 				default:
 					sql = `DELETE FROM rnd WHERE k = $1 AND $2::int >= 0 AND $3::text <> ''`
 				}
+				sql = strings.Replace(sql, "rnd", table, 1)
 				if _, err := tx.Exec(ctx, sql, k, v, fmt.Sprintf("%s%d", n.Name, i)); err != nil {
 					return err
 				}

@@ -130,14 +130,22 @@ func countDiffs(rep daemon.CompareResponse) int {
 func printCompare(w io.Writer, rep daemon.CompareResponse) {
 	fmt.Fprintf(w, "nodes: %s\n", strings.Join(rep.Nodes, ", "))
 	for _, t := range rep.Tables {
+		name, where := t.Table, "every node"
+		if len(t.Nodes) > 0 {
+			// A replication set's share: only these nodes hold these rows.
+			where = "nodes " + strings.Join(t.Nodes, ", ")
+			if t.Where != "" {
+				name += " where " + t.Where
+			}
+		}
 		switch {
 		case t.NotComparable != "":
-			fmt.Fprintf(w, "%s: not comparable: %s\n", t.Table, t.NotComparable)
+			fmt.Fprintf(w, "%s: not comparable: %s\n", name, t.NotComparable)
 			continue
 		case len(t.Diffs) == 0:
-			fmt.Fprintf(w, "%s: %d rows, identical on every node (%.1fs)\n", t.Table, t.Rows, t.Seconds)
+			fmt.Fprintf(w, "%s: %d rows, identical on %s (%.1fs)\n", name, t.Rows, where, t.Seconds)
 		default:
-			fmt.Fprintf(w, "%s: %d rows, %d keys differ (%.1fs)\n", t.Table, t.Rows, len(t.Diffs), t.Seconds)
+			fmt.Fprintf(w, "%s: %d rows, %d keys differ between %s (%.1fs)\n", name, t.Rows, len(t.Diffs), where, t.Seconds)
 		}
 		if t.InFlight > 0 {
 			fmt.Fprintf(w, "  %d keys were being written during the comparison and are not counted\n", t.InFlight)

@@ -34,6 +34,12 @@ Usage:
   pgmesh sequences show                      global sequences, kinds and galloc chunks
   pgmesh ddl [--timeout 30s] [--proceed] "SQL"
                                              run DDL on every node, one at a time in the group
+  pgmesh repset create NAME [--nodes a,b]     a replication set received by these nodes (default: all)
+  pgmesh repset add NAME TABLE... [--where 'SQL'] [--columns c1,c2] [--sync]
+                                             put tables (rows, columns) into a set
+  pgmesh repset remove NAME TABLE...         take tables out; a table in no set stays local
+  pgmesh repset drop NAME                    remove a set
+  pgmesh repset list [--json]                sets, their members and tables, local tables
   pgmesh compare [TABLE...] [--json] [--chunk-rows N]
                                              find rows that differ between nodes (exit 1 if any)
   pgmesh repair TABLE... [--dry-run]         write each differing row's winner again
@@ -91,6 +97,8 @@ func dispatch(ctx context.Context, args []string) error {
 		return cmdSequences(ctx, args[1:])
 	case "ddl":
 		return cmdDDL(ctx, args[1:])
+	case "repset":
+		return cmdRepset(ctx, args[1:])
 	case "compare":
 		return cmdCompare(ctx, args[1:])
 	case "repair":

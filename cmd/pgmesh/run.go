@@ -108,17 +108,29 @@ var configKeys = []configKey{
 		return nil
 	}},
 	{"capture_ddl", "replicate plain DDL statements automatically (default false)", func(c *daemon.Config, v string) error {
-		switch strings.ToLower(v) {
-		case "", "false", "off", "no", "0":
-			c.CaptureDDL = false
-		case "true", "on", "yes", "1":
-			c.CaptureDDL = true
-		default:
-			return fmt.Errorf("capture_ddl %q is not true or false", v)
-		}
-		return nil
+		on, err := parseBool("capture_ddl", v, false)
+		c.CaptureDDL = on
+		return err
+	}},
+	{"repset_new_tables", "in a group this node creates, new tables join the default replication set (default true; false: they start local)", func(c *daemon.Config, v string) error {
+		on, err := parseBool("repset_new_tables", v, true)
+		c.NewTablesLocal = !on
+		return err
 	}},
 	{"log_level", "debug, info, warn or error (default info)", nil},
+}
+
+// parseBool reads a boolean key; empty is its default.
+func parseBool(key, v string, def bool) (bool, error) {
+	switch strings.ToLower(v) {
+	case "":
+		return def, nil
+	case "false", "off", "no", "0":
+		return false, nil
+	case "true", "on", "yes", "1":
+		return true, nil
+	}
+	return def, fmt.Errorf("%s %q is not true or false", key, v)
 }
 
 func flagName(key string) string { return strings.ReplaceAll(key, "_", "-") }

@@ -96,6 +96,9 @@ func printStatus(out io.Writer, rep daemon.StatusReport) {
 		}
 		w.Flush()
 	}
+	if len(rep.LocalTables) > 0 {
+		fmt.Fprintf(out, "\nlocal tables (in no replication set; their changes stay here): %s\n", strings.Join(rep.LocalTables, ", "))
+	}
 	if rep.Join != nil && !rep.Join.Done {
 		fmt.Fprintf(out, "\njoin: %s\n", progressLine(rep.Join))
 	}

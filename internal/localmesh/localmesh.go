@@ -242,9 +242,27 @@ func WaitConnected(ctx context.Context, timeout time.Duration, nodes ...*Node) e
 	}
 }
 
-// CaughtUp waits until every node's streams are connected with no lag.
+// CaughtUp waits until every peer has applied what each node had committed
+// when it was called, and every stream is connected with no lag.
 func CaughtUp(ctx context.Context, timeout time.Duration, nodes ...*Node) error {
 	deadline := time.Now().Add(timeout)
+	// Status alone is not enough: a peer's WAL position in it is up to a
+	// second old, so a write made just before could pass for applied.
+	for _, n := range nodes {
+		conn, err := n.PG.Connect(ctx)
+		if err != nil {
+			return err
+		}
+		var ok bool
+		err = conn.QueryRow(ctx, `SELECT pgmesh.wait_for_peers(make_interval(secs => $1))`, time.Until(deadline).Seconds()).Scan(&ok)
+		conn.Close(ctx)
+		if err != nil {
+			return fmt.Errorf("wait for %s's peers: %w", n.Name, err)
+		}
+		if !ok {
+			return fmt.Errorf("not caught up after %s: a peer of %s has not applied its changes", timeout, n.Name)
+		}
+	}
 	for {
 		var behind []string
 		for _, n := range nodes {

@@ -1,0 +1,340 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/pgmesh/pgmesh/compare"
+	"github.com/pgmesh/pgmesh/internal/dsn"
+	"github.com/pgmesh/pgmesh/membership"
+	"github.com/pgmesh/pgmesh/repset"
+)
+
+// RepsetRequest changes the replication sets (pgmesh repset create, add,
+// remove, drop).
+type RepsetRequest struct {
+	Action  string   `json:"action"`
+	Set     string   `json:"set"`
+	Nodes   []string `json:"nodes,omitempty"`
+	Tables  []string `json:"tables,omitempty"`
+	Where   string   `json:"where,omitempty"`
+	Columns []string `json:"columns,omitempty"`
+	// Sync, on add, compares the tables once every node publishes the
+	// change and writes each row a member lacks again, so members that did
+	// not receive a table (or those rows) before get its existing rows.
+	Sync bool `json:"sync,omitempty"`
+}
+
+// RepsetsResponse shows the sets as they are (after a change).
+type RepsetsResponse struct {
+	Sets []RepsetView `json:"sets"`
+	// LocalTables are in no set: their changes stay where they are made.
+	LocalTables []string `json:"local_tables"`
+	// Pending are members that had not yet published the change when the
+	// answer was given; each does when it is reachable again.
+	Pending []string `json:"pending,omitempty"`
+	// Synced is the comparison --sync ran, with its writes.
+	Synced *CompareResponse `json:"synced,omitempty"`
+}
+
+// RepsetView is one set with its tables spelled out.
+type RepsetView struct {
+	Name string `json:"name"`
+	// Nodes are the members receiving it; empty with AllNodes.
+	Nodes    []string `json:"nodes"`
+	AllNodes bool     `json:"all_nodes"`
+	// NewTables says that tables created later join the set.
+	NewTables bool              `json:"new_tables"`
+	Tables    []RepsetTableView `json:"tables"`
+}
+
+// RepsetTableView is a table of a set.
+type RepsetTableView struct {
+	Table   string   `json:"table"`
+	Where   string   `json:"where,omitempty"`
+	Columns []string `json:"columns,omitempty"`
+}
+
+func (d *Daemon) handleRepsetList(w http.ResponseWriter, r *http.Request) {
+	g, _ := d.store.Group()
+	if g == nil {
+		writeErr(w, http.StatusConflict, errors.New("this node is not in a node group: pgmesh group create or pgmesh group join first"))
+		return
+	}
+	out, err := d.repsetView(r.Context(), g.Sets())
+	if err != nil {
+		writeErr(w, http.StatusInternalServerError, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+// repsetView spells the sets out against this node's tables.
+func (d *Daemon) repsetView(ctx context.Context, sets repset.Sets) (RepsetsResponse, error) {
+	var tables []string
+	err := d.withConn(ctx, func(conn *pgx.Conn) error {
+		var err error
+		tables, err = repset.UserTables(ctx, conn)
+		return err
+	})
+	out := RepsetsResponse{Sets: []RepsetView{}, LocalTables: sets.Local(tables)}
+	if out.LocalTables == nil {
+		out.LocalTables = []string{}
+	}
+	for _, s := range sets.Sorted() {
+		v := RepsetView{Name: s.Name, Nodes: s.Nodes, AllNodes: s.Nodes == nil, NewTables: s.AllTables, Tables: []RepsetTableView{}}
+		if v.Nodes == nil {
+			v.Nodes = []string{}
+		}
+		names := slices.Clone(tables)
+		for t := range s.Tables {
+			if !slices.Contains(names, t) {
+				names = append(names, t) // recorded, though not here (yet)
+			}
+		}
+		slices.Sort(names)
+		for _, t := range names {
+			if spec, ok := s.Holds(t); ok {
+				v.Tables = append(v.Tables, RepsetTableView{Table: t, Where: spec.Where, Columns: spec.Columns})
+			}
+		}
+		out.Sets = append(out.Sets, v)
+	}
+	return out, err
+}
+
+func (d *Daemon) handleRepset(w http.ResponseWriter, r *http.Request) {
+	var req RepsetRequest
+	if err := readJSON(r, &req); err != nil {
+		writeErr(w, 0, err)
+		return
+	}
+	ctx := r.Context()
+	g, _ := d.store.Group()
+	if g == nil {
+		writeErr(w, http.StatusConflict, errors.New("this node is not in a node group: pgmesh group create or pgmesh group join first"))
+		return
+	}
+	edit := membership.RepsetEdit{Action: req.Action, Set: req.Set, Nodes: req.Nodes,
+		Spec: repset.Table{Where: strings.TrimSpace(req.Where), Columns: req.Columns}}
+	var err error
+	switch req.Action {
+	case "create", "drop":
+	case "add", "remove":
+		if len(req.Tables) == 0 {
+			err = fmt.Errorf("name the tables to %s (pgmesh repset %s SET TABLE...)", req.Action, req.Action)
+			break
+		}
+		edit.Tables, err = d.resolveTables(ctx, req)
+	default:
+		err = fmt.Errorf("unknown replication set action %q: use create, add, remove or drop", req.Action)
+	}
+	if err == nil && req.Action == "add" {
+		err = d.refuseUnsyncedRows(ctx, g, edit, req.Sync)
+	}
+	if err != nil {
+		writeErr(w, http.StatusBadRequest, err)
+		return
+	}
+	sets, err := d.editRepsets(ctx, edit)
+	if err != nil {
+		var ae *APIError
+		if errors.As(err, &ae) {
+			writeErr(w, ae.Status, err)
+		} else {
+			writeErr(w, http.StatusBadRequest, err)
+		}
+		return
+	}
+	d.log.Info("changed replication sets", "action", req.Action, "set", req.Set, "tables", edit.Tables)
+	pending := d.waitPublished(ctx, sets.Hash(), 30*time.Second)
+	out, err := d.repsetView(ctx, sets)
+	out.Pending = pending
+	if err == nil && req.Sync && len(edit.Tables) > 0 {
+		if len(pending) > 0 {
+			err = fmt.Errorf("the change is made, but nodes %s have not published it yet, so the existing rows could not be synced: run pgmesh repair %s once they have (pgmesh status shows them)",
+				strings.Join(pending, ", "), strings.Join(edit.Tables, " "))
+		} else {
+			var nodes []compare.Node
+			if nodes, err = d.compareNodes(); err == nil {
+				var res CompareResponse
+				res, err = d.compareShares(ctx, nodes, CompareRequest{Tables: edit.Tables, Repair: true})
+				out.Synced = &res
+			}
+		}
+	}
+	if err != nil {
+		writeErr(w, http.StatusInternalServerError, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+// resolveTables turns the tables a user named into the names sets record.
+// Tables being added are checked against the set's filter and columns here,
+// on this node's schema (the same on every node).
+func (d *Daemon) resolveTables(ctx context.Context, req RepsetRequest) ([]string, error) {
+	var out []string
+	err := d.withConn(ctx, func(conn *pgx.Conn) error {
+		for _, name := range req.Tables {
+			if req.Action == "add" {
+				t, err := repset.Check(ctx, conn, name, repset.Table{Where: strings.TrimSpace(req.Where), Columns: req.Columns})
+				if err != nil {
+					return err
+				}
+				out = append(out, t)
+				continue
+			}
+			// A table may be removed after it was dropped: take the name
+			// as the set records it.
+			var t *string
+			if err := conn.QueryRow(ctx, `SELECT relation FROM pgmesh.user_tables WHERE relid = to_regclass($1)`, name).Scan(&t); err != nil && !errors.Is(err, pgx.ErrNoRows) {
+				return fmt.Errorf("look up table %s: %w", name, err)
+			}
+			switch {
+			case t != nil:
+				out = append(out, *t)
+			case strings.Contains(name, "."):
+				out = append(out, name)
+			default:
+				out = append(out, "public."+name)
+			}
+		}
+		return nil
+	})
+	return out, err
+}
+
+// refuseUnsyncedRows refuses an add that would give some member rows it
+// does not hold (a table it did not receive, or rows its filter left out)
+// while the table holds rows, unless sync asks for them to be copied.
+func (d *Daemon) refuseUnsyncedRows(ctx context.Context, g *membership.Group, edit membership.RepsetEdit, sync bool) error {
+	if sync {
+		return nil
+	}
+	before := g.Sets()
+	after := before.Clone()
+	if err := after.Add(edit.Set, edit.Tables, edit.Spec); err != nil {
+		return err
+	}
+	for _, t := range edit.Tables {
+		var gain []string
+		for _, n := range g.Sorted() {
+			if n.State != membership.Active {
+				continue
+			}
+			was, had := before.Shares(n.Name, []string{t})[t]
+			now, has := after.Shares(n.Name, []string{t})[t]
+			if has && (!had || was.Where != "" && now.Where != was.Where) {
+				gain = append(gain, n.Name)
+			}
+		}
+		if len(gain) == 0 {
+			continue
+		}
+		rows, err := d.rowsAnywhere(ctx, g, t)
+		if err != nil {
+			return err
+		}
+		if rows != "" {
+			return fmt.Errorf("table %s holds rows on node %s that nodes %s would not receive (only later changes would reach them): add it with --sync, which then compares %s on the members and writes each missing row again",
+				t, rows, strings.Join(gain, ", "), t)
+		}
+	}
+	return nil
+}
+
+// rowsAnywhere names an active member whose table t holds rows ("" if none).
+func (d *Daemon) rowsAnywhere(ctx context.Context, g *membership.Group, t string) (string, error) {
+	for _, n := range g.Sorted() {
+		if n.State != membership.Active {
+			continue
+		}
+		target := d.cfg.DSN
+		if n.Name != d.cfg.NodeName {
+			target = d.peerDSN(n)
+		}
+		conn, err := pgx.Connect(ctx, target)
+		if err != nil {
+			return "", fmt.Errorf("connect to node %s's Postgres %s to see whether %s holds rows: %w", n.Name, dsn.Describe(target), t, err)
+		}
+		var any bool
+		err = conn.QueryRow(ctx, "SELECT EXISTS (SELECT 1 FROM "+t+")").Scan(&any)
+		conn.Close(context.Background())
+		if err != nil {
+			return "", fmt.Errorf("see whether %s holds rows on node %s: %w", t, n.Name, err)
+		}
+		if any {
+			return n.Name, nil
+		}
+	}
+	return "", nil
+}
+
+// editRepsets applies an edit through the Raft leader and returns the sets
+// as changed.
+func (d *Daemon) editRepsets(ctx context.Context, edit membership.RepsetEdit) (repset.Sets, error) {
+	if d.store.IsLeader() {
+		sets, err := d.store.EditRepsets(edit)
+		if !errors.Is(err, membership.ErrNotLeader) {
+			return sets, err
+		}
+	}
+	var sets repset.Sets
+	err := d.callLeader(ctx, "/v1/cluster/repset", edit, &sets,
+		errors.New("the node group has no Raft leader (is a majority of members down?), and replication sets change only with a majority: try again when it is back"))
+	return sets, err
+}
+
+func (d *Daemon) handleClusterRepset(w http.ResponseWriter, r *http.Request) {
+	var edit membership.RepsetEdit
+	if _, ok := d.onLeader(w, r, &edit); !ok {
+		return
+	}
+	sets, err := d.store.EditRepsets(edit)
+	if err != nil {
+		writeErr(w, http.StatusBadRequest, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, sets)
+}
+
+// waitPublished waits until every active member's publications hold the
+// sets with this hash, and returns those that did not in time.
+func (d *Daemon) waitPublished(ctx context.Context, hash string, timeout time.Duration) []string {
+	deadline := time.Now().Add(timeout)
+	for {
+		g, _ := d.store.Group()
+		var pending []string
+		for _, n := range g.Sorted() {
+			if n.State != membership.Active {
+				continue
+			}
+			var rep StatusReport
+			if n.Name == d.cfg.NodeName {
+				rep = d.Status()
+			} else if err := Call(ctx, n.API, http.MethodGet, "/v1/status", "", nil, &rep); err != nil {
+				pending = append(pending, n.Name)
+				continue
+			}
+			if rep.RepsetsPublished != hash {
+				pending = append(pending, n.Name)
+			}
+		}
+		if len(pending) == 0 || time.Now().After(deadline) {
+			return pending
+		}
+		select {
+		case <-ctx.Done():
+			return pending
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
