@@ -129,7 +129,7 @@ func (d *Daemon) handleRepset(w http.ResponseWriter, r *http.Request) {
 	case "create", "drop":
 	case "add", "remove":
 		if len(req.Tables) == 0 {
-			err = fmt.Errorf("name the tables to %s (pgmesh repset %s SET TABLE...)", req.Action, req.Action)
+			err = fmt.Errorf("name the tables to %s (pgmesh repset %s SET TABLE ...)", req.Action, req.Action)
 			break
 		}
 		edit.Tables, err = d.resolveTables(ctx, req)

@@ -43,7 +43,7 @@ func repsetFails(t *testing.T, ctx context.Context, n *localmesh.Node, want stri
 func TestLocalTableStaysLocal(t *testing.T) {
 	ctx := ctxFor(t)
 	nodes := mesh(t, ctx, `CREATE TABLE kv (id int PRIMARY KEY, v text);
-		CREATE TABLE sessions (id int PRIMARY KEY, node text NOT NULL)`, "a", "b", "c")
+		CREATE TABLE sessions (id int PRIMARY KEY, node text NOT NULL, n serial)`, "a", "b", "c")
 	a, b, c := nodes[0], nodes[1], nodes[2]
 
 	out := repset(t, ctx, a, "remove", "default", "sessions")
@@ -93,6 +93,11 @@ func TestLocalTableStaysLocal(t *testing.T) {
 	status, _, err := c.CLI(ctx, "status")
 	if err != nil || !strings.Contains(status, "local tables (in no replication set; their changes stay here): public.sessions") {
 		t.Fatalf("status on c (err %v):\n%s", err, status)
+	}
+
+	// The sequence audit covers local tables as any other.
+	if audit, _, _ := c.CLI(ctx, "sequences", "audit"); !strings.Contains(audit, "public.sessions") {
+		t.Fatalf("sequences audit does not list the local table's int serial:\n%s", audit)
 	}
 
 	// A table created and written in one transaction replicates from its

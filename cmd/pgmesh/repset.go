@@ -12,15 +12,12 @@ import (
 	"github.com/pgmesh/pgmesh/daemon"
 )
 
-const repsetUsage = `pgmesh repset create NAME [--nodes a,b,...]
-pgmesh repset add NAME TABLE... [--where 'SQL'] [--columns c1,c2] [--sync]
-pgmesh repset remove NAME TABLE...
-pgmesh repset drop NAME
-pgmesh repset list [--json]`
+// repsetForms is the usage line errors point to.
+const repsetForms = "pgmesh repset create|add|remove|drop NAME ..., or pgmesh repset list (pgmesh help shows each form)"
 
 func cmdRepset(ctx context.Context, args []string) error {
 	if len(args) == 0 {
-		return fmt.Errorf("name a repset command:\n%s", repsetUsage)
+		return fmt.Errorf("name a repset command: %s", repsetForms)
 	}
 	action := args[0]
 	fs := flag.NewFlagSet("pgmesh repset "+action, flag.ContinueOnError)
@@ -37,7 +34,7 @@ func cmdRepset(ctx context.Context, args []string) error {
 		sync = fs.Bool("sync", false, "copy the table's existing rows to members that did not receive them (compare and repair)")
 	case "remove", "drop", "list":
 	default:
-		return fmt.Errorf("unknown repset command %q:\n%s", action, repsetUsage)
+		return fmt.Errorf("unknown repset command %q: %s", action, repsetForms)
 	}
 	pos, err := parseInterleaved(fs, args[1:])
 	if err != nil {
@@ -58,7 +55,7 @@ func cmdRepset(ctx context.Context, args []string) error {
 		return nil
 	}
 	if len(pos) == 0 {
-		return fmt.Errorf("name the replication set:\n%s", repsetUsage)
+		return fmt.Errorf("name the replication set: %s", repsetForms)
 	}
 	req := daemon.RepsetRequest{Action: action, Set: pos[0], Tables: pos[1:]}
 	switch action {
@@ -71,7 +68,7 @@ func cmdRepset(ctx context.Context, args []string) error {
 		}
 	case "add", "remove":
 		if len(req.Tables) == 0 {
-			return fmt.Errorf("name the tables to %s: pgmesh repset %s %s TABLE...", action, action, req.Set)
+			return fmt.Errorf("name the tables to %s (pgmesh repset %s %s TABLE ...)", action, action, req.Set)
 		}
 		if where != nil {
 			req.Where, req.Columns, req.Sync = *where, splitList(*columns), *sync
