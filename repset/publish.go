@@ -45,76 +45,67 @@ func UserTables(ctx context.Context, conn *pgx.Conn) ([]string, error) {
 // drops the publications of nodes no longer receiving, and mirrors the sets
 // into pgmesh.repset for SQL. It writes only what changed.
 func Sync(ctx context.Context, conn *pgx.Conn, sets Sets, receivers []string) error {
-	tables, err := UserTables(ctx, conn)
-	if err != nil {
-		return err
-	}
-	tx, err := begin(ctx, conn)
-	if err != nil {
-		return err
-	}
-	defer tx.Rollback(context.Background())
-	if err := mirror(ctx, tx, sets); err != nil {
-		return err
-	}
-	for _, r := range receivers {
-		if err := publish(ctx, tx, r, sets.Shares(r, tables)); err != nil {
+	return publishing(ctx, conn, func(tx pgx.Tx, tables []string) error {
+		if err := mirror(ctx, tx, sets); err != nil {
 			return err
 		}
-	}
-	rows, err := tx.Query(ctx, `SELECT pubname FROM pg_publication WHERE pubname LIKE 'pgmesh\_%' OR pubname = 'pgmesh'`)
-	if err != nil {
-		return fmt.Errorf("list publications: %w", err)
-	}
-	have, err := pgx.CollectRows(rows, pgx.RowTo[string])
-	if err != nil {
-		return fmt.Errorf("list publications: %w", err)
-	}
-	for _, p := range have {
-		// "pgmesh" is the one schema-wide publication of versions before sets.
-		if node, ok := origin.NodeOf(p); !ok || !slices.Contains(receivers, node) {
-			if _, err := tx.Exec(ctx, "DROP PUBLICATION "+pgquote.Ident(p)); err != nil {
-				return fmt.Errorf("drop publication %s: %w", p, err)
+		for _, r := range receivers {
+			if err := publish(ctx, tx, r, sets.Shares(r, tables)); err != nil {
+				return err
 			}
 		}
-	}
-	if err := tx.Commit(ctx); err != nil {
-		return fmt.Errorf("update publications: %w", err)
-	}
-	return nil
+		rows, err := tx.Query(ctx, `SELECT pubname FROM pg_publication WHERE pubname LIKE 'pgmesh\_%' OR pubname = 'pgmesh'`)
+		if err != nil {
+			return fmt.Errorf("list publications: %w", err)
+		}
+		have, err := pgx.CollectRows(rows, pgx.RowTo[string])
+		if err != nil {
+			return fmt.Errorf("list publications: %w", err)
+		}
+		for _, p := range have {
+			// "pgmesh" is the one schema-wide publication of versions before sets.
+			if node, ok := origin.NodeOf(p); !ok || !slices.Contains(receivers, node) {
+				if _, err := tx.Exec(ctx, "DROP PUBLICATION "+pgquote.Ident(p)); err != nil {
+					return fmt.Errorf("drop publication %s: %w", p, err)
+				}
+			}
+		}
+		return nil
+	})
 }
 
 // Publish creates or updates the publication of one receiver on conn's node.
 // A joining node calls it on each member before making its slot there, so
 // that the slot never sees a change from before the publication existed.
 func Publish(ctx context.Context, conn *pgx.Conn, sets Sets, receiver string) error {
+	return publishing(ctx, conn, func(tx pgx.Tx, tables []string) error {
+		return publish(ctx, tx, receiver, sets.Shares(receiver, tables))
+	})
+}
+
+// publishing runs fn in a transaction that alone on this node edits
+// pgmesh's publications (the daemon and a joining node may both be at it),
+// given the user tables there are.
+func publishing(ctx context.Context, conn *pgx.Conn, fn func(pgx.Tx, []string) error) error {
 	tables, err := UserTables(ctx, conn)
 	if err != nil {
 		return err
 	}
-	tx, err := begin(ctx, conn)
-	if err != nil {
-		return err
-	}
-	defer tx.Rollback(context.Background())
-	if err := publish(ctx, tx, receiver, sets.Shares(receiver, tables)); err != nil {
-		return err
-	}
-	return tx.Commit(ctx)
-}
-
-// begin opens a transaction that alone on this node edits pgmesh's
-// publications (the daemon and a joining node may both be at it).
-func begin(ctx context.Context, conn *pgx.Conn) (pgx.Tx, error) {
 	tx, err := conn.Begin(ctx)
 	if err != nil {
-		return nil, fmt.Errorf("begin publication update: %w", err)
+		return fmt.Errorf("begin publication update: %w", err)
 	}
+	defer tx.Rollback(context.Background())
 	if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock(hashtext('pgmesh publications'))`); err != nil {
-		tx.Rollback(context.Background())
-		return nil, fmt.Errorf("lock publications: %w", err)
+		return fmt.Errorf("lock publications: %w", err)
 	}
-	return tx, nil
+	if err := fn(tx, tables); err != nil {
+		return err
+	}
+	if err := tx.Commit(ctx); err != nil {
+		return fmt.Errorf("update publications: %w", err)
+	}
+	return nil
 }
 
 // objects renders shares as ALTER PUBLICATION ... SET TABLE's list, sorted.

@@ -6,10 +6,12 @@ import (
 	"context"
 	"fmt"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/jackc/pgx/v5"
+	"golang.org/x/sync/errgroup"
 
 	"github.com/pgmesh/pgmesh/internal/localmesh"
 )
@@ -37,6 +39,23 @@ func repsetFails(t *testing.T, ctx context.Context, n *localmesh.Node, want stri
 	}
 }
 
+// onEachNode runs fn concurrently on a connection to each node, and returns
+// their first error once all have returned.
+func onEachNode(ctx context.Context, nodes []*localmesh.Node, fn func(i int, n *localmesh.Node, conn *pgx.Conn) error) error {
+	var g errgroup.Group
+	for i, n := range nodes {
+		g.Go(func() error {
+			conn, err := n.PG.Connect(ctx)
+			if err != nil {
+				return err
+			}
+			defer conn.Close(ctx)
+			return fn(i, n, conn)
+		})
+	}
+	return g.Wait()
+}
+
 // A table removed from every set stays on the node that wrote it, while
 // the others replicate under writes on every node; a table created later
 // joins the default set in the very transaction that creates it.
@@ -50,30 +69,17 @@ func TestLocalTableStaysLocal(t *testing.T) {
 	if !strings.Contains(out, "local (in no set, never sent): public.sessions") || !strings.Contains(out, "in effect on every node") {
 		t.Fatalf("repset remove output:\n%s", out)
 	}
-	var wg sync.WaitGroup
-	errs := make([]error, len(nodes))
-	for i, n := range nodes {
-		wg.Go(func() {
-			conn, err := n.PG.Connect(ctx)
-			if err != nil {
-				errs[i] = err
-				return
+	err := onEachNode(ctx, nodes, func(i int, n *localmesh.Node, conn *pgx.Conn) (err error) {
+		for j := 1; j <= 200 && err == nil; j++ {
+			id := (i+1)*1000 + j
+			if _, err = conn.Exec(ctx, `INSERT INTO kv VALUES ($1, $2)`, id, n.Name); err == nil {
+				_, err = conn.Exec(ctx, `INSERT INTO sessions VALUES ($1, $2)`, id, n.Name)
 			}
-			defer conn.Close(ctx)
-			for j := 1; j <= 200 && err == nil; j++ {
-				id := (i+1)*1000 + j
-				if _, err = conn.Exec(ctx, `INSERT INTO kv VALUES ($1, $2)`, id, n.Name); err == nil {
-					_, err = conn.Exec(ctx, `INSERT INTO sessions VALUES ($1, $2)`, id, n.Name)
-				}
-			}
-			errs[i] = err
-		})
-	}
-	wg.Wait()
-	for _, err := range errs {
-		if err != nil {
-			t.Fatal(err)
 		}
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
 	}
 	if err := localmesh.CaughtUp(ctx, 60*time.Second, nodes...); err != nil {
 		t.Fatal(err)
@@ -138,6 +144,17 @@ func TestResidencySet(t *testing.T) {
 		"eu: received by nodes a, b", "  public.customers where region = 'eu'", "in effect on every node"} {
 		if !strings.Contains(out, want) {
 			t.Fatalf("repset output lacks %q:\n%s", want, out)
+		}
+	}
+
+	// Every node shows the definitions in SQL.
+	for _, n := range nodes {
+		if got := count(t, ctx, n, `SELECT count(*) FROM pgmesh.replication_set_tables
+			WHERE set_name = 'eu' AND relation = 'public.customers' AND row_filter = $1`, "region = 'eu'"); got != 1 {
+			t.Fatalf("pgmesh.replication_set_tables on %s does not show customers in eu with its filter", n.Name)
+		}
+		if got := count(t, ctx, n, `SELECT count(*) FROM pgmesh.replication_sets WHERE set_name = 'eu' AND nodes = '{a,b}'`); got != 1 {
+			t.Fatalf("pgmesh.replication_sets on %s does not show eu's members", n.Name)
 		}
 	}
 
@@ -268,32 +285,24 @@ func TestRepsetChangesUnderLoad(t *testing.T) {
 	repset(t, ctx, a, "add", "default", "events", "--where", "id % 2 = 0")
 
 	stop := make(chan struct{})
-	var wg sync.WaitGroup
 	var written atomic.Int64
-	errs := make([]error, len(nodes))
-	for i, n := range nodes {
-		wg.Go(func() {
-			conn, err := n.PG.Connect(ctx)
-			if err != nil {
-				errs[i] = err
-				return
-			}
-			defer conn.Close(ctx)
+	wrote := make(chan error, 1)
+	go func() {
+		wrote <- onEachNode(ctx, nodes, func(i int, n *localmesh.Node, conn *pgx.Conn) error {
 			for id := int64(i+1) * 1_000_000; ; id++ {
 				select {
 				case <-stop:
-					return
+					return nil
 				default:
 				}
 				if _, err := conn.Exec(ctx, `INSERT INTO events VALUES ($1, $2)`, id, n.Name); err != nil {
-					errs[i] = err
-					return
+					return err
 				}
 				written.Add(1)
 				time.Sleep(time.Millisecond)
 			}
 		})
-	}
+	}()
 	for round := range 2 {
 		set := fmt.Sprintf("s%d", round)
 		repset(t, ctx, nodes[round%3], "create", set, "--nodes", "a,b")
@@ -305,11 +314,8 @@ func TestRepsetChangesUnderLoad(t *testing.T) {
 		repset(t, ctx, nodes[round%3], "drop", set)
 	}
 	close(stop)
-	wg.Wait()
-	for _, err := range errs {
-		if err != nil {
-			t.Fatal(err)
-		}
+	if err := <-wrote; err != nil {
+		t.Fatal(err)
 	}
 	// Rows written while the filter was on reached only where it let them:
 	// off for good, synced, every node holds every row.
@@ -322,4 +328,33 @@ func TestRepsetChangesUnderLoad(t *testing.T) {
 		t.Fatalf("a holds %d events, %d were written", got, want)
 	}
 	t.Logf("%d events written while the sets changed 14 times", written.Load())
+}
+
+// With repset_new_tables off, tables created later start local until they
+// are added to a set.
+func TestNewTablesStartLocalWhenConfigured(t *testing.T) {
+	ctx := ctxFor(t)
+	nodes := meshWith(t, ctx, `CREATE TABLE kv (id int PRIMARY KEY)`, []string{"--repset-new-tables", "false"}, "a", "b")
+	a, b := nodes[0], nodes[1]
+	if out, stderr, err := a.CLI(ctx, "ddl", "CREATE TABLE fresh (id int PRIMARY KEY)"); err != nil {
+		t.Fatalf("ddl: %v\n%s%s", err, out, stderr)
+	}
+	eventually(t, 30*time.Second, "fresh on b", func() error {
+		if count(t, ctx, b, `SELECT count(*) FROM pg_class WHERE relname = 'fresh'`) == 0 {
+			return fmt.Errorf("no table fresh on b yet")
+		}
+		return nil
+	})
+	mustExec(t, ctx, a, `INSERT INTO kv VALUES (1); INSERT INTO fresh VALUES (1)`)
+	if err := localmesh.CaughtUp(ctx, 30*time.Second, nodes...); err != nil {
+		t.Fatal(err)
+	}
+	if count(t, ctx, b, `SELECT count(*) FROM kv`) != 1 || count(t, ctx, b, `SELECT count(*) FROM fresh`) != 0 {
+		t.Fatal("b should hold kv's row (a table of the group's start) and not fresh's (created later, local)")
+	}
+	if out := repset(t, ctx, b, "list"); !strings.Contains(out, "local (in no set, never sent): public.fresh") || strings.Contains(out, "new tables join it") {
+		t.Fatalf("repset list:\n%s", out)
+	}
+	repset(t, ctx, b, "add", "default", "fresh", "--sync")
+	converged(t, ctx, 30*time.Second, "fresh", a, b)
 }
