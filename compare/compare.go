@@ -25,6 +25,8 @@ import (
 
 	"github.com/pgmesh/pgmesh/conflict"
 	"github.com/pgmesh/pgmesh/internal/pgquote"
+	"github.com/pgmesh/pgmesh/internal/pgsession"
+	"github.com/pgmesh/pgmesh/internal/poll"
 	"github.com/pgmesh/pgmesh/origin"
 )
 
@@ -98,10 +100,9 @@ type TableResult struct {
 
 // sessionSettings make every node print values the same way, so that equal
 // rows hash equally whatever each server's defaults are.
-var sessionSettings = map[string]string{
+var sessionSettings = pgsession.Settings{
 	"TimeZone": "UTC", "DateStyle": "ISO, YMD", "IntervalStyle": "postgres",
-	"extra_float_digits": "1", "bytea_output": "hex", "application_name": "pgmesh compare",
-	"default_transaction_read_only": "on",
+	"extra_float_digits": "1", "bytea_output": "hex", "default_transaction_read_only": "on",
 }
 
 type conn struct {
@@ -112,15 +113,7 @@ type conn struct {
 func connectAll(ctx context.Context, nodes []Node) ([]*conn, error) {
 	var out []*conn
 	for _, n := range nodes {
-		cfg, err := pgx.ParseConfig(n.DSN)
-		if err != nil {
-			closeAll(out)
-			return nil, fmt.Errorf("parse the connection string of node %s: %w", n.Name, err)
-		}
-		for k, v := range sessionSettings {
-			cfg.RuntimeParams[k] = v
-		}
-		c, err := pgx.ConnectConfig(ctx, cfg)
+		c, err := pgsession.Connect(ctx, n.DSN, "pgmesh compare", sessionSettings)
 		if err != nil {
 			closeAll(out)
 			return nil, fmt.Errorf("connect to node %s's Postgres: %w", n.Name, err)
@@ -777,24 +770,20 @@ func settle(ctx context.Context, cs []*conn, timeout time.Duration) error {
 			if c == from {
 				continue
 			}
-			for {
+			err := poll.Until(ctx, 50*time.Millisecond, time.Until(deadline), func() error {
 				var applied *pglogrepl.LSN
 				err := c.c.QueryRow(ctx, `SELECT applied_lsn FROM pgmesh.peer_progress WHERE node_name = $1`, from.node.Name).Scan(&applied)
 				if err != nil && !errors.Is(err, pgx.ErrNoRows) {
-					return fmt.Errorf("read the progress of node %s on %s: %w", from.node.Name, c.node.Name, err)
+					return poll.Stop(fmt.Errorf("read the progress of node %s on %s: %w", from.node.Name, c.node.Name, err))
 				}
 				if applied != nil && *applied >= targets[i] {
-					break
+					return nil
 				}
-				if time.Now().After(deadline) {
-					return fmt.Errorf("node %s has not applied node %s's changes up to %s within %s, so rows still in flight cannot be told from drift: check 'pgmesh status' on %s and compare again",
-						c.node.Name, from.node.Name, targets[i], timeout, c.node.Name)
-				}
-				select {
-				case <-ctx.Done():
-					return ctx.Err()
-				case <-time.After(50 * time.Millisecond):
-				}
+				return fmt.Errorf("node %s has not applied node %s's changes up to %s within %s, so rows still in flight cannot be told from drift: check 'pgmesh status' on %s and compare again",
+					c.node.Name, from.node.Name, targets[i], timeout, c.node.Name)
+			})
+			if err != nil {
+				return err
 			}
 		}
 	}

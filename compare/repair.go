@@ -10,6 +10,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/pgmesh/pgmesh/internal/pgquote"
+	"github.com/pgmesh/pgmesh/internal/pgsession"
 )
 
 // Action is one write Repair makes (or, dry, would make).
@@ -73,13 +74,8 @@ func Repair(ctx context.Context, nodes []Node, results []TableResult, dryRun boo
 		}
 		c := conns[a.Node]
 		if c == nil {
-			cfg, err := pgx.ParseConfig(n.DSN)
-			if err != nil {
-				return actions, err
-			}
-			cfg.RuntimeParams["application_name"] = "pgmesh repair"
-			cfg.RuntimeParams["default_transaction_read_only"] = "off"
-			if c, err = pgx.ConnectConfig(ctx, cfg); err != nil {
+			var err error
+			if c, err = pgsession.Connect(ctx, n.DSN, "pgmesh repair", pgsession.Writer); err != nil {
 				return actions, fmt.Errorf("connect to node %s's Postgres: %w", a.Node, err)
 			}
 			conns[a.Node] = c

@@ -1,7 +1,6 @@
 package daemon
 
 import (
-	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -13,8 +12,8 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/pgmesh/pgmesh/api"
 	"github.com/pgmesh/pgmesh/membership"
-	"github.com/pgmesh/pgmesh/replicator"
 )
 
 // The API has two parts: /v1/* for the local CLI, and /v1/cluster/* for
@@ -65,7 +64,7 @@ func localOnly(next http.Handler, authorized func(*http.Request) error) http.Han
 			return
 		}
 		if err := authorized(r); err != nil {
-			writeErr(w, http.StatusForbidden, &APIError{Status: http.StatusForbidden,
+			writeErr(w, http.StatusForbidden, &api.Error{Status: http.StatusForbidden,
 				Message: fmt.Sprintf("%s %s from another host needs the group's token: run the command on the node itself, or set PGMESH_TOKEN", r.Method, r.URL.Path)})
 			return
 		}
@@ -82,48 +81,26 @@ func writeJSON(w http.ResponseWriter, code int, v any) {
 }
 
 func writeErr(w http.ResponseWriter, code int, err error) {
-	var ae *APIError
+	var ae *api.Error
 	if errors.As(err, &ae) {
 		code = ae.Status
 	}
-	writeJSON(w, code, errorBody{Error: err.Error()})
+	writeJSON(w, code, api.ErrorBody{Error: err.Error()})
 }
 
 func readJSON(r *http.Request, v any) error {
 	dec := json.NewDecoder(http.MaxBytesReader(nil, r.Body, 1<<20))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
-		return &APIError{Status: http.StatusBadRequest, Message: "malformed request: " + err.Error()}
+		return &api.Error{Status: http.StatusBadRequest, Message: "malformed request: " + err.Error()}
 	}
 	return nil
 }
 
-// StatusReport is the answer of GET /v1/status and `pgmesh status --json`.
-type StatusReport struct {
-	Node       string              `json:"node"`
-	Group      string              `json:"group,omitempty"`
-	State      string              `json:"state"`
-	RaftState  string              `json:"raft_state"`
-	RaftLeader string              `json:"raft_leader,omitempty"`
-	Nodes      []*membership.Node  `json:"nodes"`
-	Peers      []replicator.Status `json:"peers"`
-	Problems   []string            `json:"problems"`
-	Join       *JoinStatus         `json:"join,omitempty"`
-	// Slots are the slots peers consume on this node, with retained WAL.
-	Slots []SlotStatus `json:"slots"`
-	// LocalTables are the tables in no replication set: their changes stay
-	// on the node that makes them.
-	LocalTables []string `json:"local_tables,omitempty"`
-	// RepsetsPublished identifies the replication sets this node's
-	// publications hold (repset.Sets.Hash); equal on every node once a
-	// change has taken effect everywhere.
-	RepsetsPublished string `json:"repsets_published,omitempty"`
-}
-
 // Status assembles this node's view of the group.
-func (d *Daemon) Status() StatusReport {
+func (d *Daemon) Status() api.StatusReport {
 	g, _ := d.store.Group()
-	rep := StatusReport{Node: d.cfg.NodeName, State: "not in a group", RaftState: d.store.RaftState(),
+	rep := api.StatusReport{Node: d.cfg.NodeName, State: "not in a group", RaftState: d.store.RaftState(),
 		RaftLeader: d.store.Leader(), Nodes: []*membership.Node{}, Peers: d.streamStatuses()}
 	if g != nil {
 		rep.Group = g.Name
@@ -135,7 +112,7 @@ func (d *Daemon) Status() StatusReport {
 	rep.Join = d.join.snapshot()
 	d.mu.Lock()
 	rep.Problems = append(append([]string{}, d.problems...), d.seqProblems...)
-	rep.Slots = append([]SlotStatus{}, d.slots...)
+	rep.Slots = append([]api.SlotStatus{}, d.slots...)
 	rep.LocalTables = append([]string(nil), d.localTables...)
 	rep.RepsetsPublished = d.published
 	d.mu.Unlock()
@@ -149,27 +126,6 @@ func (d *Daemon) Status() StatusReport {
 
 func (d *Daemon) handleStatus(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, d.Status())
-}
-
-// Conflict is one pgmesh.conflict_history row as the API returns it.
-type Conflict struct {
-	ID             int64           `json:"id"`
-	OccurredAt     time.Time       `json:"occurred_at"`
-	LocalNode      string          `json:"local_node"`
-	OriginNode     string          `json:"origin_node"`
-	Relation       string          `json:"relation"`
-	Type           string          `json:"conflict_type"`
-	Resolution     string          `json:"resolution"`
-	KeyTuple       json.RawMessage `json:"key_tuple"`
-	LocalTuple     json.RawMessage `json:"local_tuple"`
-	RemoteTuple    json.RawMessage `json:"remote_tuple"`
-	AppliedTuple   json.RawMessage `json:"applied_tuple"`
-	LocalCommitTS  *time.Time      `json:"local_commit_ts"`
-	LocalOrigin    *string         `json:"local_origin"`
-	RemoteCommitTS *time.Time      `json:"remote_commit_ts"`
-	RemoteLSN      *string         `json:"remote_commit_lsn"`
-	RemoteXID      *int64          `json:"remote_xid"`
-	Reason         *string         `json:"reason"`
 }
 
 func (d *Daemon) handleConflicts(w http.ResponseWriter, r *http.Request) {
@@ -192,8 +148,8 @@ func (d *Daemon) handleConflicts(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, http.StatusInternalServerError, fmt.Errorf("read pgmesh.conflict_history: %w", err))
 		return
 	}
-	out, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (Conflict, error) {
-		var c Conflict
+	out, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (api.Conflict, error) {
+		var c api.Conflict
 		err := row.Scan(&c.ID, &c.OccurredAt, &c.LocalNode, &c.OriginNode, &c.Relation, &c.Type, &c.Resolution,
 			&c.KeyTuple, &c.LocalTuple, &c.RemoteTuple, &c.AppliedTuple, &c.LocalCommitTS, &c.LocalOrigin,
 			&c.RemoteCommitTS, &c.RemoteLSN, &c.RemoteXID, &c.Reason)
@@ -210,11 +166,11 @@ func (d *Daemon) handleConflicts(w http.ResponseWriter, r *http.Request) {
 func (d *Daemon) authorized(r *http.Request) (*membership.Group, error) {
 	g, _ := d.store.Group()
 	if g == nil {
-		return nil, &APIError{Status: http.StatusConflict, Message: fmt.Sprintf("node %q is not in a node group: point --via at a member of the group", d.cfg.NodeName)}
+		return nil, &api.Error{Status: http.StatusConflict, Message: fmt.Sprintf("node %q is not in a node group: point --via at a member of the group", d.cfg.NodeName)}
 	}
 	token, _ := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
 	if !g.CheckToken(token) {
-		return nil, &APIError{Status: http.StatusForbidden, Message: fmt.Sprintf("the join token was refused by group %q: use the token printed by 'pgmesh group create'", g.Name)}
+		return nil, &api.Error{Status: http.StatusForbidden, Message: fmt.Sprintf("the join token was refused by group %q: use the token printed by 'pgmesh group create'", g.Name)}
 	}
 	return g, nil
 }
@@ -239,22 +195,18 @@ func (d *Daemon) onLeader(w http.ResponseWriter, r *http.Request, req any) (*mem
 	return g, true
 }
 
-// callLeader sends a member-to-member POST to the Raft leader, from a node
-// that is not it; noLeader is the error while there is no leader.
-func (d *Daemon) callLeader(ctx context.Context, path string, in, out any, noLeader error) error {
+// leader returns a client of the Raft leader's API, for a node that is not
+// it; noLeader is the error while there is no leader.
+func (d *Daemon) leader(noLeader error) (*api.Client, error) {
 	g, _ := d.store.Group()
 	if g == nil {
-		return errors.New("this node is not in a node group")
+		return nil, errors.New("this node is not in a node group")
 	}
 	leader := g.Nodes[d.store.Leader()]
 	if leader == nil {
-		return noLeader
+		return nil, noLeader
 	}
-	token, err := d.loadToken()
-	if err != nil {
-		return err
-	}
-	return Call(ctx, leader.API, http.MethodPost, path, token, in, out)
+	return d.member(leader.API)
 }
 
 // forward sends a member-to-member call on to the Raft leader when this node
@@ -282,8 +234,8 @@ func (d *Daemon) forward(w http.ResponseWriter, r *http.Request, in any) bool {
 			err = errors.New("the node group has no Raft leader right now (is a majority of members down?): joins and parts need a majority; try again when it is back")
 		} else {
 			var out json.RawMessage
-			err = Call(r.Context(), leader.API, r.Method, r.URL.Path, token, in, &out)
-			var ae *APIError
+			err = d.members.Client(leader.API, token).Do(r.Context(), r.Method, r.URL.Path, in, &out)
+			var ae *api.Error
 			if err == nil || errors.As(err, &ae) {
 				if err != nil {
 					writeErr(w, http.StatusBadGateway, err)

@@ -6,29 +6,11 @@ import (
 	"net/http"
 	"slices"
 
+	"github.com/pgmesh/pgmesh/api"
 	"github.com/pgmesh/pgmesh/compare"
 	"github.com/pgmesh/pgmesh/membership"
 	"github.com/pgmesh/pgmesh/repset"
 )
-
-// CompareRequest asks for a comparison (and, with Repair, a repair) of
-// tables on every active member.
-type CompareRequest struct {
-	Tables    []string `json:"tables,omitempty"`
-	ChunkRows int      `json:"chunk_rows,omitempty"`
-	Repair    bool     `json:"repair,omitempty"`
-	DryRun    bool     `json:"dry_run,omitempty"`
-	// ListOnly returns the tables that would be compared, in Names.
-	ListOnly bool `json:"list_only,omitempty"`
-}
-
-// CompareResponse carries the results, and the repair's actions.
-type CompareResponse struct {
-	Nodes   []string              `json:"nodes"`
-	Tables  []compare.TableResult `json:"tables"`
-	Actions []compare.Action      `json:"actions,omitempty"`
-	Names   []string              `json:"names,omitempty"`
-}
 
 // compareNodes lists this node first, then the other active members, each
 // with the connection string this node reaches it by.
@@ -51,7 +33,7 @@ func (d *Daemon) compareNodes() ([]compare.Node, error) {
 }
 
 func (d *Daemon) handleCompare(w http.ResponseWriter, r *http.Request) {
-	var req CompareRequest
+	var req api.CompareRequest
 	if err := readJSON(r, &req); err != nil {
 		writeErr(w, 0, err)
 		return
@@ -68,7 +50,7 @@ func (d *Daemon) handleCompare(w http.ResponseWriter, r *http.Request) {
 			writeErr(w, http.StatusBadRequest, err)
 			return
 		}
-		writeJSON(w, http.StatusOK, CompareResponse{Names: names})
+		writeJSON(w, http.StatusOK, api.CompareResponse{Names: names})
 		return
 	}
 	out, err := d.compareShares(ctx, nodes, req)
@@ -81,8 +63,8 @@ func (d *Daemon) handleCompare(w http.ResponseWriter, r *http.Request) {
 
 // compareShares compares (and with req.Repair repairs) each table among the
 // nodes that receive the same share of it.
-func (d *Daemon) compareShares(ctx context.Context, nodes []compare.Node, req CompareRequest) (CompareResponse, error) {
-	out := CompareResponse{Tables: []compare.TableResult{}}
+func (d *Daemon) compareShares(ctx context.Context, nodes []compare.Node, req api.CompareRequest) (api.CompareResponse, error) {
+	out := api.CompareResponse{Tables: []compare.TableResult{}}
 	names, err := compare.Tables(ctx, nodes[0], req.Tables)
 	if err != nil {
 		return out, err

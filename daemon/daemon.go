@@ -22,6 +22,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 
+	"github.com/pgmesh/pgmesh/api"
 	"github.com/pgmesh/pgmesh/conflict"
 	"github.com/pgmesh/pgmesh/internal/dsn"
 	"github.com/pgmesh/pgmesh/membership"
@@ -47,7 +48,7 @@ type Daemon struct {
 	published   string
 	lastSync    string // group state last written to pgmesh.node
 	ids         atomic.Pointer[map[string]int]
-	slots       []SlotStatus
+	slots       []api.SlotStatus
 	// seqProblems are the global-sequence problems found by maintainSequences.
 	seqProblems []string
 	join        joiner
@@ -58,6 +59,17 @@ type Daemon struct {
 	// gate holds the streams while a joining node takes its snapshot here.
 	gate   replicator.Gate
 	pauses pauses
+	// members is how this daemon calls other daemons (HTTPS with TLS on).
+	members *api.Transport
+}
+
+// member is a client of another member's API, with the group's token.
+func (d *Daemon) member(addr string) (*api.Client, error) {
+	token, err := d.loadToken()
+	if err != nil {
+		return nil, err
+	}
+	return d.members.Client(addr, token), nil
 }
 
 // peerDSN is how this node reaches a peer's Postgres: its public_dsn, or
@@ -140,9 +152,10 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	}
 	mcfg := membership.Config{NodeName: cfg.NodeName, DataDir: cfg.DataDir,
 		ListenRaft: cfg.ListenRaft, AdvertiseRaft: cfg.AdvertiseRaft}
+	d.members = api.NewTransport(nil)
 	if tlsCfg != nil {
 		mcfg.TLSServer, mcfg.TLSClient = tlsCfg.raft, tlsCfg.client
-		SetClientTLS(tlsCfg.client)
+		d.members = api.NewTransport(tlsCfg.client)
 	}
 	if d.store, err = membership.Open(mcfg); err != nil {
 		return err

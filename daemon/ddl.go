@@ -7,30 +7,17 @@ import (
 	"net/http"
 	"time"
 
+	"github.com/pgmesh/pgmesh/api"
 	"github.com/pgmesh/pgmesh/membership"
 )
-
-// DDLRequest runs a DDL statement on every node under the global DDL lock.
-type DDLRequest struct {
-	SQL     string `json:"sql"`
-	Timeout string `json:"timeout,omitempty"`
-	Proceed bool   `json:"proceed,omitempty"`
-}
 
 var errNoQuorum = errors.New("the node group has no Raft leader (is a majority of members down?), and the global DDL lock needs a majority: run SELECT pgmesh.replicate_ddl(...) in SQL to go without it")
 
 // ddlLock is the group-wide lock that lets one replicated DDL run at a time.
 const ddlLock = "ddl"
 
-type lockRequest struct {
-	Lock    string `json:"lock"`
-	Node    string `json:"node"`
-	Release bool   `json:"release,omitempty"`
-	TTLms   int64  `json:"ttl_ms,omitempty"`
-}
-
 func (d *Daemon) handleClusterLock(w http.ResponseWriter, r *http.Request) {
-	var req lockRequest
+	var req api.LockRequest
 	if _, ok := d.onLeader(w, r, &req); !ok {
 		return
 	}
@@ -66,14 +53,17 @@ func (d *Daemon) lock(ctx context.Context, name string, release bool, ttl time.D
 		}
 		return err
 	}
-	return d.callLeader(ctx, "/v1/cluster/lock",
-		lockRequest{Lock: name, Node: d.cfg.NodeName, Release: release, TTLms: ttl.Milliseconds()}, nil, errNoQuorum)
+	leader, err := d.leader(errNoQuorum)
+	if err != nil {
+		return err
+	}
+	return leader.Lock(ctx, api.LockRequest{Lock: name, Node: d.cfg.NodeName, Release: release, TTLms: ttl.Milliseconds()})
 }
 
 // handleDDL runs pgmesh.replicate_ddl under the global DDL lock, waiting
 // for the lock up to the timeout.
 func (d *Daemon) handleDDL(w http.ResponseWriter, r *http.Request) {
-	var req DDLRequest
+	var req api.DDLRequest
 	if err := readJSON(r, &req); err != nil {
 		writeErr(w, 0, err)
 		return
@@ -98,7 +88,7 @@ func (d *Daemon) handleDDL(w http.ResponseWriter, r *http.Request) {
 		if err == nil {
 			break
 		}
-		var ae *APIError
+		var ae *api.Error
 		var held *membership.LockHeld
 		if !(errors.As(err, &held) || errors.As(err, &ae) && ae.Status == http.StatusLocked) || time.Now().After(deadline) {
 			writeErr(w, http.StatusConflict, fmt.Errorf("take the global DDL lock: %w", err))

@@ -7,45 +7,29 @@ import (
 	"net/http"
 	"sort"
 
+	"github.com/pgmesh/pgmesh/api"
 	"github.com/pgmesh/pgmesh/membership"
 )
 
-// SettingRequest changes a per-table setting that must be the same on
-// every node: a delta column (Kind "delta") or a home column ("home").
-type SettingRequest struct {
-	Kind    string `json:"kind"`
-	Table   string `json:"table"`
-	Column  string `json:"column"`
-	Enabled bool   `json:"enabled"`
-	// Size and MinStart configure galloc conversion.
-	Size     int64 `json:"size,omitempty"`
-	MinStart int64 `json:"min_start,omitempty"`
-}
-
-// SettingResponse lists the nodes where the change was made.
-type SettingResponse struct {
-	Nodes []string `json:"nodes"`
-}
-
-func (d *Daemon) applySetting(ctx context.Context, req SettingRequest) error {
-	var err error
-	switch req.Kind {
-	case "delta":
-		_, err = d.db.Exec(ctx, `SELECT pgmesh.set_delta_column($1::regclass, $2, $3)`, req.Table, req.Column, req.Enabled)
-	case "home":
+func (d *Daemon) applySetting(ctx context.Context, s api.Setting) error {
+	err := s.Check()
+	switch {
+	case err != nil:
+	case s.DeltaColumn != nil:
+		c := s.DeltaColumn
+		_, err = d.db.Exec(ctx, `SELECT pgmesh.set_delta_column($1::regclass, $2, $3)`, c.Table, c.Column, c.Enabled)
+	case s.HomeColumn != nil:
 		var col *string
-		if req.Enabled {
-			col = &req.Column
+		if s.HomeColumn.Enabled {
+			col = &s.HomeColumn.Column
 		}
-		_, err = d.db.Exec(ctx, `SELECT pgmesh.set_home_column($1::regclass, $2)`, req.Table, col)
-	case "timeshard":
-		_, err = d.db.Exec(ctx, `SELECT pgmesh.convert_timeshard($1::regclass)`, req.Table)
-	case "galloc":
-		err = d.convertGalloc(ctx, req.Table, req.Size, req.MinStart)
-	case "bigint":
+		_, err = d.db.Exec(ctx, `SELECT pgmesh.set_home_column($1::regclass, $2)`, s.HomeColumn.Table, col)
+	case s.Timeshard != nil:
+		_, err = d.db.Exec(ctx, `SELECT pgmesh.convert_timeshard($1::regclass)`, s.Timeshard.Sequence)
+	case s.Galloc != nil:
+		err = d.convertGalloc(ctx, s.Galloc.Sequence, s.Galloc.ChunkSize, s.Galloc.MinStart)
+	case s.BigintAudit:
 		err = d.applyAudit(ctx)
-	default:
-		err = fmt.Errorf("unknown setting %q", req.Kind)
 	}
 	if err != nil {
 		return fmt.Errorf("on node %q: %w", d.cfg.NodeName, err)
@@ -57,9 +41,13 @@ func (d *Daemon) applySetting(ctx context.Context, req SettingRequest) error {
 // column is only safe once every node sends old values and applies
 // increments, and a home column only guards writes on nodes that check it.
 func (d *Daemon) handleSetting(w http.ResponseWriter, r *http.Request) {
-	var req SettingRequest
+	var req api.Setting
 	if err := readJSON(r, &req); err != nil {
 		writeErr(w, 0, err)
+		return
+	}
+	if err := req.Check(); err != nil {
+		writeErr(w, http.StatusBadRequest, err)
 		return
 	}
 	done, err := d.everywhere(r.Context(), req)
@@ -67,12 +55,12 @@ func (d *Daemon) handleSetting(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, http.StatusBadGateway, err)
 		return
 	}
-	writeJSON(w, http.StatusOK, SettingResponse{Nodes: done})
+	writeJSON(w, http.StatusOK, api.SettingResponse{Nodes: done})
 }
 
 // everywhere applies a setting on every active member (here directly, on
 // the others through their daemons) and returns where it was applied.
-func (d *Daemon) everywhere(ctx context.Context, req SettingRequest) ([]string, error) {
+func (d *Daemon) everywhere(ctx context.Context, req api.Setting) ([]string, error) {
 	nodes := []*membership.Node{{Name: d.cfg.NodeName}}
 	var token string
 	if g, _ := d.store.Group(); g != nil {
@@ -94,7 +82,7 @@ func (d *Daemon) everywhere(ctx context.Context, req SettingRequest) ([]string, 
 		if n.Name == d.cfg.NodeName {
 			err = d.applySetting(ctx, req)
 		} else {
-			err = Call(ctx, n.API, http.MethodPost, "/v1/cluster/setting", token, req, nil)
+			err = d.members.Client(n.API, token).ApplySetting(ctx, req)
 		}
 		if err != nil {
 			errs = append(errs, fmt.Errorf("node %q: %w (run the same command again once it is reachable)", n.Name, err))
@@ -110,7 +98,7 @@ func (d *Daemon) everywhere(ctx context.Context, req SettingRequest) ([]string, 
 }
 
 func (d *Daemon) handleClusterSetting(w http.ResponseWriter, r *http.Request) {
-	var req SettingRequest
+	var req api.Setting
 	if err := readJSON(r, &req); err != nil {
 		writeErr(w, 0, err)
 		return
@@ -123,5 +111,5 @@ func (d *Daemon) handleClusterSetting(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, http.StatusBadRequest, err)
 		return
 	}
-	writeJSON(w, http.StatusOK, SettingResponse{Nodes: []string{d.cfg.NodeName}})
+	writeJSON(w, http.StatusOK, api.SettingResponse{Nodes: []string{d.cfg.NodeName}})
 }

@@ -11,50 +11,10 @@ import (
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
 
+	"github.com/pgmesh/pgmesh/api"
 	"github.com/pgmesh/pgmesh/membership"
 	"github.com/pgmesh/pgmesh/repset"
 )
-
-// CreateRequest asks the local daemon to bootstrap a group.
-type CreateRequest struct {
-	Name string `json:"name"`
-}
-
-// CreateResponse carries the join token, shown once.
-type CreateResponse struct {
-	Group string           `json:"group"`
-	Node  *membership.Node `json:"node"`
-	Token string           `json:"token"`
-}
-
-// JoinRequest asks the local daemon to join the group of the daemon at Via.
-type JoinRequest struct {
-	Via   string `json:"via"`
-	Token string `json:"token"`
-}
-
-// JoinResponse reports the node as registered.
-type JoinResponse struct {
-	Group string           `json:"group"`
-	Node  *membership.Node `json:"node"`
-}
-
-// PartRequest asks to remove a node from the group.
-type PartRequest struct {
-	Name  string `json:"name"`
-	Force bool   `json:"force,omitempty"`
-}
-
-// clusterStateRequest sets a member's state (member-to-member).
-type clusterStateRequest struct {
-	Name  string           `json:"name"`
-	State membership.State `json:"state"`
-}
-
-// clusterJoinRequest registers a node (member-to-member).
-type clusterJoinRequest struct {
-	Node membership.Node `json:"node"`
-}
 
 func (d *Daemon) self() membership.Node {
 	return membership.Node{Name: d.cfg.NodeName, DSN: d.cfg.PublicDSN, API: d.cfg.AdvertiseAPI, Raft: d.cfg.AdvertiseRaft,
@@ -83,7 +43,7 @@ func newToken() (string, error) {
 }
 
 func (d *Daemon) handleCreate(w http.ResponseWriter, r *http.Request) {
-	var req CreateRequest
+	var req api.CreateRequest
 	if err := readJSON(r, &req); err != nil {
 		writeErr(w, 0, err)
 		return
@@ -124,7 +84,7 @@ func (d *Daemon) handleCreate(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	d.log.Info("created node group", "group", req.Name, "node_id", n.ID)
-	writeJSON(w, http.StatusOK, CreateResponse{Group: req.Name, Node: n, Token: token})
+	writeJSON(w, http.StatusOK, api.CreateResponse{Group: req.Name, Node: n, Token: token})
 }
 
 // waitForSelf waits until Raft has replicated this node's registration here.
@@ -172,7 +132,7 @@ func (d *Daemon) checkEmpty(ctx context.Context) error {
 }
 
 func (d *Daemon) handleClusterJoin(w http.ResponseWriter, r *http.Request) {
-	var req clusterJoinRequest
+	var req api.RegisterRequest
 	g, ok := d.onLeader(w, r, &req)
 	if !ok {
 		return
@@ -193,11 +153,11 @@ func (d *Daemon) handleClusterJoin(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	d.log.Info("registered joining node", "joining", added.Name, "node_id", added.ID)
-	writeJSON(w, http.StatusOK, JoinResponse{Group: g.Name, Node: added})
+	writeJSON(w, http.StatusOK, api.JoinResponse{Group: g.Name, Node: added})
 }
 
 func (d *Daemon) handleClusterState(w http.ResponseWriter, r *http.Request) {
-	var req clusterStateRequest
+	var req api.StateRequest
 	g, ok := d.onLeader(w, r, &req)
 	if !ok {
 		return
@@ -211,11 +171,11 @@ func (d *Daemon) handleClusterState(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, http.StatusConflict, err)
 		return
 	}
-	writeJSON(w, http.StatusOK, JoinResponse{Group: g.Name, Node: n})
+	writeJSON(w, http.StatusOK, api.JoinResponse{Group: g.Name, Node: n})
 }
 
 func (d *Daemon) handlePart(w http.ResponseWriter, r *http.Request) {
-	var req PartRequest
+	var req api.PartRequest
 	if err := readJSON(r, &req); err != nil {
 		writeErr(w, 0, err)
 		return
@@ -241,8 +201,8 @@ func (d *Daemon) handlePart(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
-	var out JoinResponse
-	if err := Call(r.Context(), d.cfg.AdvertiseAPI, http.MethodPost, "/v1/cluster/part", token, req, &out); err != nil {
+	out, err := d.members.Client(d.cfg.AdvertiseAPI, token).ClusterPart(r.Context(), req)
+	if err != nil {
 		writeErr(w, http.StatusBadGateway, err)
 		return
 	}
@@ -280,7 +240,7 @@ func (d *Daemon) drainParting(ctx context.Context, g *membership.Group, parting 
 				if lsn, ok := d.appliedFrom(parting.Name); ok && lsn >= target {
 					break
 				}
-			} else if err := waitApplied(ctx, m.API, parting.Name, target, time.Until(deadline)); err == nil {
+			} else if err := waitApplied(ctx, d.members.Client(m.API, ""), parting.Name, target, time.Until(deadline)); err == nil {
 				break
 			}
 			if time.Now().After(deadline) {
@@ -308,7 +268,7 @@ func (d *Daemon) appliedFrom(peer string) (pglogrepl.LSN, bool) {
 }
 
 func (d *Daemon) handleClusterPart(w http.ResponseWriter, r *http.Request) {
-	var req PartRequest
+	var req api.PartRequest
 	g, ok := d.onLeader(w, r, &req)
 	if !ok {
 		return
@@ -319,5 +279,5 @@ func (d *Daemon) handleClusterPart(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	d.log.Info("parted node", "parted", req.Name)
-	writeJSON(w, http.StatusOK, JoinResponse{Group: g.Name, Node: n})
+	writeJSON(w, http.StatusOK, api.JoinResponse{Group: g.Name, Node: n})
 }

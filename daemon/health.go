@@ -10,21 +10,15 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/pgmesh/pgmesh/api"
 	"github.com/pgmesh/pgmesh/membership"
 )
-
-// HealthReport is the answer of GET /health.
-type HealthReport struct {
-	Status  string   `json:"status"` // "ok" or "unhealthy"
-	Node    string   `json:"node"`
-	Reasons []string `json:"reasons,omitempty"`
-}
 
 // health decides whether this node is ready to serve: its Postgres answers,
 // it is an active member, and every active peer's stream is connected (or
 // was only briefly not) and within health_max_lag.
-func (d *Daemon) health(ctx context.Context) HealthReport {
-	rep := HealthReport{Status: "ok", Node: d.cfg.NodeName}
+func (d *Daemon) health(ctx context.Context) api.HealthReport {
+	rep := api.HealthReport{Status: "ok", Node: d.cfg.NodeName}
 	pctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
 	if err := d.db.Ping(pctx); err != nil {
@@ -81,20 +75,8 @@ func (d *Daemon) handleHealth(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, code, rep)
 }
 
-// WaitRequest asks the daemon to wait until peers applied this node's writes.
-type WaitRequest struct {
-	Timeout string   `json:"timeout"`
-	Peers   []string `json:"peers,omitempty"`
-}
-
-// WaitResponse says whether they did in time.
-type WaitResponse struct {
-	Applied  bool  `json:"applied"`
-	WaitedMS int64 `json:"waited_ms"`
-}
-
 func (d *Daemon) handleWait(w http.ResponseWriter, r *http.Request) {
-	var req WaitRequest
+	var req api.WaitRequest
 	if err := readJSON(r, &req); err != nil {
 		writeErr(w, 0, err)
 		return
@@ -116,7 +98,7 @@ func (d *Daemon) handleWait(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, http.StatusInternalServerError, fmt.Errorf("wait_for_peers: %w", err))
 		return
 	}
-	writeJSON(w, http.StatusOK, WaitResponse{Applied: ok, WaitedMS: time.Since(start).Milliseconds()})
+	writeJSON(w, http.StatusOK, api.WaitResponse{Applied: ok, WaitedMS: time.Since(start).Milliseconds()})
 }
 
 // publishProgress keeps pgmesh.peer_progress current, for

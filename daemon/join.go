@@ -19,36 +19,24 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 
+	"github.com/pgmesh/pgmesh/api"
 	"github.com/pgmesh/pgmesh/internal/pgquote"
+	"github.com/pgmesh/pgmesh/internal/pgsession"
+	"github.com/pgmesh/pgmesh/internal/poll"
 	"github.com/pgmesh/pgmesh/membership"
 	"github.com/pgmesh/pgmesh/origin"
 	"github.com/pgmesh/pgmesh/replicator"
 	"github.com/pgmesh/pgmesh/repset"
 )
 
-// JoinStatus is the progress of this node's join, in status and the
-// pgmesh.join_progress view.
-type JoinStatus struct {
-	Via         string    `json:"via"`
-	Phase       string    `json:"phase"`
-	TablesTotal int       `json:"tables_total"`
-	TablesDone  int       `json:"tables_done"`
-	Rows        int64     `json:"rows_copied"`
-	Bytes       int64     `json:"bytes_copied"`
-	BytesTotal  int64     `json:"bytes_total"`
-	StartedAt   time.Time `json:"started_at"`
-	Done        bool      `json:"done"`
-	Error       string    `json:"error,omitempty"`
-}
-
 // joiner tracks the one join a daemon may run at a time.
 type joiner struct {
 	mu      sync.Mutex
 	running bool
-	status  *JoinStatus
+	status  *api.JoinStatus
 }
 
-func (j *joiner) snapshot() *JoinStatus {
+func (j *joiner) snapshot() *api.JoinStatus {
 	j.mu.Lock()
 	defer j.mu.Unlock()
 	if j.status == nil {
@@ -58,7 +46,7 @@ func (j *joiner) snapshot() *JoinStatus {
 	return &s
 }
 
-func (j *joiner) update(f func(*JoinStatus)) {
+func (j *joiner) update(f func(*api.JoinStatus)) {
 	j.mu.Lock()
 	f(j.status)
 	j.mu.Unlock()
@@ -67,7 +55,7 @@ func (j *joiner) update(f func(*JoinStatus)) {
 // handleJoin starts joining the group of the daemon at Via in the
 // background; `pgmesh group join` then follows the progress in status.
 func (d *Daemon) handleJoin(w http.ResponseWriter, r *http.Request) {
-	var req JoinRequest
+	var req api.JoinRequest
 	if err := readJSON(r, &req); err != nil {
 		writeErr(w, 0, err)
 		return
@@ -89,7 +77,7 @@ func (d *Daemon) handleJoin(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	d.join.running = true
-	d.join.status = &JoinStatus{Via: req.Via, Phase: "starting", StartedAt: time.Now().UTC()}
+	d.join.status = &api.JoinStatus{Via: req.Via, Phase: "starting", StartedAt: time.Now().UTC()}
 	d.join.mu.Unlock()
 
 	// A bad token or a non-empty database is reported to the caller at
@@ -108,7 +96,7 @@ func (d *Daemon) handleJoin(w http.ResponseWriter, r *http.Request) {
 }
 
 func (d *Daemon) finishJoin(err error) {
-	d.join.update(func(s *JoinStatus) {
+	d.join.update(func(s *api.JoinStatus) {
 		if err != nil {
 			s.Error = err.Error()
 			s.Phase = "failed"
@@ -126,7 +114,7 @@ func (d *Daemon) finishJoin(err error) {
 }
 
 func (d *Daemon) phase(p string) {
-	d.join.update(func(s *JoinStatus) { s.Phase = p })
+	d.join.update(func(s *api.JoinStatus) { s.Phase = p })
 	d.log.Info("join", "phase", p)
 	d.saveJoinStatus(d.ctx)
 }
@@ -153,7 +141,7 @@ func (d *Daemon) saveJoinStatus(ctx context.Context) {
 }
 
 // register checks this database and enters the group as joining.
-func (d *Daemon) register(ctx context.Context, req JoinRequest) (*JoinResponse, error) {
+func (d *Daemon) register(ctx context.Context, req api.JoinRequest) (*api.JoinResponse, error) {
 	g, _ := d.store.Group()
 	retry := g != nil && g.Nodes[d.cfg.NodeName] != nil
 	if !retry {
@@ -162,8 +150,8 @@ func (d *Daemon) register(ctx context.Context, req JoinRequest) (*JoinResponse, 
 			return nil, err
 		}
 	}
-	var reg JoinResponse
-	if err := Call(ctx, req.Via, http.MethodPost, "/v1/cluster/join", req.Token, clusterJoinRequest{Node: d.self()}, &reg); err != nil {
+	reg, err := d.members.Client(req.Via, req.Token).Register(ctx, api.RegisterRequest{Node: d.self()})
+	if err != nil {
 		return nil, fmt.Errorf("join through %s: %w", req.Via, err)
 	}
 	if err := d.saveToken(req.Token); err != nil {
@@ -175,13 +163,13 @@ func (d *Daemon) register(ctx context.Context, req JoinRequest) (*JoinResponse, 
 // copyAndActivate copies schema and data from the source member and makes
 // this node active, so that every change of every member reaches it exactly
 // once (ARCHITECTURE.md, invariants: join loses nothing).
-func (d *Daemon) copyAndActivate(ctx context.Context, req JoinRequest) error {
+func (d *Daemon) copyAndActivate(ctx context.Context, req api.JoinRequest) error {
 	g, err := d.waitForSelf(ctx)
 	if err != nil {
 		return err
 	}
-	var src StatusReport
-	if err := Call(ctx, req.Via, http.MethodGet, "/v1/status", "", nil, &src); err != nil {
+	src, err := d.members.Client(req.Via, "").Status(ctx)
+	if err != nil {
 		return fmt.Errorf("ask %s which node it is: %w", req.Via, err)
 	}
 	source := g.Nodes[src.Node]
@@ -227,7 +215,7 @@ func (d *Daemon) copyAndActivate(ctx context.Context, req JoinRequest) error {
 	// so the copy holds everything before the slots' start.
 	for _, m := range others {
 		d.phase(fmt.Sprintf("waiting for %s to apply %s's changes up to %s", source.Name, m.Name, starts[m.Name]))
-		if err := waitApplied(ctx, source.API, m.Name, starts[m.Name], 10*time.Minute); err != nil {
+		if err := waitApplied(ctx, d.members.Client(source.API, ""), m.Name, starts[m.Name], 10*time.Minute); err != nil {
 			return err
 		}
 	}
@@ -277,9 +265,8 @@ func (d *Daemon) copyAndActivate(ctx context.Context, req JoinRequest) error {
 		return err
 	}
 	d.phase("activating")
-	var done JoinResponse
-	if err := Call(ctx, req.Via, http.MethodPost, "/v1/cluster/state", req.Token,
-		clusterStateRequest{Name: d.cfg.NodeName, State: membership.Active}, &done); err != nil {
+	done, err := d.members.Client(req.Via, req.Token).SetState(ctx, api.StateRequest{Name: d.cfg.NodeName, State: membership.Active})
+	if err != nil {
 		return fmt.Errorf("activate through %s: %w", req.Via, err)
 	}
 	d.log.Info("joined node group", "group", done.Group, "node_id", done.Node.ID)
@@ -313,31 +300,22 @@ func (d *Daemon) setReadOnly(ctx context.Context, on bool) error {
 	return nil
 }
 
-// waitApplied waits until the daemon at api has applied peer's changes up
+// waitApplied waits until the daemon c calls has applied peer's changes up
 // to lsn.
-func waitApplied(ctx context.Context, api, peer string, lsn pglogrepl.LSN, timeout time.Duration) error {
-	deadline := time.Now().Add(timeout)
-	for {
-		var rep StatusReport
-		err := Call(ctx, api, http.MethodGet, "/v1/status", "", nil, &rep)
-		if err == nil {
-			for _, p := range rep.Peers {
-				if p.Peer == peer {
-					if got, perr := pglogrepl.ParseLSN(p.AppliedLSN); perr == nil && got >= lsn {
-						return nil
-					}
-				}
+func waitApplied(ctx context.Context, c *api.Client, peer string, lsn pglogrepl.LSN, timeout time.Duration) error {
+	notYet := fmt.Errorf("%s has not applied %s's changes up to %s within %s (is its stream from %s connected? see 'pgmesh status' there)", c.Addr(), peer, lsn, timeout, peer)
+	return poll.Until(ctx, 200*time.Millisecond, timeout, func() error {
+		rep, err := c.Status(ctx)
+		if err != nil {
+			return notYet
+		}
+		for _, p := range rep.Peers {
+			if got, perr := pglogrepl.ParseLSN(p.AppliedLSN); p.Peer == peer && perr == nil && got >= lsn {
+				return nil
 			}
 		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("%s has not applied %s's changes up to %s within %s (is its stream from %s connected? see 'pgmesh status' there)", api, peer, lsn, timeout, peer)
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(200 * time.Millisecond):
-		}
-	}
+		return notYet
+	})
 }
 
 type exported struct {
@@ -356,7 +334,7 @@ func (d *Daemon) sourceSnapshot(ctx context.Context, repl *pgconn.PgConn, source
 		return snap, nil, fmt.Errorf("connect to source %q: %w", source.Name, err)
 	}
 	defer conn.Close(context.Background())
-	resume, err := pauseApply(ctx, source.API, token)
+	resume, err := pauseApply(ctx, d.members.Client(source.API, token))
 	if err != nil {
 		return snap, nil, fmt.Errorf("pause applying on source %q for the snapshot: %w", source.Name, err)
 	}
@@ -439,12 +417,7 @@ type sourceTable struct {
 // local transaction that also records where each member's stream starts.
 func (d *Daemon) copyFrom(ctx context.Context, source *membership.Node, snap exported, starts map[string]pglogrepl.LSN) error {
 	snapshot := snap.name
-	scfg, err := pgx.ParseConfig(d.peerDSN(source))
-	if err != nil {
-		return err
-	}
-	scfg.RuntimeParams["application_name"] = "pgmesh join copy"
-	src, err := pgx.ConnectConfig(ctx, scfg)
+	src, err := pgsession.Connect(ctx, d.peerDSN(source), "pgmesh join copy")
 	if err != nil {
 		return fmt.Errorf("connect to source %q: %w", source.Name, err)
 	}
@@ -459,14 +432,7 @@ func (d *Daemon) copyFrom(ctx context.Context, source *membership.Node, snap exp
 	if err != nil {
 		return err
 	}
-	dcfg, err := pgx.ParseConfig(d.cfg.DSN)
-	if err != nil {
-		return err
-	}
-	dcfg.RuntimeParams["application_name"] = "pgmesh join copy"
-	dcfg.RuntimeParams["session_replication_role"] = "replica"
-	dcfg.RuntimeParams["default_transaction_read_only"] = "off"
-	dst, err := pgx.ConnectConfig(ctx, dcfg)
+	dst, err := pgsession.Connect(ctx, d.cfg.DSN, "pgmesh join copy", pgsession.Applier)
 	if err != nil {
 		return fmt.Errorf("connect to local Postgres: %w", err)
 	}
@@ -480,7 +446,7 @@ func (d *Daemon) copyFrom(ctx context.Context, source *membership.Node, snap exp
 	for _, t := range tables {
 		total += t.bytes
 	}
-	d.join.update(func(s *JoinStatus) { s.TablesTotal, s.BytesTotal = len(tables), total })
+	d.join.update(func(s *api.JoinStatus) { s.TablesTotal, s.BytesTotal = len(tables), total })
 	d.phase("copying data")
 	// The copied rows carry the source's origin and the snapshot's time, as
 	// if the source had written them then: its later changes to them are
@@ -514,7 +480,7 @@ func (d *Daemon) copyFrom(ctx context.Context, source *membership.Node, snap exp
 		if err != nil {
 			return fmt.Errorf("copy table %s: %w", t.name, err)
 		}
-		d.join.update(func(s *JoinStatus) { s.TablesDone++; s.Rows += n })
+		d.join.update(func(s *api.JoinStatus) { s.TablesDone++; s.Rows += n })
 		d.saveJoinStatus(ctx)
 	}
 	if err := copySequences(ctx, src, tx); err != nil {
@@ -567,7 +533,7 @@ func (d *Daemon) copyTable(ctx context.Context, src, dst *pgconn.PgConn, t sourc
 	outErr := make(chan error, 1)
 	go func() {
 		_, err := src.CopyTo(ctx, &countingWriter{w: pw, add: func(n int) {
-			d.join.update(func(s *JoinStatus) { s.Bytes += int64(n) })
+			d.join.update(func(s *api.JoinStatus) { s.Bytes += int64(n) })
 		}}, copyOut(t))
 		pw.CloseWithError(err)
 		outErr <- err
@@ -665,9 +631,7 @@ func copySequences(ctx context.Context, src *pgx.Conn, tx pgx.Tx) error {
 // with the same columns and key.
 func (d *Daemon) copySchema(ctx context.Context, src, dst *pgx.Conn, source *membership.Node, snapshot string, tables []sourceTable) error {
 	var localTables int
-	if err := dst.QueryRow(ctx, `SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-		WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgmesh')
-		  AND n.nspname NOT LIKE 'pg\_%'`).Scan(&localTables); err != nil {
+	if err := dst.QueryRow(ctx, `SELECT count(*) FROM pgmesh.user_tables`).Scan(&localTables); err != nil {
 		return err
 	}
 	if localTables == 0 {
@@ -705,7 +669,7 @@ func (d *Daemon) copySchema(ctx context.Context, src, dst *pgx.Conn, source *mem
 // tableDefinitions describes each replicated table by its columns (name,
 // type, not null) and primary key, order-independent.
 func tableDefinitions(ctx context.Context, conn *pgx.Conn) (map[string]string, error) {
-	rows, err := conn.Query(ctx, `SELECT format('%I.%I', n.nspname, c.relname),
+	rows, err := conn.Query(ctx, `SELECT u.relation,
 		(SELECT string_agg(format('%I %s%s', a.attname, format_type(a.atttypid, a.atttypmod),
 		        CASE WHEN a.attnotnull THEN ' not null' ELSE '' END), ', ' ORDER BY a.attname)
 		 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped)
@@ -713,9 +677,7 @@ func tableDefinitions(ctx context.Context, conn *pgx.Conn) (map[string]string, e
 		 FROM pg_index i CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY k(attnum, ord)
 		 JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum
 		 WHERE i.indrelid = c.oid AND i.indisprimary), '')
-		FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-		WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgmesh')
-		  AND n.nspname NOT LIKE 'pg\_%'`)
+		FROM pgmesh.user_tables u JOIN pg_class c ON c.oid = u.relid`)
 	if err != nil {
 		return nil, fmt.Errorf("read table definitions: %w", err)
 	}

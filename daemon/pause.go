@@ -8,6 +8,8 @@ import (
 	"net/http"
 	"sync"
 	"time"
+
+	"github.com/pgmesh/pgmesh/api"
 )
 
 // A joining node copies a member's data under a snapshot and must know, for
@@ -23,19 +25,6 @@ const pauseLease = 20 * time.Second
 type pauses struct {
 	mu   sync.Mutex
 	open map[string]func() bool
-}
-
-type pauseResponse struct {
-	ID string `json:"id"`
-}
-
-type resumeRequest struct {
-	ID string `json:"id"`
-}
-
-type resumeResponse struct {
-	// Held is false when the lease ran out before the resume.
-	Held bool `json:"held"`
 }
 
 func (d *Daemon) handleClusterPause(w http.ResponseWriter, r *http.Request) {
@@ -60,7 +49,7 @@ func (d *Daemon) handleClusterPause(w http.ResponseWriter, r *http.Request) {
 	d.pauses.open[id] = open
 	d.pauses.mu.Unlock()
 	d.log.Info("streams paused for a joining node's snapshot", "lease", pauseLease)
-	writeJSON(w, http.StatusOK, pauseResponse{ID: id})
+	writeJSON(w, http.StatusOK, api.PauseResponse{ID: id})
 }
 
 func (d *Daemon) handleClusterResume(w http.ResponseWriter, r *http.Request) {
@@ -68,7 +57,7 @@ func (d *Daemon) handleClusterResume(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, http.StatusForbidden, err)
 		return
 	}
-	var req resumeRequest
+	var req api.ResumeRequest
 	if err := readJSON(r, &req); err != nil {
 		writeErr(w, http.StatusBadRequest, err)
 		return
@@ -79,19 +68,18 @@ func (d *Daemon) handleClusterResume(w http.ResponseWriter, r *http.Request) {
 	d.pauses.mu.Unlock()
 	held := open != nil && open()
 	d.log.Info("streams resumed", "held_throughout", held)
-	writeJSON(w, http.StatusOK, resumeResponse{Held: held})
+	writeJSON(w, http.StatusOK, api.ResumeResponse{Held: held})
 }
 
-// pauseApply pauses the streams of the member at api; resume lets them go
+// pauseApply pauses the streams of the member m calls; resume lets them go
 // and reports whether they were held throughout.
-func pauseApply(ctx context.Context, api, token string) (resume func(context.Context) (bool, error), err error) {
-	var p pauseResponse
-	if err := Call(ctx, api, http.MethodPost, "/v1/cluster/pause", token, struct{}{}, &p); err != nil {
+func pauseApply(ctx context.Context, m *api.Client) (resume func(context.Context) (bool, error), err error) {
+	p, err := m.Pause(ctx)
+	if err != nil {
 		return nil, err
 	}
 	return func(ctx context.Context) (bool, error) {
-		var r resumeResponse
-		err := Call(ctx, api, http.MethodPost, "/v1/cluster/resume", token, resumeRequest(p), &r)
+		r, err := m.Resume(ctx, api.ResumeRequest(p))
 		return r.Held, err
 	}, nil
 }

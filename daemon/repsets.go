@@ -11,56 +11,13 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/pgmesh/pgmesh/api"
 	"github.com/pgmesh/pgmesh/compare"
 	"github.com/pgmesh/pgmesh/internal/dsn"
+	"github.com/pgmesh/pgmesh/internal/poll"
 	"github.com/pgmesh/pgmesh/membership"
 	"github.com/pgmesh/pgmesh/repset"
 )
-
-// RepsetRequest changes the replication sets (pgmesh repset create, add,
-// remove, drop).
-type RepsetRequest struct {
-	Action  string   `json:"action"`
-	Set     string   `json:"set"`
-	Nodes   []string `json:"nodes,omitempty"`
-	Tables  []string `json:"tables,omitempty"`
-	Where   string   `json:"where,omitempty"`
-	Columns []string `json:"columns,omitempty"`
-	// Sync, on add, compares the tables once every node publishes the
-	// change and writes each row a member lacks again, so members that did
-	// not receive a table (or those rows) before get its existing rows.
-	Sync bool `json:"sync,omitempty"`
-}
-
-// RepsetsResponse shows the sets as they are (after a change).
-type RepsetsResponse struct {
-	Sets []RepsetView `json:"sets"`
-	// LocalTables are in no set: their changes stay where they are made.
-	LocalTables []string `json:"local_tables"`
-	// Pending are members that had not yet published the change when the
-	// answer was given; each does when it is reachable again.
-	Pending []string `json:"pending,omitempty"`
-	// Synced is the comparison --sync ran, with its writes.
-	Synced *CompareResponse `json:"synced,omitempty"`
-}
-
-// RepsetView is one set with its tables spelled out.
-type RepsetView struct {
-	Name string `json:"name"`
-	// Nodes are the members receiving it; empty with AllNodes.
-	Nodes    []string `json:"nodes"`
-	AllNodes bool     `json:"all_nodes"`
-	// NewTables says that tables created later join the set.
-	NewTables bool              `json:"new_tables"`
-	Tables    []RepsetTableView `json:"tables"`
-}
-
-// RepsetTableView is a table of a set.
-type RepsetTableView struct {
-	Table   string   `json:"table"`
-	Where   string   `json:"where,omitempty"`
-	Columns []string `json:"columns,omitempty"`
-}
 
 func (d *Daemon) handleRepsetList(w http.ResponseWriter, r *http.Request) {
 	g, _ := d.store.Group()
@@ -77,19 +34,19 @@ func (d *Daemon) handleRepsetList(w http.ResponseWriter, r *http.Request) {
 }
 
 // repsetView spells the sets out against this node's tables.
-func (d *Daemon) repsetView(ctx context.Context, sets repset.Sets) (RepsetsResponse, error) {
+func (d *Daemon) repsetView(ctx context.Context, sets repset.Sets) (api.RepsetsResponse, error) {
 	var tables []string
 	err := d.withConn(ctx, func(conn *pgx.Conn) error {
 		var err error
 		tables, err = repset.UserTables(ctx, conn)
 		return err
 	})
-	out := RepsetsResponse{Sets: []RepsetView{}, LocalTables: sets.Local(tables)}
+	out := api.RepsetsResponse{Sets: []api.RepsetView{}, LocalTables: sets.Local(tables)}
 	if out.LocalTables == nil {
 		out.LocalTables = []string{}
 	}
 	for _, s := range sets.Sorted() {
-		v := RepsetView{Name: s.Name, Nodes: s.Nodes, AllNodes: s.Nodes == nil, NewTables: s.AllTables, Tables: []RepsetTableView{}}
+		v := api.RepsetView{Name: s.Name, Nodes: s.Nodes, AllNodes: s.Nodes == nil, NewTables: s.AllTables, Tables: []api.RepsetTableView{}}
 		if v.Nodes == nil {
 			v.Nodes = []string{}
 		}
@@ -102,7 +59,7 @@ func (d *Daemon) repsetView(ctx context.Context, sets repset.Sets) (RepsetsRespo
 		slices.Sort(names)
 		for _, t := range names {
 			if spec, ok := s.Holds(t); ok {
-				v.Tables = append(v.Tables, RepsetTableView{Table: t, Where: spec.Where, Columns: spec.Columns})
+				v.Tables = append(v.Tables, api.RepsetTableView{Table: t, Where: spec.Where, Columns: spec.Columns})
 			}
 		}
 		out.Sets = append(out.Sets, v)
@@ -111,7 +68,7 @@ func (d *Daemon) repsetView(ctx context.Context, sets repset.Sets) (RepsetsRespo
 }
 
 func (d *Daemon) handleRepset(w http.ResponseWriter, r *http.Request) {
-	var req RepsetRequest
+	var req api.RepsetRequest
 	if err := readJSON(r, &req); err != nil {
 		writeErr(w, 0, err)
 		return
@@ -145,7 +102,7 @@ func (d *Daemon) handleRepset(w http.ResponseWriter, r *http.Request) {
 	}
 	sets, err := d.editRepsets(ctx, edit)
 	if err != nil {
-		var ae *APIError
+		var ae *api.Error
 		if errors.As(err, &ae) {
 			writeErr(w, ae.Status, err)
 		} else {
@@ -164,8 +121,8 @@ func (d *Daemon) handleRepset(w http.ResponseWriter, r *http.Request) {
 		} else {
 			var nodes []compare.Node
 			if nodes, err = d.compareNodes(); err == nil {
-				var res CompareResponse
-				res, err = d.compareShares(ctx, nodes, CompareRequest{Tables: edit.Tables, Repair: true})
+				var res api.CompareResponse
+				res, err = d.compareShares(ctx, nodes, api.CompareRequest{Tables: edit.Tables, Repair: true})
 				out.Synced = &res
 			}
 		}
@@ -180,7 +137,7 @@ func (d *Daemon) handleRepset(w http.ResponseWriter, r *http.Request) {
 // resolveTables turns the tables a user named into the names sets record.
 // Tables being added are checked against the set's filter and columns here,
 // on this node's schema (the same on every node).
-func (d *Daemon) resolveTables(ctx context.Context, req RepsetRequest) ([]string, error) {
+func (d *Daemon) resolveTables(ctx context.Context, req api.RepsetRequest) ([]string, error) {
 	var out []string
 	err := d.withConn(ctx, func(conn *pgx.Conn) error {
 		for _, name := range req.Tables {
@@ -287,10 +244,11 @@ func (d *Daemon) editRepsets(ctx context.Context, edit membership.RepsetEdit) (r
 			return sets, err
 		}
 	}
-	var sets repset.Sets
-	err := d.callLeader(ctx, "/v1/cluster/repset", edit, &sets,
-		errors.New("the node group has no Raft leader (is a majority of members down?), and replication sets change only with a majority: try again when it is back"))
-	return sets, err
+	leader, err := d.leader(errors.New("the node group has no Raft leader (is a majority of members down?), and replication sets change only with a majority: try again when it is back"))
+	if err != nil {
+		return nil, err
+	}
+	return leader.EditRepsets(ctx, edit)
 }
 
 func (d *Daemon) handleClusterRepset(w http.ResponseWriter, r *http.Request) {
@@ -309,18 +267,22 @@ func (d *Daemon) handleClusterRepset(w http.ResponseWriter, r *http.Request) {
 // waitPublished waits until every active member's publications hold the
 // sets with this hash, and returns those that did not in time.
 func (d *Daemon) waitPublished(ctx context.Context, hash string, timeout time.Duration) []string {
-	deadline := time.Now().Add(timeout)
-	for {
+	var pending []string
+	_ = poll.Until(ctx, 100*time.Millisecond, timeout, func() error {
 		g, _ := d.store.Group()
-		var pending []string
+		pending = nil
 		for _, n := range g.Sorted() {
 			if n.State != membership.Active {
 				continue
 			}
-			var rep StatusReport
+			var rep api.StatusReport
+			var err error
 			if n.Name == d.cfg.NodeName {
 				rep = d.Status()
-			} else if err := Call(ctx, n.API, http.MethodGet, "/v1/status", "", nil, &rep); err != nil {
+			} else {
+				rep, err = d.members.Client(n.API, "").Status(ctx)
+			}
+			if err != nil {
 				pending = append(pending, n.Name)
 				continue
 			}
@@ -328,13 +290,10 @@ func (d *Daemon) waitPublished(ctx context.Context, hash string, timeout time.Du
 				pending = append(pending, n.Name)
 			}
 		}
-		if len(pending) == 0 || time.Now().After(deadline) {
-			return pending
+		if len(pending) > 0 {
+			return errors.New("not published everywhere yet")
 		}
-		select {
-		case <-ctx.Done():
-			return pending
-		case <-time.After(100 * time.Millisecond):
-		}
-	}
+		return nil
+	})
+	return pending
 }

@@ -11,27 +11,19 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/pgmesh/pgmesh/api"
 	"github.com/pgmesh/pgmesh/internal/pgquote"
 	"github.com/pgmesh/pgmesh/membership"
 )
 
-// AuditRow is one column or sequence that cannot hold global values yet.
-type AuditRow struct {
-	What      string  `json:"what"`
-	Table     string  `json:"table"`
-	Column    *string `json:"column"`
-	Type      string  `json:"type"`
-	Statement string  `json:"statement"`
-}
-
-func (d *Daemon) audit(ctx context.Context) ([]AuditRow, error) {
+func (d *Daemon) audit(ctx context.Context) ([]api.AuditRow, error) {
 	rows, err := d.db.Query(ctx, `SELECT what, table_name, column_name, data_type, statement
 		FROM pgmesh.sequence_audit ORDER BY step, table_name, column_name`)
 	if err != nil {
 		return nil, fmt.Errorf("read pgmesh.sequence_audit: %w", err)
 	}
-	return pgx.CollectRows(rows, func(r pgx.CollectableRow) (AuditRow, error) {
-		var a AuditRow
+	return pgx.CollectRows(rows, func(r pgx.CollectableRow) (api.AuditRow, error) {
+		var a api.AuditRow
 		return a, r.Scan(&a.What, &a.Table, &a.Column, &a.Type, &a.Statement)
 	})
 }
@@ -61,17 +53,10 @@ func (d *Daemon) handleAudit(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, rows)
 }
 
-// ConvertRequest converts sequences to a global kind on every node.
-type ConvertRequest struct {
-	Kind      string   `json:"kind"` // timeshard or galloc
-	Sequences []string `json:"sequences,omitempty"`
-	ChunkSize int64    `json:"chunk_size,omitempty"`
-}
-
 // handleConvert converts each sequence on every active node, one sequence at
 // a time through the setting fan-out.
 func (d *Daemon) handleConvert(w http.ResponseWriter, r *http.Request) {
-	var req ConvertRequest
+	var req api.ConvertRequest
 	if err := readJSON(r, &req); err != nil {
 		writeErr(w, 0, err)
 		return
@@ -115,13 +100,18 @@ func (d *Daemon) handleConvert(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		minStart = max(minStart, highest+1)
-		if _, err := d.everywhere(ctx, SettingRequest{Kind: req.Kind, Table: name, Size: req.ChunkSize, MinStart: minStart}); err != nil {
+		conv := &api.SequenceSetting{Sequence: name, ChunkSize: req.ChunkSize, MinStart: minStart}
+		s := api.Setting{Timeshard: conv}
+		if req.Kind == "galloc" {
+			s = api.Setting{Galloc: conv}
+		}
+		if _, err := d.everywhere(ctx, s); err != nil {
 			writeErr(w, http.StatusBadGateway, fmt.Errorf("convert %s: %w", name, err))
 			return
 		}
 		done = append(done, name)
 	}
-	writeJSON(w, http.StatusOK, SettingResponse{Nodes: done})
+	writeJSON(w, http.StatusOK, api.SettingResponse{Nodes: done})
 }
 
 // ownedMax is the largest value in the column that owns (or defaults to) seq.
@@ -149,22 +139,14 @@ func (d *Daemon) ownedMax(ctx context.Context, seq string) (int64, error) {
 	return highest, nil
 }
 
-// SequenceInfo describes a global sequence for `pgmesh sequences show`.
-type SequenceInfo struct {
-	Sequence  string             `json:"sequence"`
-	Kind      string             `json:"kind"`
-	ChunkSize *int64             `json:"chunk_size,omitempty"`
-	Chunks    []membership.Chunk `json:"chunks,omitempty"`
-}
-
 func (d *Daemon) handleSequences(w http.ResponseWriter, r *http.Request) {
 	rows, err := d.db.Query(r.Context(), `SELECT seq, kind, chunk_size FROM pgmesh.global_sequence ORDER BY seq`)
 	if err != nil {
 		writeErr(w, http.StatusInternalServerError, err)
 		return
 	}
-	out, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (SequenceInfo, error) {
-		var s SequenceInfo
+	out, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (api.SequenceInfo, error) {
+		var s api.SequenceInfo
 		return s, row.Scan(&s.Sequence, &s.Kind, &s.ChunkSize)
 	})
 	if err != nil {
@@ -181,15 +163,8 @@ func (d *Daemon) handleSequences(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, out)
 }
 
-type gallocRequest struct {
-	Seq      string `json:"seq"`
-	Node     string `json:"node"`
-	Size     int64  `json:"size"`
-	MinStart int64  `json:"min_start"`
-}
-
 func (d *Daemon) handleClusterGalloc(w http.ResponseWriter, r *http.Request) {
-	var req gallocRequest
+	var req api.GallocRequest
 	if _, ok := d.onLeader(w, r, &req); !ok {
 		return
 	}
@@ -208,9 +183,11 @@ func (d *Daemon) allocChunk(ctx context.Context, seq string, size, minStart int6
 	}
 	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	var ch membership.Chunk
-	err := d.callLeader(cctx, "/v1/cluster/galloc", gallocRequest{Seq: seq, Node: d.cfg.NodeName, Size: size, MinStart: minStart}, &ch,
-		errors.New("the node group has no Raft leader (no quorum?), so no new chunk can be drawn"))
+	leader, err := d.leader(errors.New("the node group has no Raft leader (no quorum?), so no new chunk can be drawn"))
+	if err != nil {
+		return nil, err
+	}
+	ch, err := leader.Galloc(cctx, api.GallocRequest{Seq: seq, Node: d.cfg.NodeName, Size: size, MinStart: minStart})
 	return &ch, err
 }
 

@@ -7,19 +7,10 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/pgmesh/pgmesh/api"
 	"github.com/pgmesh/pgmesh/membership"
 	"github.com/pgmesh/pgmesh/origin"
 )
-
-// SlotStatus is the slot on this node that a peer consumes, and the WAL it
-// holds back here.
-type SlotStatus struct {
-	Peer          string `json:"peer"`
-	Active        bool   `json:"active"`
-	RetainedBytes int64  `json:"retained_bytes"`
-	// Lagging is set past wal_retention_warn.
-	Lagging bool `json:"lagging"`
-}
 
 // checkSlots reports the WAL each peer's slot retains here, warns past
 // wal_retention_warn, and drops a slot whose peer is away past
@@ -31,10 +22,10 @@ func (d *Daemon) checkSlots(ctx context.Context, g *membership.Group, problems *
 	if err != nil {
 		return fmt.Errorf("read replication slots: %w", err)
 	}
-	var slots []SlotStatus
+	var slots []api.SlotStatus
 	for rows.Next() {
 		var name string
-		var s SlotStatus
+		var s api.SlotStatus
 		if err := rows.Scan(&name, &s.RetainedBytes, &s.Active); err != nil {
 			return err
 		}

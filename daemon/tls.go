@@ -2,13 +2,10 @@ package daemon
 
 import (
 	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"fmt"
-	"net/http"
-	"os"
-	"sync/atomic"
-	"time"
+
+	"github.com/pgmesh/pgmesh/api"
 )
 
 // TLS for the API and Raft ports. With tls_cert_file and tls_key_file set,
@@ -46,7 +43,7 @@ func loadTLS(c Config) (*tlsSetup, error) {
 	if err != nil {
 		return nil, fmt.Errorf("load tls_cert_file %s and tls_key_file %s: %w: give a PEM certificate and its private key", c.TLSCertFile, c.TLSKeyFile, err)
 	}
-	pool, err := loadCA(c.TLSCAFile)
+	pool, err := api.LoadCA(c.TLSCAFile)
 	if err != nil {
 		return nil, err
 	}
@@ -57,52 +54,4 @@ func loadTLS(c Config) (*tlsSetup, error) {
 	client := base.Clone()
 	client.RootCAs = pool
 	return &tlsSetup{api: api, raft: raft, client: client}, nil
-}
-
-func loadCA(path string) (*x509.CertPool, error) {
-	pem, err := os.ReadFile(path)
-	if err != nil {
-		return nil, fmt.Errorf("read tls_ca_file: %w", err)
-	}
-	pool := x509.NewCertPool()
-	if !pool.AppendCertsFromPEM(pem) {
-		return nil, fmt.Errorf("tls_ca_file %s holds no PEM certificate: give the group's CA certificate", path)
-	}
-	return pool, nil
-}
-
-// clients are the HTTP clients Call uses, plain or over TLS.
-var (
-	plainClient = &http.Client{Timeout: 5 * time.Minute}
-	tlsClient   atomic.Pointer[http.Client]
-)
-
-// SetClientTLS makes Call speak HTTPS, verifying daemons with cfg (nil goes
-// back to plain HTTP). A process talks to one node group, so this is set
-// once: by the daemon from its own settings, by the CLI from --tls-ca-file.
-func SetClientTLS(cfg *tls.Config) {
-	if cfg == nil {
-		tlsClient.Store(nil)
-		return
-	}
-	tlsClient.Store(&http.Client{Timeout: 5 * time.Minute,
-		Transport: &http.Transport{TLSClientConfig: cfg, ForceAttemptHTTP2: true}})
-}
-
-// UseCA makes Call speak HTTPS, trusting the CA certificate in path.
-func UseCA(path string) error {
-	pool, err := loadCA(path)
-	if err != nil {
-		return err
-	}
-	SetClientTLS(&tls.Config{MinVersion: tls.VersionTLS12, RootCAs: pool})
-	return nil
-}
-
-// apiClient returns the client and URL scheme for Call.
-func apiClient() (*http.Client, string) {
-	if c := tlsClient.Load(); c != nil {
-		return c, "https://"
-	}
-	return plainClient, "http://"
 }

@@ -19,6 +19,7 @@ import (
 	"github.com/jackc/pgx/v5/pgproto3"
 
 	"github.com/pgmesh/pgmesh/conflict"
+	"github.com/pgmesh/pgmesh/internal/pgsession"
 	"github.com/pgmesh/pgmesh/origin"
 )
 
@@ -192,18 +193,10 @@ func (s *Stream) runOnce(ctx context.Context) error {
 // always qualified, so nothing in a user schema can hijack them), and the
 // peer's replication origin.
 func (s *Stream) connectApply(ctx context.Context) (*pgx.Conn, pglogrepl.LSN, error) {
-	cfg, err := pgx.ParseConfig(s.cfg.LocalDSN)
-	if err != nil {
-		return nil, 0, fmt.Errorf("parse local dsn: %w", err)
-	}
-	cfg.RuntimeParams["application_name"] = "pgmesh apply from " + s.cfg.Peer.Name
-	cfg.RuntimeParams["session_replication_role"] = "replica"
-	cfg.RuntimeParams["search_path"] = ""
-	cfg.RuntimeParams["default_transaction_read_only"] = "off"
 	// A backend waiting for its clock (pgmesh.wait_for_clock) notices a
 	// daemon that went away within a second, instead of when it next writes.
-	cfg.RuntimeParams["client_connection_check_interval"] = "1000"
-	conn, err := pgx.ConnectConfig(ctx, cfg)
+	conn, err := pgsession.Connect(ctx, s.cfg.LocalDSN, "pgmesh apply from "+s.cfg.Peer.Name, pgsession.Applier,
+		pgsession.Settings{"search_path": "", "client_connection_check_interval": "1000"})
 	if err != nil {
 		return nil, 0, fmt.Errorf("connect to local Postgres: %w", err)
 	}
@@ -448,12 +441,8 @@ type probe struct {
 // server could not be asked.
 func (p *probe) sample(ctx context.Context) (offset time.Duration, lsn pglogrepl.LSN, ok bool) {
 	if p.conn == nil {
-		cfg, err := pgx.ParseConfig(p.dsn)
-		if err != nil {
-			return 0, 0, false
-		}
-		cfg.RuntimeParams["application_name"] = "pgmesh lag probe"
-		if p.conn, err = pgx.ConnectConfig(ctx, cfg); err != nil {
+		var err error
+		if p.conn, err = pgsession.Connect(ctx, p.dsn, "pgmesh lag probe"); err != nil {
 			return 0, 0, false
 		}
 	}

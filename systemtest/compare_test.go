@@ -12,7 +12,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/pgmesh/pgmesh/daemon"
+	"github.com/pgmesh/pgmesh/api"
 	"github.com/pgmesh/pgmesh/internal/localmesh"
 )
 
@@ -33,10 +33,10 @@ func drift(t *testing.T, ctx context.Context, n *localmesh.Node, sql string) {
 	}
 }
 
-func compareJSON(t *testing.T, ctx context.Context, n *localmesh.Node, args ...string) (daemon.CompareResponse, string, error) {
+func compareJSON(t *testing.T, ctx context.Context, n *localmesh.Node, args ...string) (api.CompareResponse, string, error) {
 	t.Helper()
 	out, stderr, err := n.CLI(ctx, append([]string{"compare", "--json"}, args...)...)
-	var rep daemon.CompareResponse
+	var rep api.CompareResponse
 	if jerr := json.Unmarshal([]byte(out), &rep); jerr != nil {
 		t.Fatalf("pgmesh compare --json printed no JSON (%v): %s %s", jerr, out, stderr)
 	}

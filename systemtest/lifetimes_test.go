@@ -8,7 +8,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/pgmesh/pgmesh/daemon"
+	"github.com/pgmesh/pgmesh/api"
 )
 
 // While a joining node holds a member's streams for its snapshot, and a
@@ -19,15 +19,12 @@ func TestHealthAnswersWhileStreamsAreHeld(t *testing.T) {
 	nodes := mesh(t, ctx, `CREATE TABLE kv (k int PRIMARY KEY, v text)`, "a", "b", "c")
 	a, b := nodes[0], nodes[1]
 	token := joinToken(t, ctx, a)
-	var pause struct {
-		ID string `json:"id"`
-	}
-	if err := daemon.Call(ctx, a.API, http.MethodPost, "/v1/cluster/pause", token, struct{}{}, &pause); err != nil {
+	member := a.Client(token)
+	pause, err := member.Pause(ctx)
+	if err != nil {
 		t.Fatal(err)
 	}
-	defer func() {
-		_ = daemon.Call(ctx, a.API, http.MethodPost, "/v1/cluster/resume", token, map[string]string{"id": pause.ID}, nil)
-	}()
+	defer func() { _, _ = member.Resume(ctx, api.ResumeRequest(pause)) }()
 	// c leaves while a's streams are held: a must stop its stream from c.
 	if out, stderr, err := b.CLI(ctx, "node", "part", "c", "--force"); err != nil {
 		t.Fatalf("part: %v %s %s", err, out, stderr)

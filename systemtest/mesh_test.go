@@ -5,9 +5,10 @@ package systemtest
 import (
 	"fmt"
 
-	"github.com/pgmesh/pgmesh/internal/localmesh"
 	"testing"
 	"time"
+
+	"github.com/pgmesh/pgmesh/internal/localmesh"
 )
 
 const itemsSchema = `CREATE TABLE items (id bigint PRIMARY KEY, origin text NOT NULL, n int NOT NULL DEFAULT 0)`

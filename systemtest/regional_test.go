@@ -17,19 +17,19 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/prometheus/common/expfmt"
 
-	"github.com/pgmesh/pgmesh/daemon"
+	"github.com/pgmesh/pgmesh/api"
 	"github.com/pgmesh/pgmesh/flyreplay"
 	"github.com/pgmesh/pgmesh/internal/localmesh"
 )
 
-func getHealth(ctx context.Context, n *localmesh.Node) (int, daemon.HealthReport, error) {
+func getHealth(ctx context.Context, n *localmesh.Node) (int, api.HealthReport, error) {
 	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+n.API+"/health", nil)
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
-		return 0, daemon.HealthReport{}, err
+		return 0, api.HealthReport{}, err
 	}
 	defer resp.Body.Close()
-	var rep daemon.HealthReport
+	var rep api.HealthReport
 	err = json.NewDecoder(resp.Body).Decode(&rep)
 	return resp.StatusCode, rep, err
 }

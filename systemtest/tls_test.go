@@ -21,7 +21,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/pgmesh/pgmesh/daemon"
+	"github.com/pgmesh/pgmesh/api"
 	"github.com/pgmesh/pgmesh/internal/localmesh"
 	"github.com/pgmesh/pgmesh/internal/pgtest"
 )
@@ -76,10 +76,10 @@ func TestTLSEverywhere(t *testing.T) {
 	const secret = "s3cret-Pa55word"
 	pki := newPKI(t, t.TempDir())
 	// The test process and the CLI it runs speak HTTPS to the daemons.
-	if err := daemon.UseCA(pki.caFile); err != nil {
+	https, err := api.CATransport(pki.caFile)
+	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { daemon.SetClientTLS(nil) })
 	t.Setenv("PGMESH_TLS_CA_FILE", pki.caFile)
 
 	var nodes []*localmesh.Node
@@ -89,6 +89,7 @@ func TestTLSEverywhere(t *testing.T) {
 			t.Fatal(err)
 		}
 		keepLogs(t, n)
+		n.Transport = https
 		mustExec(t, ctx, n, joinSchema)
 		// The password is ignored by the test clusters (trust), but must
 		// never leave the node: not into the Raft log, status or logs.

@@ -6,7 +6,7 @@ import (
 	"fmt"
 	"time"
 
-	"github.com/pgmesh/pgmesh/daemon"
+	"github.com/pgmesh/pgmesh/api"
 	"github.com/pgmesh/pgmesh/internal/localmesh"
 	"github.com/pgmesh/pgmesh/internal/pgtest"
 )
@@ -60,7 +60,7 @@ func compareTimes(ctx context.Context, bin string, rows int) ([]result, error) {
 		start := time.Now()
 		out, stderr, err := nodes[0].CLI(ctx, "compare", "--json", "cmp")
 		took := time.Since(start)
-		var rep daemon.CompareResponse
+		var rep api.CompareResponse
 		if jerr := json.Unmarshal([]byte(out), &rep); jerr != nil || len(rep.Tables) != 1 {
 			return 0, 0, fmt.Errorf("pgmesh compare: %v %s", err, stderr)
 		}

@@ -20,6 +20,7 @@ import (
 
 	"github.com/pgmesh/pgmesh/internal/localmesh"
 	"github.com/pgmesh/pgmesh/internal/pgtest"
+	"github.com/pgmesh/pgmesh/internal/poll"
 )
 
 const schema = `CREATE TABLE accounts (
@@ -219,13 +220,12 @@ func query(ctx context.Context, n *localmesh.Node, sql string) ([]string, error)
 // waitSame waits until sql returns the same rows on every node (and, if
 // want is set, that value).
 func waitSame(ctx context.Context, nodes []*localmesh.Node, sql, want string) error {
-	deadline := time.Now().Add(30 * time.Second)
-	for {
+	return poll.Until(ctx, 100*time.Millisecond, 30*time.Second, func() error {
 		var vals []string
 		for _, n := range nodes {
 			rows, err := query(ctx, n, sql)
 			if err != nil {
-				return err
+				return poll.Stop(err)
 			}
 			vals = append(vals, strings.Join(rows, ";"))
 		}
@@ -236,9 +236,6 @@ func waitSame(ctx context.Context, nodes []*localmesh.Node, sql, want string) er
 		if same && (want == "" || strings.Trim(vals[0], "()") == want) {
 			return nil
 		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("nodes did not converge on %q within 30s: %v", sql, vals)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+		return fmt.Errorf("nodes did not converge on %q within 30s: %v", sql, vals)
+	})
 }

@@ -1,36 +1,52 @@
 package main
 
 import (
-	"context"
 	"flag"
 	"os"
 
+	"github.com/pgmesh/pgmesh/api"
 	"github.com/pgmesh/pgmesh/daemon"
 )
 
-// caFile is --tls-ca-file of the command being run.
-var caFile *string
+// daemonFlags are a CLI command's --api and --tls-ca-file.
+type daemonFlags struct {
+	addr, caFile *string
+}
 
 // apiFlag adds --api (and --tls-ca-file) to a CLI command's flags.
-func apiFlag(fs *flag.FlagSet) *string {
+func apiFlag(fs *flag.FlagSet) *daemonFlags {
 	def := os.Getenv("PGMESH_API")
 	if def == "" {
 		def = daemon.DefaultListenAPI
 	}
-	caFile = fs.String("tls-ca-file", os.Getenv("PGMESH_TLS_CA_FILE"),
-		"the group's CA certificate, for a daemon whose API serves HTTPS (env PGMESH_TLS_CA_FILE)")
-	return fs.String("api", def, "address of the local pgmesh daemon's API (env PGMESH_API)")
+	return &daemonFlags{
+		addr: fs.String("api", def, "address of the local pgmesh daemon's API (env PGMESH_API)"),
+		caFile: fs.String("tls-ca-file", os.Getenv("PGMESH_TLS_CA_FILE"),
+			"the group's CA certificate, for a daemon whose API serves HTTPS (env PGMESH_TLS_CA_FILE)"),
+	}
 }
 
-// call talks to the local daemon.
-func call(ctx context.Context, api, method, path string, in, out any) error {
-	if caFile != nil && *caFile != "" {
-		if err := daemon.UseCA(*caFile); err != nil {
-			return err
+// client returns a client of the local daemon. From another host the daemon
+// wants the group's token, which the command takes from PGMESH_TOKEN.
+func (f *daemonFlags) client() (*api.Client, error) {
+	t := api.NewTransport(nil)
+	if *f.caFile != "" {
+		var err error
+		if t, err = api.CATransport(*f.caFile); err != nil {
+			return nil, err
 		}
 	}
-	// From another host the daemon wants the group's token.
-	return daemon.Call(ctx, api, method, path, os.Getenv("PGMESH_TOKEN"), in, out)
+	return t.Client(*f.addr, os.Getenv("PGMESH_TOKEN")), nil
+}
+
+// withClient runs fn with a client of the local daemon.
+func withClient[T any](f *daemonFlags, fn func(*api.Client) (T, error)) (T, error) {
+	c, err := f.client()
+	if err != nil {
+		var zero T
+		return zero, err
+	}
+	return fn(c)
 }
 
 // parseInterleaved parses flags that may come before or after positional

@@ -8,13 +8,12 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"net/http"
 	"os"
 	"strings"
 	"time"
 
+	"github.com/pgmesh/pgmesh/api"
 	"github.com/pgmesh/pgmesh/compare"
-	"github.com/pgmesh/pgmesh/daemon"
 )
 
 // errDrift ends pgmesh compare with exit code 1 when nodes differ.
@@ -22,7 +21,7 @@ var errDrift = errors.New("nodes hold different rows")
 
 func cmdCompare(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("pgmesh compare", flag.ContinueOnError)
-	api := apiFlag(fs)
+	target := apiFlag(fs)
 	asJSON := fs.Bool("json", false, "print JSON")
 	chunk := fs.Int("chunk-rows", 10000, "rows per hashed chunk: smaller chunks read fewer rows where nodes differ")
 	tables, err := parseInterleaved(fs, args)
@@ -32,7 +31,7 @@ func cmdCompare(ctx context.Context, args []string) error {
 	if *chunk < 1 {
 		return fmt.Errorf("--chunk-rows %d: give a positive number", *chunk)
 	}
-	rep, err := compareTables(ctx, *api, tables, daemon.CompareRequest{ChunkRows: *chunk})
+	rep, err := compareTables(ctx, target, tables, api.CompareRequest{ChunkRows: *chunk})
 	if err != nil {
 		return err
 	}
@@ -51,7 +50,7 @@ func cmdCompare(ctx context.Context, args []string) error {
 
 func cmdRepair(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("pgmesh repair", flag.ContinueOnError)
-	api := apiFlag(fs)
+	target := apiFlag(fs)
 	dry := fs.Bool("dry-run", false, "print what would be written, write nothing")
 	asJSON := fs.Bool("json", false, "print JSON")
 	tables, err := parseInterleaved(fs, args)
@@ -61,7 +60,7 @@ func cmdRepair(ctx context.Context, args []string) error {
 	if len(tables) == 0 {
 		return errors.New("name the tables to repair (pgmesh repair TABLE...): run pgmesh compare first to see which differ")
 	}
-	rep, err := compareTables(ctx, *api, tables, daemon.CompareRequest{Repair: true, DryRun: *dry})
+	rep, err := compareTables(ctx, target, tables, api.CompareRequest{Repair: true, DryRun: *dry})
 	if err != nil {
 		return err
 	}
@@ -89,21 +88,25 @@ func cmdRepair(ctx context.Context, args []string) error {
 
 // compareTables compares the tables one request at a time, with a progress
 // line on a terminal.
-func compareTables(ctx context.Context, api string, tables []string, req daemon.CompareRequest) (daemon.CompareResponse, error) {
-	var list daemon.CompareResponse
-	if err := call(ctx, api, http.MethodPost, "/v1/compare", daemon.CompareRequest{Tables: tables, ListOnly: true}, &list); err != nil {
+func compareTables(ctx context.Context, target *daemonFlags, tables []string, req api.CompareRequest) (api.CompareResponse, error) {
+	c, err := target.client()
+	if err != nil {
+		return api.CompareResponse{}, err
+	}
+	list, err := c.Compare(ctx, api.CompareRequest{Tables: tables, ListOnly: true})
+	if err != nil {
 		return list, err
 	}
 	tty := isTerminal(os.Stderr)
-	var out daemon.CompareResponse
+	var out api.CompareResponse
 	for i, t := range list.Names {
 		if tty {
 			fmt.Fprintf(os.Stderr, "\rcomparing %s (%d of %d)...\033[K", t, i+1, len(list.Names))
 		}
 		r := req
 		r.Tables = []string{t}
-		var one daemon.CompareResponse
-		if err := call(ctx, api, http.MethodPost, "/v1/compare", r, &one); err != nil {
+		one, err := c.Compare(ctx, r)
+		if err != nil {
 			if tty {
 				fmt.Fprintln(os.Stderr)
 			}
@@ -119,7 +122,7 @@ func compareTables(ctx context.Context, api string, tables []string, req daemon.
 	return out, nil
 }
 
-func countDiffs(rep daemon.CompareResponse) int {
+func countDiffs(rep api.CompareResponse) int {
 	n := 0
 	for _, t := range rep.Tables {
 		n += len(t.Diffs)
@@ -127,7 +130,7 @@ func countDiffs(rep daemon.CompareResponse) int {
 	return n
 }
 
-func printCompare(w io.Writer, rep daemon.CompareResponse) {
+func printCompare(w io.Writer, rep api.CompareResponse) {
 	fmt.Fprintf(w, "nodes: %s\n", strings.Join(rep.Nodes, ", "))
 	for _, t := range rep.Tables {
 		name, where := t.Table, "every node"

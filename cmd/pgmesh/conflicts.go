@@ -7,19 +7,18 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"net/http"
 	"net/url"
 	"os"
 	"strconv"
 	"text/tabwriter"
 	"time"
 
-	"github.com/pgmesh/pgmesh/daemon"
+	"github.com/pgmesh/pgmesh/api"
 )
 
 func cmdConflicts(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("pgmesh conflicts", flag.ContinueOnError)
-	api := apiFlag(fs)
+	target := apiFlag(fs)
 	asJSON := fs.Bool("json", false, "print JSON")
 	limit := fs.Int("limit", 20, "show at most this many, newest first")
 	table := fs.String("table", "", "only this table (schema.table; public. may be left out)")
@@ -31,8 +30,8 @@ func cmdConflicts(ctx context.Context, args []string) error {
 		return fmt.Errorf("--limit %d: give a positive number", *limit)
 	}
 	q := url.Values{"limit": {strconv.Itoa(*limit)}, "table": {*table}, "type": {*typ}}
-	var rows []daemon.Conflict
-	if err := call(ctx, *api, http.MethodGet, "/v1/conflicts?"+q.Encode(), nil, &rows); err != nil {
+	rows, err := withClient(target, func(c *api.Client) ([]api.Conflict, error) { return c.Conflicts(ctx, q) })
+	if err != nil {
 		return err
 	}
 	if *asJSON {
@@ -42,7 +41,7 @@ func cmdConflicts(ctx context.Context, args []string) error {
 	return nil
 }
 
-func printConflicts(out io.Writer, rows []daemon.Conflict) {
+func printConflicts(out io.Writer, rows []api.Conflict) {
 	if len(rows) == 0 {
 		fmt.Fprintln(out, "no conflicts recorded")
 		return

@@ -5,15 +5,14 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"net/http"
 	"time"
 
-	"github.com/pgmesh/pgmesh/daemon"
+	"github.com/pgmesh/pgmesh/api"
 )
 
 func cmdDDL(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("pgmesh ddl", flag.ContinueOnError)
-	api := apiFlag(fs)
+	target := apiFlag(fs)
 	timeout := fs.Duration("timeout", 30*time.Second, "how long to wait for the DDL lock and for peers to catch up")
 	proceed := fs.Bool("proceed", false, "run even if a peer has not caught up; it applies the DDL in order when it returns")
 	pos, err := parseInterleaved(fs, args)
@@ -23,8 +22,8 @@ func cmdDDL(ctx context.Context, args []string) error {
 	if len(pos) != 1 {
 		return errors.New(`ddl takes one argument, the statement: pgmesh ddl "ALTER TABLE orders ADD COLUMN note text"`)
 	}
-	req := daemon.DDLRequest{SQL: pos[0], Timeout: timeout.String(), Proceed: *proceed}
-	if err := call(ctx, *api, http.MethodPost, "/v1/ddl", req, nil); err != nil {
+	req := api.DDLRequest{SQL: pos[0], Timeout: timeout.String(), Proceed: *proceed}
+	if _, err := withClient(target, func(c *api.Client) (struct{}, error) { return struct{}{}, c.DDL(ctx, req) }); err != nil {
 		return err
 	}
 	fmt.Println("ran here and sent to every node, in order with the data around it")

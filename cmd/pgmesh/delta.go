@@ -4,10 +4,9 @@ import (
 	"context"
 	"flag"
 	"fmt"
-	"net/http"
 	"strings"
 
-	"github.com/pgmesh/pgmesh/daemon"
+	"github.com/pgmesh/pgmesh/api"
 )
 
 func cmdDeltaColumn(ctx context.Context, args []string) error {
@@ -23,7 +22,7 @@ func cmdHomeColumn(ctx context.Context, args []string) error {
 // setOnEveryNode runs `pgmesh KIND-column [--unset] TABLE COLUMN`.
 func setOnEveryNode(ctx context.Context, kind string, args []string, set, unsetMsg string) error {
 	fs := flag.NewFlagSet("pgmesh "+kind+"-column", flag.ContinueOnError)
-	api := apiFlag(fs)
+	target := apiFlag(fs)
 	unset := fs.Bool("unset", false, "undo the setting")
 	pos, err := parseInterleaved(fs, args)
 	if err != nil {
@@ -32,9 +31,13 @@ func setOnEveryNode(ctx context.Context, kind string, args []string, set, unsetM
 	if len(pos) != 2 {
 		return fmt.Errorf("%s-column takes a table and a column: pgmesh %s-column TABLE COLUMN", kind, kind)
 	}
-	var resp daemon.SettingResponse
-	req := daemon.SettingRequest{Kind: kind, Table: pos[0], Column: pos[1], Enabled: !*unset}
-	if err := call(ctx, *api, http.MethodPost, "/v1/setting", req, &resp); err != nil {
+	col := &api.ColumnSetting{Table: pos[0], Column: pos[1], Enabled: !*unset}
+	req := api.Setting{DeltaColumn: col}
+	if kind == "home" {
+		req = api.Setting{HomeColumn: col}
+	}
+	resp, err := withClient(target, func(c *api.Client) (api.SettingResponse, error) { return c.Setting(ctx, req) })
+	if err != nil {
 		return err
 	}
 	what := set

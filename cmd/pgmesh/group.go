@@ -6,17 +6,16 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"net/http"
 	"os"
 	"strings"
 	"time"
 
-	"github.com/pgmesh/pgmesh/daemon"
+	"github.com/pgmesh/pgmesh/api"
 )
 
 func cmdGroupCreate(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("pgmesh group create", flag.ContinueOnError)
-	api := apiFlag(fs)
+	target := apiFlag(fs)
 	pos, err := parseInterleaved(fs, args)
 	if err != nil {
 		return err
@@ -24,8 +23,10 @@ func cmdGroupCreate(ctx context.Context, args []string) error {
 	if len(pos) != 1 {
 		return errors.New("group create takes one argument, the group name: pgmesh group create NAME")
 	}
-	var resp daemon.CreateResponse
-	if err := call(ctx, *api, http.MethodPost, "/v1/group/create", daemon.CreateRequest{Name: pos[0]}, &resp); err != nil {
+	resp, err := withClient(target, func(c *api.Client) (api.CreateResponse, error) {
+		return c.CreateGroup(ctx, api.CreateRequest{Name: pos[0]})
+	})
+	if err != nil {
 		return err
 	}
 	fmt.Printf("created node group %q with node %q (id %d)\n", resp.Group, resp.Node.Name, resp.Node.ID)
@@ -36,7 +37,7 @@ func cmdGroupCreate(ctx context.Context, args []string) error {
 
 func cmdGroupJoin(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("pgmesh group join", flag.ContinueOnError)
-	api := apiFlag(fs)
+	target := apiFlag(fs)
 	via := fs.String("via", "", "API address (host:port) of any member of the group")
 	token := fs.String("token", "", "the group's join token (printed by 'pgmesh group create')")
 	noWait := fs.Bool("no-wait", false, "return once the join has started; follow it with 'pgmesh status'")
@@ -50,8 +51,10 @@ func cmdGroupJoin(ctx context.Context, args []string) error {
 	if *via == "" || *token == "" {
 		return errors.New("group join needs --via HOST:PORT (a member's API address) and --token T (printed by 'pgmesh group create')")
 	}
-	var resp daemon.JoinResponse
-	if err := call(ctx, *api, http.MethodPost, "/v1/group/join", daemon.JoinRequest{Via: *via, Token: *token}, &resp); err != nil {
+	resp, err := withClient(target, func(c *api.Client) (api.JoinResponse, error) {
+		return c.JoinGroup(ctx, api.JoinRequest{Via: *via, Token: *token})
+	})
+	if err != nil {
 		return err
 	}
 	fmt.Printf("node %q registered in node group %q as id %d; copying schema and data from %s\n", resp.Node.Name, resp.Group, resp.Node.ID, *via)
@@ -59,17 +62,21 @@ func cmdGroupJoin(ctx context.Context, args []string) error {
 		fmt.Println("the join goes on in the background: follow it with 'pgmesh status' or SELECT * FROM pgmesh.join_progress")
 		return nil
 	}
-	return followJoin(ctx, *api, os.Stdout)
+	c, err := target.client()
+	if err != nil {
+		return err
+	}
+	return followJoin(ctx, c, os.Stdout)
 }
 
 // followJoin prints the join's progress until the node is active or the
 // join fails.
-func followJoin(ctx context.Context, api string, out io.Writer) error {
+func followJoin(ctx context.Context, c *api.Client, out io.Writer) error {
 	tty := isTerminal(out)
 	last := ""
 	for {
-		var rep daemon.StatusReport
-		if err := call(ctx, api, http.MethodGet, "/v1/status", nil, &rep); err != nil {
+		rep, err := c.Status(ctx)
+		if err != nil {
 			return err
 		}
 		j := rep.Join
@@ -104,7 +111,7 @@ func followJoin(ctx context.Context, api string, out io.Writer) error {
 	}
 }
 
-func progressLine(j *daemon.JoinStatus) string {
+func progressLine(j *api.JoinStatus) string {
 	if j.Phase != "copying data" || j.BytesTotal == 0 {
 		return j.Phase
 	}

@@ -5,11 +5,10 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"net/http"
 	"os"
 	"strings"
 
-	"github.com/pgmesh/pgmesh/daemon"
+	"github.com/pgmesh/pgmesh/api"
 )
 
 // repsetForms is the usage line errors point to.
@@ -21,7 +20,7 @@ func cmdRepset(ctx context.Context, args []string) error {
 	}
 	action := args[0]
 	fs := flag.NewFlagSet("pgmesh repset "+action, flag.ContinueOnError)
-	api := apiFlag(fs)
+	target := apiFlag(fs)
 	asJSON := fs.Bool("json", false, "print JSON")
 	var nodes, where, columns *string
 	var sync *bool
@@ -44,8 +43,8 @@ func cmdRepset(ctx context.Context, args []string) error {
 		if len(pos) > 0 {
 			return fmt.Errorf("pgmesh repset list takes no arguments")
 		}
-		var out daemon.RepsetsResponse
-		if err := call(ctx, *api, http.MethodGet, "/v1/repsets", nil, &out); err != nil {
+		out, err := withClient(target, func(c *api.Client) (api.RepsetsResponse, error) { return c.Repsets(ctx) })
+		if err != nil {
 			return err
 		}
 		if *asJSON {
@@ -57,7 +56,7 @@ func cmdRepset(ctx context.Context, args []string) error {
 	if len(pos) == 0 {
 		return fmt.Errorf("name the replication set: %s", repsetForms)
 	}
-	req := daemon.RepsetRequest{Action: action, Set: pos[0], Tables: pos[1:]}
+	req := api.RepsetRequest{Action: action, Set: pos[0], Tables: pos[1:]}
 	switch action {
 	case "create", "drop":
 		if len(pos) > 1 {
@@ -74,8 +73,8 @@ func cmdRepset(ctx context.Context, args []string) error {
 			req.Where, req.Columns, req.Sync = *where, splitList(*columns), *sync
 		}
 	}
-	var out daemon.RepsetsResponse
-	if err := call(ctx, *api, http.MethodPost, "/v1/repset", req, &out); err != nil {
+	out, err := withClient(target, func(c *api.Client) (api.RepsetsResponse, error) { return c.EditRepset(ctx, req) })
+	if err != nil {
 		return err
 	}
 	if *asJSON {
@@ -103,7 +102,7 @@ func splitList(s string) []string {
 	return out
 }
 
-func printRepsets(w io.Writer, out daemon.RepsetsResponse) {
+func printRepsets(w io.Writer, out api.RepsetsResponse) {
 	for _, s := range out.Sets {
 		members := "every node"
 		if !s.AllNodes {

@@ -5,12 +5,11 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"net/http"
 	"os"
 	"strings"
 	"text/tabwriter"
 
-	"github.com/pgmesh/pgmesh/daemon"
+	"github.com/pgmesh/pgmesh/api"
 )
 
 func cmdSequences(ctx context.Context, args []string) error {
@@ -32,23 +31,27 @@ func cmdSequences(ctx context.Context, args []string) error {
 // non-zero while anything remains, so it can gate a deployment.
 func cmdSequencesAudit(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("pgmesh sequences audit", flag.ContinueOnError)
-	api := apiFlag(fs)
+	target := apiFlag(fs)
 	apply := fs.Bool("apply", false, "run the statements on every node (rewrites the tables)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	var rows []daemon.AuditRow
-	if err := call(ctx, *api, http.MethodGet, "/v1/sequences/audit", nil, &rows); err != nil {
+	c, err := target.client()
+	if err != nil {
+		return err
+	}
+	rows, err := c.Audit(ctx)
+	if err != nil {
 		return err
 	}
 	if len(rows) > 0 && *apply {
 		fmt.Fprintln(os.Stderr, "applying on every node; ALTER ... TYPE bigint rewrites each table and locks it meanwhile")
-		var resp daemon.SettingResponse
-		if err := call(ctx, *api, http.MethodPost, "/v1/setting", daemon.SettingRequest{Kind: "bigint"}, &resp); err != nil {
+		resp, err := c.Setting(ctx, api.Setting{BigintAudit: true})
+		if err != nil {
 			return err
 		}
 		fmt.Printf("applied on: %s\n", strings.Join(resp.Nodes, ", "))
-		if err := call(ctx, *api, http.MethodGet, "/v1/sequences/audit", nil, &rows); err != nil {
+		if rows, err = c.Audit(ctx); err != nil {
 			return err
 		}
 	}
@@ -75,16 +78,17 @@ func cmdSequencesAudit(ctx context.Context, args []string) error {
 
 func cmdSequencesConvert(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("pgmesh sequences convert", flag.ContinueOnError)
-	api := apiFlag(fs)
+	target := apiFlag(fs)
 	kind := fs.String("kind", "timeshard", "timeshard (time/node/counter packed bigint) or galloc (chunks of a plain range)")
 	chunk := fs.Int64("chunk-size", 10000, "galloc: values per chunk")
 	pos, err := parseInterleaved(fs, args)
 	if err != nil {
 		return err
 	}
-	var resp daemon.SettingResponse
-	if err := call(ctx, *api, http.MethodPost, "/v1/sequences/convert",
-		daemon.ConvertRequest{Kind: *kind, Sequences: pos, ChunkSize: *chunk}, &resp); err != nil {
+	resp, err := withClient(target, func(c *api.Client) (api.SettingResponse, error) {
+		return c.Convert(ctx, api.ConvertRequest{Kind: *kind, Sequences: pos, ChunkSize: *chunk})
+	})
+	if err != nil {
 		return err
 	}
 	if len(resp.Nodes) == 0 {
@@ -97,13 +101,13 @@ func cmdSequencesConvert(ctx context.Context, args []string) error {
 
 func cmdSequencesShow(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("pgmesh sequences show", flag.ContinueOnError)
-	api := apiFlag(fs)
+	target := apiFlag(fs)
 	asJSON := fs.Bool("json", false, "print JSON")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	var seqs []daemon.SequenceInfo
-	if err := call(ctx, *api, http.MethodGet, "/v1/sequences", nil, &seqs); err != nil {
+	seqs, err := withClient(target, func(c *api.Client) ([]api.SequenceInfo, error) { return c.Sequences(ctx) })
+	if err != nil {
 		return err
 	}
 	if *asJSON {

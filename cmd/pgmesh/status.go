@@ -6,26 +6,26 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"net/http"
 	"os"
 	"sort"
 	"strings"
 	"text/tabwriter"
 	"time"
 
+	"github.com/pgmesh/pgmesh/api"
 	"github.com/pgmesh/pgmesh/daemon"
 	"github.com/pgmesh/pgmesh/internal/dsn"
 )
 
 func cmdStatus(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("pgmesh status", flag.ContinueOnError)
-	api := apiFlag(fs)
+	target := apiFlag(fs)
 	asJSON := fs.Bool("json", false, "print JSON")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	var rep daemon.StatusReport
-	if err := call(ctx, *api, http.MethodGet, "/v1/status", nil, &rep); err != nil {
+	rep, err := withClient(target, func(c *api.Client) (api.StatusReport, error) { return c.Status(ctx) })
+	if err != nil {
 		return err
 	}
 	if *asJSON {
@@ -41,7 +41,7 @@ func printJSON(w io.Writer, v any) error {
 	return enc.Encode(v)
 }
 
-func printStatus(out io.Writer, rep daemon.StatusReport) {
+func printStatus(out io.Writer, rep api.StatusReport) {
 	group := rep.Group
 	if group == "" {
 		group = "(none)"

@@ -4,27 +4,26 @@ import (
 	"context"
 	"flag"
 	"fmt"
-	"net/http"
 	"strings"
 	"time"
 
-	"github.com/pgmesh/pgmesh/daemon"
+	"github.com/pgmesh/pgmesh/api"
 )
 
 func cmdWait(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("pgmesh wait", flag.ContinueOnError)
-	api := apiFlag(fs)
+	target := apiFlag(fs)
 	timeout := fs.Duration("timeout", 30*time.Second, "give up after this long")
 	peers := fs.String("peers", "", "comma-separated peers to wait for (default: every active peer)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	req := daemon.WaitRequest{Timeout: timeout.String()}
+	req := api.WaitRequest{Timeout: timeout.String()}
 	if *peers != "" {
 		req.Peers = strings.Split(*peers, ",")
 	}
-	var resp daemon.WaitResponse
-	if err := call(ctx, *api, http.MethodPost, "/v1/wait", req, &resp); err != nil {
+	resp, err := withClient(target, func(c *api.Client) (api.WaitResponse, error) { return c.Wait(ctx, req) })
+	if err != nil {
 		return err
 	}
 	if !resp.Applied {

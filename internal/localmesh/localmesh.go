@@ -8,7 +8,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -17,8 +16,9 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/pgmesh/pgmesh/daemon"
+	"github.com/pgmesh/pgmesh/api"
 	"github.com/pgmesh/pgmesh/internal/pgtest"
+	"github.com/pgmesh/pgmesh/internal/poll"
 )
 
 // Build compiles the pgmesh binary into dir and returns its path.
@@ -42,6 +42,8 @@ type Node struct {
 	Bin     string
 	// ExtraArgs are added to `pgmesh run`.
 	ExtraArgs []string
+	// Transport reaches the daemon's API (nil: plain HTTP).
+	Transport *api.Transport
 
 	cmd  *exec.Cmd
 	done chan struct{}
@@ -96,24 +98,19 @@ func (n *Node) Start(ctx context.Context) error {
 		logf.Close()
 		close(n.done)
 	}()
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		var rep daemon.StatusReport
-		err := daemon.Call(ctx, n.API, http.MethodGet, "/v1/status", "", nil, &rep)
+	return poll.Until(ctx, 50*time.Millisecond, 30*time.Second, func() error {
+		_, err := n.Status(ctx)
 		if err == nil {
 			return nil
 		}
 		select {
 		case <-n.done:
 			n.cmd = nil
-			return fmt.Errorf("daemon %s exited at start:\n%s", n.Name, n.LogTail(4000))
+			return poll.Stop(fmt.Errorf("daemon %s exited at start:\n%s", n.Name, n.LogTail(4000)))
 		default:
 		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("daemon %s API did not answer within 30s: %v\n%s", n.Name, err, n.LogTail(4000))
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+		return fmt.Errorf("daemon %s API did not answer within 30s: %v\n%s", n.Name, err, n.LogTail(4000))
+	})
 }
 
 // Stop sends SIGTERM and waits for a clean exit.
@@ -174,11 +171,20 @@ func (n *Node) CLI(ctx context.Context, args ...string) (stdout, stderr string, 
 	return o.String(), e.String(), err
 }
 
+// plain reaches the daemons, which serve plain HTTP here.
+var plain = api.NewTransport(nil)
+
 // Status reads the daemon's status.
-func (n *Node) Status(ctx context.Context) (daemon.StatusReport, error) {
-	var rep daemon.StatusReport
-	err := daemon.Call(ctx, n.API, http.MethodGet, "/v1/status", "", nil, &rep)
-	return rep, err
+func (n *Node) Status(ctx context.Context) (api.StatusReport, error) {
+	return n.Client("").Status(ctx)
+}
+
+// Client is a client of the daemon's API, with token when set.
+func (n *Node) Client(token string) *api.Client {
+	if n.Transport == nil {
+		return plain.Client(n.API, token)
+	}
+	return n.Transport.Client(n.API, token)
 }
 
 // LogTail returns the end of the daemon's log.
@@ -209,8 +215,7 @@ func Form(ctx context.Context, group string, nodes ...*Node) (string, error) {
 
 // WaitConnected waits until every node streams from every other node.
 func WaitConnected(ctx context.Context, timeout time.Duration, nodes ...*Node) error {
-	deadline := time.Now().Add(timeout)
-	for {
+	return poll.Until(ctx, 100*time.Millisecond, timeout, func() error {
 		var missing []string
 		for _, n := range nodes {
 			rep, err := n.Status(ctx)
@@ -231,15 +236,8 @@ func WaitConnected(ctx context.Context, timeout time.Duration, nodes ...*Node) e
 		if len(missing) == 0 {
 			return nil
 		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("streams not connected after %s: %s", timeout, strings.Join(missing, ", "))
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(100 * time.Millisecond):
-		}
-	}
+		return fmt.Errorf("streams not connected after %s: %s", timeout, strings.Join(missing, ", "))
+	})
 }
 
 // CaughtUp waits until every peer has applied what each node had committed
@@ -263,7 +261,7 @@ func CaughtUp(ctx context.Context, timeout time.Duration, nodes ...*Node) error 
 			return fmt.Errorf("not caught up after %s: a peer of %s has not applied its changes", timeout, n.Name)
 		}
 	}
-	for {
+	return poll.Until(ctx, 200*time.Millisecond, time.Until(deadline), func() error {
 		var behind []string
 		for _, n := range nodes {
 			rep, err := n.Status(ctx)
@@ -280,13 +278,6 @@ func CaughtUp(ctx context.Context, timeout time.Duration, nodes ...*Node) error 
 		if len(behind) == 0 {
 			return nil
 		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("not caught up after %s: %s", timeout, strings.Join(behind, ", "))
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(200 * time.Millisecond):
-		}
-	}
+		return fmt.Errorf("not caught up after %s: %s", timeout, strings.Join(behind, ", "))
+	})
 }

@@ -1,0 +1,49 @@
+// Package pgsession opens the connections pgmesh makes to Postgres: each
+// named in pg_stat_activity (application_name) and with the session
+// settings its work needs, given as parameters of the startup message so
+// that they hold from the first statement.
+package pgsession
+
+import (
+	"context"
+	"fmt"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// Settings are session settings by name.
+type Settings map[string]string
+
+// Applier is how changes from peers are written: as replicated changes
+// (user triggers and foreign keys already ran on the origin), whatever the
+// database's own defaults say.
+var Applier = Settings{"session_replication_role": "replica", "default_transaction_read_only": "off"}
+
+// Writer may write even while the database is read-only for applications
+// (a joining node).
+var Writer = Settings{"default_transaction_read_only": "off"}
+
+// Config parses dsn and names the session app, with the settings of each
+// set in order (later ones win).
+func Config(dsn, app string, sets ...Settings) (*pgx.ConnConfig, error) {
+	cfg, err := pgx.ParseConfig(dsn)
+	if err != nil {
+		return nil, fmt.Errorf("parse the connection string: %w", err)
+	}
+	cfg.RuntimeParams["application_name"] = app
+	for _, s := range sets {
+		for k, v := range s {
+			cfg.RuntimeParams[k] = v
+		}
+	}
+	return cfg, nil
+}
+
+// Connect opens a session as Config describes it.
+func Connect(ctx context.Context, dsn, app string, sets ...Settings) (*pgx.Conn, error) {
+	cfg, err := Config(dsn, app, sets...)
+	if err != nil {
+		return nil, err
+	}
+	return pgx.ConnectConfig(ctx, cfg)
+}
