@@ -13,6 +13,7 @@ import (
 
 	"github.com/jackc/pgx/v5/pgconn"
 
+	"github.com/pgmesh/pgmesh/internal/bytesize"
 	"github.com/pgmesh/pgmesh/internal/dsn"
 )
 
@@ -153,7 +154,7 @@ func (c *Config) Normalize() error {
 		c.WALRetentionWarn = DefaultWALRetentionWarn
 	}
 	if c.WALRetentionMax > 0 && c.WALRetentionMax <= c.WALRetentionWarn {
-		errs = append(errs, fmt.Errorf("wal_retention_max (%s) must be larger than wal_retention_warn (%s)", FormatSize(c.WALRetentionMax), FormatSize(c.WALRetentionWarn)))
+		errs = append(errs, fmt.Errorf("wal_retention_max (%s) must be larger than wal_retention_warn (%s)", bytesize.Format(c.WALRetentionMax), bytesize.Format(c.WALRetentionWarn)))
 	}
 	if err := c.checkTLS(); err != nil {
 		errs = append(errs, err)

@@ -4,10 +4,9 @@ import (
 	"context"
 	"fmt"
 	"sort"
-	"strconv"
-	"strings"
 
 	"github.com/pgmesh/pgmesh/api"
+	"github.com/pgmesh/pgmesh/internal/bytesize"
 	"github.com/pgmesh/pgmesh/membership"
 	"github.com/pgmesh/pgmesh/origin"
 )
@@ -51,13 +50,13 @@ func (d *Daemon) checkSlots(ctx context.Context, g *membership.Group, problems *
 			if err != nil {
 				return err
 			}
-			msg := fmt.Sprintf("dropped the slot of peer %s: it held %s of WAL here, past wal_retention_max (%s); %s must be parted and join again", s.Peer, FormatSize(s.RetainedBytes), FormatSize(max), s.Peer)
+			msg := fmt.Sprintf("dropped the slot of peer %s: it held %s of WAL here, past wal_retention_max (%s); %s must be parted and join again", s.Peer, bytesize.Format(s.RetainedBytes), bytesize.Format(max), s.Peer)
 			d.log.Error(msg)
 			delete(have, s.Peer)
 			continue
 		case warn > 0 && s.RetainedBytes > warn:
 			s.Lagging = true
-			*problems = append(*problems, fmt.Sprintf("peer %s is lagging: its slot holds %s of WAL here (wal_retention_warn %s); if it is gone for good, part it (pgmesh node part %s --force)", s.Peer, FormatSize(s.RetainedBytes), FormatSize(warn), s.Peer))
+			*problems = append(*problems, fmt.Sprintf("peer %s is lagging: its slot holds %s of WAL here (wal_retention_warn %s); if it is gone for good, part it (pgmesh node part %s --force)", s.Peer, bytesize.Format(s.RetainedBytes), bytesize.Format(warn), s.Peer))
 		}
 		kept = append(kept, s)
 	}
@@ -75,39 +74,4 @@ func (d *Daemon) checkSlots(ctx context.Context, g *membership.Group, problems *
 	d.slots = kept
 	d.mu.Unlock()
 	return nil
-}
-
-// ParseSize reads a size like 512MB, 1GB, 64kB or a plain byte count
-// (units of 1024, as in postgresql.conf).
-func ParseSize(s string) (int64, error) {
-	s = strings.TrimSpace(s)
-	units := []struct {
-		suffix string
-		mult   int64
-	}{{"TB", 1 << 40}, {"GB", 1 << 30}, {"MB", 1 << 20}, {"kB", 1 << 10}, {"KB", 1 << 10}, {"B", 1}}
-	mult := int64(1)
-	for _, u := range units {
-		if strings.HasSuffix(s, u.suffix) {
-			s, mult = strings.TrimSpace(strings.TrimSuffix(s, u.suffix)), u.mult
-			break
-		}
-	}
-	n, err := strconv.ParseInt(s, 10, 64)
-	if err != nil || n < 0 {
-		return 0, fmt.Errorf("not a size")
-	}
-	return n * mult, nil
-}
-
-// FormatSize prints a byte count the way ParseSize reads it.
-func FormatSize(n int64) string {
-	switch {
-	case n >= 1<<30:
-		return fmt.Sprintf("%.1fGB", float64(n)/(1<<30))
-	case n >= 1<<20:
-		return fmt.Sprintf("%.1fMB", float64(n)/(1<<20))
-	case n >= 1<<10:
-		return fmt.Sprintf("%.1fkB", float64(n)/(1<<10))
-	}
-	return fmt.Sprintf("%dB", n)
 }

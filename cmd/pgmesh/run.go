@@ -15,6 +15,7 @@ import (
 	"gopkg.in/yaml.v3"
 
 	"github.com/pgmesh/pgmesh/daemon"
+	"github.com/pgmesh/pgmesh/internal/bytesize"
 )
 
 // configKey is one daemon setting: a YAML key, a flag (--node-name) and an
@@ -48,7 +49,7 @@ func size(key string, dst func(*daemon.Config) *int64) func(*daemon.Config, stri
 		if v == "" {
 			return nil
 		}
-		n, err := daemon.ParseSize(v)
+		n, err := bytesize.Parse(v)
 		if err != nil {
 			return fmt.Errorf("%s %q is not a size: write it like 512MB, 1GB or 64kB", key, v)
 		}

@@ -13,7 +13,7 @@ import (
 	"time"
 
 	"github.com/pgmesh/pgmesh/api"
-	"github.com/pgmesh/pgmesh/daemon"
+	"github.com/pgmesh/pgmesh/internal/bytesize"
 	"github.com/pgmesh/pgmesh/internal/dsn"
 )
 
@@ -92,7 +92,7 @@ func printStatus(out io.Writer, rep api.StatusReport) {
 		w = tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
 		fmt.Fprintln(w, "SLOT FOR\tACTIVE\tRETAINED WAL\tLAGGING")
 		for _, s := range rep.Slots {
-			fmt.Fprintf(w, "%s\t%v\t%s\t%v\n", s.Peer, s.Active, daemon.FormatSize(s.RetainedBytes), s.Lagging)
+			fmt.Fprintf(w, "%s\t%v\t%s\t%v\n", s.Peer, s.Active, bytesize.Format(s.RetainedBytes), s.Lagging)
 		}
 		w.Flush()
 	}
