@@ -116,6 +116,13 @@ type Decision struct {
 	Apply bool
 	// Reason explains the resolution in a few words, for conflict_history.
 	Reason string
+	// MergeDelta: the remote update lost, but its increments to the
+	// table's delta columns are added to the local row (Resolution Merge).
+	MergeDelta bool
+	// DeleteSelf: a remote update lost a unique-index collision, and the
+	// row it updates is removed with it, as it is on the node that wrote
+	// it once the winner arrives there.
+	DeleteSelf bool
 }
 
 // Local is what the node holds for the key a remote change addresses.
@@ -130,6 +137,19 @@ type Local struct {
 	// FullRow is true when the remote change carries every column, so an
 	// update can be applied as an insert.
 	FullRow bool
+	// Delta is true when the table has delta columns and the remote update
+	// carries the old values, so its increments can be told.
+	Delta bool
+}
+
+// Sequential reports whether a remote update or delete of an existing row
+// is an ordinary change in its origin's commit order rather than a
+// conflict: the row was last written by the same origin, or earlier in the
+// transaction being applied. It is the one case the fast path applies
+// without asking (its SQL guards compile exactly this and defer every
+// other case to Decide; sql/guard_test.go checks the two agree).
+func Sequential(l Local, remote Version) bool {
+	return l.Row != nil && (l.OwnTxn || l.Row.Known() && l.Row.Node == remote.Node)
 }
 
 // Decide settles a remote change against what the node holds for its key.
@@ -157,18 +177,18 @@ func (r Rule) Decide(change Change, l Local, remote Version) Decision {
 		}
 	}
 	local := l.Row
-	if l.OwnTxn {
-		return Decision{Apply: true}
-	}
-	if change != Insert && local.Known() && local.Node == remote.Node {
-		// The row was last written by the same origin: an ordinary
-		// sequential change, applied in that origin's commit order.
+	if l.OwnTxn || change != Insert && Sequential(l, remote) {
 		return Decision{Apply: true}
 	}
 	typ := map[Change]Type{Insert: InsertExists, Update: UpdateOriginDiffers, Delete: DeleteOriginDiffers}[change]
 	if r.Newer(remote, *local) {
 		return Decision{Conflict: true, Type: typ, Resolution: ApplyRemote, Apply: true,
 			Reason: "remote change is newer (last update wins)"}
+	}
+	if change == Update && l.Delta {
+		// Increments are never lost.
+		return Decision{Conflict: true, Type: typ, Resolution: Merge, MergeDelta: true,
+			Reason: "local row is newer; the remote increments to delta columns are added"}
 	}
 	return Decision{Conflict: true, Type: typ, Resolution: KeepLocal,
 		Reason: "local row is newer (last update wins)"}
@@ -200,6 +220,7 @@ func (r Rule) Unique(change Change, blockers []Version, remote Version) (d Decis
 		d.Resolution = KeepLocal
 		d.Reason = "a local row holding the same unique value is newer; the remote row loses"
 		if change == Update {
+			d.DeleteSelf = true
 			d.Reason += " and the row it updates is removed"
 		}
 	}

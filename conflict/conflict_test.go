@@ -54,6 +54,9 @@ func TestDecide(t *testing.T) {
 		{"update row written in this txn", Update, Local{Row: newer, OwnTxn: true}, Decision{Apply: true}},
 		{"update origin differs, remote newer", Update, Local{Row: older}, Decision{Conflict: true, Type: UpdateOriginDiffers, Resolution: ApplyRemote, Apply: true}},
 		{"update origin differs, local newer", Update, Local{Row: newer}, Decision{Conflict: true, Type: UpdateOriginDiffers, Resolution: KeepLocal}},
+		{"update of delta columns, local newer", Update, Local{Row: newer, Delta: true}, Decision{Conflict: true, Type: UpdateOriginDiffers, Resolution: Merge, MergeDelta: true}},
+		{"update of delta columns, remote newer", Update, Local{Row: older, Delta: true}, Decision{Conflict: true, Type: UpdateOriginDiffers, Resolution: ApplyRemote, Apply: true}},
+		{"delete, delta columns, local newer", Delete, Local{Row: newer, Delta: true}, Decision{Conflict: true, Type: DeleteOriginDiffers, Resolution: KeepLocal}},
 		{"update missing, full row", Update, Local{FullRow: true}, Decision{Conflict: true, Type: UpdateMissing, Resolution: ApplyAsInsert, Apply: true}},
 		{"update missing, older delete", Update, Local{FullRow: true, Tombstone: older}, Decision{Conflict: true, Type: UpdateMissing, Resolution: ApplyAsInsert, Apply: true}},
 		{"update missing, TOAST not sent", Update, Local{}, Decision{Conflict: true, Type: UpdateMissing, Resolution: Skip}},
@@ -78,17 +81,17 @@ func TestUnique(t *testing.T) {
 	newer := Version{CommitTS: t0.Add(time.Hour), NodeID: 1}
 
 	d, losers := (Rule{}).Unique(Update, []Version{older}, remote)
-	if d.Type != UpdateExists || !d.Apply || d.Resolution != ApplyRemote || len(losers) != 1 {
+	if d.Type != UpdateExists || !d.Apply || d.DeleteSelf || d.Resolution != ApplyRemote || len(losers) != 1 {
 		t.Errorf("newer remote update: %+v losers %v", d, losers)
 	}
 	d, losers = (Rule{}).Unique(Insert, []Version{newer}, remote)
-	if d.Type != InsertExists || d.Apply || d.Resolution != KeepLocal || len(losers) != 0 {
+	if d.Type != InsertExists || d.Apply || d.DeleteSelf || d.Resolution != KeepLocal || len(losers) != 0 {
 		t.Errorf("older remote insert: %+v losers %v", d, losers)
 	}
 	// Against two rows, one older and one newer: the remote row loses, and
 	// so does the older blocker.
 	d, losers = (Rule{}).Unique(Update, []Version{older, newer}, remote)
-	if d.Type != MultipleUniqueConflicts || d.Apply || len(losers) != 1 || losers[0] != 0 {
+	if d.Type != MultipleUniqueConflicts || d.Apply || !d.DeleteSelf || len(losers) != 1 || losers[0] != 0 {
 		t.Errorf("mixed blockers: %+v losers %v", d, losers)
 	}
 }

@@ -57,7 +57,7 @@ func preflight(ctx context.Context, conn *pgx.Conn) error {
 	if !super {
 		// PG15 keeps publications over whole schemas, event triggers and (by
 		// default) replication origins to superusers (README, Security).
-		errs = append(errs, fmt.Errorf("role %q is not a superuser, which pgmesh needs on this server (schema-wide publications, replication origins, session_replication_role): connect with a role made for pgmesh, CREATE ROLE pgmesh LOGIN SUPERUSER", user))
+		errs = append(errs, fmt.Errorf("role %q is not a superuser, which pgmesh needs on this server (publications of every user table, event triggers, replication origins, session_replication_role): connect with a role made for pgmesh, CREATE ROLE pgmesh LOGIN SUPERUSER", user))
 	}
 	return errors.Join(errs...)
 }

@@ -569,9 +569,7 @@ func (a *applier) settleUnique(ctx context.Context, r *relation, change conflict
 			return false, err
 		}
 	}
-	if !d.Apply && self != nil {
-		// The remote update lost: the row it updates loses with it, as it
-		// does on the node that wrote it once the winner arrives there.
+	if d.DeleteSelf && self != nil {
 		return false, a.deleteRow(ctx, r, self, a.remote())
 	}
 	return d.Apply, nil
@@ -609,10 +607,8 @@ func (a *applier) update(ctx context.Context, r *relation, m *pglogrepl.UpdateMe
 		newMatch, _ := r.match(m.NewTuple)
 		return a.insertChecked(ctx, r, conflict.Update, newMatch, pick(m.NewTuple, newMatch), cols, vals)
 	}
-	d := a.cfg.Rule.Decide(conflict.Update, conflict.Local{Row: &local.version, OwnTxn: local.ownTxn}, a.remote())
-	if !d.Apply && old != nil && hasDelta(r) {
-		// The local row is newer, but increments are never lost.
-		d.Resolution, d.Reason = conflict.Merge, "local row is newer; the remote increments to delta columns are added"
+	d := a.cfg.Rule.Decide(conflict.Update, conflict.Local{Row: &local.version, OwnTxn: local.ownTxn, Delta: old != nil && hasDelta(r)}, a.remote())
+	if d.MergeDelta {
 		if err := a.record(ctx, r, d, []localRow{*local}, match, keyVals, cols, vals); err != nil {
 			return err
 		}
