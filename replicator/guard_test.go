@@ -15,7 +15,6 @@ import (
 	"github.com/pgmesh/pgmesh/conflict"
 	"github.com/pgmesh/pgmesh/internal/pgtest"
 	"github.com/pgmesh/pgmesh/origin"
-	pgsql "github.com/pgmesh/pgmesh/sql"
 )
 
 // The fast path's SQL guard (lastWriterIs) applies an update or delete by
@@ -26,19 +25,7 @@ import (
 func TestFastPathGuardMatchesSequential(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	pg, err := pgtest.Start(ctx, pgtest.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer pg.Remove()
-	conn, err := pg.Connect(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close(ctx)
-	if _, _, err := pgsql.Install(ctx, conn); err != nil {
-		t.Fatal(err)
-	}
+	conn := pgtest.WithSchema(t, ctx)
 	const local, peer, other = "a", "b", "c"
 	exec := func(sql string, args ...any) {
 		t.Helper()

@@ -10,7 +10,6 @@ import (
 
 	"github.com/pgmesh/pgmesh/conflict"
 	"github.com/pgmesh/pgmesh/internal/pgtest"
-	pgsql "github.com/pgmesh/pgmesh/sql"
 )
 
 // The tombstone upsert keeps the newest delete with pgmesh.luw_newer, the
@@ -19,19 +18,7 @@ import (
 func TestSQLRuleMatchesGo(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	pg, err := pgtest.Start(ctx, pgtest.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer pg.Remove()
-	conn, err := pg.Connect(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close(ctx)
-	if _, _, err := pgsql.Install(ctx, conn); err != nil {
-		t.Fatal(err)
-	}
+	conn := pgtest.WithSchema(t, ctx)
 	ids := map[string]int{"a": 1, "b": 2, "c": 3}
 	if _, err := conn.Exec(ctx, `INSERT INTO pgmesh.node (node_name, node_id, state, is_local)
 		VALUES ('a', 1, 'active', false), ('b', 2, 'active', true), ('c', 3, 'active', false)`); err != nil {

@@ -20,9 +20,12 @@ import (
 	"strings"
 	"sync"
 	"syscall"
+	"testing"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+
+	pgsql "github.com/pgmesh/pgmesh/sql"
 )
 
 // Options tune a cluster. The zero value gives the defaults the tests use.
@@ -327,4 +330,25 @@ func (c *Cluster) LogTail(n int) string {
 		b = b[len(b)-n:]
 	}
 	return string(b)
+}
+
+// WithSchema starts a throwaway cluster with the pgmesh schema installed,
+// for tests of pgmesh's SQL, and returns a connection to it; both go away
+// when the test ends. A cluster that cannot start fails the test.
+func WithSchema(t testing.TB, ctx context.Context) *pgx.Conn {
+	t.Helper()
+	pg, err := Start(ctx, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(pg.Remove)
+	conn, err := pg.Connect(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close(context.Background()) })
+	if _, _, err := pgsql.Install(ctx, conn); err != nil {
+		t.Fatal(err)
+	}
+	return conn
 }
