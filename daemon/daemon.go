@@ -46,9 +46,12 @@ type Daemon struct {
 	// hash of the sets this node's publications last took (repset.Sets.Hash).
 	localTables []string
 	published   string
-	lastSync    string // group state last written to pgmesh.node
-	ids         atomic.Pointer[map[string]int]
-	slots       []api.SlotStatus
+	// current is false while the group state here is older than the one
+	// the publications follow (after a restart, until Raft catches up).
+	current  bool
+	lastSync string // group state last written to pgmesh.node
+	ids      atomic.Pointer[map[string]int]
+	slots    []api.SlotStatus
 	// seqProblems are the global-sequence problems found by maintainSequences.
 	seqProblems []string
 	join        joiner
@@ -297,14 +300,18 @@ func (d *Daemon) reconcile(ctx context.Context, g *membership.Group) {
 	}
 	d.mu.Unlock()
 
+	// A node parted in an older state may have joined again since.
+	d.mu.Lock()
+	current := d.current
+	d.mu.Unlock()
 	for _, n := range g.Nodes {
-		if n.State == membership.Parted && n.Name != d.cfg.NodeName {
+		if current && n.State == membership.Parted && n.Name != d.cfg.NodeName {
 			if err := d.forgetPeer(ctx, n.Name); err != nil {
 				problems = append(problems, err.Error())
 			}
 		}
 	}
-	if me != nil && me.State == membership.Parted {
+	if current && me != nil && me.State == membership.Parted {
 		if err := d.forgetAll(ctx); err != nil {
 			problems = append(problems, err.Error())
 		}
@@ -414,6 +421,15 @@ func (d *Daemon) forgetAll(ctx context.Context) error {
 			}
 		}
 	}
+	return d.forgetGroupState(ctx)
+}
+
+// forgetGroupState forgets which group state the publications followed: a
+// group this node creates or joins next counts its Raft indexes anew.
+func (d *Daemon) forgetGroupState(ctx context.Context) error {
+	if _, err := d.db.Exec(ctx, `DELETE FROM pgmesh.setting WHERE name = 'publications_raft_index'`); err != nil {
+		return fmt.Errorf("forget the group state the publications followed: %w", err)
+	}
 	return nil
 }
 
@@ -465,8 +481,15 @@ func (d *Daemon) checkTables(ctx context.Context, g *membership.Group, problems 
 	defer conn.Release()
 	if g != nil {
 		sets := g.Sets()
-		if err := repset.Sync(ctx, conn.Conn(), sets, d.receivers(g)); err != nil {
+		current, err := repset.Sync(ctx, conn.Conn(), sets, d.receivers(g), g.Index)
+		if err != nil {
 			return err
+		}
+		d.mu.Lock()
+		d.current = current
+		d.mu.Unlock()
+		if !current {
+			return nil // an older state than the publications follow: wait
 		}
 		tables, err := repset.UserTables(ctx, conn.Conn())
 		if err != nil {

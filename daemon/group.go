@@ -64,6 +64,10 @@ func (d *Daemon) handleCreate(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, http.StatusInternalServerError, fmt.Errorf("make join token: %w", err))
 		return
 	}
+	if err := d.forgetGroupState(r.Context()); err != nil {
+		writeErr(w, http.StatusInternalServerError, err)
+		return
+	}
 	sets := repset.New(true, nil)
 	if d.cfg.NewTablesLocal {
 		// The default set holds the tables there are now; later ones

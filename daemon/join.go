@@ -269,7 +269,8 @@ func (d *Daemon) copyAndActivate(ctx context.Context, req api.JoinRequest) error
 	// members must not receive the copied rows as new changes.
 	d.phase("creating slots for the members")
 	if err := d.withConn(ctx, func(conn *pgx.Conn) error {
-		return repset.Sync(ctx, conn, g.Sets(), d.receivers(g))
+		_, err := repset.Sync(ctx, conn, g.Sets(), d.receivers(g), g.Index)
+		return err
 	}); err != nil {
 		return err
 	}

@@ -55,6 +55,10 @@ type Group struct {
 	// Repsets are the replication sets; nil in groups created before they
 	// existed, which read as the default set holding every table.
 	Repsets repset.Sets `json:"repsets,omitempty"`
+	// Index is the Raft index of the last command applied to this state:
+	// after a restart the state is rebuilt entry by entry, and Index tells
+	// an older state from a newer one.
+	Index uint64 `json:"index"`
 }
 
 // Sets returns the group's replication sets (a copy).
@@ -184,6 +188,9 @@ func (f *fsm) Apply(l *raft.Log) any {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	res := f.apply(c)
+	if f.group != nil {
+		f.group.Index = l.Index
+	}
 	if _, isErr := res.(error); !isErr {
 		f.notify()
 	}

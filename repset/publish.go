@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strconv"
 	"strings"
 
 	"github.com/jackc/pgx/v5"
@@ -44,8 +45,29 @@ func UserTables(ctx context.Context, conn *pgx.Conn) ([]string, error) {
 // Sync makes this node's publications hold what sets give each receiver,
 // drops the publications of nodes no longer receiving, and mirrors the sets
 // into pgmesh.repset for SQL. It writes only what changed.
-func Sync(ctx context.Context, conn *pgx.Conn, sets Sets, receivers []string) error {
-	return publishing(ctx, conn, func(tx pgx.Tx, tables []string) error {
+//
+// index is the Raft index of the group state the sets and receivers come
+// from. Sync never follows a state older than the one it last followed
+// (after a restart the daemon sees the group rebuilt entry by entry: a
+// receiver's publication dropped and made again would leave its stream
+// unable to decode the WAL written in between); it then changes nothing
+// and reports false.
+func Sync(ctx context.Context, conn *pgx.Conn, sets Sets, receivers []string, index uint64) (bool, error) {
+	current := true
+	err := publishing(ctx, conn, func(tx pgx.Tx, tables []string) error {
+		var last uint64
+		err := tx.QueryRow(ctx, `SELECT coalesce((SELECT value::numeric FROM pgmesh.setting WHERE name = 'publications_raft_index'), 0)`).Scan(&last)
+		if err != nil {
+			return fmt.Errorf("read the group state the publications follow: %w", err)
+		}
+		if index < last {
+			current = false
+			return nil
+		}
+		if _, err := tx.Exec(ctx, `INSERT INTO pgmesh.setting VALUES ('publications_raft_index', $1)
+			ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value`, strconv.FormatUint(index, 10)); err != nil {
+			return fmt.Errorf("record the group state the publications follow: %w", err)
+		}
 		if err := mirror(ctx, tx, sets); err != nil {
 			return err
 		}
@@ -72,6 +94,7 @@ func Sync(ctx context.Context, conn *pgx.Conn, sets Sets, receivers []string) er
 		}
 		return nil
 	})
+	return current, err
 }
 
 // Publish creates or updates the publication of one receiver on conn's node.
