@@ -1,6 +1,8 @@
 package conflict
 
 import (
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 )
@@ -159,5 +161,38 @@ func TestNewerAtResolution(t *testing.T) {
 		if ms.Newer(alone, third) != ms.Newer(grouped, third) || ms.Newer(third, alone) != ms.Newer(third, grouped) {
 			t.Errorf("member at %s decides differently once stamped with the group's time", member)
 		}
+	}
+}
+
+// A conflict_history row says what the key holds afterwards, and binds every
+// value as a parameter.
+func TestRecord(t *testing.T) {
+	rec := Record{LocalNode: "a", OriginNode: "b", Relation: "public.t", KeyTuple: "K", LocalTuple: "L", RemoteTuple: "R",
+		Decision:       Decision{Conflict: true, Type: UpdateOriginDiffers, Resolution: KeepLocal, Reason: "local row is newer"},
+		Local:          &Version{Node: "a", CommitTS: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)},
+		RemoteCommitTS: time.Date(2026, 1, 1, 0, 0, 1, 0, time.UTC), RemoteLSN: "0/1", RemoteXID: 7}
+	for _, c := range []struct {
+		d      Decision
+		remote string
+		want   string
+	}{
+		{Decision{Apply: true, Resolution: ApplyRemote}, "R", "R"},
+		{Decision{Resolution: KeepLocal}, "R", "L"},
+		{Decision{Apply: true, Resolution: ApplyRemote}, "", "NULL::jsonb"}, // a delete applied
+		{Decision{Resolution: Skip}, "R", "NULL::jsonb"},
+	} {
+		r := rec
+		r.Decision, r.RemoteTuple = c.d, c.remote
+		if got := r.AppliedTuple(); got != c.want {
+			t.Errorf("%+v with remote %q: applied %s, want %s", c.d, c.remote, got, c.want)
+		}
+	}
+	var bound []string
+	sql := rec.InsertSQL(func(v []byte) string { bound = append(bound, string(v)); return "$" + strconv.Itoa(len(bound)) })
+	if len(bound) != 11 || bound[5] != "2026-01-01 00:00:00.000000+00" || bound[6] != "a" || bound[10] != "local row is newer" {
+		t.Errorf("bound %q", bound)
+	}
+	if !strings.Contains(sql, "K, L, R, L, $6::timestamptz") {
+		t.Errorf("statement: %s", sql)
 	}
 }

@@ -738,7 +738,7 @@ func (a *applier) deleteRow(ctx context.Context, r *relation, ctid []byte, by co
 	sql := fmt.Sprintf(`WITH d AS (DELETE FROM %s t WHERE t.ctid = %s::tid RETURNING jsonb_build_object(%s) AS k)
 INSERT INTO pgmesh.tombstone AS t (relation, key, deleted_at, deleted_by)
 SELECT %s, d.k, %s::timestamptz, %s FROM d`+tombstoneUpsert,
-		r.qualified, at, strings.Join(kv, ", "), p.add([]byte(r.tombName)), p.add([]byte(pgTime(by.CommitTS))), p.add([]byte(by.Node)))
+		r.qualified, at, strings.Join(kv, ", "), p.add([]byte(r.tombName)), p.add([]byte(pgquote.Timestamp(by.CommitTS))), p.add([]byte(by.Node)))
 	return a.exec(ctx, sql, p.vals).Err
 }
 
@@ -751,7 +751,7 @@ func (a *applier) saveTombstone(ctx context.Context, r *relation, match []int, k
 	rel := p.add([]byte(r.tombName))
 	key := r.keyJSON(&p, match, keyVals)
 	sql := fmt.Sprintf(`INSERT INTO pgmesh.tombstone AS t (relation, key, deleted_at, deleted_by) VALUES (%s, %s, %s::timestamptz, %s)`+tombstoneUpsert,
-		rel, key, p.add([]byte(pgTime(a.begin.CommitTime))), p.add([]byte(a.cfg.Peer.Name)))
+		rel, key, p.add([]byte(pgquote.Timestamp(a.begin.CommitTime))), p.add([]byte(a.cfg.Peer.Name)))
 	return a.exec(ctx, sql, p.vals).Err
 }
 
@@ -819,7 +819,7 @@ func (a *applier) commitSQL(m *pglogrepl.CommitMessage) string {
 	at := a.cfg.Rule.RoundTime(m.CommitTime)
 	a.stats.clockAhead(at)
 	return fmt.Sprintf(`SELECT %s; SELECT pg_catalog.pg_replication_origin_xact_setup('%s', '%s'); COMMIT`,
-		clockGuard("'"+pgTime(at)+"'"), m.TransactionEndLSN, pgTime(m.CommitTime))
+		clockGuard("'"+pgquote.Timestamp(at)+"'"), m.TransactionEndLSN, pgquote.Timestamp(m.CommitTime))
 }
 
 // ddlPrefix marks the logical decoding messages that carry DDL.
@@ -867,11 +867,6 @@ func (a *applier) rollback(ctx context.Context) {
 	}
 }
 
-// pgTime formats t as a timestamptz literal with microsecond precision.
-func pgTime(t time.Time) string {
-	return t.UTC().Format("2006-01-02 15:04:05.000000") + "+00"
-}
-
 // record writes a conflict_history row in the transaction being applied,
 // before the change, so local_tuple is the row (or rows) as it was.
 func (a *applier) record(ctx context.Context, r *relation, d conflict.Decision, locals []localRow,
@@ -881,44 +876,28 @@ func (a *applier) record(ctx context.Context, r *relation, d conflict.Decision, 
 	}
 	var p params
 	var ctids []string
-	var localTS, localOrigin []byte
 	for _, l := range locals {
 		ctids = append(ctids, `"`+string(l.ctid)+`"`)
 	}
+	rec := conflict.Record{LocalNode: a.cfg.LocalNode, OriginNode: a.cfg.Peer.Name, Relation: r.name, Decision: d,
+		RemoteCommitTS: a.begin.CommitTime, RemoteLSN: a.begin.FinalLSN.String(), RemoteXID: a.begin.Xid}
 	if len(locals) > 0 {
-		if locals[0].version.Known() {
-			localTS = []byte(pgTime(locals[0].version.CommitTS))
-		}
-		localOrigin = []byte(locals[0].version.Node)
+		rec.Local = &locals[0].version
 	}
 	ctidArr := p.add([]byte("{" + strings.Join(ctids, ",") + "}"))
-	localJSON := fmt.Sprintf("(SELECT to_jsonb(t.*) FROM %s t WHERE t.ctid = ANY(%s::tid[]))", r.qualified, ctidArr)
+	rec.LocalTuple = fmt.Sprintf("(SELECT to_jsonb(t.*) FROM %s t WHERE t.ctid = ANY(%s::tid[]))", r.qualified, ctidArr)
 	if len(locals) > 1 {
-		localJSON = fmt.Sprintf("(SELECT jsonb_agg(to_jsonb(t.*)) FROM %s t WHERE t.ctid = ANY(%s::tid[]))", r.qualified, ctidArr)
+		rec.LocalTuple = fmt.Sprintf("(SELECT jsonb_agg(to_jsonb(t.*)) FROM %s t WHERE t.ctid = ANY(%s::tid[]))", r.qualified, ctidArr)
 	}
 	var remoteFields []string
 	for i, c := range remoteCols {
 		remoteFields = append(remoteFields, r.typed(&p, c, remoteVals[i])+" AS "+quote(r.cols[c]))
 	}
-	remoteJSON := "NULL::jsonb"
 	if len(remoteFields) > 0 {
-		remoteJSON = "(SELECT to_jsonb(pgmesh_v.*) FROM (SELECT " + strings.Join(remoteFields, ", ") + ") pgmesh_v)"
+		rec.RemoteTuple = "(SELECT to_jsonb(pgmesh_v.*) FROM (SELECT " + strings.Join(remoteFields, ", ") + ") pgmesh_v)"
 	}
-	applied := "NULL::jsonb"
-	switch {
-	case d.Apply && remoteCols != nil:
-		applied = remoteJSON
-	case d.Resolution == conflict.KeepLocal:
-		applied = localJSON
-	}
-	sql := fmt.Sprintf(`INSERT INTO pgmesh.conflict_history (local_node, origin_node, relation,
-	conflict_type, resolution, key_tuple, local_tuple, remote_tuple, applied_tuple,
-	local_commit_ts, local_origin, remote_commit_ts, remote_commit_lsn, remote_xid, reason)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s::timestamptz, %s, %s::timestamptz, %s::pg_lsn, %s::bigint, %s)`,
-		p.add([]byte(a.cfg.LocalNode)), p.add([]byte(a.cfg.Peer.Name)), p.add([]byte(r.name)),
-		p.add([]byte(d.Type)), p.add([]byte(d.Resolution)), r.keyJSON(&p, keyCols, keyVals), localJSON, remoteJSON, applied,
-		p.add(localTS), p.add(localOrigin), p.add([]byte(pgTime(a.begin.CommitTime))), p.add([]byte(a.begin.FinalLSN.String())),
-		p.add([]byte(strconv.FormatUint(uint64(a.begin.Xid), 10))), p.add([]byte(d.Reason)))
+	rec.KeyTuple = r.keyJSON(&p, keyCols, keyVals)
+	sql := rec.InsertSQL(p.add)
 	if err := a.openLocal(ctx); err != nil {
 		return err
 	}

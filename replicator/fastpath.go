@@ -12,6 +12,8 @@ import (
 
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5/pgtype"
+
+	"github.com/pgmesh/pgmesh/internal/pgquote"
 )
 
 // The fast path applies a peer's transactions through a pipeline, without
@@ -527,8 +529,8 @@ WHERE CASE WHEN coalesce(pg_catalog.pg_replication_origin_session_progress(false
 		}
 		at := time.UnixMicro(g.rounded).UTC()
 		a.stats.clockAhead(at)
-		g.stmts = append(g.stmts, fastStmt{name: name, params: [][]byte{[]byte(g.end.String()), []byte(pgTime(g.commitTS)),
-			[]byte(a.applied.String()), []byte(pgTime(at))}})
+		g.stmts = append(g.stmts, fastStmt{name: name, params: [][]byte{[]byte(g.end.String()), []byte(pgquote.Timestamp(g.commitTS)),
+			[]byte(a.applied.String()), []byte(pgquote.Timestamp(at))}})
 		a.applied = g.end
 	}
 	if a.pipe.enqueue(g) {

@@ -81,7 +81,7 @@ func (r *relation) deleteSQL(p *params, keyVals [][]byte, roident uint32, commit
 	s AS (INSERT INTO pgmesh.tombstone AS t (relation, key, deleted_at, deleted_by)
 	      SELECT %s, c.k, %s::timestamptz, %s FROM c`+tombstoneUpsert+`)`,
 		r.qualified, r.where(p, r.pk, keyVals, false), lastWriterIs(roident), strings.Join(kv, ", "),
-		p.add([]byte(r.tombName)), p.add([]byte(pgTime(commitTS))), p.add([]byte(peer))) + expectOneRow
+		p.add([]byte(r.tombName)), p.add([]byte(pgquote.Timestamp(commitTS))), p.add([]byte(peer))) + expectOneRow
 }
 
 // lastWriterIs is true for a row (alias t) whose last change came from the
