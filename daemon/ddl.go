@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/pgmesh/pgmesh/api"
+	"github.com/pgmesh/pgmesh/internal/poll"
 	"github.com/pgmesh/pgmesh/membership"
 )
 
@@ -83,18 +84,18 @@ func (d *Daemon) handleDDL(w http.ResponseWriter, r *http.Request) {
 	// The lock outlives the wait and the statement by a margin, and expires
 	// by itself should this daemon die holding it.
 	ttl := 2*timeout + time.Minute
-	for {
+	err := poll.Until(ctx, 50*time.Millisecond, timeout, func() error {
 		err := d.lock(ctx, ddlLock, false, ttl)
-		if err == nil {
-			break
-		}
 		var ae *api.Error
 		var held *membership.LockHeld
-		if !(errors.As(err, &held) || errors.As(err, &ae) && ae.Status == http.StatusLocked) || time.Now().After(deadline) {
-			writeErr(w, http.StatusConflict, fmt.Errorf("take the global DDL lock: %w", err))
-			return
+		if err != nil && !errors.As(err, &held) && !(errors.As(err, &ae) && ae.Status == http.StatusLocked) {
+			return poll.Stop(err) // not a lock another node holds: no point waiting
 		}
-		time.Sleep(50 * time.Millisecond)
+		return err
+	})
+	if err != nil {
+		writeErr(w, http.StatusConflict, fmt.Errorf("take the global DDL lock: %w", err))
+		return
 	}
 	defer func() {
 		if err := d.lock(context.Background(), ddlLock, true, 0); err != nil {

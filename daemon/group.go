@@ -12,6 +12,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/pgmesh/pgmesh/api"
+	"github.com/pgmesh/pgmesh/internal/poll"
 	"github.com/pgmesh/pgmesh/membership"
 	"github.com/pgmesh/pgmesh/repset"
 )
@@ -239,22 +240,20 @@ func (d *Daemon) drainParting(ctx context.Context, g *membership.Group, parting 
 		if m.Name == parting.Name || m.State != membership.Active {
 			continue
 		}
-		for {
-			if m.Name == d.cfg.NodeName {
+		behind := fmt.Errorf("member %q has not applied %q's changes up to %s within %s: check its stream in 'pgmesh status', or part with --force", m.Name, parting.Name, target, partDrainTimeout)
+		var err error
+		if m.Name == d.cfg.NodeName {
+			err = poll.Until(ctx, 200*time.Millisecond, time.Until(deadline), func() error {
 				if lsn, ok := d.appliedFrom(parting.Name); ok && lsn >= target {
-					break
+					return nil
 				}
-			} else if err := waitApplied(ctx, d.members.Client(m.API, ""), parting.Name, target, time.Until(deadline)); err == nil {
-				break
-			}
-			if time.Now().After(deadline) {
-				return fmt.Errorf("member %q has not applied %q's changes up to %s within %s: check its stream in 'pgmesh status', or part with --force", m.Name, parting.Name, target, partDrainTimeout)
-			}
-			select {
-			case <-ctx.Done():
-				return ctx.Err()
-			case <-time.After(200 * time.Millisecond):
-			}
+				return behind
+			})
+		} else if err = waitApplied(ctx, d.members.Client(m.API, ""), parting.Name, target, time.Until(deadline)); err != nil {
+			err = behind
+		}
+		if err != nil {
+			return err
 		}
 	}
 	return nil
