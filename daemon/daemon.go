@@ -481,23 +481,19 @@ func (d *Daemon) checkTables(ctx context.Context, g *membership.Group, problems 
 	defer conn.Release()
 	if g != nil {
 		sets := g.Sets()
-		current, err := repset.Sync(ctx, conn.Conn(), sets, d.receivers(g), g.Index)
+		done, err := repset.Sync(ctx, conn.Conn(), sets, d.receivers(g), g.Index)
 		if err != nil {
 			return err
 		}
 		d.mu.Lock()
-		d.current = current
+		d.current = done.Current
+		if done.Current {
+			d.localTables, d.published = done.Local, sets.Hash()
+		}
 		d.mu.Unlock()
-		if !current {
+		if !done.Current {
 			return nil // an older state than the publications follow: wait
 		}
-		tables, err := repset.UserTables(ctx, conn.Conn())
-		if err != nil {
-			return err
-		}
-		d.mu.Lock()
-		d.localTables, d.published = sets.Local(tables), sets.Hash()
-		d.mu.Unlock()
 	}
 	if err := d.ensureTombstoneTriggers(ctx, conn.Conn()); err != nil {
 		return err

@@ -89,7 +89,7 @@ func (d *Daemon) handleRepset(w http.ResponseWriter, r *http.Request) {
 			err = fmt.Errorf("name the tables to %s (pgmesh repset %s SET TABLE ...)", req.Action, req.Action)
 			break
 		}
-		edit.Tables, err = d.resolveTables(ctx, req)
+		edit.Tables, err = d.resolveTables(ctx, req.Tables, req.Action == "add", edit.Spec)
 	default:
 		err = fmt.Errorf("unknown replication set action %q: use create, add, remove or drop", req.Action)
 	}
@@ -137,12 +137,12 @@ func (d *Daemon) handleRepset(w http.ResponseWriter, r *http.Request) {
 // resolveTables turns the tables a user named into the names sets record.
 // Tables being added are checked against the set's filter and columns here,
 // on this node's schema (the same on every node).
-func (d *Daemon) resolveTables(ctx context.Context, req api.RepsetRequest) ([]string, error) {
+func (d *Daemon) resolveTables(ctx context.Context, names []string, adding bool, spec repset.Table) ([]string, error) {
 	var out []string
 	err := d.withConn(ctx, func(conn *pgx.Conn) error {
-		for _, name := range req.Tables {
-			if req.Action == "add" {
-				t, err := repset.Check(ctx, conn, name, repset.Table{Where: strings.TrimSpace(req.Where), Columns: req.Columns})
+		for _, name := range names {
+			if adding {
+				t, err := repset.Check(ctx, conn, name, spec)
 				if err != nil {
 					return err
 				}

@@ -50,18 +50,18 @@ func UserTables(ctx context.Context, conn *pgx.Conn) ([]string, error) {
 // from. Sync never follows a state older than the one it last followed
 // (after a restart the daemon sees the group rebuilt entry by entry: a
 // receiver's publication dropped and made again would leave its stream
-// unable to decode the WAL written in between); it then changes nothing
-// and reports false.
-func Sync(ctx context.Context, conn *pgx.Conn, sets Sets, receivers []string, index uint64) (bool, error) {
-	current := true
+// unable to decode the WAL written in between); it then changes nothing.
+func Sync(ctx context.Context, conn *pgx.Conn, sets Sets, receivers []string, index uint64) (Synced, error) {
+	done := Synced{Current: true}
 	err := publishing(ctx, conn, func(tx pgx.Tx, tables []string) error {
+		done.Local = sets.Local(tables)
 		var last uint64
 		err := tx.QueryRow(ctx, `SELECT coalesce((SELECT value::numeric FROM pgmesh.setting WHERE name = 'publications_raft_index'), 0)`).Scan(&last)
 		if err != nil {
 			return fmt.Errorf("read the group state the publications follow: %w", err)
 		}
 		if index < last {
-			current = false
+			done.Current = false
 			return nil
 		}
 		if _, err := tx.Exec(ctx, `INSERT INTO pgmesh.setting VALUES ('publications_raft_index', $1)
@@ -94,7 +94,16 @@ func Sync(ctx context.Context, conn *pgx.Conn, sets Sets, receivers []string, in
 		}
 		return nil
 	})
-	return current, err
+	return done, err
+}
+
+// Synced is what Sync did.
+type Synced struct {
+	// Current is false when the state given was older than the one the
+	// publications follow: nothing was changed.
+	Current bool
+	// Local are the user tables in no set.
+	Local []string
 }
 
 // Publish creates or updates the publication of one receiver on conn's node.

@@ -4,7 +4,9 @@ package systemtest
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -13,6 +15,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"golang.org/x/sync/errgroup"
 
+	"github.com/pgmesh/pgmesh/api"
 	"github.com/pgmesh/pgmesh/internal/localmesh"
 	"github.com/pgmesh/pgmesh/membership"
 )
@@ -123,6 +126,9 @@ func TestLocalTableStaysLocal(t *testing.T) {
 		return nil
 	})
 	mustExec(t, ctx, b, `INSERT INTO later VALUES (2)`)
+	for _, n := range nodes {
+		setsAgree(t, ctx, n)
+	}
 	converged(t, ctx, 30*time.Second, "later", nodes...)
 	if got := count(t, ctx, a, `SELECT count(*) FROM later`); got != 2 {
 		t.Fatalf("a has %d rows of later, want 2", got)
@@ -148,8 +154,9 @@ func TestResidencySet(t *testing.T) {
 		}
 	}
 
-	// Every node shows the definitions in SQL.
+	// Every node shows the definitions in SQL, as the daemon's rules say.
 	for _, n := range nodes {
+		setsAgree(t, ctx, n)
 		if got := count(t, ctx, n, `SELECT count(*) FROM pgmesh.replication_set_tables
 			WHERE set_name = 'eu' AND relation = 'public.customers' AND row_filter = $1`, "region = 'eu'"); got != 1 {
 			t.Fatalf("pgmesh.replication_set_tables on %s does not show customers in eu with its filter", n.Name)
@@ -215,6 +222,7 @@ func TestColumnListSyncAndJoinShare(t *testing.T) {
 
 	repset(t, ctx, a, "remove", "default", "profiles")
 	repset(t, ctx, a, "add", "default", "profiles", "--columns", "id,email")
+	setsAgree(t, ctx, b)
 	mustExec(t, ctx, a, `INSERT INTO profiles VALUES (1, 'x@example.com', 's3cret')`)
 	mustExec(t, ctx, b, `INSERT INTO profiles VALUES (2, 'y@example.com', 'hidden')`)
 	if err := localmesh.CaughtUp(ctx, 30*time.Second, members...); err != nil {
@@ -415,5 +423,48 @@ func TestRestartKeepsPublications(t *testing.T) {
 	converged(t, ctx, 30*time.Second, "kv", nodes...)
 	if after := pubs(); after != before {
 		t.Fatalf("publications were made again across restarts:\nbefore:\n%s\nafter:\n%s", before, after)
+	}
+}
+
+// setsAgree checks that n's SQL views (pgmesh.replication_set_tables,
+// pgmesh.local_tables), the copy of the sets for SQL users, say what the
+// daemon's own rules (pgmesh repset list) say.
+func setsAgree(t *testing.T, ctx context.Context, n *localmesh.Node) {
+	t.Helper()
+	out, stderr, err := n.CLI(ctx, "repset", "list", "--json")
+	if err != nil {
+		t.Fatalf("repset list on %s: %v %s", n.Name, err, stderr)
+	}
+	var rep api.RepsetsResponse
+	if err := json.Unmarshal([]byte(out), &rep); err != nil {
+		t.Fatal(err)
+	}
+	var want []string
+	for _, s := range rep.Sets {
+		for _, tb := range s.Tables {
+			want = append(want, fmt.Sprintf("(%s,%s,%s,%s)", s.Name, tb.Table, tb.Where, strings.Join(tb.Columns, ",")))
+		}
+	}
+	slices.Sort(want)
+	sqlTables, err := dump(ctx, n, `(SELECT set_name, relation, coalesce(row_filter, ''), coalesce(array_to_string(columns, ','), '')
+		FROM pgmesh.replication_set_tables)`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// dump prints rows as record text: quote nothing for the comparison.
+	got := strings.ReplaceAll(sqlTables, `"`, "")
+	if got != strings.Join(want, "\n") {
+		t.Fatalf("pgmesh.replication_set_tables on %s:\n%s\nthe daemon's sets:\n%s", n.Name, got, strings.Join(want, "\n"))
+	}
+	local, err := dump(ctx, n, `(SELECT relation FROM pgmesh.local_tables)`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wantLocal []string
+	for _, l := range rep.LocalTables {
+		wantLocal = append(wantLocal, "("+l+")")
+	}
+	if local != strings.Join(wantLocal, "\n") {
+		t.Fatalf("pgmesh.local_tables on %s: %q, the daemon says %q", n.Name, local, wantLocal)
 	}
 }
