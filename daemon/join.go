@@ -13,6 +13,7 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/pgmesh/pgmesh/api"
+	"github.com/pgmesh/pgmesh/internal/pgsession"
 	"github.com/pgmesh/pgmesh/internal/poll"
 	"github.com/pgmesh/pgmesh/join"
 	"github.com/pgmesh/pgmesh/membership"
@@ -293,7 +294,7 @@ func (d *Daemon) copyAndActivate(ctx context.Context, req api.JoinRequest) error
 
 // publishOn creates or updates receiver's publication on the Postgres at dsn.
 func publishOn(ctx context.Context, dsn string, g *membership.Group, receiver string) error {
-	conn, err := pgx.Connect(ctx, dsn)
+	conn, err := pgsession.Connect(ctx, dsn, "pgmesh join")
 	if err != nil {
 		return err
 	}

@@ -14,6 +14,7 @@ import (
 	"github.com/pgmesh/pgmesh/api"
 	"github.com/pgmesh/pgmesh/compare"
 	"github.com/pgmesh/pgmesh/internal/dsn"
+	"github.com/pgmesh/pgmesh/internal/pgsession"
 	"github.com/pgmesh/pgmesh/internal/poll"
 	"github.com/pgmesh/pgmesh/membership"
 	"github.com/pgmesh/pgmesh/repset"
@@ -218,7 +219,7 @@ func (d *Daemon) rowsAnywhere(ctx context.Context, g *membership.Group, t string
 		if n.Name != d.cfg.NodeName {
 			target = d.peerDSN(n)
 		}
-		conn, err := pgx.Connect(ctx, target)
+		conn, err := pgsession.Connect(ctx, target, "pgmesh repset")
 		if err != nil {
 			return "", fmt.Errorf("connect to node %s's Postgres %s to see whether %s holds rows: %w", n.Name, dsn.Describe(target), t, err)
 		}
