@@ -229,7 +229,7 @@ func (a *applier) queueInsert(ctx context.Context, r *relation, m *pglogrepl.Ins
 		size += len(vals[i])
 	}
 	match, nullSafe := r.match(m.Tuple)
-	sql, params := a.insertStmt(r, cols, vals, match)
+	sql, params := a.insertStmt(r, cols, vals, match, nil)
 	name, err := a.prepare(ctx, sql)
 	if err != nil {
 		return err
@@ -459,11 +459,12 @@ func (a *applier) insertConflict(ctx context.Context, r *relation, cols []int, v
 	return a.insertChecked(ctx, r, conflict.Insert, match, keyVals, cols, vals)
 }
 
-// insertRow inserts unless the row's key exists, another unique value is
-// taken, or (when match is set) a tombstone of the key exists. It returns
-// the number of rows inserted.
-func (a *applier) insertRow(ctx context.Context, r *relation, cols []int, vals [][]byte, match []int) (int64, error) {
-	sql, params := a.insertStmt(r, cols, vals, match)
+// insertRow inserts unless the row's key exists or another unique value is
+// taken. With match set to the primary key, a remembered delete of the key
+// also stops it: any delete, or with newerThan set, only one newer than
+// that version. It returns the number of rows inserted.
+func (a *applier) insertRow(ctx context.Context, r *relation, cols []int, vals [][]byte, match []int, newerThan *conflict.Version) (int64, error) {
+	sql, params := a.insertStmt(r, cols, vals, match, newerThan)
 	res := a.exec(ctx, sql, params)
 	if res.Err != nil {
 		return 0, res.Err
@@ -471,55 +472,58 @@ func (a *applier) insertRow(ctx context.Context, r *relation, cols []int, vals [
 	return res.CommandTag.RowsAffected(), nil
 }
 
-// insertStmt builds insertRow's statement and parameters.
-func (a *applier) insertStmt(r *relation, cols []int, vals [][]byte, match []int) (string, [][]byte) {
+// insertStmt builds insertRow's statement and parameters. Remembered
+// deletes are looked for once the row is in (pgmesh.take_back_if_deleted,
+// which removes it again), so that a delete committed here while the insert
+// waited for it is seen too.
+func (a *applier) insertStmt(r *relation, cols []int, vals [][]byte, match []int, newerThan *conflict.Version) (string, [][]byte) {
 	var p params
 	var names, exprs []string
 	for i, c := range cols {
 		names = append(names, quote(r.cols[c]))
 		exprs = append(exprs, p.add(vals[i]))
 	}
-	guard := ""
-	if match != nil && samePK(r, match) {
-		keyVals := make([][]byte, len(match))
-		for i, c := range match {
-			keyVals[i], _ = valueOf(cols, vals, c)
-		}
-		rel := p.add([]byte(r.tombName))
-		guard = fmt.Sprintf(" WHERE NOT EXISTS (SELECT 1 FROM pgmesh.tombstone t WHERE t.relation = %s AND t.key = %s)",
-			rel, r.keyJSON(&p, match, keyVals))
-	}
 	// The origin's value of an identity column is the row's value here too.
 	override := ""
 	if r.anyIdentity {
 		override = " OVERRIDING SYSTEM VALUE"
 	}
-	// VALUES types each parameter as its target column; the SELECT form
-	// (needed for the guard) would leave them unknown, hence the casts.
-	var sql string
-	if guard == "" {
-		sql = fmt.Sprintf("INSERT INTO %s (%s)%s VALUES (%s) ON CONFLICT DO NOTHING", r.qualified, strings.Join(names, ", "), override, strings.Join(exprs, ", "))
-	} else {
-		for i, c := range cols {
-			exprs[i] += "::" + r.localType[c]
-		}
-		sql = fmt.Sprintf("INSERT INTO %s (%s)%s SELECT %s%s ON CONFLICT DO NOTHING", r.qualified, strings.Join(names, ", "), override, strings.Join(exprs, ", "), guard)
+	sql := fmt.Sprintf("INSERT INTO %s (%s)%s VALUES (%s) ON CONFLICT DO NOTHING", r.qualified, strings.Join(names, ", "), override, strings.Join(exprs, ", "))
+	if match == nil || !samePK(r, match) {
+		return sql, p.vals
 	}
-	return sql, p.vals
+	at, by := "NULL", "NULL"
+	if newerThan != nil {
+		at = p.add([]byte(pgquote.Timestamp(newerThan.CommitTS))) + "::timestamptz"
+		by = p.add([]byte(newerThan.Node)) + "::text"
+	}
+	return fmt.Sprintf("WITH i AS (%s RETURNING ctid, %s AS k) SELECT 1 FROM i WHERE NOT pgmesh.take_back_if_deleted(%s, i.k, i.ctid, %s, %s)",
+		sql, r.rowKey(""), p.add([]byte(r.tombName)), at, by), p.vals
 }
 
 // insertChecked inserts a row whose key is free here, first settling any
-// other unique index it collides on.
+// other unique index it collides on. A delete of the key newer than the
+// change may have committed since it was decided: it is settled then.
 func (a *applier) insertChecked(ctx context.Context, r *relation, change conflict.Change, match []int, keyVals [][]byte, cols []int, vals [][]byte) error {
 	ok, err := a.settleUnique(ctx, r, change, nil, match, keyVals, cols, vals)
 	if err != nil || !ok {
 		return err
 	}
-	n, err := a.insertRow(ctx, r, cols, vals, nil)
-	if err == nil && n != 1 {
-		err = fmt.Errorf("insert blocked by a unique constraint that pgmesh cannot resolve (a partial, deferrable or expression index?)")
+	remote := a.remote()
+	n, err := a.insertRow(ctx, r, cols, vals, match, &remote)
+	if err != nil || n == 1 {
+		return err
 	}
-	return err
+	tomb, err := a.tombstone(ctx, r, match, keyVals)
+	if err != nil {
+		return err
+	}
+	if tomb != nil {
+		if d := a.cfg.Rule.Decide(change, conflict.Local{Tombstone: tomb, FullRow: true}, remote); !d.Apply {
+			return a.record(ctx, r, d, nil, match, keyVals, cols, vals)
+		}
+	}
+	return fmt.Errorf("insert blocked by a unique constraint that pgmesh cannot resolve (a partial, deferrable or expression index?)")
 }
 
 // settleUnique looks for local rows other than self that hold the row's
@@ -731,14 +735,10 @@ func (a *applier) deleteRow(ctx context.Context, r *relation, ctid []byte, by co
 	if r.pk == nil {
 		return a.exec(ctx, fmt.Sprintf("DELETE FROM %s t WHERE t.ctid = %s::tid", r.qualified, at), p.vals).Err
 	}
-	var kv []string
-	for _, c := range r.pk {
-		kv = append(kv, pgquote.Literal(r.cols[c]), "t."+quote(r.cols[c]))
-	}
-	sql := fmt.Sprintf(`WITH d AS (DELETE FROM %s t WHERE t.ctid = %s::tid RETURNING jsonb_build_object(%s) AS k)
+	sql := fmt.Sprintf(`WITH d AS (DELETE FROM %s t WHERE t.ctid = %s::tid RETURNING %s AS k)
 INSERT INTO pgmesh.tombstone AS t (relation, key, deleted_at, deleted_by)
 SELECT %s, d.k, %s::timestamptz, %s FROM d`+tombstoneUpsert,
-		r.qualified, at, strings.Join(kv, ", "), p.add([]byte(r.tombName)), p.add([]byte(pgquote.Timestamp(by.CommitTS))), p.add([]byte(by.Node)))
+		r.qualified, at, r.rowKey("t"), p.add([]byte(r.tombName)), p.add([]byte(pgquote.Timestamp(by.CommitTS))), p.add([]byte(by.Node)))
 	return a.exec(ctx, sql, p.vals).Err
 }
 

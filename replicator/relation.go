@@ -241,6 +241,20 @@ func (r *relation) keyJSON(p *params, cols []int, vals [][]byte) string {
 	return "(SELECT to_jsonb(pgmesh_v.*) FROM (SELECT " + strings.Join(f, ", ") + ") pgmesh_v)"
 }
 
+// rowKey is an expression building the jsonb key of the row (as
+// pgmesh.tombstone stores it) from its primary key columns, qualified by
+// alias when one is given.
+func (r *relation) rowKey(alias string) string {
+	if alias != "" {
+		alias += "."
+	}
+	kv := make([]string, 0, 2*len(r.pk))
+	for _, c := range r.pk {
+		kv = append(kv, pgquote.Literal(r.cols[c]), alias+quote(r.cols[c]))
+	}
+	return "jsonb_build_object(" + strings.Join(kv, ", ") + ")"
+}
+
 // where is a condition matching cols to vals (on table alias t).
 func (r *relation) where(p *params, cols []int, vals [][]byte, nullSafe bool) string {
 	op := " = "

@@ -136,8 +136,8 @@ func TestFastPathStatements(t *testing.T) {
 
 	var p params
 	one := r.insertSQL(&p, []int{0, 1}, []string{r.typed(&p, 0, []byte("1")), r.typed(&p, 1, []byte("a"))}, "")
-	for _, want := range []string{`INSERT INTO "s"."T x" ("id", "Name") SELECT $1::integer, $2::text`,
-		`ts.relation = $3`, `jsonb_build_object('id', $1::integer)`, `pgmesh.apply_conflict('a delete of this key is remembered')`} {
+	for _, want := range []string{`WITH i AS (INSERT INTO "s"."T x" ("id", "Name") SELECT $1::integer, $2::text`,
+		`RETURNING jsonb_build_object('id', "id") AS k)`, `SELECT pgmesh.raise_if_deleted($3, array_agg(i.k)) FROM i`} {
 		if !strings.Contains(one, want) {
 			t.Errorf("insert of one row lacks %q:\n%s", want, one)
 		}
@@ -147,8 +147,10 @@ func TestFastPathStatements(t *testing.T) {
 	}
 	r.anyIdentity = true
 	p = params{}
-	run := r.insertSQL(&p, []int{0}, []string{"u.c0::integer"}, " FROM unnest($1::text[]) AS u(c0)")
-	if !strings.Contains(run, `OVERRIDING SYSTEM VALUE SELECT u.c0::integer FROM unnest($1::text[]) AS u(c0) WHERE`) {
+	arr := p.add(nil)
+	run := r.insertSQL(&p, []int{0}, []string{"u.c0::integer"}, " FROM unnest("+arr+"::text[]) AS u(c0)")
+	if !strings.Contains(run, `OVERRIDING SYSTEM VALUE SELECT u.c0::integer FROM unnest($1::text[]) AS u(c0) RETURNING`) ||
+		!strings.Contains(run, `raise_if_deleted($2,`) {
 		t.Errorf("insert run:\n%s", run)
 	}
 

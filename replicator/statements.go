@@ -19,35 +19,24 @@ import (
 // insertSQL inserts rows given as one typed expression per column (exprs,
 // over the FROM clause from, which may be empty for a single row). It fails
 // on any unique collision, and raises when a delete of a key is remembered.
+// That is checked after the rows are in (pgmesh.raise_if_deleted), so that
+// it also sees a delete committed here while the insert waited for it.
 func (r *relation) insertSQL(p *params, cols []int, exprs []string, from string) string {
 	names := make([]string, len(cols))
 	for i, c := range cols {
 		names[i] = quote(r.cols[c])
 	}
-	where := ""
-	if r.pk != nil {
-		var kv []string
-		for _, c := range r.pk {
-			for i, x := range cols {
-				if x == c {
-					kv = append(kv, pgquote.Literal(r.cols[c]), exprs[i])
-				}
-			}
-		}
-		// The first test runs once per statement (an uncorrelated
-		// subquery): most tables have no tombstones most of the time.
-		rel := p.add([]byte(r.tombName))
-		where = fmt.Sprintf(` WHERE CASE WHEN NOT EXISTS (SELECT 1 FROM pgmesh.tombstone ts WHERE ts.relation = %s) THEN true
-	WHEN EXISTS (SELECT 1 FROM pgmesh.tombstone ts WHERE ts.relation = %s AND ts.key = jsonb_build_object(%s))
-	THEN pgmesh.apply_conflict('a delete of this key is remembered') ELSE true END`,
-			rel, rel, strings.Join(kv, ", "))
-	}
 	override := ""
 	if r.anyIdentity {
 		override = " OVERRIDING SYSTEM VALUE"
 	}
-	return fmt.Sprintf("INSERT INTO %s (%s)%s SELECT %s%s%s", r.qualified, strings.Join(names, ", "), override,
-		strings.Join(exprs, ", "), from, where)
+	insert := fmt.Sprintf("INSERT INTO %s (%s)%s SELECT %s%s", r.qualified, strings.Join(names, ", "), override,
+		strings.Join(exprs, ", "), from)
+	if r.pk == nil {
+		return insert // no tombstones without a primary key
+	}
+	return fmt.Sprintf("WITH i AS (%s RETURNING %s AS k) SELECT pgmesh.raise_if_deleted(%s, array_agg(i.k)) FROM i",
+		insert, r.rowKey(""), p.add([]byte(r.tombName)))
 }
 
 // updateSQL sets the given columns of the row with the primary key keyVals,
@@ -73,14 +62,10 @@ func (r *relation) updateSQL(p *params, cols []int, vals, keyVals [][]byte, roid
 // source transaction's commit time and the peer (as the careful path's
 // deleteRow does); it raises unless exactly one row is deleted.
 func (r *relation) deleteSQL(p *params, keyVals [][]byte, roident uint32, commitTS time.Time, peer string) string {
-	var kv []string
-	for _, c := range r.pk {
-		kv = append(kv, pgquote.Literal(r.cols[c]), "t."+quote(r.cols[c]))
-	}
-	return fmt.Sprintf(`WITH c AS (DELETE FROM %s t WHERE %s AND %s RETURNING jsonb_build_object(%s) AS k),
+	return fmt.Sprintf(`WITH c AS (DELETE FROM %s t WHERE %s AND %s RETURNING %s AS k),
 	s AS (INSERT INTO pgmesh.tombstone AS t (relation, key, deleted_at, deleted_by)
 	      SELECT %s, c.k, %s::timestamptz, %s FROM c`+tombstoneUpsert+`)`,
-		r.qualified, r.where(p, r.pk, keyVals, false), lastWriterIs(roident), strings.Join(kv, ", "),
+		r.qualified, r.where(p, r.pk, keyVals, false), lastWriterIs(roident), r.rowKey("t"),
 		p.add([]byte(r.tombName)), p.add([]byte(pgquote.Timestamp(commitTS))), p.add([]byte(peer))) + expectOneRow
 }
 

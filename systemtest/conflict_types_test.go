@@ -222,3 +222,57 @@ func TestTombstonesAndConflictsArePruned(t *testing.T) {
 		return nil
 	})
 }
+
+// A peer's insert can wait for a local transaction that deletes the same
+// key: PostgreSQL lets the insert go on once that transaction commits, and
+// the insert's own snapshot predates the delete. The delete is newer, so it
+// must win on both nodes, on the fast path and on the careful one (taken
+// here because the source transaction first updates a row b wrote).
+func TestInsertWaitingForLocalDelete(t *testing.T) {
+	ctx := ctxFor(t)
+	nodes := mesh(t, ctx, kvSchema, "a", "b")
+	a, b := nodes[0], nodes[1]
+	mustExec(t, ctx, b, `INSERT INTO kv VALUES (100, 'b', NULL)`)
+	converged(t, ctx, 30*time.Second, "kv", a, b)
+	for _, tc := range []struct {
+		path   string
+		key    int
+		source string
+	}{
+		{"fast", 1, `INSERT INTO kv VALUES (1, 'a', NULL)`},
+		{"careful", 2, `BEGIN; UPDATE kv SET v = 'a' WHERE k = 100; INSERT INTO kv VALUES (2, 'a', NULL); COMMIT`},
+	} {
+		local := connect(t, ctx, b)
+		tx, err := local.Begin(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := tx.Exec(ctx, `INSERT INTO kv VALUES ($1, 'b', NULL)`, tc.key); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := tx.Exec(ctx, `DELETE FROM kv WHERE k = $1`, tc.key); err != nil {
+			t.Fatal(err)
+		}
+		mustExec(t, ctx, a, tc.source)
+		eventually(t, 30*time.Second, "b's apply of a's insert waits for the local transaction", func() error {
+			if n := count(t, ctx, b, `SELECT count(*) FROM pg_stat_activity
+				WHERE application_name = 'pgmesh apply from a' AND wait_event_type = 'Lock'`); n != 1 {
+				return fmt.Errorf("%d apply sessions wait for a lock", n)
+			}
+			return nil
+		})
+		if err := tx.Commit(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if err := localmesh.CaughtUp(ctx, 30*time.Second, a, b); err != nil {
+			t.Fatal(err)
+		}
+		for _, n := range nodes {
+			if got := count(t, ctx, n, `SELECT count(*) FROM kv WHERE k = $1`, tc.key); got != 0 {
+				t.Errorf("%s path: %s holds key %d, which b's later delete removed", tc.path, n.Name, tc.key)
+			}
+		}
+	}
+	waitConflicts(t, ctx, b, `public.kv update_origin_differs apply_remote {"k": 100}`,
+		`public.kv insert_deleted skip {"k": 1}`, `public.kv insert_deleted skip {"k": 2}`)
+}

@@ -16,8 +16,11 @@ type Settings map[string]string
 
 // Applier is how changes from peers are written: as replicated changes
 // (user triggers and foreign keys already ran on the origin), whatever the
-// database's own defaults say.
-var Applier = Settings{"session_replication_role": "replica", "default_transaction_read_only": "off"}
+// database's own defaults say. Apply relies on READ COMMITTED: each
+// statement, and each query of a VOLATILE function, sees every transaction
+// committed before it began (a delete an insert waited for, for one).
+var Applier = Settings{"session_replication_role": "replica", "default_transaction_read_only": "off",
+	"default_transaction_isolation": "read committed"}
 
 // Writer may write even while the database is read-only for applications
 // (a joining node).
