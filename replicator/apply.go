@@ -2,8 +2,10 @@ package replicator
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"strconv"
@@ -523,8 +525,15 @@ func (a *applier) insertChecked(ctx context.Context, r *relation, change conflic
 			return a.record(ctx, r, d, nil, match, keyVals, cols, vals)
 		}
 	}
+	if local, err := a.lookup(ctx, r, match, false, keyVals); err != nil || local != nil {
+		return cmp.Or(err, errRowAppeared)
+	}
 	return fmt.Errorf("insert blocked by a unique constraint that pgmesh cannot resolve (a partial, deferrable or expression index?)")
 }
+
+// errRowAppeared: a row with the key was committed here while the insert
+// waited for it. Applying the transaction again settles against that row.
+var errRowAppeared = errors.New("a row with this key was committed here while the insert waited for it")
 
 // settleUnique looks for local rows other than self that hold the row's
 // values in a unique index other than the key, and settles the collision by

@@ -97,9 +97,10 @@ func (s *Stream) Run(ctx context.Context) {
 			continue
 		}
 		if transient(err) {
-			// A deadlock or serialization failure against local writers:
-			// the transaction is retried from the same change at once.
-			s.log.Info("apply transaction lost a lock conflict; retrying it", "err", err)
+			// A deadlock, serialization failure or race against local
+			// writers: the transaction is retried from the same change at
+			// once.
+			s.log.Info("apply transaction met a concurrent local write; retrying it", "err", err)
 			select {
 			case <-ctx.Done():
 				return
@@ -121,10 +122,11 @@ func (s *Stream) Run(ctx context.Context) {
 	}
 }
 
-// transient reports errors that go away when the transaction is retried.
+// transient reports errors that go away when the transaction is retried:
+// lock conflicts with local writers, and races with them.
 func transient(err error) bool {
 	var pe *pgconn.PgError
-	return errors.As(err, &pe) && (pe.Code == "40P01" || pe.Code == "40001")
+	return errors.As(err, &pe) && (pe.Code == "40P01" || pe.Code == "40001") || errors.Is(err, errRowAppeared)
 }
 
 func (s *Stream) runOnce(ctx context.Context) error {

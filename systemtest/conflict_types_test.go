@@ -275,4 +275,34 @@ func TestInsertWaitingForLocalDelete(t *testing.T) {
 	}
 	waitConflicts(t, ctx, b, `public.kv update_origin_differs apply_remote {"k": 100}`,
 		`public.kv insert_deleted skip {"k": 1}`, `public.kv insert_deleted skip {"k": 2}`)
+
+	// An update of a row b never had is applied as an insert, which waits
+	// for a local insert of the key: once that commits, the update is
+	// settled against the newer local row, without stopping the stream.
+	drift(t, ctx, a, `INSERT INTO kv VALUES (3, 'a', NULL)`)
+	local := connect(t, ctx, b)
+	tx, err := local.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tx.Exec(ctx, `INSERT INTO kv VALUES (3, 'b', NULL)`); err != nil {
+		t.Fatal(err)
+	}
+	mustExec(t, ctx, a, `UPDATE kv SET v = 'a2' WHERE k = 3`)
+	eventually(t, 30*time.Second, "b's apply of a's update waits for the local transaction", func() error {
+		if n := count(t, ctx, b, `SELECT count(*) FROM pg_stat_activity
+			WHERE application_name = 'pgmesh apply from a' AND wait_event_type = 'Lock'`); n != 1 {
+			return fmt.Errorf("%d apply sessions wait for a lock", n)
+		}
+		return nil
+	})
+	if err := tx.Commit(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if got := converged(t, ctx, 30*time.Second, "(SELECT * FROM kv WHERE k = 3)", a, b); got != "(3,b,)" {
+		t.Errorf("key 3 converged on %q, want b's later insert", got)
+	}
+	if st := streamFrom(t, ctx, b, "a"); st.Errors != 0 {
+		t.Errorf("b's stream from a stopped on an error: %s", st.LastError)
+	}
 }
