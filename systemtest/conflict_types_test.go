@@ -3,6 +3,7 @@
 package systemtest
 
 import (
+	"context"
 	"fmt"
 	"strings"
 	"testing"
@@ -242,28 +243,8 @@ func TestInsertWaitingForLocalDelete(t *testing.T) {
 		{"fast", 1, `INSERT INTO kv VALUES (1, 'a', NULL)`},
 		{"careful", 2, `BEGIN; UPDATE kv SET v = 'a' WHERE k = 100; INSERT INTO kv VALUES (2, 'a', NULL); COMMIT`},
 	} {
-		local := connect(t, ctx, b)
-		tx, err := local.Begin(ctx)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, err := tx.Exec(ctx, `INSERT INTO kv VALUES ($1, 'b', NULL)`, tc.key); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := tx.Exec(ctx, `DELETE FROM kv WHERE k = $1`, tc.key); err != nil {
-			t.Fatal(err)
-		}
-		mustExec(t, ctx, a, tc.source)
-		eventually(t, 30*time.Second, "b's apply of a's insert waits for the local transaction", func() error {
-			if n := count(t, ctx, b, `SELECT count(*) FROM pg_stat_activity
-				WHERE application_name = 'pgmesh apply from a' AND wait_event_type = 'Lock'`); n != 1 {
-				return fmt.Errorf("%d apply sessions wait for a lock", n)
-			}
-			return nil
-		})
-		if err := tx.Commit(ctx); err != nil {
-			t.Fatal(err)
-		}
+		local := fmt.Sprintf(`INSERT INTO kv VALUES (%d, 'b', NULL); DELETE FROM kv WHERE k = %[1]d`, tc.key)
+		whileApplyWaits(t, ctx, b, a, local, tc.source)
 		if err := localmesh.CaughtUp(ctx, 30*time.Second, a, b); err != nil {
 			t.Fatal(err)
 		}
@@ -280,29 +261,33 @@ func TestInsertWaitingForLocalDelete(t *testing.T) {
 	// for a local insert of the key: once that commits, the update is
 	// settled against the newer local row, without stopping the stream.
 	drift(t, ctx, a, `INSERT INTO kv VALUES (3, 'a', NULL)`)
-	local := connect(t, ctx, b)
-	tx, err := local.Begin(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := tx.Exec(ctx, `INSERT INTO kv VALUES (3, 'b', NULL)`); err != nil {
-		t.Fatal(err)
-	}
-	mustExec(t, ctx, a, `UPDATE kv SET v = 'a2' WHERE k = 3`)
-	eventually(t, 30*time.Second, "b's apply of a's update waits for the local transaction", func() error {
-		if n := count(t, ctx, b, `SELECT count(*) FROM pg_stat_activity
-			WHERE application_name = 'pgmesh apply from a' AND wait_event_type = 'Lock'`); n != 1 {
-			return fmt.Errorf("%d apply sessions wait for a lock", n)
-		}
-		return nil
-	})
-	if err := tx.Commit(ctx); err != nil {
-		t.Fatal(err)
-	}
+	whileApplyWaits(t, ctx, b, a, `INSERT INTO kv VALUES (3, 'b', NULL)`, `UPDATE kv SET v = 'a2' WHERE k = 3`)
 	if got := converged(t, ctx, 30*time.Second, "(SELECT * FROM kv WHERE k = 3)", a, b); got != "(3,b,)" {
 		t.Errorf("key 3 converged on %q, want b's later insert", got)
 	}
 	if st := streamFrom(t, ctx, b, "a"); st.Errors != 0 {
 		t.Errorf("b's stream from a stopped on an error: %s", st.LastError)
+	}
+}
+
+// whileApplyWaits runs local on n in a transaction it holds open while
+// peer commits remote, until n's apply of it waits for that transaction's
+// locks; then it commits local.
+func whileApplyWaits(t *testing.T, ctx context.Context, n, peer *localmesh.Node, local, remote string) {
+	t.Helper()
+	conn := connect(t, ctx, n)
+	if _, err := conn.Exec(ctx, "BEGIN; "+local); err != nil {
+		t.Fatal(err)
+	}
+	mustExec(t, ctx, peer, remote)
+	eventually(t, 30*time.Second, n.Name+"'s apply of "+peer.Name+"'s change waits for the local transaction", func() error {
+		if c := count(t, ctx, n, `SELECT count(*) FROM pg_stat_activity
+			WHERE application_name = $1 AND wait_event_type = 'Lock'`, "pgmesh apply from "+peer.Name); c != 1 {
+			return fmt.Errorf("%d apply sessions wait for a lock", c)
+		}
+		return nil
+	})
+	if _, err := conn.Exec(ctx, "COMMIT"); err != nil {
+		t.Fatal(err)
 	}
 }
