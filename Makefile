@@ -1,6 +1,6 @@
 GO ?= go
 
-.PHONY: build test test-core unit demo vet lint fmt-check bench soak clean
+.PHONY: build test test-core unit demo vet lint tracked-check fmt-check bench soak clean
 
 build:
 	$(GO) build -o bin/pgmesh ./cmd/pgmesh
@@ -38,12 +38,19 @@ vet:
 GOBIN ?= $(shell $(GO) env GOPATH)/bin
 STATICCHECK_VERSION = v0.8.2
 DEADCODE_VERSION = v0.52.0
-lint: vet
+lint: vet tracked-check
 	@test -x $(GOBIN)/staticcheck || $(GO) install honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION)
 	@test -x $(GOBIN)/deadcode || $(GO) install golang.org/x/tools/cmd/deadcode@$(DEADCODE_VERSION)
 	$(GOBIN)/staticcheck -tags integration ./...
 	@out=$$($(GOBIN)/deadcode -test -tags integration ./...); \
 	if [ -n "$$out" ]; then echo "deadcode reports unreachable functions:"; echo "$$out"; exit 1; fi
+
+# Build outputs never go into git: fail on a tracked executable or any
+# tracked file over 1 MB.
+tracked-check:
+	@bad=$$(git ls-files -z | xargs -0 -r file -N | grep -E ': *ELF ' | cut -d: -f1); \
+	big=$$(git ls-files -z | xargs -0 -r stat -c '%s %n' | awk '$$1 > 1048576 {print $$2}'); \
+	if [ -n "$$bad$$big" ]; then echo "tracked build outputs or files over 1 MB (remove them, add them to .gitignore): $$bad $$big"; exit 1; fi
 
 fmt-check:
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
