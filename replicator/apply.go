@@ -82,6 +82,12 @@ func (a *applier) handleCareful(ctx context.Context, data []byte) (pglogrepl.LSN
 	}
 	switch m := msg.(type) {
 	case *pglogrepl.BeginMessage:
+		if a.localOpen || len(a.pending) > 0 {
+			// One source transaction, one local transaction: never let a
+			// transaction commit what an earlier one left behind.
+			return 0, fmt.Errorf("internal error: the local transaction applying remote xid %d is still open when remote xid %d begins; the stream restarts from the last committed transaction",
+				a.begin.Xid, m.Xid)
+		}
 		a.begin = *m
 		a.filter.Begin()
 		a.rows = 0
@@ -169,22 +175,31 @@ func (a *applier) openLocal(ctx context.Context) error {
 }
 
 // prepare returns the name of sql as a prepared statement, preparing it
-// the first time.
+// the first time. The connection must be out of pipeline mode for that, so
+// the batch in flight is read back first, which may apply failed groups
+// carefully: their errors are the stream's, returned as they are. Only the
+// server's refusal of sql itself is an *unpreparable.
 func (a *applier) prepare(ctx context.Context, sql string) (string, error) {
 	name, ok := a.stmts[sql]
 	if !ok {
-		// The connection must be out of pipeline mode.
 		if err := a.collect(ctx); err != nil {
 			return "", err
 		}
 		name = "pgmesh_" + strconv.Itoa(a.stmtGen) + "_" + strconv.Itoa(len(a.stmts))
 		if _, err := a.pc.Prepare(ctx, name, sql, nil); err != nil {
-			return "", err
+			return "", &unpreparable{err}
 		}
 		a.stmts[sql] = name
 	}
 	return name, nil
 }
+
+// unpreparable is the server's refusal to prepare a statement (a column
+// type this node cannot take, say).
+type unpreparable struct{ err error }
+
+func (e *unpreparable) Error() string { return "prepare statement: " + e.err.Error() }
+func (e *unpreparable) Unwrap() error { return e.err }
 
 // exec runs sql as a named prepared statement with text-format parameters,
 // whose types the server infers from the statement, inside the local

@@ -384,8 +384,11 @@ var binaryParams = []int16{pgtype.BinaryFormatCode}
 
 func (a *applier) addStmt(ctx context.Context, stmts *[]fastStmt, sql string, vals [][]byte, formats []int16) error {
 	name, err := a.prepare(ctx, sql)
-	if err != nil {
+	if _, refused := errors.AsType[*unpreparable](err); refused {
 		return errNotFast // the careful path reports what is wrong
+	}
+	if err != nil {
+		return err
 	}
 	*stmts = append(*stmts, fastStmt{name: name, params: vals, formats: formats})
 	return nil
