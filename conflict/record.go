@@ -21,8 +21,9 @@ type Record struct {
 	// Local is the local version decided against; nil when none.
 	Local          *Version
 	RemoteCommitTS time.Time
-	RemoteLSN      string
-	RemoteXID      uint32
+	// RemoteLSN and RemoteXID are empty and 0 when unknown.
+	RemoteLSN string
+	RemoteXID uint32
 }
 
 // AppliedTuple is what the key holds after the decision: the remote row
@@ -51,12 +52,21 @@ func (r Record) InsertSQL(bind func([]byte) string) string {
 		}
 		localOrigin = []byte(r.Local.Node)
 	}
+	// A decision taken after the fact (see replicator.RemoveOvertaken)
+	// knows the remote change's time and origin, not its LSN and xid.
+	var lsn, xid []byte
+	if r.RemoteLSN != "" {
+		lsn = []byte(r.RemoteLSN)
+	}
+	if r.RemoteXID != 0 {
+		xid = []byte(strconv.FormatUint(uint64(r.RemoteXID), 10))
+	}
 	return fmt.Sprintf(`INSERT INTO pgmesh.conflict_history (local_node, origin_node, relation,
 	conflict_type, resolution, key_tuple, local_tuple, remote_tuple, applied_tuple,
 	local_commit_ts, local_origin, remote_commit_ts, remote_commit_lsn, remote_xid, reason)
 VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s::timestamptz, %s, %s::timestamptz, %s::pg_lsn, %s::bigint, %s)`,
 		bind([]byte(r.LocalNode)), bind([]byte(r.OriginNode)), bind([]byte(r.Relation)),
 		bind([]byte(r.Decision.Type)), bind([]byte(r.Decision.Resolution)), r.KeyTuple, r.LocalTuple, remote, r.AppliedTuple(),
-		bind(localTS), bind(localOrigin), bind([]byte(pgquote.Timestamp(r.RemoteCommitTS))), bind([]byte(r.RemoteLSN)),
-		bind([]byte(strconv.FormatUint(uint64(r.RemoteXID), 10))), bind([]byte(r.Decision.Reason)))
+		bind(localTS), bind(localOrigin), bind([]byte(pgquote.Timestamp(r.RemoteCommitTS))), bind(lsn),
+		bind(xid), bind([]byte(r.Decision.Reason)))
 }

@@ -64,6 +64,9 @@ type Daemon struct {
 	pauses pauses
 	// members is how this daemon calls other daemons (HTTPS with TLS on).
 	members *api.Transport
+	// sweepSoon asks housekeeping to look for overtaken rows soon
+	// (replicator.RemoveOvertaken); one pending request covers many.
+	sweepSoon chan struct{}
 }
 
 // member is a client of another member's API, with the group's token.
@@ -82,6 +85,15 @@ func (d *Daemon) peerDSN(n *membership.Node) string {
 		return o
 	}
 	return n.DSN
+}
+
+// peerAPI is how this node reaches a peer's API: its advertise_api, or the
+// peer_api_addrs override for it.
+func (d *Daemon) peerAPI(n *membership.Node) string {
+	if o, ok := d.cfg.PeerAPIAddrs[n.Name]; ok {
+		return o
+	}
+	return n.API
 }
 
 // nodeID returns a node's id by name (0 if unknown), for tie-breaks.
@@ -109,7 +121,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		return err
 	}
 	log = log.With("node", cfg.NodeName)
-	d := &Daemon{cfg: cfg, log: log, streams: map[string]*running{}, ctx: ctx}
+	d := &Daemon{cfg: cfg, log: log, streams: map[string]*running{}, ctx: ctx, sweepSoon: make(chan struct{}, 1)}
 
 	poolCfg, err := pgxpool.ParseConfig(cfg.DSN)
 	if err != nil {
@@ -154,7 +166,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		return err
 	}
 	mcfg := membership.Config{NodeName: cfg.NodeName, DataDir: cfg.DataDir,
-		ListenRaft: cfg.ListenRaft, AdvertiseRaft: cfg.AdvertiseRaft}
+		ListenRaft: cfg.ListenRaft, AdvertiseRaft: cfg.AdvertiseRaft, Timing: cfg.RaftTiming, PeerAddrs: cfg.PeerRaftAddrs}
 	d.members = api.NewTransport(nil)
 	if tlsCfg != nil {
 		mcfg.TLSServer, mcfg.TLSClient = tlsCfg.raft, tlsCfg.client
@@ -352,6 +364,12 @@ func (d *Daemon) startLocked(ctx context.Context, n *membership.Node) {
 		Gate:         &d.gate,
 		Rule:         d.rule(),
 		MaxClockSkew: d.cfg.MaxClockSkew,
+		DeletedMissing: func() {
+			select {
+			case d.sweepSoon <- struct{}{}:
+			default:
+			}
+		},
 	})
 	sctx, cancel := context.WithCancel(ctx)
 	r := &running{stream: s, dsn: d.peerDSN(n), cancel: cancel, done: make(chan struct{})}

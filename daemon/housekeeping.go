@@ -9,6 +9,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/pgmesh/pgmesh/membership"
+	"github.com/pgmesh/pgmesh/replicator"
 )
 
 // tombstoneMargin is kept beyond the GC horizon: a peer commit's timestamp
@@ -16,17 +17,48 @@ import (
 // little. Last-update-wins already assumes clocks agree to well within this.
 const tombstoneMargin = 10 * time.Second
 
-// housekeeping prunes what pgmesh keeps in the local database, until ctx ends.
+// housekeeping prunes what pgmesh keeps in the local database and removes
+// rows that a newer delete overtook, until ctx ends: every
+// housekeeping_interval, and a second after a stream applied a delete of a
+// key it had no row for (the insert that may have missed the delete has
+// committed by then, as a rule; the next regular round catches a later one).
 func (d *Daemon) housekeeping(ctx context.Context) {
-	every(ctx, d.cfg.HousekeepingInterval, func() {
+	t := time.NewTicker(d.cfg.HousekeepingInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-d.sweepSoon:
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(time.Second):
+			}
+			d.removeOvertaken(ctx)
+			continue
+		case <-t.C:
+		}
 		if err := d.pruneTombstones(ctx); err != nil && ctx.Err() == nil {
 			d.log.Warn("prune tombstones", "err", err)
 		}
+		d.removeOvertaken(ctx)
 		if _, err := d.db.Exec(ctx, `DELETE FROM pgmesh.conflict_history WHERE occurred_at < now() - $1::interval`,
 			fmt.Sprintf("%d seconds", int64(d.cfg.ConflictRetention.Seconds()))); err != nil && ctx.Err() == nil {
 			d.log.Warn("prune conflict_history", "err", err)
 		}
-	})
+	}
+}
+
+// removeOvertaken runs replicator.RemoveOvertaken and reports what it did.
+func (d *Daemon) removeOvertaken(ctx context.Context) {
+	n, err := replicator.RemoveOvertaken(ctx, d.cfg.DSN, d.cfg.NodeName, d.rule(), d.nodeID)
+	if err != nil && ctx.Err() == nil {
+		d.log.Warn("remove rows a newer delete overtook", "err", err)
+	}
+	if n > 0 {
+		d.log.Info("removed rows a newer delete overtook while they were being inserted (logged in conflict_history)", "rows", n)
+	}
 }
 
 // tombstoneHorizon is the peer commit time before which every active peer's

@@ -59,6 +59,9 @@ type applier struct {
 	carefulFor   int           // transactions to apply carefully before trying fast again
 	bulk         *fastTxn      // the large transaction being applied in bulk (bulk.go)
 	hadConflict  bool          // the last careful transaction logged a conflict
+	// deletedMissing: the careful transaction deleted a key with no row
+	// here (see Config.DeletedMissing).
+	deletedMissing bool
 	// retryLSN is a large transaction (FinalLSN) whose bulk apply failed:
 	// streamed again, it takes the careful path.
 	retryLSN pglogrepl.LSN
@@ -90,7 +93,7 @@ func (a *applier) handleCareful(ctx context.Context, data []byte) (pglogrepl.LSN
 		}
 		a.begin = *m
 		a.filter.Begin()
-		a.rows = 0
+		a.rows, a.deletedMissing = 0, false
 		clear(a.conflicts)
 		if m.FinalLSN < a.progress {
 			// Already applied before a restart (the server may resend
@@ -730,6 +733,7 @@ func (a *applier) delete(ctx context.Context, r *relation, m *pglogrepl.DeleteMe
 		}
 		// Remember the delete: the row's insert or an older update may
 		// still be on its way from another node.
+		a.deletedMissing = true
 		return a.saveTombstone(ctx, r, match, keyVals)
 	}
 	d := a.cfg.Rule.Decide(conflict.Delete, conflict.Local{Row: &local.version, OwnTxn: local.ownTxn}, a.remote())
@@ -829,6 +833,9 @@ func (a *applier) commit(ctx context.Context, m *pglogrepl.CommitMessage) (pglog
 	a.stats.committedGroup()
 	a.stats.applied(m.TransactionEndLSN, m.CommitTime, a.rows, a.conflicts)
 	a.hadConflict = len(a.conflicts) > 0
+	if a.deletedMissing && a.cfg.DeletedMissing != nil {
+		a.cfg.DeletedMissing()
+	}
 	if a.careful {
 		a.applied = m.TransactionEndLSN
 	}

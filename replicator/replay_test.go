@@ -194,9 +194,15 @@ func queryString(t *testing.T, ctx context.Context, conn *pgx.Conn, sql string) 
 func twoDatabases(t *testing.T, ctx context.Context) (local, peer *pgx.Conn) {
 	t.Helper()
 	local = pgtest.WithSchema(t, ctx)
-	mustExec(t, ctx, local, `CREATE DATABASE peer`)
+	return local, peerDatabase(t, ctx, local, "peer")
+}
+
+// peerDatabase creates a database beside local's, standing for a peer.
+func peerDatabase(t *testing.T, ctx context.Context, local *pgx.Conn, name string) *pgx.Conn {
+	t.Helper()
+	mustExec(t, ctx, local, `CREATE DATABASE `+name)
 	cfg := local.Config().Copy()
-	cfg.Database = "peer"
+	cfg.Database = name
 	peer, err := pgx.ConnectConfig(ctx, cfg)
 	if err != nil {
 		t.Fatal(err)
@@ -205,7 +211,7 @@ func twoDatabases(t *testing.T, ctx context.Context) (local, peer *pgx.Conn) {
 	// Decoding through SQL reads only WAL that is flushed, and the test
 	// clusters do not flush at commit.
 	mustExec(t, ctx, peer, `SET synchronous_commit = on`)
-	return local, peer
+	return peer
 }
 
 // peerMessages decodes everything in the slot as the stream would send it.

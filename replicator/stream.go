@@ -50,6 +50,11 @@ type Config struct {
 	// MaxClockSkew is how far the peer's clock may be ahead of ours before
 	// it is reported (0: never).
 	MaxClockSkew time.Duration
+	// DeletedMissing, when set, is called after a transaction that deleted
+	// a key with no row here committed: an insert of the key in progress
+	// meanwhile may have missed the delete, which RemoveOvertaken repairs.
+	// It must not block.
+	DeletedMissing func()
 }
 
 // Stream replicates one peer into the local database until its context ends.
