@@ -206,7 +206,7 @@ func (d *Daemon) leader(noLeader error) (*api.Client, error) {
 	if leader == nil {
 		return nil, noLeader
 	}
-	return d.member(leader.API)
+	return d.member(d.peerAPI(leader))
 }
 
 // forward sends a member-to-member call on to the Raft leader when this node
@@ -234,7 +234,7 @@ func (d *Daemon) forward(w http.ResponseWriter, r *http.Request, in any) bool {
 			err = errors.New("the node group has no Raft leader right now (is a majority of members down?): joins and parts need a majority; try again when it is back")
 		} else {
 			var out json.RawMessage
-			err = d.members.Client(leader.API, token).Do(r.Context(), r.Method, r.URL.Path, in, &out)
+			err = d.members.Client(d.peerAPI(leader), token).Do(r.Context(), r.Method, r.URL.Path, in, &out)
 			var ae *api.Error
 			if err == nil || errors.As(err, &ae) {
 				if err != nil {

@@ -15,6 +15,7 @@ import (
 
 	"github.com/pgmesh/pgmesh/internal/bytesize"
 	"github.com/pgmesh/pgmesh/internal/dsn"
+	"github.com/pgmesh/pgmesh/membership"
 )
 
 // Config holds the daemon's settings (the README lists them as config keys).
@@ -26,7 +27,10 @@ type Config struct {
 	AdvertiseAPI  string
 	ListenRaft    string
 	AdvertiseRaft string
-	DataDir       string
+	// RaftTiming scales Raft's timeouts to the round trips between members
+	// (config key raft_timing; zero: membership.WAN).
+	RaftTiming membership.Timing
+	DataDir    string
 	// ConflictRetention is how long conflict_history rows are kept.
 	ConflictRetention time.Duration
 	// HousekeepingInterval is how often tombstones and old conflicts are pruned.
@@ -34,6 +38,9 @@ type Config struct {
 	// PeerDSNs overrides, by node name, how this node reaches a peer's
 	// Postgres (e.g. through a private endpoint); default: its public_dsn.
 	PeerDSNs map[string]string
+	// PeerAPIAddrs and PeerRaftAddrs override, by node name, how this node
+	// reaches a peer's API and Raft port; default: what the peer advertises.
+	PeerAPIAddrs, PeerRaftAddrs map[string]string
 	// CaptureDDL replicates plain DDL statements automatically.
 	CaptureDDL bool
 	// NewTablesLocal (config key repset_new_tables: false) makes a group
@@ -134,6 +141,9 @@ func (c *Config) Normalize() error {
 	if c.DataDir == "" {
 		c.DataDir = DefaultDataDir
 	}
+	if c.RaftTiming == 0 {
+		c.RaftTiming = membership.WAN
+	}
 	if c.ConflictRetention == 0 {
 		c.ConflictRetention = DefaultConflictRetention
 	}
@@ -145,6 +155,15 @@ func (c *Config) Normalize() error {
 			errs = append(errs, fmt.Errorf("peer_dsns names %q, which is not a valid node name", name))
 		} else if _, err := pgconn.ParseConfig(d); err != nil {
 			errs = append(errs, fmt.Errorf("peer_dsns entry for %q cannot be parsed (%v)", name, redactErr(err)))
+		}
+	}
+	for key, m := range map[string]map[string]string{"peer_api_addrs": c.PeerAPIAddrs, "peer_raft_addrs": c.PeerRaftAddrs} {
+		for name, addr := range m {
+			if !ValidNodeName(name) {
+				errs = append(errs, fmt.Errorf("%s names %q, which is not a valid node name", key, name))
+			} else if _, _, err := net.SplitHostPort(addr); err != nil {
+				errs = append(errs, fmt.Errorf("%s entry for %q, %q, is not a host:port address: write it like 10.0.0.7:7401", key, name, addr))
+			}
 		}
 	}
 	if c.HealthMaxLag == 0 {

@@ -82,7 +82,7 @@ func (d *Daemon) everywhere(ctx context.Context, req api.Setting) ([]string, err
 		if n.Name == d.cfg.NodeName {
 			err = d.applySetting(ctx, req)
 		} else {
-			err = d.members.Client(n.API, token).ApplySetting(ctx, req)
+			err = d.members.Client(d.peerAPI(n), token).ApplySetting(ctx, req)
 		}
 		if err != nil {
 			errs = append(errs, fmt.Errorf("node %q: %w (run the same command again once it is reachable)", n.Name, err))

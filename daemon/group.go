@@ -249,7 +249,7 @@ func (d *Daemon) drainParting(ctx context.Context, g *membership.Group, parting 
 				}
 				return behind
 			})
-		} else if err = waitApplied(ctx, d.members.Client(m.API, ""), parting.Name, target, time.Until(deadline)); err != nil {
+		} else if err = waitApplied(ctx, d.members.Client(d.peerAPI(m), ""), parting.Name, target, time.Until(deadline)); err != nil {
 			err = behind
 		}
 		if err != nil {

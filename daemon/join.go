@@ -231,7 +231,7 @@ func (d *Daemon) copyAndActivate(ctx context.Context, req api.JoinRequest) error
 	// so the copy holds everything before the slots' start.
 	for _, m := range others {
 		d.phase(fmt.Sprintf("waiting for %s to apply %s's changes up to %s", source.Name, m.Name, starts[m.Name]))
-		if err := waitApplied(ctx, d.members.Client(source.API, ""), m.Name, starts[m.Name], 10*time.Minute); err != nil {
+		if err := waitApplied(ctx, d.members.Client(d.peerAPI(source), ""), m.Name, starts[m.Name], 10*time.Minute); err != nil {
 			return err
 		}
 	}
@@ -347,7 +347,7 @@ func (d *Daemon) sourceSnapshot(ctx context.Context, repl *pgconn.PgConn, source
 		return snap, nil, fmt.Errorf("connect to source %q: %w", source.Name, err)
 	}
 	defer conn.Close(context.Background())
-	resume, err := pauseApply(ctx, d.members.Client(source.API, token))
+	resume, err := pauseApply(ctx, d.members.Client(d.peerAPI(source), token))
 	if err != nil {
 		return snap, nil, fmt.Errorf("pause applying on source %q for the snapshot: %w", source.Name, err)
 	}

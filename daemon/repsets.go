@@ -281,7 +281,7 @@ func (d *Daemon) waitPublished(ctx context.Context, hash string, timeout time.Du
 			if n.Name == d.cfg.NodeName {
 				rep = d.Status()
 			} else {
-				rep, err = d.members.Client(n.API, "").Status(ctx)
+				rep, err = d.members.Client(d.peerAPI(n), "").Status(ctx)
 			}
 			if err != nil {
 				pending = append(pending, n.Name)

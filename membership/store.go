@@ -18,6 +18,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"sync"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -36,6 +37,12 @@ type Config struct {
 	DataDir              string
 	ListenRaft           string
 	AdvertiseRaft        string
+	// Timing scales Raft's timeouts to the round trips between members
+	// (zero: WAN).
+	Timing Timing
+	// PeerAddrs overrides, by node name, the Raft address this node dials
+	// (default: the one the peer advertised when it joined).
+	PeerAddrs map[string]string
 	// LogOutput receives Raft's own log lines (warnings and errors only).
 	LogOutput io.Writer
 }
@@ -47,7 +54,19 @@ type Store struct {
 	fsm       *fsm
 	transport *raft.NetworkTransport
 	logs      *raftboltdb.BoltStore
+	// committed wakes the goroutine that tells followers about a new
+	// commit (see announce); it ends when done closes.
+	committed chan struct{}
+	done      chan struct{}
+	announcer sync.WaitGroup
 }
+
+// idleCommitTimeout is how often an idle leader sends followers its commit
+// index anyway. Raft's default (50 ms) makes an idle leader read its log
+// and send every follower an AppendEntries 20 to 40 times a second; here
+// every write announces its own commit (announce), so this is only a
+// safety net.
+const idleCommitTimeout = 5 * time.Second
 
 // ErrNotLeader is returned by writes on a follower; callers forward them.
 var ErrNotLeader = errors.New("not the raft leader")
@@ -76,26 +95,31 @@ func Open(cfg Config) (*Store, error) {
 		logs.Close()
 		return nil, fmt.Errorf("advertise_raft %q is not a host:port address: %w", cfg.AdvertiseRaft, err)
 	}
+	logger := hclog.New(&hclog.LoggerOptions{Name: "raft", Level: hclog.Error, Output: cfg.LogOutput})
+	tcfg := &raft.NetworkTransportConfig{MaxPool: 3, Timeout: 10 * time.Second, Logger: logger,
+		ServerAddressProvider: peerAddrs(cfg.PeerAddrs)}
 	var transport *raft.NetworkTransport
 	if cfg.TLSServer != nil {
-		var stream *tlsStream
-		if stream, err = newTLSStream(cfg.ListenRaft, adv, cfg.TLSServer, cfg.TLSClient); err == nil {
-			transport = raft.NewNetworkTransport(stream, 3, 10*time.Second, cfg.LogOutput)
+		if tcfg.Stream, err = newTLSStream(cfg.ListenRaft, adv, cfg.TLSServer, cfg.TLSClient); err == nil {
+			transport = raft.NewNetworkTransportWithConfig(tcfg)
 		}
 	} else {
-		transport, err = raft.NewTCPTransport(cfg.ListenRaft, adv, 3, 10*time.Second, cfg.LogOutput)
+		transport, err = raft.NewTCPTransportWithConfig(cfg.ListenRaft, adv, tcfg)
 	}
 	if err != nil {
 		logs.Close()
 		return nil, fmt.Errorf("listen for raft on %s: %w: choose a free port with listen_raft", cfg.ListenRaft, err)
 	}
+	if cfg.Timing == 0 {
+		cfg.Timing = WAN
+	}
 	rc := raft.DefaultConfig()
 	rc.LocalID = raft.ServerID(cfg.NodeName)
-	rc.HeartbeatTimeout = 500 * time.Millisecond
-	rc.ElectionTimeout = 500 * time.Millisecond
-	rc.LeaderLeaseTimeout = 250 * time.Millisecond
-	rc.CommitTimeout = 20 * time.Millisecond
-	rc.Logger = hclog.New(&hclog.LoggerOptions{Name: "raft", Level: hclog.Error, Output: cfg.LogOutput})
+	rc.HeartbeatTimeout = cfg.Timing.Timeout()
+	rc.ElectionTimeout = cfg.Timing.Timeout()
+	rc.LeaderLeaseTimeout = cfg.Timing.Timeout()
+	rc.CommitTimeout = idleCommitTimeout
+	rc.Logger = logger
 	f := newFSM()
 	r, err := raft.NewRaft(rc, f, logs, logs, snaps, transport)
 	if err != nil {
@@ -103,15 +127,61 @@ func Open(cfg Config) (*Store, error) {
 		logs.Close()
 		return nil, fmt.Errorf("start raft: %w", err)
 	}
-	return &Store{cfg: cfg, raft: r, fsm: f, transport: transport, logs: logs}, nil
+	s := &Store{cfg: cfg, raft: r, fsm: f, transport: transport, logs: logs,
+		committed: make(chan struct{}, 1), done: make(chan struct{})}
+	s.announcer.Go(s.announce)
+	return s, nil
+}
+
+// peerAddrs is the peer_raft_addrs override of where to dial a member. A
+// member it does not name is dialled at the address it advertised (Raft
+// falls back to that on the error).
+type peerAddrs map[string]string
+
+var errNoOverride = errors.New("no peer_raft_addrs entry")
+
+func (p peerAddrs) ServerAddr(id raft.ServerID) (raft.ServerAddress, error) {
+	if a, ok := p[string(id)]; ok {
+		return raft.ServerAddress(a), nil
+	}
+	return "", errNoOverride
 }
 
 // Close shuts the Raft member down.
 func (s *Store) Close() error {
+	close(s.done)
+	s.announcer.Wait()
 	err := s.raft.Shutdown().Error()
 	s.transport.Close()
 	s.logs.Close()
 	return err
+}
+
+// announce tells the followers about each new commit at once. A follower
+// learns that an entry is committed only from the leader's next
+// AppendEntries (heartbeats do not carry it), which an idle leader sends
+// only after idleCommitTimeout: so after every write the leader appends a
+// barrier, whose AppendEntries carries the commit index. Bursts of writes
+// share one barrier.
+func (s *Store) announce() {
+	for {
+		select {
+		case <-s.done:
+			return
+		case <-s.committed:
+		}
+		// Best effort: a lost leadership or a shutdown leaves it to the
+		// next leader, or to the idle commit timeout.
+		_ = s.raft.Barrier(s.cfg.Timing.Failover()).Error()
+	}
+}
+
+// wrote records that this leader committed an entry, for announce.
+func (s *Store) wrote() {
+	select {
+	case s.committed <- struct{}{}:
+	default: // one announcement pending already covers this write
+	}
 }
 
 // Group returns a copy of the current state (nil before any group exists)
@@ -164,12 +234,14 @@ func (s *Store) Create(ctx context.Context, group, tokenHash string, self Node, 
 }
 
 func (s *Store) waitLeader(ctx context.Context) error {
-	ctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	// A new group's only member elects itself after one to two timeouts.
+	wait := max(15*time.Second, 2*s.cfg.Timing.Failover())
+	ctx, cancel := context.WithTimeout(ctx, wait)
 	defer cancel()
 	for !s.IsLeader() {
 		select {
 		case <-ctx.Done():
-			return errors.New("this node did not become raft leader of its new group within 15s")
+			return fmt.Errorf("this node did not become raft leader of its new group within %s", wait)
 		case <-time.After(20 * time.Millisecond):
 		}
 	}
@@ -185,7 +257,9 @@ func (s *Store) AddNode(n Node) (*Node, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := s.raft.AddVoter(raft.ServerID(n.Name), raft.ServerAddress(n.Raft), 0, 10*time.Second).Error(); err != nil {
+	err = s.raft.AddVoter(raft.ServerID(n.Name), raft.ServerAddress(n.Raft), 0, s.writeTimeout()).Error()
+	s.wrote()
+	if err != nil {
 		return nil, fmt.Errorf("add %q to raft: %w", n.Name, err)
 	}
 	return added, nil
@@ -202,7 +276,9 @@ func (s *Store) Part(name string) (*Node, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := s.raft.RemoveServer(raft.ServerID(name), 0, 10*time.Second).Error(); err != nil {
+	err = s.raft.RemoveServer(raft.ServerID(name), 0, s.writeTimeout()).Error()
+	s.wrote()
+	if err != nil {
 		return n, fmt.Errorf("remove %q from raft: %w", name, err)
 	}
 	return n, nil
@@ -242,6 +318,12 @@ func (s *Store) ReleaseLock(lock, node string) error {
 	return err
 }
 
+// writeTimeout bounds a write to the group: ten round trips on the slowest
+// link the timing is made for, and at least 10s.
+func (s *Store) writeTimeout() time.Duration {
+	return max(10*time.Second, 10*s.cfg.Timing.MaxRoundTrip())
+}
+
 func (s *Store) apply(c command) (*Node, error) {
 	r, err := s.applyRaw(c)
 	if n, ok := r.(*Node); ok {
@@ -258,8 +340,10 @@ func (s *Store) applyRaw(c command) (any, error) {
 	if err != nil {
 		return nil, err
 	}
-	f := s.raft.Apply(b, 10*time.Second)
-	if err := f.Error(); err != nil {
+	f := s.raft.Apply(b, s.writeTimeout())
+	err = f.Error()
+	s.wrote()
+	if err != nil {
 		if errors.Is(err, raft.ErrNotLeader) || errors.Is(err, raft.ErrLeadershipLost) {
 			return nil, ErrNotLeader
 		}

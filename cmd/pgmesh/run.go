@@ -16,6 +16,7 @@ import (
 
 	"github.com/pgmesh/pgmesh/daemon"
 	"github.com/pgmesh/pgmesh/internal/bytesize"
+	"github.com/pgmesh/pgmesh/membership"
 )
 
 // configKey is one daemon setting: a YAML key, a flag (--node-name) and an
@@ -58,6 +59,25 @@ func size(key string, dst func(*daemon.Config) *int64) func(*daemon.Config, stri
 	}
 }
 
+// peerMap reads a key of per-peer overrides: name=value;name=value.
+func peerMap(key, what string, dst func(*daemon.Config) *map[string]string) func(*daemon.Config, string) error {
+	return func(c *daemon.Config, v string) error {
+		if v == "" {
+			return nil
+		}
+		m := map[string]string{}
+		for _, part := range strings.Split(v, ";") {
+			name, val, ok := strings.Cut(strings.TrimSpace(part), "=")
+			if !ok || name == "" || val == "" {
+				return fmt.Errorf("%s entry %q is not name=%s: separate entries with ;", key, part, what)
+			}
+			m[name] = val
+		}
+		*dst(c) = m
+		return nil
+	}
+}
+
 var configKeys = []configKey{
 	{"node_name", "unique name of this node ([a-z][a-z0-9_]{0,39})", str(func(c *daemon.Config) *string { return &c.NodeName })},
 	{"dsn", "local Postgres the daemon applies to and administers", str(func(c *daemon.Config) *string { return &c.DSN })},
@@ -66,6 +86,11 @@ var configKeys = []configKey{
 	{"advertise_api", "API address peers use (default listen_api)", str(func(c *daemon.Config) *string { return &c.AdvertiseAPI })},
 	{"listen_raft", "Raft transport address (default " + daemon.DefaultListenRaft + ")", str(func(c *daemon.Config) *string { return &c.ListenRaft })},
 	{"advertise_raft", "Raft address peers use (default listen_raft)", str(func(c *daemon.Config) *string { return &c.AdvertiseRaft })},
+	{"raft_timing", "Raft's timeouts for the round trips between members: lan (below 150ms), wan (up to 750ms; the default) or a multiplier 1-10", func(c *daemon.Config, v string) error {
+		t, err := membership.ParseTiming(v)
+		c.RaftTiming = t
+		return err
+	}},
 	{"data_dir", "Raft log, snapshots and local state (default " + daemon.DefaultDataDir + ")", str(func(c *daemon.Config) *string { return &c.DataDir })},
 	{"tls_cert_file", "this node's certificate (PEM): the API serves HTTPS and Raft uses mutual TLS", str(func(c *daemon.Config) *string { return &c.TLSCertFile })},
 	{"tls_key_file", "the private key of tls_cert_file (PEM)", str(func(c *daemon.Config) *string { return &c.TLSKeyFile })},
@@ -94,20 +119,12 @@ var configKeys = []configKey{
 		size("wal_retention_warn", func(c *daemon.Config) *int64 { return &c.WALRetentionWarn })},
 	{"wal_retention_max", "drop a disconnected peer's slot past this much WAL; it must rejoin (default: never)",
 		size("wal_retention_max", func(c *daemon.Config) *int64 { return &c.WALRetentionMax })},
-	{"peer_dsns", "how to reach given peers' Postgres instead of their public_dsn: name=dsn;name=dsn", func(c *daemon.Config, v string) error {
-		if v == "" {
-			return nil
-		}
-		c.PeerDSNs = map[string]string{}
-		for _, part := range strings.Split(v, ";") {
-			name, dsn, ok := strings.Cut(strings.TrimSpace(part), "=")
-			if !ok || name == "" || dsn == "" {
-				return fmt.Errorf("peer_dsns entry %q is not name=dsn", part)
-			}
-			c.PeerDSNs[name] = dsn
-		}
-		return nil
-	}},
+	{"peer_dsns", "how to reach given peers' Postgres instead of their public_dsn: name=dsn;name=dsn",
+		peerMap("peer_dsns", "dsn", func(c *daemon.Config) *map[string]string { return &c.PeerDSNs })},
+	{"peer_api_addrs", "how to reach given peers' API instead of their advertise_api: name=host:port;name=host:port",
+		peerMap("peer_api_addrs", "host:port", func(c *daemon.Config) *map[string]string { return &c.PeerAPIAddrs })},
+	{"peer_raft_addrs", "how to reach given peers' Raft port instead of their advertise_raft: name=host:port;name=host:port",
+		peerMap("peer_raft_addrs", "host:port", func(c *daemon.Config) *map[string]string { return &c.PeerRaftAddrs })},
 	{"capture_ddl", "replicate plain DDL statements automatically (default false)", func(c *daemon.Config, v string) error {
 		on, err := parseBool("capture_ddl", v, false)
 		c.CaptureDDL = on

@@ -40,6 +40,10 @@ type Node struct {
 	DataDir string
 	LogPath string
 	Bin     string
+	// RaftTiming is the daemon's raft_timing: lan for nodes on one
+	// machine (what NewNode sets), wan or "" (the default) for tests of
+	// links with a continent's latency.
+	RaftTiming string
 	// ExtraArgs are added to `pgmesh run`.
 	ExtraArgs []string
 	// Transport reaches the daemon's API (nil: plain HTTP).
@@ -62,7 +66,7 @@ func NewNode(ctx context.Context, bin, name string, pgOpts pgtest.Options) (*Nod
 		pg.Remove()
 		return nil, err
 	}
-	n := &Node{Name: name, PG: pg, Bin: bin,
+	n := &Node{Name: name, PG: pg, Bin: bin, RaftTiming: "lan",
 		API:     "127.0.0.1:" + strconv.Itoa(apiPort),
 		Raft:    "127.0.0.1:" + strconv.Itoa(raftPort),
 		DataDir: filepath.Join(pg.Dir, "pgmesh-data"),
@@ -73,8 +77,12 @@ func NewNode(ctx context.Context, bin, name string, pgOpts pgtest.Options) (*Nod
 
 // Args is the daemon's command line.
 func (n *Node) Args() []string {
-	return append([]string{"run", "--node-name", n.Name, "--dsn", n.PG.DSN(),
-		"--listen-api", n.API, "--listen-raft", n.Raft, "--data-dir", n.DataDir}, n.ExtraArgs...)
+	args := []string{"run", "--node-name", n.Name, "--dsn", n.PG.DSN(),
+		"--listen-api", n.API, "--listen-raft", n.Raft, "--data-dir", n.DataDir}
+	if n.RaftTiming != "" {
+		args = append(args, "--raft-timing", n.RaftTiming)
+	}
+	return append(args, n.ExtraArgs...)
 }
 
 // Start launches the daemon and waits until its API answers.

@@ -1,0 +1,87 @@
+package membership
+
+import (
+	"fmt"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// Timing scales Raft's timeouts to the round trips between members, as
+// Consul's raft_multiplier does: 1 (lan) suits members within a data centre
+// or a continent, 5 (wan, the default) round trips of up to 750 ms, such as
+// Sydney to Dubai (445 ms). A larger value only makes the group slower to
+// notice a lost leader; replication never waits for Raft.
+//
+// A leader steps down when it has not heard from a quorum within its lease,
+// so the lease must outlast the slowest exchange on a healthy link: a
+// heartbeat on a new connection (TCP, TLS and the request: three round
+// trips), or two heartbeats back to back on a pooled one (two round trips
+// and the pause between them, a tenth to a fifth of the heartbeat timeout).
+// hashicorp/raft wants lease <= heartbeat timeout <= election timeout; all
+// three are one value here, which gives the lease the most room.
+type Timing int
+
+const (
+	// LAN is for members with round trips below about 100 ms.
+	LAN Timing = 1
+	// WAN is the default: round trips up to about a second.
+	WAN Timing = 5
+	// maxTiming bounds the multiplier: beyond it a lost leader would go
+	// unnoticed for over a minute.
+	maxTiming = 10
+)
+
+// unit is each timeout at a multiplier of 1, and unitRoundTrip the longest
+// round trip that multiplier is made for: three of them, and two plus a
+// fifth of the unit, both fit in the unit.
+const (
+	unit          = 500 * time.Millisecond
+	unitRoundTrip = 150 * time.Millisecond
+)
+
+// ParseTiming reads raft_timing: lan, wan or a multiplier from 1 to 10;
+// empty is the default (wan).
+func ParseTiming(v string) (Timing, error) {
+	switch strings.ToLower(strings.TrimSpace(v)) {
+	case "":
+		return WAN, nil
+	case "lan":
+		return LAN, nil
+	case "wan":
+		return WAN, nil
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil || n < 1 || n > maxTiming {
+		return 0, fmt.Errorf("raft_timing %q is not lan, wan or a whole number from 1 to %d: use lan within a continent, wan (the default) across continents", v, maxTiming)
+	}
+	return Timing(n), nil
+}
+
+func (t Timing) String() string {
+	switch t {
+	case LAN:
+		return "lan"
+	case WAN:
+		return "wan"
+	}
+	return strconv.Itoa(int(t))
+}
+
+// Timeout is Raft's heartbeat timeout, election timeout and leader lease:
+// how long a follower goes without hearing from the leader before it
+// starts an election (Raft waits one to two times this), how long an
+// election round lasts, and how long a leader goes without hearing from a
+// quorum before it steps down.
+func (t Timing) Timeout() time.Duration { return time.Duration(t) * unit }
+
+// MaxRoundTrip is the longest round trip between two members this setting
+// is made for.
+func (t Timing) MaxRoundTrip() time.Duration { return time.Duration(t) * unitRoundTrip }
+
+// Failover is about the longest Raft goes without a leader after the
+// leader's region vanishes: followers notice within two timeouts, and an
+// election (a pre-vote and a vote round, one round trip each) ends within
+// one more. Joins, parts, DDL locks and sequence chunks wait that long;
+// replication does not wait at all.
+func (t Timing) Failover() time.Duration { return 3 * t.Timeout() }
