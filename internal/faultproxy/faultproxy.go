@@ -145,11 +145,39 @@ func (p *Proxy) accept() {
 	}
 }
 
-// pipe copies src to dst, delaying and throttling each chunk, until either
-// side closes. back is the direction from the target to the client.
+// pipe copies src to dst until either side closes. back is the direction
+// from the target to the client. It is a delay line: each chunk read is due
+// latency (plus jitter) after it arrived, never before the chunk ahead of
+// it, and a second goroutine writes it then, throttled; so latency delays
+// every byte once instead of adding up behind earlier chunks.
 func (p *Proxy) pipe(src, dst net.Conn, back bool) {
 	defer p.wg.Done()
+	type delayed struct {
+		data []byte
+		due  time.Time
+	}
+	line := make(chan delayed, 256)
+	var writer sync.WaitGroup
+	writer.Go(func() {
+		for c := range line {
+			time.Sleep(time.Until(c.due))
+			p.mu.Lock()
+			lim := p.limit[back]
+			p.mu.Unlock()
+			if lim != nil && lim.WaitN(context.Background(), len(c.data)) != nil {
+				break
+			}
+			if _, err := dst.Write(c.data); err != nil {
+				break
+			}
+		}
+		src.Close() // the reader stops too
+		for range line {
+		}
+	})
 	defer func() {
+		close(line)
+		writer.Wait()
 		src.Close()
 		dst.Close()
 		p.mu.Lock()
@@ -157,11 +185,12 @@ func (p *Proxy) pipe(src, dst net.Conn, back bool) {
 		delete(p.conns, dst)
 		p.mu.Unlock()
 	}()
-	buf := make([]byte, chunk)
+	var last time.Time
 	for {
 		for p.isStalled(back) {
 			time.Sleep(10 * time.Millisecond)
 		}
+		buf := make([]byte, chunk)
 		n, err := src.Read(buf)
 		if n > 0 {
 			p.mu.Lock()
@@ -169,24 +198,21 @@ func (p *Proxy) pipe(src, dst net.Conn, back bool) {
 			if p.jitter > 0 {
 				d += time.Duration(rand.Int64N(int64(p.jitter)))
 			}
-			lim := p.limit[back]
 			p.mu.Unlock()
-			if d > 0 {
-				time.Sleep(d)
-			}
-			if lim != nil {
-				if lim.WaitN(context.Background(), n) != nil {
-					return
-				}
-			}
-			if _, werr := dst.Write(buf[:n]); werr != nil {
-				return
-			}
+			last = later(time.Now().Add(d), last)
+			line <- delayed{buf[:n], last}
 		}
 		if err != nil {
 			return // EOF or a reset: close both sides
 		}
 	}
+}
+
+func later(a, b time.Time) time.Time {
+	if a.After(b) {
+		return a
+	}
+	return b
 }
 
 func (p *Proxy) isStalled(back bool) bool {

@@ -115,3 +115,34 @@ func TestStallHoldsOneDirectionUntilHeal(t *testing.T) {
 		t.Fatalf("after heal the sink got %d bytes, want 4", n)
 	}
 }
+
+// Latency delays every byte once: a stream of data arrives one latency
+// after it was sent, not one latency per chunk the proxy reads, which
+// would cap a link at a chunk per latency (320 kB/s at 100 ms).
+func TestLatencyDoesNotAddUp(t *testing.T) {
+	p, got := proxiedSink(t)
+	const latency = 100 * time.Millisecond
+	p.SetLatency(latency, 0)
+	c, err := net.Dial("tcp", p.Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	const size = 4 << 20
+	start := time.Now()
+	if _, err := c.Write(make([]byte, size)); err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	select {
+	case n := <-got:
+		if n != size {
+			t.Fatalf("the sink read %d bytes, want %d", n, size)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the data did not arrive")
+	}
+	// Chunk by chunk it would take 128 latencies (12.8s).
+	if took := time.Since(start); took > 20*latency {
+		t.Fatalf("4 MB took %s through a link with %s latency", took, latency)
+	}
+}
