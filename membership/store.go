@@ -113,12 +113,8 @@ func Open(cfg Config) (*Store, error) {
 	if cfg.Timing == 0 {
 		cfg.Timing = WAN
 	}
-	rc := raft.DefaultConfig()
+	rc := cfg.Timing.raftConfig()
 	rc.LocalID = raft.ServerID(cfg.NodeName)
-	rc.HeartbeatTimeout = cfg.Timing.Timeout()
-	rc.ElectionTimeout = cfg.Timing.Timeout()
-	rc.LeaderLeaseTimeout = cfg.Timing.Timeout()
-	rc.CommitTimeout = idleCommitTimeout
 	rc.Logger = logger
 	f := newFSM()
 	r, err := raft.NewRaft(rc, f, logs, logs, snaps, transport)

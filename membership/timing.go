@@ -5,6 +5,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/hashicorp/raft"
 )
 
 // Timing scales Raft's timeouts to the round trips between members, as
@@ -85,3 +87,13 @@ func (t Timing) MaxRoundTrip() time.Duration { return time.Duration(t) * unitRou
 // one more. Joins, parts, DDL locks and sequence chunks wait that long;
 // replication does not wait at all.
 func (t Timing) Failover() time.Duration { return 3 * t.Timeout() }
+
+// raftConfig is Raft's configuration at this timing.
+func (t Timing) raftConfig() *raft.Config {
+	rc := raft.DefaultConfig()
+	rc.HeartbeatTimeout = t.Timeout()
+	rc.ElectionTimeout = t.Timeout()
+	rc.LeaderLeaseTimeout = t.Timeout()
+	rc.CommitTimeout = idleCommitTimeout
+	return rc
+}

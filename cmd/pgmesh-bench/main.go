@@ -42,7 +42,8 @@ var (
 	nextvals    = flag.Int("nextvals", 200000, "workload 6: values drawn per sequence kind")
 	repeat      = flag.Int("repeat", 3, "workloads 1, 2 and 3: runs per system (the median is reported)")
 	compareRows = flag.Int("compare-rows", 1000000, "workload 8: rows of the table compared on three nodes")
-	only        = flag.String("only", "", "comma-separated workloads to run (1-8); default all")
+	idleWindow  = flag.Duration("idle-for", 10*time.Second, "workload 9: how long each idle group is measured")
+	only        = flag.String("only", "", "comma-separated workloads to run (1-9); default all")
 )
 
 const schema = `CREATE TABLE single (id bigint PRIMARY KEY, payload text NOT NULL);
@@ -290,6 +291,18 @@ func run(ctx context.Context) error {
 		}
 		for _, r := range rs {
 			results = append(results, one(r.what, r.vals[0], len(systems)))
+			fmt.Printf("  %s: %s\n", r.what, r.vals[0])
+		}
+	}
+
+	if want(9) {
+		fmt.Printf("9. idle groups of 3 and 6 nodes at the default raft_timing: each daemon's CPU over %s\n", *idleWindow)
+		rs, err := idleResults(ctx, bin, *idleWindow, len(systems))
+		if err != nil {
+			return err
+		}
+		for _, r := range rs {
+			results = append(results, r)
 			fmt.Printf("  %s: %s\n", r.what, r.vals[0])
 		}
 	}
