@@ -13,7 +13,10 @@ WITH_PG = $(if $(PG),bin=$$(scripts/pg-bin.sh $(PG)) && export PGMESH_PG_BIN=$$b
 # The servers fetched for 16+ ship no pg_dump, so joining a node with an
 # empty database (join copies the schema with pg_dump) is tested on 15 only.
 NEEDS_PG_DUMP = TestJoinUnderWriteLoad|TestJoinInterruptedAndRetried|TestJoinSurvivesLeaderKill|TestJoinKeepsSourceUpdatesMadeDuringCopy|TestPartDrainForceAndRejoin
-SKIP = $(if $(filter-out 15,$(PG)),-skip '$(NEEDS_PG_DUMP)',)
+# The four-region test takes minutes at real intercontinental latencies and
+# tests nothing version-specific: it runs in the PostgreSQL 15 run only.
+ONCE = TestFourRegionsWANLatency
+SKIP = $(if $(filter-out 15,$(PG)),-skip '$(NEEDS_PG_DUMP)|$(ONCE)',)
 
 # Unit tests and the system tests against real throwaway Postgres clusters.
 # Fails loudly when no PostgreSQL 15+ server is installed.
