@@ -56,7 +56,8 @@ func (v Version) Known() bool { return !v.CommitTS.IsZero() }
 //
 // Rounding is what lets consecutive transactions of one peer share a local
 // commit: they carry the last one's commit time, which rounds to the same
-// value as each of theirs (see ARCHITECTURE.md, "Grouped commits").
+// value as each of theirs (see ARCHITECTURE.md, "Last-update-wins at a fixed
+// resolution").
 type Rule struct {
 	Resolution time.Duration
 }
@@ -147,7 +148,7 @@ type Local struct {
 // conflict: the row was last written by the same origin, or earlier in the
 // transaction being applied. It is the one case the fast path applies
 // without asking (its SQL guards compile exactly this and defer every
-// other case to Decide; sql/guard_test.go checks the two agree).
+// other case to Decide; replicator/guard_test.go checks the two agree).
 func Sequential(l Local, remote Version) bool {
 	return l.Row != nil && (l.OwnTxn || l.Row.Known() && l.Row.Node == remote.Node)
 }
