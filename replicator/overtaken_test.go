@@ -33,14 +33,14 @@ func TestOvertakenInsertIsRemoved(t *testing.T) {
 	for _, name := range []string{"pa", "pc"} {
 		p := peerDatabase(t, ctx, local, name)
 		mustExec(t, ctx, p, schema+`; INSERT INTO t VALUES (11, 'before'); CREATE PUBLICATION p FOR ALL TABLES`)
-		mustExec(t, ctx, p, `DELETE FROM t`) // before the slot: not streamed
+		mustExec(t, ctx, p, `DELETE FROM t`)                                                     // before the slot: not streamed
 		mustExec(t, ctx, p, `SELECT pg_create_logical_replication_slot('`+name+`', 'pgoutput')`) // one cluster: one name each
 		peers[name] = p
 	}
 	mustExec(t, ctx, peers["pa"], `INSERT INTO t VALUES (11, 'a')`)
 	mustExec(t, ctx, peers["pa"], `SELECT pg_replication_slot_advance('pa', pg_current_wal_lsn())`) // a had the row
-	mustExec(t, ctx, peers["pc"], `INSERT INTO t VALUES (11, 'c')`)                                // older...
-	mustExec(t, ctx, peers["pa"], `DELETE FROM t WHERE k = 11`)                                    // ...than this delete
+	mustExec(t, ctx, peers["pc"], `INSERT INTO t VALUES (11, 'c')`)                                 // older...
+	mustExec(t, ctx, peers["pa"], `DELETE FROM t WHERE k = 11`)                                     // ...than this delete
 	mustExec(t, ctx, local, schema+`;
 		CREATE FUNCTION hold() RETURNS trigger LANGUAGE plpgsql AS $$
 		BEGIN PERFORM pg_advisory_xact_lock_shared(4242); RETURN NULL; END $$;
