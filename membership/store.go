@@ -158,17 +158,29 @@ func (s *Store) Close() error {
 // AppendEntries (heartbeats do not carry it), which an idle leader sends
 // only after idleCommitTimeout: so after every write the leader appends a
 // barrier, whose AppendEntries carries the commit index. Bursts of writes
-// share one barrier.
+// share one barrier. A new leader's first entry (Raft's no-op for its term)
+// commits followers' logs too, after a restart the whole log: the first
+// barrier waits for it, the second tells them.
 func (s *Store) announce() {
 	for {
+		barriers := 1
 		select {
 		case <-s.done:
 			return
 		case <-s.committed:
+		case leader := <-s.raft.LeaderCh():
+			if !leader {
+				continue
+			}
+			barriers = 2
 		}
 		// Best effort: a lost leadership or a shutdown leaves it to the
 		// next leader, or to the idle commit timeout.
-		_ = s.raft.Barrier(s.cfg.Timing.Failover()).Error()
+		for range barriers {
+			if s.raft.Barrier(s.cfg.Timing.Failover()).Error() != nil {
+				break
+			}
+		}
 	}
 }
 

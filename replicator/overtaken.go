@@ -26,8 +26,8 @@ import (
 // own key's tombstone is newer than it (conflict.Rule) has been overtaken
 // and is removed, as the delete would have removed it.
 //
-// The removal commits under a replication origin of its own, so no peer
-// receives it (PostgreSQL 16+ peers ask for changes without an origin; 15
+// The removal commits under a replication origin of its own (which exists
+// only while a sweep removes rows), so no peer receives it (PostgreSQL 16+ peers ask for changes without an origin; 15
 // peers drop transactions with one): every other node already holds what
 // the delete left. A conflict is logged for each row removed.
 
@@ -44,13 +44,6 @@ func RemoveOvertaken(ctx context.Context, dsn, localNode string, rule conflict.R
 		return 0, fmt.Errorf("connect to remove overtaken rows: %w", err)
 	}
 	defer conn.Close(context.Background())
-	if _, err := conn.Exec(ctx, `SELECT pg_catalog.pg_replication_origin_create($1)
-		WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_replication_origin WHERE roname = $1)`, sweepOrigin); err != nil {
-		return 0, fmt.Errorf("create replication origin %s: %w", sweepOrigin, err)
-	}
-	if _, err := conn.Exec(ctx, `SELECT pg_catalog.pg_replication_origin_session_setup($1)`, sweepOrigin); err != nil {
-		return 0, fmt.Errorf("use replication origin %s: %w", sweepOrigin, err)
-	}
 	// The table's name as the catalog quotes it, for the statements.
 	rows, err := conn.Query(ctx, `SELECT t.relation, pg_catalog.to_regclass(t.relation)::text
 		FROM (SELECT DISTINCT relation FROM pgmesh.tombstone) t WHERE pg_catalog.to_regclass(t.relation) IS NOT NULL`)
@@ -66,6 +59,7 @@ func RemoveOvertaken(ctx context.Context, dsn, localNode string, rule conflict.R
 		return 0, fmt.Errorf("list tables with tombstones: %w", err)
 	}
 	s := sweep{conn: conn, local: localNode, rule: rule, nodeID: nodeID}
+	defer s.dropOrigin()
 	removed := 0
 	for _, rel := range rels {
 		n, err := s.table(ctx, rel[0], rel[1])
@@ -83,6 +77,38 @@ type sweep struct {
 	rule    conflict.Rule
 	nodeID  func(string) int
 	origins map[uint32]string
+	// marked: the session commits under sweepOrigin, which exists only
+	// while a sweep removes rows.
+	marked bool
+}
+
+// mark makes the session's commits carry sweepOrigin, creating it.
+func (s *sweep) mark(ctx context.Context, tx pgx.Tx) error {
+	if s.marked {
+		return nil
+	}
+	if _, err := tx.Exec(ctx, `SELECT pg_catalog.pg_replication_origin_create($1)
+		WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_replication_origin WHERE roname = $1)`, sweepOrigin); err != nil {
+		return fmt.Errorf("create replication origin %s: %w", sweepOrigin, err)
+	}
+	if _, err := tx.Exec(ctx, `SELECT pg_catalog.pg_replication_origin_session_setup($1)`, sweepOrigin); err != nil {
+		return fmt.Errorf("use replication origin %s: %w", sweepOrigin, err)
+	}
+	s.marked = true
+	return nil
+}
+
+// dropOrigin removes sweepOrigin again once the sweep is done, so that a
+// node keeps only its peers' origins. A failure leaves it for the next
+// sweep, which reuses it.
+func (s *sweep) dropOrigin() {
+	if !s.marked {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	_, _ = s.conn.Exec(ctx, `SELECT pg_catalog.pg_replication_origin_session_reset()`)
+	_, _ = s.conn.Exec(ctx, `SELECT pg_catalog.pg_replication_origin_drop($1)`, sweepOrigin)
 }
 
 // table removes the overtaken rows of one table (rel as pgmesh.tombstone
@@ -158,6 +184,9 @@ FOR UPDATE OF r SKIP LOCKED`, qualified, strings.Join(match, " AND "))
 		c.row.NodeID, c.tomb.NodeID = s.nodeID(c.row.Node), s.nodeID(c.tomb.Node)
 		if !s.rule.Newer(c.tomb, c.row) {
 			continue // the row is newer: it stays, and peers get it
+		}
+		if err := s.mark(ctx, tx); err != nil {
+			return 0, err
 		}
 		rec := conflict.Record{LocalNode: s.local, OriginNode: c.tomb.Node, Relation: rel,
 			Decision: conflict.Decision{Conflict: true, Type: conflict.DeleteOriginDiffers, Resolution: conflict.ApplyRemote,

@@ -354,6 +354,7 @@ func (s *Stream) receive(ctx context.Context, repl *pgconn.PgConn, a *applier, f
 						return err
 					}
 					committed(end)
+					lastHeard = time.Now() // applying is not the peer's silence
 				}
 				continue
 			}
@@ -393,6 +394,9 @@ func (s *Stream) receive(ctx context.Context, repl *pgconn.PgConn, a *applier, f
 					return err
 				}
 				committed(end)
+				// Time spent applying (waiting for locks, for the clock) is
+				// not the peer's silence.
+				lastHeard = time.Now()
 			}
 		case *pgproto3.ErrorResponse:
 			return fmt.Errorf("peer %q: %w", s.cfg.Peer.Name, pgconn.ErrorResponseToPgError(msg))
