@@ -21,7 +21,7 @@ SKIP = $(if $(filter-out 15,$(PG)),-skip '$(NEEDS_PG_DUMP)|$(ONCE)',)
 # Unit tests and the system tests against real throwaway Postgres clusters.
 # Fails loudly when no PostgreSQL 15+ server is installed.
 test: fmt-check vet
-	$(WITH_PG) $(GO) test -tags integration -count=1 -timeout 25m $(SKIP) ./...
+	$(WITH_PG) $(GO) test -tags integration -count=1 -timeout 40m $(SKIP) ./...
 
 # The core of the system tests (write everywhere, every conflict type,
 # randomized convergence, kill -9 during apply, clocks, version behaviour),

@@ -130,7 +130,7 @@ func (s *Stream) Run(ctx context.Context) {
 // idleStatusInterval is how often a stream that received no change for
 // that long reports and asks for the peer's position; a stream with data
 // does so every Config.StatusInterval, and right after each commit.
-const idleStatusInterval = time.Second
+const idleStatusInterval = 250 * time.Millisecond
 
 // transient reports errors that go away when the transaction is retried:
 // lock conflicts with local writers, and races with them.
