@@ -13,10 +13,9 @@ WITH_PG = $(if $(PG),bin=$$(scripts/pg-bin.sh $(PG)) && export PGMESH_PG_BIN=$$b
 # The servers fetched for 16+ ship no pg_dump, so joining a node with an
 # empty database (join copies the schema with pg_dump) is tested on 15 only.
 NEEDS_PG_DUMP = TestJoinUnderWriteLoad|TestJoinInterruptedAndRetried|TestJoinSurvivesLeaderKill|TestJoinKeepsSourceUpdatesMadeDuringCopy|TestPartDrainForceAndRejoin
-# The four-region test takes minutes at real intercontinental latencies and
-# tests nothing version-specific: it runs in the PostgreSQL 15 run only.
-ONCE = TestFourRegionsWANLatency
-SKIP = $(if $(filter-out 15,$(PG)),-skip '$(NEEDS_PG_DUMP)|$(ONCE)',)
+SKIP = $(if $(filter-out 15,$(PG)),-skip '$(NEEDS_PG_DUMP)|$(SOAK_ONLY)',-skip '$(SOAK_ONLY)')
+# Real intercontinental latencies on every link take minutes: make soak only.
+SOAK_ONLY = TestGuideLatenciesOnEveryLink
 
 # Unit tests and the system tests against real throwaway Postgres clusters.
 # Fails loudly when no PostgreSQL 15+ server is installed.
@@ -77,6 +76,6 @@ bench:
 # its load or fault for SOAK. make soak SOAK=10m SEED=42
 SOAK ?= 5m
 SEED ?=
-SOAK_TESTS = TestRandomizedConvergence|TestRegionCutOffAndHealed|TestFlappingLink|TestOneWayStall|TestThinLink|TestFourRegionsWANLatency
+SOAK_TESTS = TestRandomizedConvergence|TestRegionCutOffAndHealed|TestFlappingLink|TestOneWayStall|TestThinLink|TestFourRegionsWANLatency|TestGuideLatenciesOnEveryLink
 soak:
 	$(WITH_PG) PGMESH_SOAK=$(SOAK) PGMESH_SEED=$(SEED) $(GO) test -tags integration -count=1 -timeout 0 -run '$(SOAK_TESTS)' -v ./systemtest/

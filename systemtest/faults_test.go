@@ -165,3 +165,23 @@ func TestThinLink(t *testing.T) {
 	}
 	underLoad(t, ctx, nodes, func() { time.Sleep(faultTime(t, 3*time.Second)) })
 }
+
+// BDR's four regions with their round-trip times, scaled down tenfold.
+func TestFourRegionsWANLatency(t *testing.T) {
+	ctx := ctxFor(t)
+	rtt := map[[2]string]time.Duration{
+		{"dallas", "dubai"}: 230, {"dallas", "sydney"}: 205, {"dallas", "tokyo"}: 145,
+		{"dubai", "sydney"}: 445, {"dubai", "tokyo"}: 145, {"sydney", "tokyo"}: 195,
+	}
+	nodes, links := proxiedMesh(t, ctx, joinSchema, "dallas", "dubai", "sydney", "tokyo")
+	for l, p := range links {
+		ms, ok := rtt[[2]string{l.from, l.to}]
+		if !ok {
+			ms = rtt[[2]string{l.to, l.from}]
+		}
+		// A tenth of the round trip, half of it each way, with 10% jitter.
+		oneWay := ms * time.Millisecond / 20
+		p.SetLatency(oneWay, oneWay/10)
+	}
+	underLoad(t, ctx, nodes, func() { time.Sleep(faultTime(t, 3*time.Second)) })
+}

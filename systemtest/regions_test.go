@@ -98,7 +98,10 @@ func leaderSeen(ctx context.Context, n *localmesh.Node) string {
 // global lock, a galloc sequence draws chunks from Raft, a node parts, the
 // leader stays the same while the group is idle, and when the leader's
 // daemon dies another is elected within the documented failover time.
-func TestFourRegionsWANLatency(t *testing.T) {
+// It runs under make soak only: it takes minutes, and its DDL right after
+// the fifth region's join times out waiting for that node to catch up
+// (issue 22 is open for it).
+func TestGuideLatenciesOnEveryLink(t *testing.T) {
 	ctx := ctxFor(t)
 	idle := 20 * time.Second
 	if os.Getenv("PGMESH_SOAK") != "" {
