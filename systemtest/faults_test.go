@@ -64,7 +64,7 @@ func underLoad(t *testing.T, ctx context.Context, nodes []*localmesh.Node, durin
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			w, err := writeLoad(ctx, n, int64(i+1)*1_000_000, stop)
+			w, err := writeLoad(ctx, n, int64(i+1)*1_000_000, 2*time.Millisecond, stop)
 			written.Add(w)
 			errs[i] = err
 		}()

@@ -22,9 +22,9 @@ CREATE SCHEMA "Other Schema";
 CREATE TABLE "Other Schema"."Mixed Case" (id int PRIMARY KEY, payload text)`
 
 // writeLoad appends to the ledger (keys from node-local ranges, so nothing
-// collides) and updates and deletes counters on n until stop is closed. It
-// returns how many ledger rows it wrote.
-func writeLoad(ctx context.Context, n *localmesh.Node, base int64, stop <-chan struct{}) (int64, error) {
+// collides) and updates and deletes counters on n until stop is closed,
+// pausing between transactions. It returns how many ledger rows it wrote.
+func writeLoad(ctx context.Context, n *localmesh.Node, base int64, pause time.Duration, stop <-chan struct{}) (int64, error) {
 	conn, err := n.PG.Connect(ctx)
 	if err != nil {
 		return 0, err
@@ -52,7 +52,7 @@ func writeLoad(ctx context.Context, n *localmesh.Node, base int64, stop <-chan s
 			return i, err
 		}
 		i++
-		time.Sleep(2 * time.Millisecond)
+		time.Sleep(pause)
 	}
 }
 
@@ -76,7 +76,7 @@ func TestJoinUnderWriteLoad(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			w, err := writeLoad(ctx, n, int64(i+1)*1_000_000, stop)
+			w, err := writeLoad(ctx, n, int64(i+1)*1_000_000, 2*time.Millisecond, stop)
 			written.Add(w)
 			errs[i] = err
 		}()
