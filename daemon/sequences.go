@@ -260,9 +260,19 @@ func (d *Daemon) convertGalloc(ctx context.Context, seq string, size, minStart i
 // maintainSequences keeps global sequences going, until ctx ends: galloc
 // sequences get their next chunks ahead of time; timeshard sequences are
 // moved forward to the clock.
+// While there are galloc sequences they are looked at every 50 ms, so that
+// a burst of values does not outrun the chunks drawn ahead; a group without
+// any is looked at once a second (a sequence converted meanwhile is picked
+// up then), which keeps an idle daemon idle.
 func (d *Daemon) maintainSequences(ctx context.Context) {
-	every(ctx, 50*time.Millisecond, func() {
-		problems, err := d.tendSequences(ctx)
+	wait := time.Duration(0)
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(wait):
+		}
+		problems, galloc, err := d.tendSequences(ctx)
 		if err != nil && ctx.Err() == nil {
 			problems = append(problems, "global sequences: "+err.Error())
 		}
@@ -274,14 +284,20 @@ func (d *Daemon) maintainSequences(ctx context.Context) {
 		}
 		d.seqProblems = problems
 		d.mu.Unlock()
-	})
+		wait = time.Second
+		if galloc {
+			wait = 50 * time.Millisecond
+		}
+	}
 }
 
-func (d *Daemon) tendSequences(ctx context.Context) ([]string, error) {
+// tendSequences does one round of maintainSequences and reports whether
+// the group has galloc sequences.
+func (d *Daemon) tendSequences(ctx context.Context) (problems []string, galloc bool, err error) {
 	rows, err := d.db.Query(ctx, `SELECT g.seq, g.kind, coalesce(g.chunk_size, 0), (SELECT node_id FROM pgmesh.node WHERE is_local)
 		FROM pgmesh.global_sequence g`)
 	if err != nil {
-		return nil, err
+		return nil, false, err
 	}
 	type seqState struct {
 		seq, kind string
@@ -293,9 +309,8 @@ func (d *Daemon) tendSequences(ctx context.Context) ([]string, error) {
 		return s, r.Scan(&s.seq, &s.kind, &s.size, &s.nodeID)
 	})
 	if err != nil {
-		return nil, err
+		return nil, false, err
 	}
-	var problems []string
 	for _, s := range states {
 		switch s.kind {
 		case "timeshard":
@@ -306,15 +321,16 @@ func (d *Daemon) tendSequences(ctx context.Context) ([]string, error) {
 			// cannot have moved past the new value in the meantime.
 			if _, err := d.db.Exec(ctx, `SELECT setval($1::regclass, f) FROM (SELECT pgmesh.timeshard_floor($2) AS f) x
 				WHERE (SELECT last_value FROM pg_sequence_last_value($1::regclass) AS v(last_value)) < f - (1000::bigint << 22)`, s.seq, *s.nodeID); err != nil {
-				return problems, err
+				return problems, galloc, err
 			}
 		case "galloc":
+			galloc = true
 			if err := d.prefetchChunks(ctx, s.seq, s.size); err != nil {
 				problems = append(problems, fmt.Sprintf("galloc sequence %s cannot draw its next chunk (%v): this node goes on with the chunks it holds, then pgmesh.galloc_nextval fails until a chunk can be drawn", s.seq, err))
 			}
 		}
 	}
-	return problems, nil
+	return problems, galloc, nil
 }
 
 // gallocAhead is how many chunks beyond the one in use a node holds, so a

@@ -127,6 +127,22 @@ func (s *Stream) Run(ctx context.Context) {
 	}
 }
 
+// idleStatusInterval is how often a stream that received no change for
+// that long reports and asks for the peer's position; a stream with data
+// does so every Config.StatusInterval, and right after each commit.
+const idleStatusInterval = time.Second
+
+// sendStatus confirms flushed to the peer, asking for its position if ask.
+func (s *Stream) sendStatus(ctx context.Context, repl *pgconn.PgConn, received, flushed pglogrepl.LSN, ask bool) error {
+	if err := pglogrepl.SendStandbyStatusUpdate(ctx, repl, pglogrepl.StandbyStatusUpdate{
+		WALWritePosition: received, WALFlushPosition: flushed, WALApplyPosition: flushed,
+		ReplyRequested: ask,
+	}); err != nil {
+		return fmt.Errorf("send feedback to peer %q: %w", s.cfg.Peer.Name, err)
+	}
+	return nil
+}
+
 // transient reports errors that go away when the transaction is retried:
 // lock conflicts with local writers, and races with them.
 func transient(err error) bool {
@@ -273,8 +289,8 @@ func checkSlot(ctx context.Context, repl *pgconn.PgConn, slot, peer string) erro
 // committed here (or was not for us), the only position ever confirmed.
 func (s *Stream) receive(ctx context.Context, repl *pgconn.PgConn, a *applier, flushed pglogrepl.LSN, inside *bool) error {
 	received := flushed
-	lastHeard := time.Now()
-	silence := max(15*time.Second, 10*s.cfg.StatusInterval)
+	lastHeard, lastData := time.Now(), time.Now()
+	silence := max(15*time.Second, 10*idleStatusInterval)
 	nextStatus := time.Now()
 	// committed records that everything up to end is committed here, and
 	// confirms it soon: peers waiting in wait_for_peers see it.
@@ -308,13 +324,18 @@ func (s *Stream) receive(ctx context.Context, repl *pgconn.PgConn, a *applier, f
 			if now.Sub(lastHeard) > silence {
 				return fmt.Errorf("peer %q sent nothing for %s: connection presumed dead", s.cfg.Peer.Name, silence.Round(time.Second))
 			}
-			if err := pglogrepl.SendStandbyStatusUpdate(ctx, repl, pglogrepl.StandbyStatusUpdate{
-				WALWritePosition: received, WALFlushPosition: flushed, WALApplyPosition: flushed,
-				ReplyRequested: true,
-			}); err != nil {
-				return fmt.Errorf("send feedback to peer %q: %w", s.cfg.Peer.Name, err)
+			if err := s.sendStatus(ctx, repl, received, flushed, true); err != nil {
+				return err
 			}
-			nextStatus = now.Add(s.cfg.StatusInterval)
+			// An idle stream asks less often: the replies only tell that
+			// the peer wrote WAL with nothing for us (PostgreSQL sends no
+			// keepalive for that unasked), and each is confirmed as it
+			// arrives.
+			interval := s.cfg.StatusInterval
+			if now.Sub(lastData) > idleStatusInterval {
+				interval = max(interval, idleStatusInterval)
+			}
+			nextStatus = now.Add(interval)
 		}
 		deadline := nextStatus
 		if a.busy() {
@@ -362,9 +383,14 @@ func (s *Stream) receive(ctx context.Context, repl *pgconn.PgConn, a *applier, f
 				}
 				// Between transactions, everything the sender read up to
 				// ka.ServerWALEnd has reached us: nothing below it is pending.
+				// Confirmed at once, not at the next status: peers waiting
+				// in wait_for_peers see it one round trip after the ask.
 				if a.quiet() && ka.ServerWALEnd > flushed {
 					flushed, received = ka.ServerWALEnd, max(received, ka.ServerWALEnd)
 					s.stats.setApplied(flushed)
+					if err := s.sendStatus(ctx, repl, received, flushed, false); err != nil {
+						return err
+					}
 				}
 				if ka.ReplyRequested {
 					nextStatus = time.Now()
@@ -375,6 +401,7 @@ func (s *Stream) receive(ctx context.Context, repl *pgconn.PgConn, a *applier, f
 					return fmt.Errorf("parse XLogData: %w", err)
 				}
 				received = max(received, xld.WALStart)
+				lastData = lastHeard
 				s.stats.received(len(msg.Data))
 				end, err := a.handle(ctx, xld.WALData)
 				if err != nil {
@@ -393,17 +420,17 @@ func (s *Stream) receive(ctx context.Context, repl *pgconn.PgConn, a *applier, f
 	}
 }
 
-// pollPeer samples the peer's WAL position and both Postgres clocks every
-// second over ordinary connections: the position for lag in bytes and
-// seconds, the clocks for the skew between them. It ends with ctx.
+// pollPeer samples the peer's WAL position and both Postgres clocks over
+// ordinary connections, every second while changes arrive: the position for
+// lag in bytes and seconds, the clocks for the skew between them. It ends
+// with ctx.
 func (s *Stream) pollPeer(ctx context.Context) {
 	// The insert position: everything committed lies below it.
 	peer := &probe{dsn: s.cfg.Peer.DSN, query: "SELECT pg_current_wal_insert_lsn(), clock_timestamp()"}
 	local := &probe{dsn: s.cfg.LocalDSN, query: "SELECT '0/0'::pg_lsn, clock_timestamp()"}
 	defer peer.close()
 	defer local.close()
-	t := time.NewTicker(time.Second)
-	defer t.Stop()
+	received := int64(-1)
 	for {
 		localOffset, _, okLocal := local.sample(ctx)
 		peerOffset, lsn, okPeer := peer.sample(ctx)
@@ -413,13 +440,26 @@ func (s *Stream) pollPeer(ctx context.Context) {
 		if okLocal && okPeer {
 			s.checkSkew(localOffset, peerOffset-localOffset)
 		}
+		// Every second while changes arrive; an idle stream every
+		// idleProbeEvery, which still dates AppliedThrough for pruning and
+		// shows a stalled stream's lag well within health_max_lag.
+		wait := time.Second
+		if now := s.stats.receivedBytes.Load(); now == received {
+			wait = idleProbeEvery
+		} else {
+			received = now
+		}
 		select {
 		case <-ctx.Done():
 			return
-		case <-t.C:
+		case <-time.After(wait):
 		}
 	}
 }
+
+// idleProbeEvery is how often pollPeer samples for a stream that received
+// nothing since its last sample.
+const idleProbeEvery = 5 * time.Second
 
 // checkSkew records the skew between the peer's Postgres clock and ours and
 // logs when it crosses max_clock_skew, either way. A peer ahead of us is
