@@ -1,3 +1,5 @@
+-- pgmesh schema, version 10: inserts rechecked against tombstones.
+
 -- A peer's insert can wait for a transaction here that deletes the same key
 -- (or inserts and deletes it): PostgreSQL lets the insert go on once that
 -- transaction commits, but the insert's snapshot, taken before, cannot see
