@@ -13,6 +13,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/pgmesh/pgmesh/api"
+	"github.com/pgmesh/pgmesh/internal/poll"
 	"github.com/pgmesh/pgmesh/membership"
 )
 
@@ -219,37 +220,39 @@ func (d *Daemon) forward(w http.ResponseWriter, r *http.Request, in any) bool {
 	// Leadership may be changing (the leader just died): re-resolve the
 	// leader and retry transport failures for a while. Answers from the
 	// leader, errors included, are final.
-	deadline := time.Now().Add(15 * time.Second)
-	for {
+	var out json.RawMessage
+	becameLeader := false
+	err := poll.Until(r.Context(), 200*time.Millisecond, 15*time.Second, func() error {
 		if d.store.IsLeader() {
-			return false
+			becameLeader = true
+			return nil
 		}
 		g, _ := d.store.Group()
 		var leader *membership.Node
 		if g != nil {
 			leader = g.Nodes[d.store.Leader()]
 		}
-		var err error
 		if leader == nil {
-			err = errors.New("the node group has no Raft leader right now (is a majority of members down?): joins and parts need a majority; try again when it is back")
-		} else {
-			var out json.RawMessage
-			err = d.members.Client(d.peerAPI(leader), token).Do(r.Context(), r.Method, r.URL.Path, in, &out)
-			var ae *api.Error
-			if err == nil || errors.As(err, &ae) {
-				if err != nil {
-					writeErr(w, http.StatusBadGateway, err)
-					return true
-				}
-				w.Header().Set("Content-Type", "application/json")
-				_, _ = w.Write(out)
-				return true
-			}
+			return errors.New("the node group has no Raft leader right now (is a majority of members down?): joins and parts need a majority; try again when it is back")
 		}
-		if time.Now().After(deadline) || r.Context().Err() != nil {
-			writeErr(w, http.StatusServiceUnavailable, err)
-			return true
+		err := d.members.Client(d.peerAPI(leader), token).Do(r.Context(), r.Method, r.URL.Path, in, &out)
+		if _, final := errors.AsType[*api.Error](err); final {
+			return poll.Stop(err)
 		}
-		time.Sleep(200 * time.Millisecond)
+		return err
+	})
+	if becameLeader {
+		return false
 	}
+	if _, final := errors.AsType[*api.Error](err); final {
+		writeErr(w, http.StatusBadGateway, err)
+		return true
+	}
+	if err != nil {
+		writeErr(w, http.StatusServiceUnavailable, err)
+		return true
+	}
+	w.Header().Set("Content-Type", "application/json")
+	_, _ = w.Write(out)
+	return true
 }

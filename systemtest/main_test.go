@@ -17,6 +17,7 @@ import (
 
 	"github.com/pgmesh/pgmesh/internal/localmesh"
 	"github.com/pgmesh/pgmesh/internal/pgtest"
+	"github.com/pgmesh/pgmesh/internal/poll"
 	"github.com/pgmesh/pgmesh/replicator"
 )
 
@@ -170,16 +171,8 @@ func dump(ctx context.Context, n *localmesh.Node, table string) (string, error) 
 // passes, then fails with the last error.
 func eventually(t *testing.T, timeout time.Duration, what string, cond func() error) {
 	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
-		err := cond()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: not true after %s: %v", what, timeout, err)
-		}
-		time.Sleep(100 * time.Millisecond)
+	if err := poll.Until(t.Context(), 100*time.Millisecond, timeout, cond); err != nil {
+		t.Fatalf("%s: not true after %s: %v", what, timeout, err)
 	}
 }
 
