@@ -60,10 +60,11 @@ type Config struct {
 	// TLS (see tls.go).
 	TLSCertFile, TLSKeyFile, TLSCAFile string
 	// LUWResolution is what commit times are rounded up to before
-	// last-update-wins compares them (0: exact microseconds). Every member
-	// of a group must use the same; `pgmesh run` defaults it to
-	// DefaultLUWResolution.
-	LUWResolution time.Duration
+	// last-update-wins compares them (0: exact microseconds), used when
+	// LUWResolutionSet. Every member of a group must use the same; unset, a
+	// node keeps or takes its group's (resolution.go).
+	LUWResolution    time.Duration
+	LUWResolutionSet bool
 	// MaxClockSkew is how far a peer's clock may be ahead of this node's
 	// before it is reported in status, health, metrics and the log.
 	MaxClockSkew time.Duration
@@ -79,10 +80,10 @@ const (
 	DefaultHousekeepingInterval = 30 * time.Second
 	DefaultWALRetentionWarn     = 1 << 30
 	DefaultHealthMaxLag         = 30 * time.Second
-	// DefaultLUWResolution: below what NTP can order between servers
-	// anyway, and wide enough for a busy peer's consecutive transactions to
-	// share a local commit (README, Performance).
-	DefaultLUWResolution = time.Millisecond
+	// DefaultLUWResolution, for new groups: about what NTP can order
+	// between servers anyway, and wide enough for a busy peer's consecutive
+	// transactions to share a local commit (docs/conflicts.md).
+	DefaultLUWResolution = 10 * time.Millisecond
 	// MaxLUWResolution bounds luw_resolution: writes from different nodes
 	// within one interval are ordered by node id, not by time.
 	MaxLUWResolution = 100 * time.Millisecond
@@ -179,7 +180,7 @@ func (c *Config) Normalize() error {
 		errs = append(errs, err)
 	}
 	if c.LUWResolution < 0 || c.LUWResolution > MaxLUWResolution || c.LUWResolution%time.Microsecond != 0 {
-		errs = append(errs, fmt.Errorf("luw_resolution %s is out of range: use whole microseconds from 0 (exact times) to %s, the same on every node, e.g. 1ms", c.LUWResolution, MaxLUWResolution))
+		errs = append(errs, fmt.Errorf("luw_resolution %s is out of range: use whole microseconds from 0 (exact times) to %s, the same on every node, e.g. 10ms", c.LUWResolution, MaxLUWResolution))
 	}
 	if c.MaxClockSkew == 0 {
 		c.MaxClockSkew = DefaultMaxClockSkew

@@ -13,7 +13,6 @@ import (
 	"path/filepath"
 	"slices"
 	"sort"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -51,6 +50,8 @@ type Daemon struct {
 	current  bool
 	lastSync string // group state last written to pgmesh.node
 	ids      atomic.Pointer[map[string]int]
+	// luwNanos is the luw_resolution in use (resolution.go).
+	luwNanos atomic.Int64
 	slots    []api.SlotStatus
 	// seqProblems are the global-sequence problems found by maintainSequences.
 	seqProblems []string
@@ -145,9 +146,11 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		}
 	}
 	if err == nil {
-		_, err = conn.Exec(ctx, `INSERT INTO pgmesh.setting VALUES ('capture_ddl', $1), ('luw_resolution_us', $2)
-			ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value`, map[bool]string{true: "on", false: "off"}[cfg.CaptureDDL],
-			strconv.FormatInt(cfg.LUWResolution.Microseconds(), 10))
+		_, err = conn.Exec(ctx, `INSERT INTO pgmesh.setting VALUES ('capture_ddl', $1)
+			ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value`, map[bool]string{true: "on", false: "off"}[cfg.CaptureDDL])
+	}
+	if err == nil {
+		err = d.initResolution(ctx, conn)
 	}
 	conn.Close(ctx)
 	if err != nil {
@@ -263,7 +266,10 @@ func (d *Daemon) reconcile(ctx context.Context, g *membership.Group) {
 	d.ids.Store(&ids)
 	me := g.Nodes[d.cfg.NodeName]
 	want := map[string]*membership.Node{}
-	res := d.cfg.LUWResolution.String()
+	if err := d.adoptResolution(ctx, g.Nodes); err != nil {
+		problems = append(problems, err.Error())
+	}
+	res := d.luw().String()
 	agreed := true
 	if other := differingResolution(g, res, ""); other != nil && me != nil {
 		agreed = false
@@ -319,7 +325,7 @@ func (d *Daemon) reconcile(ctx context.Context, g *membership.Group) {
 
 // rule is the group's last-update-wins rule, as this node applies it (the
 // reconcile refuses to stream while members disagree on luw_resolution).
-func (d *Daemon) rule() conflict.Rule { return conflict.Rule{Resolution: d.cfg.LUWResolution} }
+func (d *Daemon) rule() conflict.Rule { return conflict.Rule{Resolution: d.luw()} }
 
 // describeMember names a member in a sentence.
 func describeMember(n *membership.Node, self string) string {

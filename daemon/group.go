@@ -19,7 +19,7 @@ import (
 
 func (d *Daemon) self() membership.Node {
 	return membership.Node{Name: d.cfg.NodeName, DSN: d.cfg.PublicDSN, API: d.cfg.AdvertiseAPI, Raft: d.cfg.AdvertiseRaft,
-		LUWResolution: d.cfg.LUWResolution.String()}
+		LUWResolution: d.luw().String()}
 }
 
 // differingResolution returns a member of g, other than skip, whose

@@ -166,6 +166,20 @@ func (d *Daemon) register(ctx context.Context, req api.JoinRequest) (*api.JoinRe
 			return nil, err
 		}
 	}
+	// Without luw_resolution in the config, this node takes the group's.
+	if !retry {
+		st, err := d.members.Client(req.Via, "").Status(ctx)
+		if err != nil {
+			return nil, fmt.Errorf("ask %s about the group: %w", req.Via, err)
+		}
+		nodes := map[string]*membership.Node{}
+		for _, n := range st.Nodes {
+			nodes[n.Name] = n
+		}
+		if err := d.adoptResolution(ctx, nodes); err != nil {
+			return nil, err
+		}
+	}
 	reg, err := d.members.Client(req.Via, req.Token).Register(ctx, api.RegisterRequest{Node: d.self()})
 	if err != nil {
 		return nil, fmt.Errorf("join through %s: %w", req.Via, err)

@@ -101,16 +101,16 @@ var configKeys = []configKey{
 		duration("housekeeping_interval", func(c *daemon.Config) *time.Duration { return &c.HousekeepingInterval })},
 	{"health_max_lag", "GET /health answers 503 once a peer's stream lags (or is disconnected) longer (default 30s)",
 		duration("health_max_lag", func(c *daemon.Config) *time.Duration { return &c.HealthMaxLag })},
-	{"luw_resolution", "commit times are rounded up to this before last-update-wins compares them; the same on every node, 0 for exact times (default 1ms)", func(c *daemon.Config, v string) error {
+	{"luw_resolution", "commit times are rounded up to this before last-update-wins compares them; the same on every node, 0 for exact times (default: the group's, 10ms for a new group)", func(c *daemon.Config, v string) error {
 		if v == "" {
-			c.LUWResolution = daemon.DefaultLUWResolution
+			c.LUWResolution, c.LUWResolutionSet = 0, false
 			return nil
 		}
 		d, err := time.ParseDuration(v)
 		if err != nil {
 			return fmt.Errorf("luw_resolution %q is not a duration: write it like 1ms, 500us or 0", v)
 		}
-		c.LUWResolution = d
+		c.LUWResolution, c.LUWResolutionSet = d, true
 		return nil
 	}},
 	{"max_clock_skew", "report a peer whose Postgres clock is further ahead of this node's (default 500ms)",

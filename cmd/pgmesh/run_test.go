@@ -75,14 +75,14 @@ func TestClockKeys(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if cfg.LUWResolution != time.Millisecond {
-		t.Errorf("default luw_resolution = %s, want 1ms", cfg.LUWResolution)
+	if cfg.LUWResolutionSet {
+		t.Errorf("luw_resolution is set (%s) without a value in the config; want it unset, so the group's is used", cfg.LUWResolution)
 	}
 	cfg, _, err = loadConfig([]string{"--luw-resolution", "0", "--max-clock-skew", "2s"}, none)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if cfg.LUWResolution != 0 || cfg.MaxClockSkew != 2*time.Second {
+	if cfg.LUWResolution != 0 || !cfg.LUWResolutionSet || cfg.MaxClockSkew != 2*time.Second {
 		t.Errorf("luw_resolution %s, max_clock_skew %s; want 0 (exact) and 2s", cfg.LUWResolution, cfg.MaxClockSkew)
 	}
 	if _, _, err := loadConfig([]string{"--luw-resolution", "soon"}, none); err == nil || !strings.Contains(err.Error(), "luw_resolution") {
