@@ -46,7 +46,7 @@ func compareTimes(ctx context.Context, bin string, rows int) ([]result, error) {
 		return nil, err
 	}
 	for _, n := range nodes[1:] {
-		if err := waitFor(ctx, n.PG, `SELECT CASE WHEN count(*) = $1 THEN 1 ELSE 0 END FROM cmp`, rows); err != nil {
+		if err := waitFor(ctx, n.PG, `SELECT count(*) = $1 FROM cmp`, rows); err != nil {
 			return nil, err
 		}
 	}

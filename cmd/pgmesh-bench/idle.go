@@ -28,7 +28,7 @@ func idleCost(ctx context.Context, bin string, n int, window time.Duration) (bus
 			return 0, 0, err
 		}
 		nodes = append(nodes, node)
-		node.RaftTiming = "" // what a user gets
+		node.RaftTiming = *raftTiming // "": what a user gets
 		if err := node.PG.Exec(ctx, `CREATE TABLE t (k int PRIMARY KEY)`); err != nil {
 			return 0, 0, err
 		}

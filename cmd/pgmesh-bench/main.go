@@ -30,6 +30,7 @@ import (
 
 	"github.com/pgmesh/pgmesh/internal/localmesh"
 	"github.com/pgmesh/pgmesh/internal/pgtest"
+	"github.com/pgmesh/pgmesh/internal/poll"
 )
 
 var (
@@ -43,6 +44,8 @@ var (
 	repeat      = flag.Int("repeat", 3, "workloads 1, 2 and 3: runs per system (the median is reported)")
 	compareRows = flag.Int("compare-rows", 1000000, "workload 8: rows of the table compared on three nodes")
 	idleWindow  = flag.Duration("idle-for", 10*time.Second, "workload 9: how long each idle group is measured")
+	luw         = flag.String("luw-resolution", "", "luw_resolution of the pgmesh pair (default: pgmesh's default)")
+	raftTiming  = flag.String("raft-timing", "", "workload 9: raft_timing of the idle groups (default: pgmesh's default, wan)")
 	only        = flag.String("only", "", "comma-separated workloads to run (1-9); default all")
 )
 
@@ -96,9 +99,26 @@ type result struct {
 }
 
 // catchUpRun is one timed catch-up: how long it took and the CPU time the
-// system's processes used meanwhile.
+// system's processes used meanwhile; for pgmesh also its daemon's CPU time
+// and how the receiver applied the source's transactions.
 type catchUpRun struct {
 	took, cpu time.Duration
+	daemonCPU time.Duration
+	applied   applyCounts
+}
+
+// applyCounts is how many source transactions a pgmesh receiver applied,
+// in how many local commits.
+type applyCounts struct{ txns, localCommits int64 }
+
+func (a applyCounts) minus(b applyCounts) applyCounts {
+	return applyCounts{a.txns - b.txns, a.localCommits - b.localCommits}
+}
+
+// appliedCounter is a system whose receiver counts how it applied: pgmesh.
+type appliedCounter interface {
+	daemonPid() int
+	applied(ctx context.Context) (applyCounts, error)
 }
 
 func run(ctx context.Context) error {
@@ -173,11 +193,30 @@ func run(ctx context.Context) error {
 		if err := s.release(ctx); err != nil {
 			return catchUpRun{}, err
 		}
+		counter, counts := s.(appliedCounter)
+		var before applyCounts
+		var daemonCPU time.Duration
+		if counts {
+			var err error
+			if before, err = counter.applied(ctx); err != nil {
+				return catchUpRun{}, err
+			}
+			daemonCPU = cpuTime([]int{counter.daemonPid()})
+		}
 		start, cpu := time.Now(), cpuTime(s.roots())
-		if err := waitFor(ctx, s.receiver(), `SELECT count(*) FROM sentinel WHERE id = $1`, sentinel); err != nil {
+		if err := waitFor(ctx, s.receiver(), `SELECT EXISTS (SELECT FROM sentinel WHERE id = $1)`, sentinel); err != nil {
 			return catchUpRun{}, fmt.Errorf("%s: %w", s.name(), err)
 		}
-		return catchUpRun{took: time.Since(start), cpu: cpuTime(s.roots()) - cpu}, nil
+		r := catchUpRun{took: time.Since(start), cpu: cpuTime(s.roots()) - cpu}
+		if counts {
+			after, err := counter.applied(ctx)
+			if err != nil {
+				return catchUpRun{}, err
+			}
+			r.daemonCPU = cpuTime([]int{counter.daemonPid()}) - daemonCPU
+			r.applied = after.minus(before)
+		}
+		return r, nil
 	}
 	// A catch-up is run -repeat times, the systems taking turns, and the
 	// median reported: a shared 2-core machine is noisy. CPU seconds per
@@ -186,6 +225,7 @@ func run(ctx context.Context) error {
 	catchUps := func(what, unit string, rows, repeat int, build func(*pgtest.Cluster) error) error {
 		rates := make([][]float64, len(systems))
 		cpus := make([][]float64, len(systems))
+		var daemonCPUs, perCommit []float64
 		for range max(repeat, 1) {
 			for i, s := range systems {
 				r, err := catchUp(s, build)
@@ -194,6 +234,10 @@ func run(ctx context.Context) error {
 				}
 				rates[i] = append(rates[i], float64(rows)/r.took.Seconds())
 				cpus[i] = append(cpus[i], r.cpu.Seconds()*100000/float64(rows))
+				if _, ok := s.(appliedCounter); ok {
+					daemonCPUs = append(daemonCPUs, r.daemonCPU.Seconds()*100000/float64(rows))
+					perCommit = append(perCommit, float64(r.applied.txns)/float64(max(r.applied.localCommits, 1)))
+				}
 			}
 		}
 		if repeat > 1 {
@@ -203,6 +247,13 @@ func run(ctx context.Context) error {
 		}
 		add(what, medians(rates), " "+unit, true, "%.0f")
 		add(what+", CPU s per 100k "+strings.TrimSuffix(unit, "/s"), medians(cpus), " s", false, "%.2f")
+		if len(daemonCPUs) > 0 {
+			m := medians([][]float64{daemonCPUs, perCommit})
+			results = append(results,
+				one(what+", of which pgmesh daemon", fmt.Sprintf("%.2f s", m[0]), len(systems)),
+				one(what+", source txns per local commit", fmt.Sprintf("%.1f", m[1]), len(systems)))
+			fmt.Printf("  pgmesh daemon alone: %.2f s per 100k; %.1f source transactions per local commit\n", m[0], m[1])
+		}
 		return nil
 	}
 	if want(1) {
@@ -230,6 +281,14 @@ func run(ctx context.Context) error {
 		// Counted in transactions; each changes four rows (3 updates, 1 insert).
 		if err := catchUps("3. pgbench tpcb-like", "txn/s", *updateTxns, *repeat, func(c *pgtest.Cluster) error {
 			return pgbench(ctx, c, "-n", "-b", "tpcb-like", "-t", strconv.Itoa(*updateTxns))
+		}); err != nil {
+			return err
+		}
+		// Real sources are concurrent: their transactions interleave in
+		// the WAL, and commit close together.
+		fmt.Printf("3c. catch-up of %d pgbench tpcb-like transactions from 4 clients (scale 1)\n", *updateTxns/4*4)
+		if err := catchUps("3c. pgbench tpcb-like, 4 clients", "txn/s", *updateTxns/4*4, *repeat, func(c *pgtest.Cluster) error {
+			return pgbench(ctx, c, "-n", "-b", "tpcb-like", "-c", "4", "-j", "2", "-t", strconv.Itoa(*updateTxns/4))
 		}); err != nil {
 			return err
 		}
@@ -296,7 +355,11 @@ func run(ctx context.Context) error {
 	}
 
 	if want(9) {
-		fmt.Printf("9. idle groups of 3 and 6 nodes at the default raft_timing: each daemon's CPU over %s\n", *idleWindow)
+		timing := *raftTiming
+		if timing == "" {
+			timing = "the default"
+		}
+		fmt.Printf("9. idle groups of 3 and 6 nodes at raft_timing %s: each daemon's CPU over %s\n", timing, *idleWindow)
 		rs, err := idleResults(ctx, bin, *idleWindow, len(systems))
 		if err != nil {
 			return err
@@ -380,7 +443,7 @@ func latency(ctx context.Context, s system) (p50, p99 float64, err error) {
 	if err := queryRow(ctx, s.sender(), `SELECT count(*) FROM lat`, &n); err != nil {
 		return 0, 0, err
 	}
-	if err := waitFor(ctx, s.receiver(), `SELECT CASE WHEN count(*) = $1 THEN 1 ELSE 0 END FROM lat`, n); err != nil {
+	if err := waitFor(ctx, s.receiver(), `SELECT count(*) = $1 FROM lat`, n); err != nil {
 		return 0, 0, err
 	}
 	err = queryRow(ctx, s.receiver(), `SELECT
@@ -403,24 +466,24 @@ func queryRow(ctx context.Context, c *pgtest.Cluster, sql string, dst ...any) er
 
 // waitFor polls sql (which takes one argument and returns a count) until it
 // returns 1.
-func waitFor(ctx context.Context, c *pgtest.Cluster, sql string, arg any) error {
+// waitFor waits until query (a boolean) is true on c: every 5 ms, since
+// it times catch-ups, for at most 30 minutes.
+func waitFor(ctx context.Context, c *pgtest.Cluster, query string, args ...any) error {
 	conn, err := c.Connect(ctx)
 	if err != nil {
 		return err
 	}
 	defer conn.Close(ctx)
-	deadline := time.Now().Add(30 * time.Minute)
-	for time.Now().Before(deadline) {
-		var n int64
-		if err := conn.QueryRow(ctx, sql, arg).Scan(&n); err != nil {
-			return err
+	return poll.Until(ctx, 5*time.Millisecond, 30*time.Minute, func() error {
+		var ok *bool
+		if err := conn.QueryRow(ctx, query, args...).Scan(&ok); err != nil {
+			return poll.Stop(err)
 		}
-		if n == 1 {
-			return nil
+		if ok == nil || !*ok {
+			return fmt.Errorf("not true within 30 minutes: %s", query)
 		}
-		time.Sleep(5 * time.Millisecond)
-	}
-	return fmt.Errorf("receiver did not catch up within 30 minutes")
+		return nil
+	})
 }
 
 func pgbench(ctx context.Context, c *pgtest.Cluster, args ...string) error {

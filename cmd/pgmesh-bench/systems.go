@@ -17,6 +17,22 @@ import (
 // meshPair is a two-node pgmesh group; b receives.
 type meshPair struct{ a, b *localmesh.Node }
 
+func (p *meshPair) daemonPid() int { return p.b.Pid() }
+
+// applied reads b's counters for the stream from a.
+func (p *meshPair) applied(ctx context.Context) (applyCounts, error) {
+	rep, err := p.b.Status(ctx)
+	if err != nil {
+		return applyCounts{}, err
+	}
+	for _, s := range rep.Peers {
+		if s.Peer == p.a.Name {
+			return applyCounts{s.AppliedTxns, s.LocalCommits}, nil
+		}
+	}
+	return applyCounts{}, fmt.Errorf("b has no stream from a")
+}
+
 func newMesh(ctx context.Context, bin string) (*meshPair, error) {
 	p := &meshPair{}
 	var err error
@@ -46,6 +62,9 @@ func newMesh(ctx context.Context, bin string) (*meshPair, error) {
 		return nil, err
 	}
 	for _, n := range []*localmesh.Node{p.a, p.b} {
+		if *luw != "" {
+			n.ExtraArgs = []string{"--luw-resolution", *luw}
+		}
 		if err := n.Start(ctx); err != nil {
 			p.close()
 			return nil, err
@@ -119,7 +138,7 @@ func newNative(ctx context.Context) (*nativePair, error) {
 			return p.b.Exec(ctx, fmt.Sprintf(`CREATE SUBSCRIPTION bench CONNECTION 'host=127.0.0.1 port=%d user=postgres dbname=postgres' PUBLICATION bench`, p.a.Port))
 		},
 		func() error {
-			return waitFor(ctx, p.b, `SELECT CASE WHEN count(*) = 100000 THEN 1 ELSE 0 END FROM pgbench_accounts WHERE $1::int = 1`, 1)
+			return waitFor(ctx, p.b, `SELECT count(*) = 100000 FROM pgbench_accounts`)
 		},
 	}
 	for _, s := range steps {
@@ -140,14 +159,14 @@ func (p *nativePair) hold(ctx context.Context) error {
 		return err
 	}
 	// Wait until the apply worker has exited.
-	return waitFor(ctx, p.b, `SELECT CASE WHEN count(*) = 0 THEN 1 ELSE 0 END FROM pg_stat_subscription WHERE pid IS NOT NULL AND $1::int = 1`, 1)
+	return waitFor(ctx, p.b, `SELECT NOT EXISTS (SELECT FROM pg_stat_subscription WHERE pid IS NOT NULL)`)
 }
 
 func (p *nativePair) release(ctx context.Context) error {
 	if err := p.b.Exec(ctx, `ALTER SUBSCRIPTION bench ENABLE`); err != nil {
 		return err
 	}
-	return waitFor(ctx, p.b, `SELECT count(*) FROM pg_stat_subscription WHERE pid IS NOT NULL AND $1::int = 1`, 1)
+	return waitFor(ctx, p.b, `SELECT count(*) = 1 FROM pg_stat_subscription WHERE pid IS NOT NULL`)
 }
 
 func (p *nativePair) settle(context.Context) error { return nil }
@@ -244,7 +263,7 @@ func newPglogical(ctx context.Context) (*pglogicalPair, error) {
 
 func (p *pglogicalPair) waitReplicating(ctx context.Context) error {
 	for _, c := range []*pgtest.Cluster{p.a, p.b} {
-		if err := waitFor(ctx, c, `SELECT CASE WHEN count(*) = $1 THEN 1 ELSE 0 END FROM pglogical.show_subscription_status() WHERE status = 'replicating'`, 1); err != nil {
+		if err := waitFor(ctx, c, `SELECT count(*) = 1 FROM pglogical.show_subscription_status() WHERE status = 'replicating'`); err != nil {
 			return err
 		}
 	}
@@ -270,7 +289,7 @@ func (p *pglogicalPair) release(ctx context.Context) error {
 // everything written: the backward stream reads (and drops) what b applied.
 func (p *pglogicalPair) settle(ctx context.Context) error {
 	for _, c := range []*pgtest.Cluster{p.a, p.b} {
-		if err := waitFor(ctx, c, `SELECT CASE WHEN bool_and(confirmed_flush_lsn >= pg_current_wal_lsn() - 1024 * $1) THEN 1 ELSE 0 END FROM pg_replication_slots`, 64); err != nil {
+		if err := waitFor(ctx, c, `SELECT bool_and(confirmed_flush_lsn >= pg_current_wal_lsn() - 64 * 1024) FROM pg_replication_slots`); err != nil {
 			return err
 		}
 	}
