@@ -111,6 +111,15 @@ type insertRun struct {
 	rows [][][]byte
 }
 
+// msgType is a pgoutput message's type, read without decoding it (0 for an
+// empty message).
+func msgType(data []byte) pglogrepl.MessageType {
+	if len(data) == 0 {
+		return 0
+	}
+	return pglogrepl.MessageType(data[0])
+}
+
 // errNotFast sends the current transaction to the careful path.
 var errNotFast = errors.New("change needs the careful path")
 
@@ -146,7 +155,7 @@ func (a *applier) handleMsg(ctx context.Context, data []byte) error {
 		}
 		return err
 	}
-	if a.carefulFor > 0 && len(data) > 0 && data[0] == 'B' {
+	if a.carefulFor > 0 && msgType(data) == pglogrepl.MessageTypeBegin {
 		// Recent transactions conflicted: this one goes careful too, after
 		// everything before it is confirmed.
 		if err := a.drain(ctx); err != nil {
@@ -157,8 +166,11 @@ func (a *applier) handleMsg(ctx context.Context, data []byte) error {
 		return err
 	}
 	t := a.fast
-	if t != nil && t.skip && len(data) > 0 && (data[0] == 'I' || data[0] == 'U' || data[0] == 'D') {
-		return nil // a forwarded transaction's rows: not even decoded
+	if t != nil && t.skip {
+		switch msgType(data) {
+		case pglogrepl.MessageTypeInsert, pglogrepl.MessageTypeUpdate, pglogrepl.MessageTypeDelete:
+			return nil // a forwarded transaction's rows: not even decoded
+		}
 	}
 	msg, err := pglogrepl.Parse(data)
 	if err != nil {
