@@ -46,7 +46,7 @@ var (
 	idleWindow  = flag.Duration("idle-for", 10*time.Second, "workload 9: how long each idle group is measured")
 	luw         = flag.String("luw-resolution", "", "luw_resolution of the pgmesh pair (default: pgmesh's default)")
 	raftTiming  = flag.String("raft-timing", "", "workload 9: raft_timing of the idle groups (default: pgmesh's default, wan)")
-	only        = flag.String("only", "", "comma-separated workloads to run (1-9); default all")
+	only        = flag.String("only", "", "comma-separated workloads to run, by name or number (see -h); default all")
 )
 
 const schema = `CREATE TABLE single (id bigint PRIMARY KEY, payload text NOT NULL);
@@ -68,10 +68,6 @@ func main() {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
 	}
-}
-
-func want(n int) bool {
-	return *only == "" || strings.Contains(","+*only+",", ","+strconv.Itoa(n)+",")
 }
 
 // system is one sender/receiver pair under test.
@@ -122,6 +118,10 @@ type appliedCounter interface {
 }
 
 func run(ctx context.Context) error {
+	chosen, err := selectWorkloads(*only)
+	if err != nil {
+		return err
+	}
 	dir, err := os.MkdirTemp("", "pgmesh-bench-")
 	if err != nil {
 		return err
@@ -154,219 +154,10 @@ func run(ctx context.Context) error {
 		systems = append(systems, pgl)
 	}
 
-	var results []result
-	// add records a row; higherIsBetter says which way the ratio goes.
-	add := func(what string, vals []float64, unit string, higherIsBetter bool, format string) {
-		r := result{what: what}
-		best := 0.0
-		for i, v := range vals {
-			r.vals = append(r.vals, fmt.Sprintf(format, v)+unit)
-			if i > 0 && v > 0 && (best == 0 || (higherIsBetter && v > best) || (!higherIsBetter && v < best)) {
-				best = v
-			}
-		}
-		if vals[0] > 0 && best > 0 {
-			ratio := vals[0] / best
-			if !higherIsBetter {
-				ratio = best / vals[0]
-			}
-			r.ratio = fmt.Sprintf("%.2f", ratio)
-		}
-		results = append(results, r)
-		fmt.Printf("  %s: %s\n", what, strings.Join(r.vals, " | "))
-	}
-	sentinel := 0
-	catchUp := func(s system, build func(*pgtest.Cluster) error) (catchUpRun, error) {
-		sentinel++
-		if err := s.settle(ctx); err != nil {
-			return catchUpRun{}, err
-		}
-		if err := s.hold(ctx); err != nil {
-			return catchUpRun{}, err
-		}
-		if err := build(s.sender()); err != nil {
-			return catchUpRun{}, err
-		}
-		if err := s.sender().Exec(ctx, `INSERT INTO sentinel VALUES ($1)`, sentinel); err != nil {
-			return catchUpRun{}, err
-		}
-		if err := s.release(ctx); err != nil {
-			return catchUpRun{}, err
-		}
-		counter, counts := s.(appliedCounter)
-		var before applyCounts
-		var daemonCPU time.Duration
-		if counts {
-			var err error
-			if before, err = counter.applied(ctx); err != nil {
-				return catchUpRun{}, err
-			}
-			daemonCPU = cpuTime([]int{counter.daemonPid()})
-		}
-		start, cpu := time.Now(), cpuTime(s.roots())
-		if err := waitFor(ctx, s.receiver(), `SELECT EXISTS (SELECT FROM sentinel WHERE id = $1)`, sentinel); err != nil {
-			return catchUpRun{}, fmt.Errorf("%s: %w", s.name(), err)
-		}
-		r := catchUpRun{took: time.Since(start), cpu: cpuTime(s.roots()) - cpu}
-		if counts {
-			after, err := counter.applied(ctx)
-			if err != nil {
-				return catchUpRun{}, err
-			}
-			r.daemonCPU = cpuTime([]int{counter.daemonPid()}) - daemonCPU
-			r.applied = after.minus(before)
-		}
-		return r, nil
-	}
-	// A catch-up is run -repeat times, the systems taking turns, and the
-	// median reported: a shared 2-core machine is noisy. CPU seconds per
-	// 100k rows (every process of the pair: daemons, backends,
-	// walsenders) go beside the rate.
-	catchUps := func(what, unit string, rows, repeat int, build func(*pgtest.Cluster) error) error {
-		rates := make([][]float64, len(systems))
-		cpus := make([][]float64, len(systems))
-		var daemonCPUs, perCommit []float64
-		for range max(repeat, 1) {
-			for i, s := range systems {
-				r, err := catchUp(s, build)
-				if err != nil {
-					return err
-				}
-				rates[i] = append(rates[i], float64(rows)/r.took.Seconds())
-				cpus[i] = append(cpus[i], r.cpu.Seconds()*100000/float64(rows))
-				if _, ok := s.(appliedCounter); ok {
-					daemonCPUs = append(daemonCPUs, r.daemonCPU.Seconds()*100000/float64(rows))
-					perCommit = append(perCommit, float64(r.applied.txns)/float64(max(r.applied.localCommits, 1)))
-				}
-			}
-		}
-		if repeat > 1 {
-			for i, s := range systems {
-				fmt.Printf("  runs, %s: %.0f %s\n", s.name(), rates[i], unit)
-			}
-		}
-		add(what, medians(rates), " "+unit, true, "%.0f")
-		add(what+", CPU s per 100k "+strings.TrimSuffix(unit, "/s"), medians(cpus), " s", false, "%.2f")
-		if len(daemonCPUs) > 0 {
-			m := medians([][]float64{daemonCPUs, perCommit})
-			results = append(results,
-				one(what+", of which pgmesh daemon", fmt.Sprintf("%.2f s", m[0]), len(systems)),
-				one(what+", source txns per local commit", fmt.Sprintf("%.1f", m[1]), len(systems)))
-			fmt.Printf("  pgmesh daemon alone: %.2f s per 100k; %.1f source transactions per local commit\n", m[0], m[1])
-		}
-		return nil
-	}
-	if want(1) {
-		fmt.Printf("1. catch-up of %d single-row INSERT transactions\n", *singleTxns)
-		if err := catchUps("1. single-row inserts", "rows/s", *singleTxns, *repeat, func(c *pgtest.Cluster) error {
-			return c.Exec(ctx, fmt.Sprintf(`DO $$ DECLARE base bigint := (SELECT coalesce(max(id), 0) FROM single);
-				BEGIN FOR i IN 1..%d LOOP
-				INSERT INTO single VALUES (base + i, 'payload ' || i); COMMIT; END LOOP; END $$`, *singleTxns))
-		}); err != nil {
-			return err
-		}
-	}
-	if want(2) {
-		fmt.Printf("2. catch-up of %d INSERT transactions of 100 rows\n", *batchTxns)
-		if err := catchUps("2. 100-row inserts", "rows/s", *batchTxns*100, *repeat, func(c *pgtest.Cluster) error {
-			return c.Exec(ctx, fmt.Sprintf(`DO $$ DECLARE base bigint := (SELECT coalesce(max(id), 0) FROM batch);
-				BEGIN FOR i IN 0..%d LOOP
-				INSERT INTO batch SELECT base + i * 100 + g, 'payload ' || g FROM generate_series(1, 100) g; COMMIT; END LOOP; END $$`, *batchTxns-1))
-		}); err != nil {
-			return err
-		}
-	}
-	if want(3) {
-		fmt.Printf("3. catch-up of %d pgbench tpcb-like transactions (scale 1)\n", *updateTxns)
-		// Counted in transactions; each changes four rows (3 updates, 1 insert).
-		if err := catchUps("3. pgbench tpcb-like", "txn/s", *updateTxns, *repeat, func(c *pgtest.Cluster) error {
-			return pgbench(ctx, c, "-n", "-b", "tpcb-like", "-t", strconv.Itoa(*updateTxns))
-		}); err != nil {
-			return err
-		}
-		// Real sources are concurrent: their transactions interleave in
-		// the WAL, and commit close together.
-		fmt.Printf("3c. catch-up of %d pgbench tpcb-like transactions from 4 clients (scale 1)\n", *updateTxns/4*4)
-		if err := catchUps("3c. pgbench tpcb-like, 4 clients", "txn/s", *updateTxns/4*4, *repeat, func(c *pgtest.Cluster) error {
-			return pgbench(ctx, c, "-n", "-b", "tpcb-like", "-c", "4", "-j", "2", "-t", strconv.Itoa(*updateTxns/4))
-		}); err != nil {
-			return err
-		}
-	}
-	if want(4) {
-		fmt.Printf("4. commit-to-visible latency at %d transactions/s for %s\n", *rate, *latencyDur)
-		p50, p99 := make([]float64, len(systems)), make([]float64, len(systems))
-		for i, s := range systems {
-			if err := s.settle(ctx); err != nil {
-				return err
-			}
-			a, b, err := latency(ctx, s)
-			if err != nil {
-				return err
-			}
-			p50[i], p99[i] = a, b
-		}
-		add("4. latency p50", p50, " ms", false, "%.2f")
-		add("4. latency p99", p99, " ms", false, "%.2f")
-	}
-	if want(5) {
-		fmt.Printf("5. one transaction of %d rows: catch-up and the pgmesh daemon's peak RSS\n", *bigRows)
-		if err := catchUps("5. one big transaction", "rows/s", *bigRows, 1, func(c *pgtest.Cluster) error {
-			return c.Exec(ctx, fmt.Sprintf(`INSERT INTO big SELECT g, 'payload ' || g FROM generate_series(1, %d) g`, *bigRows))
-		}); err != nil {
-			return err
-		}
-		rss, err := peakRSS(pm.b.Pid())
-		if err != nil {
-			return err
-		}
-		results = append(results, one("5. pgmesh daemon peak RSS (whole run)", fmt.Sprintf("%.0f MB", float64(rss)/(1<<20)), len(systems)))
-	}
-
-	if want(6) {
-		fmt.Printf("6. nextval rate, %d values per kind, on one pgmesh node\n", *nextvals)
-		for _, r := range sequenceRates(ctx, pm) {
-			results = append(results, one(r.what, r.vals[0], len(systems)))
-			fmt.Printf("  %s: %s\n", r.what, r.vals[0])
-		}
-	}
-
-	if want(7) {
-		fmt.Printf("7. floor: %d single-row INSERT transactions pipelined into one backend, no replication\n", *singleTxns)
-		v, err := pipelinedFloor(ctx, nat.b, *singleTxns)
-		if err != nil {
-			return err
-		}
-		r := one("7. SQL-protocol floor, 1-row txns", fmt.Sprintf("%.0f rows/s", v), len(systems))
-		results = append(results, r)
-		fmt.Printf("  %s: %s\n", r.what, r.vals[0])
-	}
-
-	if want(8) {
-		fmt.Printf("8. pgmesh compare of a %d-row table on three nodes\n", *compareRows)
-		rs, err := compareTimes(ctx, bin, *compareRows)
-		if err != nil {
-			return err
-		}
-		for _, r := range rs {
-			results = append(results, one(r.what, r.vals[0], len(systems)))
-			fmt.Printf("  %s: %s\n", r.what, r.vals[0])
-		}
-	}
-
-	if want(9) {
-		timing := *raftTiming
-		if timing == "" {
-			timing = "the default"
-		}
-		fmt.Printf("9. idle groups of 3 and 6 nodes at raft_timing %s: each daemon's CPU over %s\n", timing, *idleWindow)
-		rs, err := idleResults(ctx, bin, *idleWindow, len(systems))
-		if err != nil {
-			return err
-		}
-		for _, r := range rs {
-			results = append(results, r)
-			fmt.Printf("  %s: %s\n", r.what, r.vals[0])
+	b := &bench{ctx: ctx, bin: bin, pm: pm, nat: nat, systems: systems}
+	for _, w := range chosen {
+		if err := w.run(b); err != nil {
+			return fmt.Errorf("workload %s: %w", w.name, err)
 		}
 	}
 
@@ -377,7 +168,7 @@ func run(ctx context.Context) error {
 		header += "\t" + s.name()
 	}
 	fmt.Fprintln(w, header+"\tpgmesh/best other\t")
-	for _, r := range results {
+	for _, r := range b.results {
 		fmt.Fprintf(w, "%s\t%s\t%s\t\n", r.what, strings.Join(r.vals, "\t"), r.ratio)
 	}
 	w.Flush()
@@ -464,8 +255,6 @@ func queryRow(ctx context.Context, c *pgtest.Cluster, sql string, dst ...any) er
 	return conn.QueryRow(ctx, sql).Scan(dst...)
 }
 
-// waitFor polls sql (which takes one argument and returns a count) until it
-// returns 1.
 // waitFor waits until query (a boolean) is true on c: every 5 ms, since
 // it times catch-ups, for at most 30 minutes.
 func waitFor(ctx context.Context, c *pgtest.Cluster, query string, args ...any) error {

@@ -1,0 +1,303 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/pgmesh/pgmesh/internal/pgtest"
+)
+
+// A workload is one measurement of the table: selected by name (or its old
+// number) with -only, it runs against the run's systems and adds rows.
+// Adding one is adding an entry here and its method.
+type workload struct {
+	name, number string
+	run          func(*bench) error
+}
+
+var workloads = []workload{
+	{"insert1", "1", (*bench).singleInserts},
+	{"insert100", "2", (*bench).batchInserts},
+	{"pgbench", "3", (*bench).pgbenchOneClient},
+	{"pgbench4", "3c", (*bench).pgbenchFourClients},
+	{"latency", "4", (*bench).latency},
+	{"big", "5", (*bench).bigTransaction},
+	{"sequences", "6", (*bench).sequences},
+	{"floor", "7", (*bench).floor},
+	{"compare", "8", (*bench).compare},
+	{"idle", "9", (*bench).idle},
+}
+
+// selectWorkloads returns the workloads -only names, in the table's order;
+// all when it is empty. Workload 3 by number is both pgbench forms.
+func selectWorkloads(only string) ([]workload, error) {
+	if only == "" {
+		return workloads, nil
+	}
+	want := map[string]bool{}
+	for _, n := range strings.Split(only, ",") {
+		n = strings.TrimSpace(n)
+		known := false
+		for _, w := range workloads {
+			if n == w.name || n == w.number || (n == "3" && w.number == "3c") {
+				want[w.name], known = true, true
+			}
+		}
+		if !known {
+			var names []string
+			for _, w := range workloads {
+				names = append(names, w.name)
+			}
+			return nil, fmt.Errorf("-only names workload %q, which does not exist: use one of %s (or their numbers 1-9)", n, strings.Join(names, ", "))
+		}
+	}
+	var out []workload
+	for _, w := range workloads {
+		if want[w.name] {
+			out = append(out, w)
+		}
+	}
+	return out, nil
+}
+
+// bench is one run: the systems under test and the table being filled.
+type bench struct {
+	ctx      context.Context
+	bin      string // the pgmesh binary
+	pm       *meshPair
+	nat      *nativePair
+	systems  []system
+	results  []result
+	sentinel int
+}
+
+// add records a row with a figure per system; higherIsBetter says which
+// way pgmesh's ratio to the best other goes.
+func (b *bench) add(what string, vals []float64, unit string, higherIsBetter bool, format string) {
+	r := result{what: what}
+	best := 0.0
+	for i, v := range vals {
+		r.vals = append(r.vals, fmt.Sprintf(format, v)+unit)
+		if i > 0 && v > 0 && (best == 0 || (higherIsBetter && v > best) || (!higherIsBetter && v < best)) {
+			best = v
+		}
+	}
+	if vals[0] > 0 && best > 0 {
+		ratio := vals[0] / best
+		if !higherIsBetter {
+			ratio = best / vals[0]
+		}
+		r.ratio = fmt.Sprintf("%.2f", ratio)
+	}
+	b.results = append(b.results, r)
+	fmt.Printf("  %s: %s\n", what, strings.Join(r.vals, " | "))
+}
+
+// addPgmesh records a row with a figure for pgmesh alone.
+func (b *bench) addPgmesh(what, val string) {
+	b.results = append(b.results, one(what, val, len(b.systems)))
+	fmt.Printf("  %s: %s\n", what, val)
+}
+
+// catchUp builds a backlog on s's sender while its receiver is held, then
+// times the receiver's catch-up from its release.
+func (b *bench) catchUp(s system, build func(*pgtest.Cluster) error) (catchUpRun, error) {
+	ctx := b.ctx
+	b.sentinel++
+	if err := s.settle(ctx); err != nil {
+		return catchUpRun{}, err
+	}
+	if err := s.hold(ctx); err != nil {
+		return catchUpRun{}, err
+	}
+	if err := build(s.sender()); err != nil {
+		return catchUpRun{}, err
+	}
+	if err := s.sender().Exec(ctx, `INSERT INTO sentinel VALUES ($1)`, b.sentinel); err != nil {
+		return catchUpRun{}, err
+	}
+	if err := s.release(ctx); err != nil {
+		return catchUpRun{}, err
+	}
+	counter, counts := s.(appliedCounter)
+	var before applyCounts
+	var daemonCPU time.Duration
+	if counts {
+		var err error
+		if before, err = counter.applied(ctx); err != nil {
+			return catchUpRun{}, err
+		}
+		daemonCPU = cpuTime([]int{counter.daemonPid()})
+	}
+	start, cpu := time.Now(), cpuTime(s.roots())
+	if err := waitFor(ctx, s.receiver(), `SELECT EXISTS (SELECT FROM sentinel WHERE id = $1)`, b.sentinel); err != nil {
+		return catchUpRun{}, fmt.Errorf("%s: %w", s.name(), err)
+	}
+	r := catchUpRun{took: time.Since(start), cpu: cpuTime(s.roots()) - cpu}
+	if counts {
+		after, err := counter.applied(ctx)
+		if err != nil {
+			return catchUpRun{}, err
+		}
+		r.daemonCPU = cpuTime([]int{counter.daemonPid()}) - daemonCPU
+		r.applied = after.minus(before)
+	}
+	return r, nil
+}
+
+// catchUps runs a catch-up repeat times, the systems taking turns, and
+// reports the medians (a shared 2-core machine is noisy): the rate, CPU
+// seconds per 100k units (every process of the pair: daemons, backends,
+// walsenders), and for pgmesh its daemon's share and how many source
+// transactions shared a local commit.
+func (b *bench) catchUps(what, unit string, units, repeat int, build func(*pgtest.Cluster) error) error {
+	rates := make([][]float64, len(b.systems))
+	cpus := make([][]float64, len(b.systems))
+	var daemonCPUs, perCommit []float64
+	for range max(repeat, 1) {
+		for i, s := range b.systems {
+			r, err := b.catchUp(s, build)
+			if err != nil {
+				return err
+			}
+			rates[i] = append(rates[i], float64(units)/r.took.Seconds())
+			cpus[i] = append(cpus[i], r.cpu.Seconds()*100000/float64(units))
+			if _, ok := s.(appliedCounter); ok {
+				daemonCPUs = append(daemonCPUs, r.daemonCPU.Seconds()*100000/float64(units))
+				perCommit = append(perCommit, float64(r.applied.txns)/float64(max(r.applied.localCommits, 1)))
+			}
+		}
+	}
+	if repeat > 1 {
+		for i, s := range b.systems {
+			fmt.Printf("  runs, %s: %.0f %s\n", s.name(), rates[i], unit)
+		}
+	}
+	b.add(what, medians(rates), " "+unit, true, "%.0f")
+	b.add(what+", CPU s per 100k "+strings.TrimSuffix(unit, "/s"), medians(cpus), " s", false, "%.2f")
+	if len(daemonCPUs) > 0 {
+		m := medians([][]float64{daemonCPUs, perCommit})
+		b.addPgmesh(what+", of which pgmesh daemon", fmt.Sprintf("%.2f s", m[0]))
+		b.addPgmesh(what+", source txns per local commit", fmt.Sprintf("%.1f", m[1]))
+	}
+	return nil
+}
+
+func (b *bench) singleInserts() error {
+	fmt.Printf("1. catch-up of %d single-row INSERT transactions\n", *singleTxns)
+	return b.catchUps("1. single-row inserts", "rows/s", *singleTxns, *repeat, func(c *pgtest.Cluster) error {
+		return c.Exec(b.ctx, fmt.Sprintf(`DO $$ DECLARE base bigint := (SELECT coalesce(max(id), 0) FROM single);
+			BEGIN FOR i IN 1..%d LOOP
+			INSERT INTO single VALUES (base + i, 'payload ' || i); COMMIT; END LOOP; END $$`, *singleTxns))
+	})
+}
+
+func (b *bench) batchInserts() error {
+	fmt.Printf("2. catch-up of %d INSERT transactions of 100 rows\n", *batchTxns)
+	return b.catchUps("2. 100-row inserts", "rows/s", *batchTxns*100, *repeat, func(c *pgtest.Cluster) error {
+		return c.Exec(b.ctx, fmt.Sprintf(`DO $$ DECLARE base bigint := (SELECT coalesce(max(id), 0) FROM batch);
+			BEGIN FOR i IN 0..%d LOOP
+			INSERT INTO batch SELECT base + i * 100 + g, 'payload ' || g FROM generate_series(1, 100) g; COMMIT; END LOOP; END $$`, *batchTxns-1))
+	})
+}
+
+// pgbenchOneClient counts transactions; each changes four rows (3
+// updates, 1 insert).
+func (b *bench) pgbenchOneClient() error {
+	fmt.Printf("3. catch-up of %d pgbench tpcb-like transactions (scale 1)\n", *updateTxns)
+	return b.catchUps("3. pgbench tpcb-like", "txn/s", *updateTxns, *repeat, func(c *pgtest.Cluster) error {
+		return pgbench(b.ctx, c, "-n", "-b", "tpcb-like", "-t", strconv.Itoa(*updateTxns))
+	})
+}
+
+// pgbenchFourClients: real sources are concurrent, their transactions
+// interleave in the WAL and commit close together.
+func (b *bench) pgbenchFourClients() error {
+	n := *updateTxns / 4 * 4
+	fmt.Printf("3c. catch-up of %d pgbench tpcb-like transactions from 4 clients (scale 1)\n", n)
+	return b.catchUps("3c. pgbench tpcb-like, 4 clients", "txn/s", n, *repeat, func(c *pgtest.Cluster) error {
+		return pgbench(b.ctx, c, "-n", "-b", "tpcb-like", "-c", "4", "-j", "2", "-t", strconv.Itoa(n/4))
+	})
+}
+
+func (b *bench) latency() error {
+	fmt.Printf("4. commit-to-visible latency at %d transactions/s for %s\n", *rate, *latencyDur)
+	p50, p99 := make([]float64, len(b.systems)), make([]float64, len(b.systems))
+	for i, s := range b.systems {
+		if err := s.settle(b.ctx); err != nil {
+			return err
+		}
+		a, c, err := latency(b.ctx, s)
+		if err != nil {
+			return err
+		}
+		p50[i], p99[i] = a, c
+	}
+	b.add("4. latency p50", p50, " ms", false, "%.2f")
+	b.add("4. latency p99", p99, " ms", false, "%.2f")
+	return nil
+}
+
+func (b *bench) bigTransaction() error {
+	fmt.Printf("5. one transaction of %d rows: catch-up and the pgmesh daemon's peak RSS\n", *bigRows)
+	if err := b.catchUps("5. one big transaction", "rows/s", *bigRows, 1, func(c *pgtest.Cluster) error {
+		return c.Exec(b.ctx, fmt.Sprintf(`INSERT INTO big SELECT g, 'payload ' || g FROM generate_series(1, %d) g`, *bigRows))
+	}); err != nil {
+		return err
+	}
+	rss, err := peakRSS(b.pm.b.Pid())
+	if err != nil {
+		return err
+	}
+	b.addPgmesh("5. pgmesh daemon peak RSS (whole run)", fmt.Sprintf("%.0f MB", float64(rss)/(1<<20)))
+	return nil
+}
+
+func (b *bench) sequences() error {
+	fmt.Printf("6. nextval rate, %d values per kind, on one pgmesh node\n", *nextvals)
+	for _, r := range sequenceRates(b.ctx, b.pm) {
+		b.addPgmesh(r.what, r.vals[0])
+	}
+	return nil
+}
+
+func (b *bench) floor() error {
+	fmt.Printf("7. floor: %d single-row INSERT transactions pipelined into one backend, no replication\n", *singleTxns)
+	v, err := pipelinedFloor(b.ctx, b.nat.b, *singleTxns)
+	if err != nil {
+		return err
+	}
+	b.addPgmesh("7. SQL-protocol floor, 1-row txns", fmt.Sprintf("%.0f rows/s", v))
+	return nil
+}
+
+func (b *bench) compare() error {
+	fmt.Printf("8. pgmesh compare of a %d-row table on three nodes\n", *compareRows)
+	rs, err := compareTimes(b.ctx, b.bin, *compareRows)
+	if err != nil {
+		return err
+	}
+	for _, r := range rs {
+		b.addPgmesh(r.what, r.vals[0])
+	}
+	return nil
+}
+
+func (b *bench) idle() error {
+	timing := *raftTiming
+	if timing == "" {
+		timing = "the default"
+	}
+	fmt.Printf("9. idle groups of 3 and 6 nodes at raft_timing %s: each daemon's CPU over %s\n", timing, *idleWindow)
+	rs, err := idleResults(b.ctx, b.bin, *idleWindow, len(b.systems))
+	if err != nil {
+		return err
+	}
+	for _, r := range rs {
+		b.addPgmesh(r.what, r.vals[0])
+	}
+	return nil
+}
