@@ -52,6 +52,8 @@ lint: vet tracked-check
 	$(GOBIN)/staticcheck -tags integration ./...
 	@out=$$($(GOBIN)/deadcode -test -tags integration ./...); \
 	if [ -n "$$out" ]; then echo "deadcode reports unreachable functions:"; echo "$$out"; exit 1; fi
+	@out=$$($(GO) list -deps ./cmd/pgmesh | grep /internal/testing/); \
+	if [ -n "$$out" ]; then echo "the pgmesh binary imports test harnesses:"; echo "$$out"; exit 1; fi
 
 # Build outputs never go into git: fail on a tracked executable or any
 # tracked file over 1 MB.

@@ -13,7 +13,7 @@ import (
 	"github.com/jackc/pgx/v5/pgtype"
 
 	"github.com/pgmesh/pgmesh/conflict"
-	"github.com/pgmesh/pgmesh/internal/pgtest"
+	"github.com/pgmesh/pgmesh/internal/testing/pgtest"
 	"github.com/pgmesh/pgmesh/origin"
 )
 

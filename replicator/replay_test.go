@@ -17,8 +17,8 @@ import (
 
 	"github.com/pgmesh/pgmesh/conflict"
 	"github.com/pgmesh/pgmesh/internal/pgsession"
-	"github.com/pgmesh/pgmesh/internal/pgtest"
 	"github.com/pgmesh/pgmesh/internal/poll"
+	"github.com/pgmesh/pgmesh/internal/testing/pgtest"
 	"github.com/pgmesh/pgmesh/origin"
 )
 

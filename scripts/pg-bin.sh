@@ -17,7 +17,7 @@ case $major in
 18) version=18.4.0-beta.17 ;;
 *) echo "PostgreSQL $major is not supported: use 15, 16, 17 or 18" >&2; exit 1 ;;
 esac
-# As root the servers run as the postgres user (see internal/pgtest), who
+# As root the servers run as the postgres user (see internal/testing/pgtest), who
 # cannot enter root's home.
 default_cache=${XDG_CACHE_HOME:-$HOME/.cache}/pgmesh
 [ "$(id -u)" = 0 ] && default_cache=/var/cache/pgmesh

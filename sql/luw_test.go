@@ -12,7 +12,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/pgmesh/pgmesh/conflict"
-	"github.com/pgmesh/pgmesh/internal/pgtest"
+	"github.com/pgmesh/pgmesh/internal/testing/pgtest"
 )
 
 // The tombstone upsert keeps the newest delete with pgmesh.luw_newer, the

@@ -15,7 +15,7 @@ import (
 
 	pgsql "github.com/pgmesh/pgmesh/sql"
 
-	"github.com/pgmesh/pgmesh/internal/pgtest"
+	"github.com/pgmesh/pgmesh/internal/testing/pgtest"
 )
 
 // schemaBin is where the pg_dump that writes sql/schema.sql lives: Debian's

@@ -8,7 +8,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/pgmesh/pgmesh/internal/localmesh"
+	"github.com/pgmesh/pgmesh/internal/testing/localmesh"
 )
 
 // statusSays waits until n's status names the problem.

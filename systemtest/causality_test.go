@@ -10,8 +10,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/pgmesh/pgmesh/internal/localmesh"
-	"github.com/pgmesh/pgmesh/internal/pgtest"
+	"github.com/pgmesh/pgmesh/internal/testing/localmesh"
+	"github.com/pgmesh/pgmesh/internal/testing/pgtest"
 	"github.com/pgmesh/pgmesh/replicator"
 )
 

@@ -13,7 +13,7 @@ import (
 	"time"
 
 	"github.com/pgmesh/pgmesh/api"
-	"github.com/pgmesh/pgmesh/internal/localmesh"
+	"github.com/pgmesh/pgmesh/internal/testing/localmesh"
 )
 
 // drift runs sql on n inside a session that carries a replication origin

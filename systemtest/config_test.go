@@ -13,7 +13,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/pgmesh/pgmesh/internal/pgtest"
+	"github.com/pgmesh/pgmesh/internal/testing/pgtest"
 )
 
 // runDaemon runs `pgmesh run` expecting it to refuse to start, and returns

@@ -9,7 +9,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/pgmesh/pgmesh/internal/localmesh"
+	"github.com/pgmesh/pgmesh/internal/testing/localmesh"
 )
 
 const kvSchema = `CREATE TABLE kv (k int PRIMARY KEY, v text, email text UNIQUE);

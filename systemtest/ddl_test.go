@@ -9,7 +9,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/pgmesh/pgmesh/internal/localmesh"
+	"github.com/pgmesh/pgmesh/internal/testing/localmesh"
 )
 
 func hasColumn(t *testing.T, n *localmesh.Node, table, column string) bool {

@@ -12,8 +12,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/pgmesh/pgmesh/internal/faultproxy"
-	"github.com/pgmesh/pgmesh/internal/localmesh"
+	"github.com/pgmesh/pgmesh/internal/testing/faultproxy"
+	"github.com/pgmesh/pgmesh/internal/testing/localmesh"
 )
 
 type link struct{ from, to string } // from's daemon reaching to's Postgres

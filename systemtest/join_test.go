@@ -13,7 +13,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
-	"github.com/pgmesh/pgmesh/internal/localmesh"
+	"github.com/pgmesh/pgmesh/internal/testing/localmesh"
 )
 
 const joinSchema = `CREATE TABLE ledger (id bigserial PRIMARY KEY, node text NOT NULL, n int NOT NULL);

@@ -8,7 +8,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/pgmesh/pgmesh/internal/localmesh"
+	"github.com/pgmesh/pgmesh/internal/testing/localmesh"
 )
 
 const itemsSchema = `CREATE TABLE items (id bigint PRIMARY KEY, origin text NOT NULL, n int NOT NULL DEFAULT 0)`

@@ -9,7 +9,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/pgmesh/pgmesh/internal/localmesh"
+	"github.com/pgmesh/pgmesh/internal/testing/localmesh"
 )
 
 // Parting waits until the remaining members have applied everything the

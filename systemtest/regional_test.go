@@ -19,7 +19,7 @@ import (
 
 	"github.com/pgmesh/pgmesh/api"
 	"github.com/pgmesh/pgmesh/flyreplay"
-	"github.com/pgmesh/pgmesh/internal/localmesh"
+	"github.com/pgmesh/pgmesh/internal/testing/localmesh"
 )
 
 func getHealth(ctx context.Context, n *localmesh.Node) (int, api.HealthReport, error) {

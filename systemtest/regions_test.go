@@ -11,9 +11,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/pgmesh/pgmesh/internal/faultproxy"
-	"github.com/pgmesh/pgmesh/internal/localmesh"
 	"github.com/pgmesh/pgmesh/internal/poll"
+	"github.com/pgmesh/pgmesh/internal/testing/faultproxy"
+	"github.com/pgmesh/pgmesh/internal/testing/localmesh"
 	"github.com/pgmesh/pgmesh/membership"
 )
 

@@ -12,7 +12,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
-	"github.com/pgmesh/pgmesh/internal/localmesh"
+	"github.com/pgmesh/pgmesh/internal/testing/localmesh"
 )
 
 const auditSchema = `CREATE TABLE customers (id serial PRIMARY KEY, name text);

@@ -22,8 +22,8 @@ import (
 	"time"
 
 	"github.com/pgmesh/pgmesh/api"
-	"github.com/pgmesh/pgmesh/internal/localmesh"
-	"github.com/pgmesh/pgmesh/internal/pgtest"
+	"github.com/pgmesh/pgmesh/internal/testing/localmesh"
+	"github.com/pgmesh/pgmesh/internal/testing/pgtest"
 )
 
 // testPKI is a CA and one certificate it signed for 127.0.0.1, usable as

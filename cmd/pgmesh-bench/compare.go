@@ -7,8 +7,8 @@ import (
 	"time"
 
 	"github.com/pgmesh/pgmesh/api"
-	"github.com/pgmesh/pgmesh/internal/localmesh"
-	"github.com/pgmesh/pgmesh/internal/pgtest"
+	"github.com/pgmesh/pgmesh/internal/testing/localmesh"
+	"github.com/pgmesh/pgmesh/internal/testing/pgtest"
 )
 
 // compareTimes times pgmesh compare on a three-node group holding a table

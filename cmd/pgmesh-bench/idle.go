@@ -6,8 +6,8 @@ import (
 	"strconv"
 	"time"
 
-	"github.com/pgmesh/pgmesh/internal/localmesh"
-	"github.com/pgmesh/pgmesh/internal/pgtest"
+	"github.com/pgmesh/pgmesh/internal/testing/localmesh"
+	"github.com/pgmesh/pgmesh/internal/testing/pgtest"
 )
 
 // idleCost forms a group of n nodes at the default Raft timing, lets it

@@ -28,9 +28,9 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 
-	"github.com/pgmesh/pgmesh/internal/localmesh"
-	"github.com/pgmesh/pgmesh/internal/pgtest"
 	"github.com/pgmesh/pgmesh/internal/poll"
+	"github.com/pgmesh/pgmesh/internal/testing/localmesh"
+	"github.com/pgmesh/pgmesh/internal/testing/pgtest"
 )
 
 var (

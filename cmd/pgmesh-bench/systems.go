@@ -10,8 +10,8 @@ import (
 	"strings"
 	"time"
 
-	"github.com/pgmesh/pgmesh/internal/localmesh"
-	"github.com/pgmesh/pgmesh/internal/pgtest"
+	"github.com/pgmesh/pgmesh/internal/testing/localmesh"
+	"github.com/pgmesh/pgmesh/internal/testing/pgtest"
 )
 
 // meshPair is a two-node pgmesh group; b receives.

@@ -7,7 +7,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/pgmesh/pgmesh/internal/pgtest"
+	"github.com/pgmesh/pgmesh/internal/testing/pgtest"
 )
 
 // A workload is one measurement of the table: selected by name (or its old

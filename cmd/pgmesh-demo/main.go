@@ -18,9 +18,9 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
-	"github.com/pgmesh/pgmesh/internal/localmesh"
-	"github.com/pgmesh/pgmesh/internal/pgtest"
 	"github.com/pgmesh/pgmesh/internal/poll"
+	"github.com/pgmesh/pgmesh/internal/testing/localmesh"
+	"github.com/pgmesh/pgmesh/internal/testing/pgtest"
 )
 
 const schema = `CREATE TABLE accounts (

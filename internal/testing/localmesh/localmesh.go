@@ -17,8 +17,8 @@ import (
 	"time"
 
 	"github.com/pgmesh/pgmesh/api"
-	"github.com/pgmesh/pgmesh/internal/pgtest"
 	"github.com/pgmesh/pgmesh/internal/poll"
+	"github.com/pgmesh/pgmesh/internal/testing/pgtest"
 )
 
 // Build compiles the pgmesh binary into dir and returns its path.
