@@ -21,7 +21,7 @@ type StatusReport struct {
 	State      string              `json:"state"`
 	RaftState  string              `json:"raft_state"`
 	RaftLeader string              `json:"raft_leader,omitempty"`
-	Nodes      []*membership.Node  `json:"nodes"`
+	Nodes      []*Node             `json:"nodes"`
 	Peers      []replicator.Status `json:"peers"`
 	Problems   []string            `json:"problems"`
 	Join       *JoinStatus         `json:"join,omitempty"`
@@ -34,6 +34,44 @@ type StatusReport struct {
 	// publications hold (repset.Sets.Hash); equal on every node once a
 	// change has taken effect everywhere.
 	RepsetsPublished string `json:"repsets_published,omitempty"`
+}
+
+// Node is a member as the API shows it: status, join and register carry
+// it. It is not the Raft state's membership.Node, so that either can change
+// without the other; NodeOf and Member convert.
+type Node struct {
+	Name     string           `json:"name"`
+	ID       int              `json:"id"`
+	DSN      string           `json:"public_dsn"`
+	API      string           `json:"api_addr"`
+	Raft     string           `json:"raft_addr"`
+	State    membership.State `json:"state"`
+	JoinedAt time.Time        `json:"joined_at"`
+	// LUWResolution is the member's luw_resolution (a Go duration); empty
+	// for members recorded before it was.
+	LUWResolution string `json:"luw_resolution,omitempty"`
+}
+
+// NodeOf is n as the API shows it (nil for nil).
+func NodeOf(n *membership.Node) *Node {
+	if n == nil {
+		return nil
+	}
+	return &Node{Name: n.Name, ID: n.ID, DSN: n.DSN, API: n.API, Raft: n.Raft, State: n.State, JoinedAt: n.JoinedAt, LUWResolution: n.LUWResolution}
+}
+
+// NodesOf converts a list of members.
+func NodesOf(ns []*membership.Node) []*Node {
+	out := make([]*Node, len(ns))
+	for i, n := range ns {
+		out[i] = NodeOf(n)
+	}
+	return out
+}
+
+// Member is n as the Raft state records it.
+func (n *Node) Member() *membership.Node {
+	return &membership.Node{Name: n.Name, ID: n.ID, DSN: n.DSN, API: n.API, Raft: n.Raft, State: n.State, JoinedAt: n.JoinedAt, LUWResolution: n.LUWResolution}
 }
 
 // Conflict is one pgmesh.conflict_history row as the API returns it.
@@ -97,9 +135,9 @@ type CreateRequest struct {
 
 // CreateResponse carries the join token, shown once.
 type CreateResponse struct {
-	Group string           `json:"group"`
-	Node  *membership.Node `json:"node"`
-	Token string           `json:"token"`
+	Group string `json:"group"`
+	Node  *Node  `json:"node"`
+	Token string `json:"token"`
 }
 
 // JoinRequest asks the local daemon to join the group of the daemon at Via.
@@ -110,8 +148,8 @@ type JoinRequest struct {
 
 // JoinResponse reports the node as registered.
 type JoinResponse struct {
-	Group string           `json:"group"`
-	Node  *membership.Node `json:"node"`
+	Group string `json:"group"`
+	Node  *Node  `json:"node"`
 }
 
 // PartRequest asks to remove a node from the group.
@@ -128,7 +166,7 @@ type StateRequest struct {
 
 // RegisterRequest registers a node (member-to-member).
 type RegisterRequest struct {
-	Node membership.Node `json:"node"`
+	Node Node `json:"node"`
 }
 
 // HealthReport is the answer of GET /health.

@@ -102,10 +102,10 @@ func readJSON(r *http.Request, v any) error {
 func (d *Daemon) Status() api.StatusReport {
 	g, _ := d.store.Group()
 	rep := api.StatusReport{Node: d.cfg.NodeName, State: "not in a group", RaftState: d.store.RaftState(),
-		RaftLeader: d.store.Leader(), Nodes: []*membership.Node{}, Peers: d.streamStatuses()}
+		RaftLeader: d.store.Leader(), Nodes: []*api.Node{}, Peers: d.streamStatuses()}
 	if g != nil {
 		rep.Group = g.Name
-		rep.Nodes = g.Sorted()
+		rep.Nodes = api.NodesOf(g.Sorted())
 		if me := g.Nodes[d.cfg.NodeName]; me != nil {
 			rep.State = string(me.State)
 		}

@@ -89,7 +89,7 @@ func (d *Daemon) handleCreate(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	d.log.Info("created node group", "group", req.Name, "node_id", n.ID)
-	writeJSON(w, http.StatusOK, api.CreateResponse{Group: req.Name, Node: n, Token: token})
+	writeJSON(w, http.StatusOK, api.CreateResponse{Group: req.Name, Node: api.NodeOf(n), Token: token})
 }
 
 // waitForSelf waits until Raft has replicated this node's registration here.
@@ -142,7 +142,7 @@ func (d *Daemon) handleClusterJoin(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	n := req.Node
+	n := *req.Node.Member()
 	if !ValidNodeName(n.Name) || n.DSN == "" || n.API == "" || n.Raft == "" {
 		writeErr(w, http.StatusBadRequest, fmt.Errorf("join request for node %q lacks a valid name, public_dsn, API or Raft address", n.Name))
 		return
@@ -158,7 +158,7 @@ func (d *Daemon) handleClusterJoin(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	d.log.Info("registered joining node", "joining", added.Name, "node_id", added.ID)
-	writeJSON(w, http.StatusOK, api.JoinResponse{Group: g.Name, Node: added})
+	writeJSON(w, http.StatusOK, api.JoinResponse{Group: g.Name, Node: api.NodeOf(added)})
 }
 
 func (d *Daemon) handleClusterState(w http.ResponseWriter, r *http.Request) {
@@ -176,7 +176,7 @@ func (d *Daemon) handleClusterState(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, http.StatusConflict, err)
 		return
 	}
-	writeJSON(w, http.StatusOK, api.JoinResponse{Group: g.Name, Node: n})
+	writeJSON(w, http.StatusOK, api.JoinResponse{Group: g.Name, Node: api.NodeOf(n)})
 }
 
 func (d *Daemon) handlePart(w http.ResponseWriter, r *http.Request) {
@@ -282,5 +282,5 @@ func (d *Daemon) handleClusterPart(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	d.log.Info("parted node", "parted", req.Name)
-	writeJSON(w, http.StatusOK, api.JoinResponse{Group: g.Name, Node: n})
+	writeJSON(w, http.StatusOK, api.JoinResponse{Group: g.Name, Node: api.NodeOf(n)})
 }

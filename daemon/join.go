@@ -174,13 +174,13 @@ func (d *Daemon) register(ctx context.Context, req api.JoinRequest) (*api.JoinRe
 		}
 		nodes := map[string]*membership.Node{}
 		for _, n := range st.Nodes {
-			nodes[n.Name] = n
+			nodes[n.Name] = n.Member()
 		}
 		if err := d.adoptResolution(ctx, nodes); err != nil {
 			return nil, err
 		}
 	}
-	reg, err := d.members.Client(req.Via, req.Token).Register(ctx, api.RegisterRequest{Node: d.self()})
+	reg, err := d.members.Client(req.Via, req.Token).Register(ctx, api.RegisterRequest{Node: *api.NodeOf(new(d.self()))})
 	if err != nil {
 		return nil, fmt.Errorf("join through %s: %w", req.Via, err)
 	}
