@@ -706,23 +706,24 @@ func tombstones(ctx context.Context, c *conn, t *table, keys []string) (map[stri
 		return out, nil
 	}
 	schema, name, _ := strings.Cut(t.name, ".")
-	rows, err := c.c.Query(ctx, `SELECT key::text, (extract(epoch FROM coalesce(deleted_at, pg_catalog.pg_xact_commit_timestamp(xmin))) * 1000000)::bigint,
-		coalesce(deleted_by, $4) FROM pgmesh.tombstone WHERE relation = format('%I.%I', $1::text, $2::text) AND key = ANY($3::jsonb[])`,
-		schema, name, keys, c.node.Name)
+	rows, err := c.c.Query(ctx, `SELECT key::text, `+conflict.TombstoneAtMicros("")+`, deleted_by
+		FROM pgmesh.tombstone WHERE relation = format('%I.%I', $1::text, $2::text) AND key = ANY($3::jsonb[])`,
+		schema, name, keys)
 	if err != nil {
 		return nil, fmt.Errorf("read tombstones on node %s: %w", c.node.Name, err)
 	}
 	defer rows.Close()
 	for rows.Next() {
-		var key, by string
+		var key string
 		var us *int64
+		var by *string
 		if err := rows.Scan(&key, &us, &by); err != nil {
 			return nil, err
 		}
-		v := Version{Node: c.node.Name, Origin: by}
+		tomb := conflict.TombstoneVersion(us, by, c.node.Name)
+		v := Version{Node: c.node.Name, Origin: tomb.Node}
 		if us != nil {
-			at := time.UnixMicro(*us).UTC()
-			v.CommitTS = &at
+			v.CommitTS = &tomb.CommitTS
 		}
 		out[normalizeKey(key)] = v
 	}

@@ -382,8 +382,8 @@ func (a *applier) tombstone(ctx context.Context, r *relation, match []int, keyVa
 	}
 	var p params
 	rel := p.add([]byte(r.tombName))
-	sql := fmt.Sprintf(`SELECT (extract(epoch FROM coalesce(t.deleted_at, pg_catalog.pg_xact_commit_timestamp(t.xmin))) * 1000000)::bigint,
-	t.deleted_by FROM pgmesh.tombstone t WHERE t.relation = %s AND t.key = %s`, rel, r.keyJSON(&p, match, keyVals))
+	sql := fmt.Sprintf(`SELECT %s, t.deleted_by FROM pgmesh.tombstone t WHERE t.relation = %s AND t.key = %s`,
+		conflict.TombstoneAtMicros("t"), rel, r.keyJSON(&p, match, keyVals))
 	res := a.exec(ctx, sql, p.vals)
 	if res.Err != nil {
 		return nil, fmt.Errorf("read tombstone: %w", res.Err)
@@ -391,19 +391,21 @@ func (a *applier) tombstone(ctx context.Context, r *relation, match []int, keyVa
 	if len(res.Rows) == 0 {
 		return nil, nil
 	}
-	v := &conflict.Version{Node: a.cfg.LocalNode}
+	var micros *int64
 	if b := res.Rows[0][0]; b != nil {
 		us, err := strconv.ParseInt(string(b), 10, 64)
 		if err != nil {
 			return nil, err
 		}
-		v.CommitTS = time.UnixMicro(us).UTC()
+		micros = &us
 	}
+	var by *string
 	if b := res.Rows[0][1]; b != nil {
-		v.Node = string(b)
+		by = new(string(b))
 	}
+	v := conflict.TombstoneVersion(micros, by, a.cfg.LocalNode)
 	v.NodeID = a.cfg.NodeID(v.Node)
-	return v, nil
+	return &v, nil
 }
 
 func samePK(r *relation, match []int) bool {
@@ -748,12 +750,6 @@ func (a *applier) delete(ctx context.Context, r *relation, m *pglogrepl.DeleteMe
 	return a.deleteRow(ctx, r, local.ctid, a.remote())
 }
 
-// tombstoneUpsert is the tail of a statement writing a tombstone, keeping
-// the newest delete of a key by the same rule as conflict.Rule.Newer (its
-// SQL copy, pgmesh.luw_newer).
-const tombstoneUpsert = ` ON CONFLICT (relation, key) DO UPDATE SET deleted_at = EXCLUDED.deleted_at, deleted_by = EXCLUDED.deleted_by
-WHERE pgmesh.luw_newer(EXCLUDED.deleted_at, EXCLUDED.deleted_by, coalesce(t.deleted_at, pg_catalog.pg_xact_commit_timestamp(t.xmin)), t.deleted_by)`
-
 // deleteRow deletes the row at ctid and, for tables with a primary key,
 // records a tombstone stamped with the deleting change's time and origin,
 // in one statement.
@@ -764,8 +760,7 @@ func (a *applier) deleteRow(ctx context.Context, r *relation, ctid []byte, by co
 		return a.exec(ctx, fmt.Sprintf("DELETE FROM %s t WHERE t.ctid = %s::tid", r.qualified, at), p.vals).Err
 	}
 	sql := fmt.Sprintf(`WITH d AS (DELETE FROM %s t WHERE t.ctid = %s::tid RETURNING %s AS k)
-INSERT INTO pgmesh.tombstone AS t (relation, key, deleted_at, deleted_by)
-SELECT %s, d.k, %s::timestamptz, %s FROM d`+tombstoneUpsert,
+`+conflict.TombstoneInsert+`SELECT %s, d.k, %s::timestamptz, %s FROM d`+conflict.TombstoneUpsert,
 		r.qualified, at, r.rowKey("t"), p.add([]byte(r.tombName)), p.add([]byte(pgquote.Timestamp(by.CommitTS))), p.add([]byte(by.Node)))
 	return a.exec(ctx, sql, p.vals).Err
 }
@@ -778,7 +773,7 @@ func (a *applier) saveTombstone(ctx context.Context, r *relation, match []int, k
 	var p params
 	rel := p.add([]byte(r.tombName))
 	key := r.keyJSON(&p, match, keyVals)
-	sql := fmt.Sprintf(`INSERT INTO pgmesh.tombstone AS t (relation, key, deleted_at, deleted_by) VALUES (%s, %s, %s::timestamptz, %s)`+tombstoneUpsert,
+	sql := fmt.Sprintf(conflict.TombstoneInsert+`VALUES (%s, %s, %s::timestamptz, %s)`+conflict.TombstoneUpsert,
 		rel, key, p.add([]byte(pgquote.Timestamp(a.begin.CommitTime))), p.add([]byte(a.cfg.Peer.Name)))
 	return a.exec(ctx, sql, p.vals).Err
 }

@@ -132,13 +132,13 @@ func (s *sweep) table(ctx context.Context, rel, qualified string) (int, error) {
 	// The key as stored (jsonb_build_object of the key columns) turns back
 	// into the columns' types through the table's row type.
 	query := fmt.Sprintf(`SELECT r.ctid::text, (extract(epoch FROM v.timestamp) * 1000000)::bigint, coalesce(v.roident, 0),
-	(extract(epoch FROM coalesce(t.deleted_at, pg_catalog.pg_xact_commit_timestamp(t.xmin))) * 1000000)::bigint, t.deleted_by, t.key::text
+	%[3]s, t.deleted_by, t.key::text
 FROM pgmesh.tombstone t
 CROSS JOIN LATERAL pg_catalog.jsonb_populate_record(NULL::%[1]s, t.key) k
 JOIN %[1]s r ON %[2]s
 LEFT JOIN LATERAL pg_catalog.pg_xact_commit_timestamp_origin(r.xmin) v ON true
 WHERE t.relation = $1
-FOR UPDATE OF r SKIP LOCKED`, qualified, strings.Join(match, " AND "))
+FOR UPDATE OF r SKIP LOCKED`, qualified, strings.Join(match, " AND "), conflict.TombstoneAtMicros("t"))
 	tx, err := s.conn.Begin(ctx)
 	if err != nil {
 		return 0, err
@@ -162,11 +162,8 @@ FOR UPDATE OF r SKIP LOCKED`, qualified, strings.Join(match, " AND "))
 			rows.Close()
 			return 0, err
 		}
-		c.row.CommitTS, c.tomb.CommitTS = microTime(rowUS), microTime(tombUS)
-		c.tomb.Node = s.local
-		if by != nil {
-			c.tomb.Node = *by
-		}
+		c.row.CommitTS = microTime(rowUS)
+		c.tomb = conflict.TombstoneVersion(tombUS, by, s.local)
 		found = append(found, c)
 	}
 	rows.Close()

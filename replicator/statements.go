@@ -5,6 +5,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/pgmesh/pgmesh/conflict"
 	"github.com/pgmesh/pgmesh/internal/pgquote"
 )
 
@@ -63,8 +64,8 @@ func (r *relation) updateSQL(p *params, cols []int, vals, keyVals [][]byte, roid
 // deleteRow does); it raises unless exactly one row is deleted.
 func (r *relation) deleteSQL(p *params, keyVals [][]byte, roident uint32, commitTS time.Time, peer string) string {
 	return fmt.Sprintf(`WITH c AS (DELETE FROM %s t WHERE %s AND %s RETURNING %s AS k),
-	s AS (INSERT INTO pgmesh.tombstone AS t (relation, key, deleted_at, deleted_by)
-	      SELECT %s, c.k, %s::timestamptz, %s FROM c`+tombstoneUpsert+`)`,
+	s AS (`+conflict.TombstoneInsert+`
+	      SELECT %s, c.k, %s::timestamptz, %s FROM c`+conflict.TombstoneUpsert+`)`,
 		r.qualified, r.where(p, r.pk, keyVals, false), lastWriterIs(roident), r.rowKey("t"),
 		p.add([]byte(r.tombName)), p.add([]byte(pgquote.Timestamp(commitTS))), p.add([]byte(peer))) + expectOneRow
 }
