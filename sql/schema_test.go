@@ -13,8 +13,6 @@ import (
 	"testing"
 	"time"
 
-	pgsql "github.com/pgmesh/pgmesh/sql"
-
 	"github.com/pgmesh/pgmesh/internal/testing/pgtest"
 )
 
@@ -39,22 +37,10 @@ func TestSchemaFileMatchesMigrations(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(schemaBin, "pg_dump")); err != nil {
 		t.Fatalf("sql/schema.sql is dumped by PostgreSQL 15's pg_dump, which is missing (%v): apt-get install postgresql-15", err)
 	}
-	pg, err := pgtest.Start(ctx, pgtest.Options{BinDir: schemaBin})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(pg.Remove)
-	conn, err := pg.Connect(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close(ctx)
-	if _, _, err := pgsql.Install(ctx, conn); err != nil {
-		t.Fatal(err)
-	}
+	conn := pgtest.WithSchemaOn(t, ctx, pgtest.Options{BinDir: schemaBin})
 	var out, stderr bytes.Buffer
 	dump := exec.CommandContext(ctx, filepath.Join(schemaBin, "pg_dump"), "--schema-only", "--schema=pgmesh",
-		"--no-owner", "--no-privileges", pg.DSN())
+		"--no-owner", "--no-privileges", conn.Config().ConnString())
 	dump.Stdout, dump.Stderr = &out, &stderr
 	if err := dump.Run(); err != nil {
 		t.Fatalf("pg_dump: %v: %s", err, stderr.String())

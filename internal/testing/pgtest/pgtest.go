@@ -337,7 +337,13 @@ func (c *Cluster) LogTail(n int) string {
 // when the test ends. A cluster that cannot start fails the test.
 func WithSchema(t testing.TB, ctx context.Context) *pgx.Conn {
 	t.Helper()
-	pg, err := Start(ctx, Options{})
+	return WithSchemaOn(t, ctx, Options{})
+}
+
+// WithSchemaOn is WithSchema on a cluster started with opts.
+func WithSchemaOn(t testing.TB, ctx context.Context, opts Options) *pgx.Conn {
+	t.Helper()
+	pg, err := Start(ctx, opts)
 	if err != nil {
 		t.Fatal(err)
 	}
