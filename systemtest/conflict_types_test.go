@@ -50,6 +50,9 @@ func TestConflictTypes(t *testing.T) {
 		// then a inserts row 3 with both, newer than both.
 		mustExec(t, ctx, b, `UPDATE people SET email = 'E' WHERE id = 1`)
 		mustExec(t, ctx, b, `UPDATE people SET phone = 'P' WHERE id = 2`)
+		// a has the lower id: its insert is newer only from the next
+		// luw_resolution interval on (10 ms by default).
+		nextInterval(t, ctx, a)
 		mustExec(t, ctx, a, `INSERT INTO people VALUES (3, 'E', 'P')`)
 	})
 

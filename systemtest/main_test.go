@@ -167,6 +167,15 @@ func dump(ctx context.Context, n *localmesh.Node, table string) (string, error) 
 	return strings.Join(vals, "\n"), err
 }
 
+// nextInterval waits until n's clock has left the luw_resolution interval
+// it is in now (and a millisecond more). The nodes of a test share one
+// clock, so a write on n after it is newer, by last-update-wins, than every
+// write committed before it, whichever node ids they have.
+func nextInterval(t *testing.T, ctx context.Context, n *localmesh.Node) {
+	t.Helper()
+	mustExec(t, ctx, n, `SELECT pgmesh.wait_for_clock(to_timestamp((pgmesh.luw_round(clock_timestamp()) + 1000) / 1000000.0))`)
+}
+
 // eventually polls cond every 100ms until it returns nil or the timeout
 // passes, then fails with the last error.
 func eventually(t *testing.T, timeout time.Duration, what string, cond func() error) {
