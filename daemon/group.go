@@ -12,6 +12,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/pgmesh/pgmesh/api"
+	"github.com/pgmesh/pgmesh/internal/pgsession"
 	"github.com/pgmesh/pgmesh/internal/poll"
 	"github.com/pgmesh/pgmesh/membership"
 	"github.com/pgmesh/pgmesh/repset"
@@ -224,7 +225,7 @@ const partDrainTimeout = 2 * time.Minute
 func (d *Daemon) drainParting(ctx context.Context, g *membership.Group, parting *membership.Node) error {
 	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	var target pglogrepl.LSN
-	conn, err := pgx.Connect(cctx, d.peerDSN(parting))
+	conn, err := pgsession.Connect(cctx, d.peerDSN(parting), "pgmesh part")
 	if err == nil {
 		// The insert position, not pg_current_wal_lsn() (the write
 		// position), which lags commits under synchronous_commit = off.

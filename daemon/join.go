@@ -356,7 +356,7 @@ func waitApplied(ctx context.Context, c *api.Client, peer string, lsn pglogrepl.
 // and how far the source had applied each other member's changes then.
 func (d *Daemon) sourceSnapshot(ctx context.Context, repl *pgconn.PgConn, source *membership.Node, slot, token string) (join.Snapshot, map[string]pglogrepl.LSN, error) {
 	var snap join.Snapshot
-	conn, err := pgx.Connect(ctx, d.peerDSN(source))
+	conn, err := pgsession.Connect(ctx, d.peerDSN(source), "pgmesh join")
 	if err != nil {
 		return snap, nil, fmt.Errorf("connect to source %q: %w", source.Name, err)
 	}
@@ -412,7 +412,7 @@ func recreateSlot(ctx context.Context, dsn, slot string) (pglogrepl.LSN, error) 
 	if err := dropSlotAt(ctx, dsn, slot); err != nil {
 		return 0, err
 	}
-	conn, err := pgx.Connect(ctx, dsn)
+	conn, err := pgsession.Connect(ctx, dsn, "pgmesh join", pgsession.Writer)
 	if err != nil {
 		return 0, err
 	}
@@ -423,7 +423,7 @@ func recreateSlot(ctx context.Context, dsn, slot string) (pglogrepl.LSN, error) 
 }
 
 func dropSlotAt(ctx context.Context, dsn, slot string) error {
-	conn, err := pgx.Connect(ctx, dsn)
+	conn, err := pgsession.Connect(ctx, dsn, "pgmesh join", pgsession.Writer)
 	if err != nil {
 		return err
 	}
