@@ -207,7 +207,17 @@ func latency(ctx context.Context, s system) (p50, p99 float64, err error) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			conn, err := pgx.Connect(ctx, s.sender().DSN())
+			// Each commit flushed at once: with the clusters'
+			// synchronous_commit=off, walsenders would see it only at the
+			// WAL writer's next round (200 ms), and every system's latency
+			// would be mostly that wait.
+			cfg, err := pgx.ParseConfig(s.sender().DSN())
+			if err != nil {
+				errs[w] = err
+				return
+			}
+			cfg.RuntimeParams["synchronous_commit"] = "on"
+			conn, err := pgx.ConnectConfig(ctx, cfg)
 			if err != nil {
 				errs[w] = err
 				return
