@@ -825,7 +825,7 @@ func (a *applier) commit(ctx context.Context, m *pglogrepl.CommitMessage) (pglog
 	if _, err := a.pc.Exec(ctx, a.commitSQL(m)).ReadAll(); err != nil {
 		return 0, fmt.Errorf("commit transaction from peer %q (remote xid %d): %w", a.cfg.Peer.Name, a.begin.Xid, err)
 	}
-	a.stats.committedGroup()
+	a.stats.committedGroup(0, false) // statements are counted on the fast and bulk paths
 	a.stats.applied(m.TransactionEndLSN, m.CommitTime, a.rows, a.conflicts)
 	a.hadConflict = len(a.conflicts) > 0
 	if a.deletedMissing && a.cfg.DeletedMissing != nil {

@@ -10,14 +10,16 @@ import (
 )
 
 // A transaction too large to hold for a retry (fastMaxTxnBytes) is applied
-// in bulk: in one explicit local transaction, streamed, with the fast path's
-// statements (multi-row INSERTs, guarded UPDATEs and DELETEs) sent in
-// batches. If anything fails, the local transaction is rolled back, the
-// stream restarts from the origin's progress, and this transaction, streamed
-// again, takes the careful path.
+// in bulk: in one explicit local transaction, streamed, a chunk of changes
+// at a time, each chunk with the fast path's statements (set-based when it
+// collapses, see collapse.go) sent in one round trip. Collapsing a chunk is
+// as exact as collapsing a group: the chunks run in order. If anything
+// fails, the local transaction is rolled back, the stream restarts from the
+// origin's progress, and this transaction, streamed again, takes the
+// careful path.
 
-// bulkBatch is how many statements go to the server in one round trip.
-const bulkBatch = 16
+// bulkChunk is how many changes are sent at a time.
+const bulkChunk = 1000
 
 // retryCarefully is returned when a bulk transaction failed; the stream
 // restarts and applies it carefully.
@@ -83,24 +85,29 @@ func (a *applier) bulkMsg(ctx context.Context, data []byte) error {
 	default:
 		err = errNotFast
 	}
-	if err == nil && len(t.stmts) >= bulkBatch {
+	if err == nil && len(t.rows) >= bulkChunk {
 		err = a.bulkFlush(ctx)
 	}
 	return a.bulkFailed(ctx, err)
 }
 
-// bulkFlush sends the statements gathered so far.
+// bulkFlush applies the changes gathered so far.
 func (a *applier) bulkFlush(ctx context.Context) error {
 	t := a.bulk
-	if len(t.stmts) == 0 {
+	if len(t.rows) == 0 {
 		return nil
 	}
+	stmts, _, err := a.statements(ctx, t.rows)
+	if err != nil {
+		return err
+	}
+	t.rows = t.rows[:0]
 	b := &pgconn.Batch{}
-	for _, s := range t.stmts {
+	for _, s := range stmts {
 		b.ExecPrepared(s.name, s.params, s.formats, nil)
 	}
-	t.stmts = t.stmts[:0]
-	_, err := a.pc.ExecBatch(ctx, b).ReadAll()
+	t.sent += len(stmts)
+	_, err = a.pc.ExecBatch(ctx, b).ReadAll()
 	return err
 }
 
@@ -120,18 +127,14 @@ func (a *applier) bulkFailed(ctx context.Context, err error) error {
 
 func (a *applier) bulkCommit(ctx context.Context, m *pglogrepl.CommitMessage) error {
 	t := a.bulk
-	err := a.finishRun(ctx, &t.run, &t.stmts)
-	if err == nil {
-		err = a.bulkFlush(ctx)
-	}
-	if err != nil {
+	if err := a.bulkFlush(ctx); err != nil {
 		return a.bulkFailed(ctx, err)
 	}
 	a.bulk, a.localOpen = nil, false
 	if _, err := a.pc.Exec(ctx, a.commitSQL(m)).ReadAll(); err != nil {
 		return fmt.Errorf("commit transaction from peer %q (remote xid %d): %w", a.cfg.Peer.Name, a.fastBegin.Xid, err)
 	}
-	a.stats.committedGroup()
+	a.stats.committedGroup(t.sent, false)
 	a.stats.applied(m.TransactionEndLSN, m.CommitTime, t.changes-1, nil)
 	a.applied = m.TransactionEndLSN
 	a.confirm(m.TransactionEndLSN)

@@ -62,8 +62,8 @@ const (
 type fastTxn struct {
 	msgs     [][]byte // raw messages, Begin to Commit
 	size     int
-	stmts    []fastStmt
-	run      insertRun // inserts not yet turned into a statement
+	rows     []change // its row changes, for the group's statements
+	sent     int      // statements sent for it (bulk)
 	end      pglogrepl.LSN
 	commitTS time.Time
 	changes  int64
@@ -79,20 +79,20 @@ func (t *fastTxn) touch(rel uint32) {
 }
 
 // empty reports whether the transaction has nothing to apply here.
-func (t *fastTxn) empty() bool { return len(t.stmts) == 0 && len(t.run.rows) == 0 }
+func (t *fastTxn) empty() bool { return len(t.rows) == 0 }
 
 // fastGroup is one local transaction: the statements of one or more source
-// transactions of the same rounded commit time, ended by the commit guard.
-// A group without statements (forwarded or empty transactions) is only
-// confirmed in its turn.
+// transactions of the same rounded commit time, built when it closes and
+// ended by the commit guard. A group without statements (forwarded or
+// empty transactions) is only confirmed in its turn.
 type fastGroup struct {
-	txns     []*fastTxn
-	stmts    []fastStmt
-	run      insertRun
-	rounded  int64         // the members' rounded commit time (conflict.Rule.Round)
-	end      pglogrepl.LSN // the last member's end
-	commitTS time.Time     // the last applying member's commit time
-	size     int
+	txns      []*fastTxn
+	stmts     []fastStmt
+	collapsed bool          // its statements are set-based (collapse.go)
+	rounded   int64         // the members' rounded commit time (conflict.Rule.Round)
+	end       pglogrepl.LSN // the last member's end
+	commitTS  time.Time     // the last applying member's commit time
+	size      int
 }
 
 func (g *fastGroup) applies() bool { return len(g.stmts) > 0 }
@@ -331,13 +331,14 @@ func (a *applier) fastInsert(ctx context.Context, t *fastTxn, m *pglogrepl.Inser
 	for i := range vals {
 		vals[i] = bytes.Clone(vals[i]) // bytes.Clone keeps an empty value empty
 	}
-	if !t.run.continues(r, cols) {
-		if err := a.finishRun(ctx, &t.run, &t.stmts); err != nil {
-			return err
+	c := change{r: r, op: pglogrepl.MessageTypeInsert, cols: cols, vals: vals, commitTS: a.fastBegin.CommitTime}
+	if r.pk != nil {
+		c.key = make([][]byte, len(r.pk))
+		for i, k := range r.pk {
+			c.key[i], _ = valueOf(cols, vals, k)
 		}
-		t.run = insertRun{r: r, cols: cols}
 	}
-	t.run.rows = append(t.run.rows, vals)
+	t.rows = append(t.rows, c)
 	return nil
 }
 
@@ -418,23 +419,22 @@ func (a *applier) fastUpdate(ctx context.Context, t *fastTxn, m *pglogrepl.Updat
 	if !fastKey(r, keySrc) || hasDelta(r) {
 		return errNotFast
 	}
-	if err := a.finishRun(ctx, &t.run, &t.stmts); err != nil {
-		return err
-	}
 	cols, vals := values(m.NewTuple)
+	if !slices.ContainsFunc(cols, func(c int) bool { return !r.identityAlways[c] }) {
+		return errNotFast // nothing can be set: the careful path decides
+	}
 	for i := range vals {
 		vals[i] = bytes.Clone(vals[i])
 	}
-	keyVals := pick(keySrc, r.pk)
-	for i := range keyVals {
-		keyVals[i] = bytes.Clone(keyVals[i])
+	c := change{r: r, op: pglogrepl.MessageTypeUpdate, cols: cols, vals: vals, key: cloneAll(pick(keySrc, r.pk)),
+		commitTS: a.fastBegin.CommitTime}
+	for i, k := range r.pk {
+		if v, ok := valueOf(cols, vals, k); ok && !bytes.Equal(v, c.key[i]) {
+			c.newKey = true
+		}
 	}
-	var p params
-	sql, ok := r.updateSQL(&p, cols, vals, keyVals, a.roident)
-	if !ok {
-		return errNotFast
-	}
-	return a.addStmt(ctx, &t.stmts, sql, p.vals, nil)
+	t.rows = append(t.rows, c)
+	return nil
 }
 
 func (a *applier) fastDelete(ctx context.Context, t *fastTxn, m *pglogrepl.DeleteMessage) error {
@@ -445,16 +445,208 @@ func (a *applier) fastDelete(ctx context.Context, t *fastTxn, m *pglogrepl.Delet
 	if m.OldTuple == nil || !fastKey(r, m.OldTuple) {
 		return errNotFast
 	}
-	if err := a.finishRun(ctx, &t.run, &t.stmts); err != nil {
+	t.rows = append(t.rows, change{r: r, op: pglogrepl.MessageTypeDelete, key: cloneAll(pick(m.OldTuple, r.pk)),
+		commitTS: a.fastBegin.CommitTime})
+	return nil
+}
+
+func cloneAll(vals [][]byte) [][]byte {
+	for i := range vals {
+		vals[i] = bytes.Clone(vals[i])
+	}
+	return vals
+}
+
+// statements builds the statements applying changes, in source order as
+// far as the result can tell: set-based when they collapse exactly and
+// that takes fewer statements (collapsed is then true), else one by one.
+func (a *applier) statements(ctx context.Context, changes []change) (stmts []fastStmt, collapsed bool, err error) {
+	if sets, ok := collapse(changes); ok && setStatementCount(sets) < oneByOneCount(changes) {
+		stmts, err = a.setStatements(ctx, sets)
+		return stmts, true, err
+	}
+	stmts, err = a.oneByOne(ctx, changes)
+	return stmts, false, err
+}
+
+// oneByOneCount is the number of statements oneByOne builds.
+func oneByOneCount(changes []change) int {
+	n := 0
+	var run insertRun
+	for _, c := range changes {
+		if c.op == pglogrepl.MessageTypeInsert && run.continues(c.r, c.cols) {
+			run.rows = append(run.rows, nil)
+			continue
+		}
+		n++
+		run = insertRun{}
+		if c.op == pglogrepl.MessageTypeInsert {
+			run = insertRun{r: c.r, cols: c.cols, rows: [][][]byte{nil}}
+		}
+	}
+	return n
+}
+
+// oneByOne builds a statement per update and delete, and one per run of
+// inserts into one table with the same columns.
+func (a *applier) oneByOne(ctx context.Context, changes []change) ([]fastStmt, error) {
+	var stmts []fastStmt
+	var run insertRun
+	for _, c := range changes {
+		if c.op == pglogrepl.MessageTypeInsert {
+			if !run.continues(c.r, c.cols) {
+				if err := a.finishRun(ctx, &run, &stmts); err != nil {
+					return nil, err
+				}
+				run = insertRun{r: c.r, cols: c.cols}
+			}
+			run.rows = append(run.rows, c.vals)
+			continue
+		}
+		if err := a.finishRun(ctx, &run, &stmts); err != nil {
+			return nil, err
+		}
+		var p params
+		var sql string
+		if c.op == pglogrepl.MessageTypeUpdate {
+			var ok bool
+			if sql, ok = c.r.updateSQL(&p, c.cols, c.vals, c.key, a.roident); !ok {
+				return nil, errNotFast
+			}
+		} else {
+			sql = c.r.deleteSQL(&p, c.key, a.roident, c.commitTS, a.cfg.Peer.Name)
+		}
+		if err := a.addStmt(ctx, &stmts, sql, p.vals, nil); err != nil {
+			return nil, err
+		}
+	}
+	if err := a.finishRun(ctx, &run, &stmts); err != nil {
+		return nil, err
+	}
+	return stmts, nil
+}
+
+// setStatementCount is the number of statements setStatements builds.
+func setStatementCount(sets []*tableSet) int {
+	n := 0
+	for _, ts := range sets {
+		deletes, updates, inserts, deletesOfNew := ts.parts()
+		n += len(updates) + len(inserts) + len(keylessRuns(ts.keyless))
+		if len(deletes) > 0 {
+			n++
+		}
+		if len(deletesOfNew) > 0 {
+			n++
+		}
+	}
+	return n
+}
+
+// keylessRuns splits inserts into a table without a primary key into runs
+// of the same columns, in order.
+func keylessRuns(inserts []change) []insertRun {
+	var runs []insertRun
+	for _, c := range inserts {
+		if n := len(runs); n == 0 || !slices.Equal(runs[n-1].cols, c.cols) {
+			runs = append(runs, insertRun{r: c.r, cols: c.cols})
+		}
+		runs[len(runs)-1].rows = append(runs[len(runs)-1].rows, c.vals)
+	}
+	return runs
+}
+
+// setStatements builds each table's set-based statements (collapse.go).
+func (a *applier) setStatements(ctx context.Context, sets []*tableSet) ([]fastStmt, error) {
+	var stmts []fastStmt
+	for _, ts := range sets {
+		r := ts.r
+		deletes, updates, inserts, deletesOfNew := ts.parts()
+		if err := a.deleteSet(ctx, &stmts, r, deletes); err != nil {
+			return nil, err
+		}
+		for _, part := range updates {
+			sql, ok := r.updateSetSQL(part.cols, a.roident)
+			if !ok {
+				return nil, errNotFast
+			}
+			arrays, err := a.keyArrays(r, part.rows)
+			if err != nil {
+				return nil, err
+			}
+			for i := range part.cols {
+				col, err := a.textArray(r, part.rows, func(row *finalRow) []byte { return row.vals[i] })
+				if err != nil {
+					return nil, err
+				}
+				arrays = append(arrays, col)
+			}
+			if err := a.addStmt(ctx, &stmts, sql, arrays, binaryParams); err != nil {
+				return nil, err
+			}
+		}
+		for _, part := range inserts {
+			run := insertRun{r: r, cols: part.cols, rows: make([][][]byte, len(part.rows))}
+			for i, row := range part.rows {
+				run.rows[i] = row.vals
+			}
+			if err := a.finishRun(ctx, &run, &stmts); err != nil {
+				return nil, err
+			}
+		}
+		for _, run := range keylessRuns(ts.keyless) {
+			if err := a.finishRun(ctx, &run, &stmts); err != nil {
+				return nil, err
+			}
+		}
+		if err := a.deleteSet(ctx, &stmts, r, deletesOfNew); err != nil {
+			return nil, err
+		}
+	}
+	return stmts, nil
+}
+
+// deleteSet adds the statement deleting rows, if there are any.
+func (a *applier) deleteSet(ctx context.Context, stmts *[]fastStmt, r *relation, rows []*finalRow) error {
+	if len(rows) == 0 {
+		return nil
+	}
+	arrays, err := a.keyArrays(r, rows)
+	if err != nil {
 		return err
 	}
-	keyVals := pick(m.OldTuple, r.pk)
-	for i := range keyVals {
-		keyVals[i] = bytes.Clone(keyVals[i])
+	at, err := a.textArray(r, rows, func(row *finalRow) []byte { return []byte(pgquote.Timestamp(row.deletedAt)) })
+	if err != nil {
+		return err
 	}
-	var p params
-	sql := r.deleteSQL(&p, keyVals, a.roident, a.fastBegin.CommitTime, a.cfg.Peer.Name)
-	return a.addStmt(ctx, &t.stmts, sql, p.vals, nil)
+	arrays = append(arrays, at, []byte(r.tombName), []byte(a.cfg.Peer.Name))
+	return a.addStmt(ctx, stmts, r.deleteSetSQL(a.roident), arrays, binaryParams)
+}
+
+// keyArrays encodes the rows' primary keys, one array per key column.
+func (a *applier) keyArrays(r *relation, rows []*finalRow) ([][]byte, error) {
+	out := make([][]byte, len(r.pk))
+	for i := range r.pk {
+		arr, err := a.textArray(r, rows, func(row *finalRow) []byte { return row.key[i] })
+		if err != nil {
+			return nil, err
+		}
+		out[i] = arr
+	}
+	return out, nil
+}
+
+// textArray encodes one value of each row as a text[] in binary.
+func (a *applier) textArray(r *relation, rows []*finalRow, value func(*finalRow) []byte) ([]byte, error) {
+	col := make([]pgtype.Text, len(rows))
+	for j, row := range rows {
+		v := value(row)
+		col[j] = pgtype.Text{String: string(v), Valid: v != nil}
+	}
+	enc, err := a.types.Encode(pgtype.TextArrayOID, pgtype.BinaryFormatCode, col, nil)
+	if err != nil {
+		return nil, fmt.Errorf("encode values of %s: %w", r.qualified, err)
+	}
+	return enc, nil
 }
 
 // fastCommit ends a source transaction: it joins the open group when its
@@ -465,7 +657,7 @@ func (a *applier) fastCommit(ctx context.Context, t *fastTxn, m *pglogrepl.Commi
 	a.fast = nil
 	t.end, t.commitTS = m.TransactionEndLSN, m.CommitTime
 	if t.skip {
-		t.stmts, t.run = nil, insertRun{}
+		t.rows = nil
 		a.stats.skipped(true, m.CommitTime)
 	} else if t.empty() {
 		a.stats.skipped(false, m.CommitTime)
@@ -495,16 +687,6 @@ func (a *applier) fastCommit(ctx context.Context, t *fastTxn, m *pglogrepl.Commi
 		a.group = g
 	}
 	g.txns = append(g.txns, t)
-	if len(t.stmts) == 0 && len(t.run.rows) <= fastMaxRun-len(g.run.rows) && g.run.continues(t.run.r, t.run.cols) {
-		g.run.rows = append(g.run.rows, t.run.rows...)
-	} else {
-		if err := a.finishRun(ctx, &g.run, &g.stmts); err != nil {
-			return a.groupFailed(ctx, err)
-		}
-		g.stmts = append(g.stmts, t.stmts...)
-		g.run = t.run
-	}
-	t.stmts, t.run = nil, insertRun{}
 	g.end, g.commitTS = t.end, t.commitTS
 	g.size += t.size
 	// Close and send at once when the server is idle (latency); else let
@@ -518,17 +700,25 @@ func (a *applier) fastCommit(ctx context.Context, t *fastTxn, m *pglogrepl.Commi
 	return nil
 }
 
-// closeGroup ends the open group with its commit guard and queues it; the
-// queue is sent once it is large.
+// closeGroup builds the open group's statements, ends them with its commit
+// guard and queues it; the queue is sent once it is large.
 func (a *applier) closeGroup(ctx context.Context) error {
 	g := a.group
 	if g == nil {
 		return nil
 	}
 	a.group = nil
-	if err := a.finishRun(ctx, &g.run, &g.stmts); err != nil {
-		a.group = g
-		return a.groupFailed(ctx, err)
+	var changes []change
+	for _, t := range g.txns {
+		changes = append(changes, t.rows...)
+		t.rows = nil
+	}
+	if len(changes) > 0 {
+		var err error
+		if g.stmts, g.collapsed, err = a.statements(ctx, changes); err != nil {
+			a.group = g
+			return a.groupFailed(ctx, err)
+		}
 	}
 	if g.applies() {
 		// The guard comes last: the group's end is known only now. It
@@ -640,7 +830,7 @@ func (a *applier) collect(ctx context.Context) error {
 	committed, failed, cause, err := a.pipe.collect()
 	for _, g := range committed {
 		if g.applies() {
-			a.stats.committedGroup()
+			a.stats.committedGroup(len(g.stmts)-1, g.collapsed) // less the commit guard
 			for _, t := range g.txns {
 				if t.changes > 0 {
 					a.stats.applied(t.end, t.commitTS, t.changes, nil)

@@ -34,7 +34,11 @@ type relation struct {
 	// must override them, and updates cannot set them.
 	identityAlways []bool
 	anyIdentity    bool
-	loadedAt       time.Time
+	// orderedTriggers: user triggers fire for applied changes (ENABLE
+	// ALWAYS or REPLICA), so they must see every change in source order,
+	// never a group's collapsed image.
+	orderedTriggers bool
+	loadedAt        time.Time
 }
 
 // metadataTTL bounds how long local catalog facts are trusted (delta
@@ -133,13 +137,16 @@ func (r *relation) load(ctx context.Context, pc *pgconn.PgConn, peer string) err
 
 	res = pc.ExecParams(ctx, `SELECT format('%I.%I', n.nspname, c.relname),
 		coalesce((SELECT array_agg(d.column_name::text) FROM pgmesh.delta_column d
-		          WHERE d.relation = format('%I.%I', n.nspname, c.relname)), '{}')::text
+		          WHERE d.relation = format('%I.%I', n.nspname, c.relname)), '{}')::text,
+		EXISTS (SELECT 1 FROM pg_catalog.pg_trigger g
+		        WHERE g.tgrelid = c.oid AND NOT g.tgisinternal AND g.tgenabled IN ('A', 'R'))
 		FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
 		WHERE c.oid = to_regclass($1)`, reg, nil, nil, nil).Read()
 	if res.Err != nil {
-		return fmt.Errorf("read delta columns of %s: %w", r.qualified, res.Err)
+		return fmt.Errorf("read delta columns and triggers of %s: %w", r.qualified, res.Err)
 	}
 	r.tombName = string(res.Rows[0][0])
+	r.orderedTriggers = string(res.Rows[0][2]) == "t"
 	r.delta = make([]bool, len(r.cols))
 	for _, d := range parseTextArray(string(res.Rows[0][1])) {
 		if p, ok := pos[d]; ok {

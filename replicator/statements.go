@@ -2,6 +2,7 @@ package replicator
 
 import (
 	"fmt"
+	"strconv"
 	"strings"
 	"time"
 
@@ -82,3 +83,78 @@ func lastWriterIs(roident uint32) string {
 
 // expectOneRow ends a statement whose CTE c returns one row per row changed.
 const expectOneRow = ` SELECT CASE WHEN count(*) = 1 THEN true ELSE pgmesh.apply_conflict('no row with this key') END FROM c`
+
+// The set-based statements (collapse.go) take one text array per column,
+// bound in binary, whatever the number of rows: their text depends only on
+// the relation and the columns, so each is prepared once. The arrays are
+// unnested as u(k0, k1, ..., c0, c1, ...): the primary key's columns, then
+// the values set.
+
+// keyArrays is the unnest arguments and aliases of the primary key's
+// arrays, parameters $1 to $len(pk).
+func (r *relation) keyArrays() (arrays, aliases []string) {
+	for i := range r.pk {
+		arrays = append(arrays, "$"+strconv.Itoa(i+1)+"::text[]")
+		aliases = append(aliases, "k"+strconv.Itoa(i))
+	}
+	return arrays, aliases
+}
+
+// keyMatch matches the row t to the array row u by primary key.
+func (r *relation) keyMatch() string {
+	w := make([]string, len(r.pk))
+	for i, c := range r.pk {
+		w[i] = "t." + quote(r.cols[c]) + " = u.k" + strconv.Itoa(i) + "::" + r.localType[c]
+	}
+	return strings.Join(w, " AND ")
+}
+
+// lastWriterIsFor is lastWriterIs for a row of t joined to a row of u: false
+// for any pairing that does not match, so that it never raises for a row
+// the statement does not change, wherever the planner evaluates it.
+func (r *relation) lastWriterIsFor(roident uint32) string {
+	return "CASE WHEN NOT (" + r.keyMatch() + ") THEN false ELSE " + lastWriterIs(roident) + " END"
+}
+
+// expectAllRows ends a set statement whose CTE c returns one row per row
+// changed: every key of the first array must have matched a row.
+const expectAllRows = ` SELECT CASE WHEN count(*) = cardinality($1::text[]) THEN true ELSE pgmesh.apply_conflict('no row with this key') END FROM c`
+
+// deleteSetSQL deletes the rows with the given primary keys, each if its
+// last writer is the peer, and remembers each delete in a tombstone
+// stamped with its source transaction's commit time (an array after the
+// keys) and the peer; it raises unless every key deleted a row.
+// Parameters: the key arrays, the times, the tombstone relation name, the
+// peer.
+func (r *relation) deleteSetSQL(roident uint32) string {
+	arrays, aliases := r.keyArrays()
+	n := len(arrays)
+	arrays, aliases = append(arrays, "$"+strconv.Itoa(n+1)+"::text[]"), append(aliases, "at")
+	return fmt.Sprintf(`WITH c AS (DELETE FROM %s t USING unnest(%s) AS u(%s) WHERE %s AND %s RETURNING %s AS k, u.at),
+	s AS (`+conflict.TombstoneInsert+`
+	      SELECT $%d::text, c.k, c.at::timestamptz, $%d::text FROM c`+conflict.TombstoneUpsert+`)`,
+		r.qualified, strings.Join(arrays, ", "), strings.Join(aliases, ", "), r.keyMatch(), r.lastWriterIsFor(roident),
+		r.rowKey("t"), n+2, n+3) + expectAllRows
+}
+
+// updateSetSQL sets the columns cols of the rows with the given primary
+// keys, each if its last writer is the peer; it raises unless every key
+// updated a row. Parameters: the key arrays, then one array per column.
+// ok is false when none of cols can be set.
+func (r *relation) updateSetSQL(cols []int, roident uint32) (sql string, ok bool) {
+	arrays, aliases := r.keyArrays()
+	var sets []string
+	for i, c := range cols {
+		arrays = append(arrays, "$"+strconv.Itoa(len(r.pk)+i+1)+"::text[]")
+		aliases = append(aliases, "c"+strconv.Itoa(i))
+		if !r.identityAlways[c] {
+			sets = append(sets, quote(r.cols[c])+" = u.c"+strconv.Itoa(i)+"::"+r.localType[c])
+		}
+	}
+	if len(sets) == 0 {
+		return "", false
+	}
+	return fmt.Sprintf("WITH c AS (UPDATE %s t SET %s FROM unnest(%s) AS u(%s) WHERE %s AND %s RETURNING 1)",
+		r.qualified, strings.Join(sets, ", "), strings.Join(arrays, ", "), strings.Join(aliases, ", "),
+		r.keyMatch(), r.lastWriterIsFor(roident)) + expectAllRows, true
+}

@@ -39,6 +39,13 @@ type Status struct {
 	// one (grouped commits), so during a catch-up it grows more slowly
 	// than AppliedTxns.
 	LocalCommits int64 `json:"local_commits"`
+	// Statements counts the statements that applied those local commits
+	// on the fast and bulk paths (besides each one's commit), and
+	// CollapsedCommits the local commits applied set-based: each table
+	// with a few statements over arrays, however many changes the group
+	// held (see replicator/collapse.go).
+	Statements       int64 `json:"statements"`
+	CollapsedCommits int64 `json:"collapsed_commits"`
 	DroppedTxns  int64 `json:"forwarded_txns_dropped"`
 	// RetriedTxns counts transactions that left the pipelined fast path
 	// (a conflict, or an earlier one in the same batch did) and were
@@ -164,10 +171,15 @@ func (s *stats) applied(end pglogrepl.LSN, commitTS time.Time, rows int64, confl
 // called for every message).
 func (s *stats) received(n int) { s.receivedBytes.Add(int64(n)) }
 
-// committedGroup counts one local commit of peer transactions.
-func (s *stats) committedGroup() {
+// committedGroup counts one local commit of peer transactions, applied by
+// stmts statements, set-based when collapsed.
+func (s *stats) committedGroup(stmts int, collapsed bool) {
 	s.mu.Lock()
 	s.st.LocalCommits++
+	s.st.Statements += int64(stmts)
+	if collapsed {
+		s.st.CollapsedCommits++
+	}
 	s.mu.Unlock()
 }
 

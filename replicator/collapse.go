@@ -1,0 +1,186 @@
+package replicator
+
+import (
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+)
+
+// Set-based apply. The changes of a group (or of a chunk of a large
+// transaction) are collapsed to each row's final image, per table and
+// primary key, and each table is then applied by a few statements over
+// arrays, whatever the number of changes: the deletes of rows that were
+// there, the updates (one statement per set of columns sent), the inserts,
+// and the deletes of rows inserted within the group. Every statement checks
+// for every row what the one-by-one statements check (the last writer is
+// the peer, the row is there or is not, no delete of it is remembered), so
+// a group that would have met a conflict one by one still fails as a whole
+// and is applied again carefully, transaction by transaction.
+//
+// Collapsing is exact only for sequences of changes the one-by-one path
+// applies without a conflict: per key, an insert followed by updates and
+// perhaps a delete, or updates perhaps followed by a delete. Anything else
+// (a key changed by an update, an insert of a key already written in the
+// group, a change after a delete, a table whose triggers must see every
+// change in source order) is built one by one instead, which settles it
+// the way it always has.
+
+// change is one row change on the fast path, its values copied out of the
+// message (the next receive reuses the buffer).
+type change struct {
+	r    *relation
+	op   pglogrepl.MessageType // Insert, Update or Delete
+	cols []int                 // the new image's columns (unchanged TOAST values left out)
+	vals [][]byte
+	// key is the row's primary key before the change (nil for an insert
+	// into a table without one).
+	key [][]byte
+	// newKey marks an update that changes the primary key.
+	newKey   bool
+	commitTS time.Time // the source transaction's commit time (a delete's tombstone)
+}
+
+// finalRow is one row's changes in a group, collapsed.
+type finalRow struct {
+	key     [][]byte
+	existed bool // the first change was an update or delete: the row was there before
+	deleted bool
+	// cols/vals is the final image: of the row after the group, or for a
+	// row inserted and deleted within it, as it was inserted.
+	cols      []int
+	vals      [][]byte
+	deletedAt time.Time
+}
+
+// tableSet is what a group does to one table.
+type tableSet struct {
+	r    *relation
+	rows []*finalRow // keyed rows in the order of their first change
+	// keyless are inserts into a table without a primary key, in order.
+	keyless []change
+}
+
+// collapse gathers changes per table and key, in the order tables and keys
+// first appear. ok is false when the changes cannot be collapsed exactly
+// and must be applied one by one.
+func collapse(changes []change) (sets []*tableSet, ok bool) {
+	byRel := map[*relation]*tableSet{}
+	byKey := map[*relation]map[string]*finalRow{}
+	for _, c := range changes {
+		if c.r.orderedTriggers || c.newKey {
+			return nil, false
+		}
+		ts := byRel[c.r]
+		if ts == nil {
+			ts = &tableSet{r: c.r}
+			byRel[c.r], byKey[c.r] = ts, map[string]*finalRow{}
+			sets = append(sets, ts)
+		}
+		if c.key == nil {
+			if c.op != pglogrepl.MessageTypeInsert {
+				return nil, false
+			}
+			ts.keyless = append(ts.keyless, c)
+			continue
+		}
+		k := keyString(c.key)
+		row := byKey[c.r][k]
+		if row == nil {
+			row = &finalRow{key: c.key, existed: c.op != pglogrepl.MessageTypeInsert}
+			byKey[c.r][k] = row
+			ts.rows = append(ts.rows, row)
+		} else if row.deleted || c.op == pglogrepl.MessageTypeInsert {
+			// A change after a delete, or an insert of a key already
+			// written: one by one, these conflict.
+			return nil, false
+		}
+		switch c.op {
+		case pglogrepl.MessageTypeDelete:
+			row.deleted, row.deletedAt = true, c.commitTS
+		default:
+			row.cols, row.vals = mergeImage(row.cols, row.vals, c.cols, c.vals)
+		}
+	}
+	return sets, true
+}
+
+// mergeImage lays a change's columns over an image; both list columns in
+// increasing order, as values returns them.
+func mergeImage(cols []int, vals [][]byte, newCols []int, newVals [][]byte) ([]int, [][]byte) {
+	if len(cols) == 0 {
+		return newCols, newVals
+	}
+	outCols := make([]int, 0, len(cols)+len(newCols))
+	outVals := make([][]byte, 0, len(cols)+len(newCols))
+	i, j := 0, 0
+	for i < len(cols) || j < len(newCols) {
+		switch {
+		case j == len(newCols) || (i < len(cols) && cols[i] < newCols[j]):
+			outCols, outVals = append(outCols, cols[i]), append(outVals, vals[i])
+			i++
+		case i == len(cols) || newCols[j] < cols[i]:
+			outCols, outVals = append(outCols, newCols[j]), append(outVals, newVals[j])
+			j++
+		default: // the same column: the change's value
+			outCols, outVals = append(outCols, newCols[j]), append(outVals, newVals[j])
+			i++
+			j++
+		}
+	}
+	return outCols, outVals
+}
+
+// keyString is a map key for a primary key's values (NULL and empty apart).
+func keyString(vals [][]byte) string {
+	var b strings.Builder
+	for _, v := range vals {
+		if v == nil {
+			b.WriteString("n;")
+			continue
+		}
+		b.WriteString(strconv.Itoa(len(v)))
+		b.WriteByte(':')
+		b.Write(v)
+	}
+	return b.String()
+}
+
+// setPart is the rows of one statement of a table's set: the same kind of
+// change with the same columns.
+type setPart struct {
+	cols []int
+	rows []*finalRow
+}
+
+// parts splits a table's rows into its statements, in the order they run:
+// deletes of rows that were there first (a key or unique value they free
+// may be taken by a later row), updates by columns sent, inserts by
+// columns, and last the deletes of rows inserted within the group.
+func (ts *tableSet) parts() (deletes []*finalRow, updates, inserts []setPart, deletesOfNew []*finalRow) {
+	byShape := func(parts []setPart, row *finalRow) []setPart {
+		for i := range parts {
+			if slices.Equal(parts[i].cols, row.cols) {
+				parts[i].rows = append(parts[i].rows, row)
+				return parts
+			}
+		}
+		return append(parts, setPart{cols: row.cols, rows: []*finalRow{row}})
+	}
+	for _, row := range ts.rows {
+		switch {
+		case row.existed && row.deleted:
+			deletes = append(deletes, row)
+		case row.existed:
+			updates = byShape(updates, row)
+		default:
+			inserts = byShape(inserts, row)
+			if row.deleted {
+				deletesOfNew = append(deletesOfNew, row)
+			}
+		}
+	}
+	return deletes, updates, inserts, deletesOfNew
+}
