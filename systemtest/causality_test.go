@@ -148,3 +148,78 @@ func TestGroupedCommitsForm(t *testing.T) {
 	}
 	converged(t, ctx, time.Minute, "ledger", a, b)
 }
+
+// A backlog of pgbench-like transactions (three updates of one account,
+// one teller and the branch, and an insert into a history without a key)
+// is applied set-based: each group's changes collapse to a few statements
+// per table, so far fewer statements run than source transactions, and the
+// nodes agree.
+func TestPgbenchLikeBacklogCollapses(t *testing.T) {
+	ctx := ctxFor(t)
+	nodes := mesh(t, ctx, `CREATE TABLE accounts (aid int PRIMARY KEY, abalance int, filler text);
+		CREATE TABLE tellers (tid int PRIMARY KEY, tbalance int);
+		CREATE TABLE branches (bid int PRIMARY KEY, bbalance int);
+		CREATE TABLE history (tid int, aid int, delta int, mtime timestamptz)`, "a", "b")
+	a, b := nodes[0], nodes[1]
+	mustExec(t, ctx, a, `INSERT INTO accounts SELECT i, 0, 'x' FROM generate_series(1, 1000) i;
+		INSERT INTO tellers SELECT i, 0 FROM generate_series(1, 10) i;
+		INSERT INTO branches VALUES (1, 0)`)
+	converged(t, ctx, time.Minute, "accounts", a, b)
+	converged(t, ctx, time.Minute, "tellers", a, b)
+	before := streamFrom(t, ctx, b, "a")
+	if err := b.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	const total = 5000
+	mustExec(t, ctx, a, fmt.Sprintf(`DO $$ DECLARE aid int; tid int; delta int; BEGIN
+		FOR i IN 1..%d LOOP
+			aid := 1 + (i * 7919) %% 1000; tid := 1 + i %% 10; delta := i %% 100 - 50;
+			UPDATE accounts SET abalance = abalance + delta WHERE accounts.aid = aid;
+			UPDATE tellers SET tbalance = tbalance + delta WHERE tellers.tid = tid;
+			UPDATE branches SET bbalance = bbalance + delta WHERE bid = 1;
+			INSERT INTO history VALUES (tid, aid, delta, now());
+			COMMIT;
+		END LOOP; END $$`, total))
+	if err := b.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 2*time.Minute, "b catches up", func() error {
+		if n := count(t, ctx, b, `SELECT count(*) FROM history`); n != total {
+			return fmt.Errorf("b has %d of %d history rows", n, total)
+		}
+		return nil
+	})
+	var st replicator.Status
+	eventually(t, 10*time.Second, "b counts every transaction", func() error {
+		if st = streamFrom(t, ctx, b, "a"); st.AppliedTxns-before.AppliedTxns < total {
+			return fmt.Errorf("applied_txns %d", st.AppliedTxns-before.AppliedTxns)
+		}
+		return nil
+	})
+	txns := st.AppliedTxns - before.AppliedTxns
+	commits := st.LocalCommits - before.LocalCommits
+	stmts := st.Statements - before.Statements
+	collapsed := st.CollapsedCommits - before.CollapsedCommits
+	t.Logf("%d source transactions in %d local commits (%d set-based) by %d statements: %.2f per source transaction, %.1f per commit; %d retried carefully",
+		txns, commits, collapsed, stmts, float64(stmts)/float64(txns), float64(stmts)/float64(commits), st.RetriedTxns)
+	if collapsed == 0 {
+		t.Error("no group was applied set-based")
+	}
+	// One by one, each source transaction takes four statements; collapsed,
+	// a group takes about one per table.
+	if perCommit := float64(stmts) / float64(commits); perCommit > 2*4 {
+		t.Errorf("%.1f statements per local commit, want at most two per table (8)", perCommit)
+	}
+	if perTxn := float64(stmts) / float64(txns); perTxn > 1 {
+		t.Errorf("%.2f statements per source transaction, want far fewer than the four of one by one", perTxn)
+	}
+	for _, table := range []string{"accounts", "tellers", "branches"} {
+		converged(t, ctx, time.Minute, table, a, b)
+	}
+	for _, sum := range []string{`SELECT sum(abalance) FROM accounts`, `SELECT sum(tbalance) FROM tellers`,
+		`SELECT sum(bbalance) FROM branches`, `SELECT sum(delta) FROM history`} {
+		if got, want := count(t, ctx, b, sum), count(t, ctx, a, sum); got != want {
+			t.Errorf("%s: %d on b, %d on a", sum, got, want)
+		}
+	}
+}
