@@ -46,7 +46,7 @@ type Status struct {
 	// held (see replicator/collapse.go).
 	Statements       int64 `json:"statements"`
 	CollapsedCommits int64 `json:"collapsed_commits"`
-	DroppedTxns  int64 `json:"forwarded_txns_dropped"`
+	DroppedTxns      int64 `json:"forwarded_txns_dropped"`
 	// RetriedTxns counts transactions that left the pipelined fast path
 	// (a conflict, or an earlier one in the same batch did) and were
 	// applied again on the careful path.
