@@ -104,11 +104,11 @@ type catchUpRun struct {
 }
 
 // applyCounts is how many source transactions a pgmesh receiver applied,
-// in how many local commits.
-type applyCounts struct{ txns, localCommits int64 }
+// in how many local commits, by how many statements.
+type applyCounts struct{ txns, localCommits, statements int64 }
 
 func (a applyCounts) minus(b applyCounts) applyCounts {
-	return applyCounts{a.txns - b.txns, a.localCommits - b.localCommits}
+	return applyCounts{a.txns - b.txns, a.localCommits - b.localCommits, a.statements - b.statements}
 }
 
 // appliedCounter is a system whose receiver counts how it applied: pgmesh.

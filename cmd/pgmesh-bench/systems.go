@@ -27,7 +27,7 @@ func (p *meshPair) applied(ctx context.Context) (applyCounts, error) {
 	}
 	for _, s := range rep.Peers {
 		if s.Peer == p.a.Name {
-			return applyCounts{s.AppliedTxns, s.LocalCommits}, nil
+			return applyCounts{s.AppliedTxns, s.LocalCommits, s.Statements}, nil
 		}
 	}
 	return applyCounts{}, fmt.Errorf("b has no stream from a")

@@ -156,7 +156,7 @@ func (b *bench) catchUp(s system, build func(*pgtest.Cluster) error) (catchUpRun
 func (b *bench) catchUps(what, unit string, units, repeat int, build func(*pgtest.Cluster) error) error {
 	rates := make([][]float64, len(b.systems))
 	cpus := make([][]float64, len(b.systems))
-	var daemonCPUs, perCommit []float64
+	var daemonCPUs, perCommit, stmtsPerTxn []float64
 	for range max(repeat, 1) {
 		for i, s := range b.systems {
 			r, err := b.catchUp(s, build)
@@ -168,6 +168,7 @@ func (b *bench) catchUps(what, unit string, units, repeat int, build func(*pgtes
 			if _, ok := s.(appliedCounter); ok {
 				daemonCPUs = append(daemonCPUs, r.daemonCPU.Seconds()*100000/float64(units))
 				perCommit = append(perCommit, float64(r.applied.txns)/float64(max(r.applied.localCommits, 1)))
+				stmtsPerTxn = append(stmtsPerTxn, float64(r.applied.statements)/float64(max(r.applied.txns, 1)))
 			}
 		}
 	}
@@ -179,9 +180,10 @@ func (b *bench) catchUps(what, unit string, units, repeat int, build func(*pgtes
 	b.add(what, medians(rates), " "+unit, true, "%.0f")
 	b.add(what+", CPU s per 100k "+strings.TrimSuffix(unit, "/s"), medians(cpus), " s", false, "%.2f")
 	if len(daemonCPUs) > 0 {
-		m := medians([][]float64{daemonCPUs, perCommit})
+		m := medians([][]float64{daemonCPUs, perCommit, stmtsPerTxn})
 		b.addPgmesh(what+", of which pgmesh daemon", fmt.Sprintf("%.2f s", m[0]))
 		b.addPgmesh(what+", source txns per local commit", fmt.Sprintf("%.1f", m[1]))
+		b.addPgmesh(what+", statements per source txn", fmt.Sprintf("%.2f", m[2]))
 	}
 	return nil
 }
