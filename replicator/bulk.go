@@ -52,7 +52,8 @@ func (a *applier) toBulk(ctx context.Context, t *fastTxn) error {
 	return nil
 }
 
-// bulkMsg applies one message of a bulk transaction.
+// bulkMsg applies one message of a bulk transaction; data is the caller's
+// copy, which the changes gathered for the next chunk point into.
 func (a *applier) bulkMsg(ctx context.Context, data []byte) error {
 	msg, err := pglogrepl.Parse(data)
 	if err != nil {

@@ -28,8 +28,8 @@ import (
 // change in source order) is built one by one instead, which settles it
 // the way it always has.
 
-// change is one row change on the fast path, its values copied out of the
-// message (the next receive reuses the buffer).
+// change is one row change on the fast path. Its values point into a copy
+// of the message (the next receive reuses the stream's buffer).
 type change struct {
 	r    *relation
 	op   pglogrepl.MessageType // Insert, Update or Delete

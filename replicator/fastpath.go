@@ -139,7 +139,7 @@ func (a *applier) takeConfirmed() pglogrepl.LSN {
 
 func (a *applier) handleMsg(ctx context.Context, data []byte) error {
 	if a.bulk != nil {
-		return a.bulkMsg(ctx, data)
+		return a.bulkMsg(ctx, bytes.Clone(data))
 	}
 	if a.careful {
 		end, err := a.handleCareful(ctx, data)
@@ -172,20 +172,24 @@ func (a *applier) handleMsg(ctx context.Context, data []byte) error {
 			return nil // a forwarded transaction's rows: not even decoded
 		}
 	}
+	// The next receive reuses data's buffer. The copy is kept until the
+	// transaction is confirmed (it may be applied again carefully), and
+	// the decoded values point into it.
+	data = bytes.Clone(data)
 	msg, err := pglogrepl.Parse(data)
 	if err != nil {
 		return fmt.Errorf("decode pgoutput message: %w", err)
 	}
 	switch m := msg.(type) {
 	case *pglogrepl.BeginMessage:
-		a.fast = &fastTxn{msgs: [][]byte{bytes.Clone(data)}, skip: m.FinalLSN < a.progress}
+		a.fast = &fastTxn{msgs: [][]byte{data}, skip: m.FinalLSN < a.progress}
 		a.fastBegin = *m
 		return nil
 	case *pglogrepl.CommitMessage:
 		if t == nil {
 			return fmt.Errorf("peer %q sent a commit without a begin (protocol error)", a.cfg.Peer.Name)
 		}
-		t.msgs = append(t.msgs, bytes.Clone(data))
+		t.msgs = append(t.msgs, data)
 		return a.fastCommit(ctx, t, m)
 	case *pglogrepl.TypeMessage:
 		return nil
@@ -201,7 +205,7 @@ func (a *applier) handleMsg(ctx context.Context, data []byte) error {
 	}
 	if _, ok := msg.(*pglogrepl.OriginMessage); ok {
 		t.skip = true
-		t.msgs = append(t.msgs, bytes.Clone(data))
+		t.msgs = append(t.msgs, data)
 		return nil
 	}
 	if rm, ok := msg.(*pglogrepl.RelationMessage); ok && !t.touched[rm.RelationID] {
@@ -209,7 +213,7 @@ func (a *applier) handleMsg(ctx context.Context, data []byte) error {
 		// transactions in flight must not be replayed with it, so they are
 		// confirmed first; this one, if it changed other tables already,
 		// goes careful.
-		t.msgs = append(t.msgs, bytes.Clone(data))
+		t.msgs = append(t.msgs, data)
 		if !t.empty() {
 			return a.toCareful(ctx, t)
 		}
@@ -222,7 +226,7 @@ func (a *applier) handleMsg(ctx context.Context, data []byte) error {
 	if _, ok := msg.(*pglogrepl.RelationMessage); !ok && t.skip {
 		return nil
 	}
-	t.msgs = append(t.msgs, bytes.Clone(data))
+	t.msgs = append(t.msgs, data)
 	t.size += len(data)
 	t.changes++
 	if t.size > fastMaxTxnBytes || t.changes > fastMaxTxnChanges {
@@ -327,10 +331,7 @@ func (a *applier) fastInsert(ctx context.Context, t *fastTxn, m *pglogrepl.Inser
 	if r.pk != nil && !fastKey(r, m.Tuple) {
 		return errNotFast
 	}
-	cols, vals := values(m.Tuple)
-	for i := range vals {
-		vals[i] = bytes.Clone(vals[i]) // bytes.Clone keeps an empty value empty
-	}
+	cols, vals := values(m.Tuple) // pointing into the message, which the caller copied
 	c := change{r: r, op: pglogrepl.MessageTypeInsert, cols: cols, vals: vals, commitTS: a.fastBegin.CommitTime}
 	if r.pk != nil {
 		c.key = make([][]byte, len(r.pk))
@@ -369,13 +370,13 @@ func (a *applier) finishRun(ctx context.Context, pending *insertRun, stmts *[]fa
 		arrays := make([]string, len(run.cols))
 		aliases := make([]string, len(run.cols))
 		for i, c := range run.cols {
-			col := make([]pgtype.Text, len(run.rows))
+			col := make([][]byte, len(run.rows))
 			for j, row := range run.rows {
-				col[j] = pgtype.Text{String: string(row[i]), Valid: row[i] != nil}
+				col[j] = row[i]
 			}
-			enc, err := a.types.Encode(pgtype.TextArrayOID, pgtype.BinaryFormatCode, col, nil)
+			enc, err := a.textArray(r, col)
 			if err != nil {
-				return fmt.Errorf("encode values of %s: %w", r.qualified, err)
+				return err
 			}
 			arrays[i] = p.add(enc) + "::text[]"
 			aliases[i] = "c" + strconv.Itoa(i)
@@ -423,10 +424,7 @@ func (a *applier) fastUpdate(ctx context.Context, t *fastTxn, m *pglogrepl.Updat
 	if !slices.ContainsFunc(cols, func(c int) bool { return !r.identityAlways[c] }) {
 		return errNotFast // nothing can be set: the careful path decides
 	}
-	for i := range vals {
-		vals[i] = bytes.Clone(vals[i])
-	}
-	c := change{r: r, op: pglogrepl.MessageTypeUpdate, cols: cols, vals: vals, key: cloneAll(pick(keySrc, r.pk)),
+	c := change{r: r, op: pglogrepl.MessageTypeUpdate, cols: cols, vals: vals, key: pick(keySrc, r.pk),
 		commitTS: a.fastBegin.CommitTime}
 	for i, k := range r.pk {
 		if v, ok := valueOf(cols, vals, k); ok && !bytes.Equal(v, c.key[i]) {
@@ -445,16 +443,9 @@ func (a *applier) fastDelete(ctx context.Context, t *fastTxn, m *pglogrepl.Delet
 	if m.OldTuple == nil || !fastKey(r, m.OldTuple) {
 		return errNotFast
 	}
-	t.rows = append(t.rows, change{r: r, op: pglogrepl.MessageTypeDelete, key: cloneAll(pick(m.OldTuple, r.pk)),
+	t.rows = append(t.rows, change{r: r, op: pglogrepl.MessageTypeDelete, key: pick(m.OldTuple, r.pk),
 		commitTS: a.fastBegin.CommitTime})
 	return nil
-}
-
-func cloneAll(vals [][]byte) [][]byte {
-	for i := range vals {
-		vals[i] = bytes.Clone(vals[i])
-	}
-	return vals
 }
 
 // statements builds the statements applying changes, in source order as
@@ -574,7 +565,7 @@ func (a *applier) setStatements(ctx context.Context, sets []*tableSet) ([]fastSt
 				return nil, err
 			}
 			for i := range part.cols {
-				col, err := a.textArray(r, part.rows, func(row *finalRow) []byte { return row.vals[i] })
+				col, err := a.textArray(r, column(part.rows, func(row *finalRow) []byte { return row.vals[i] }))
 				if err != nil {
 					return nil, err
 				}
@@ -614,7 +605,7 @@ func (a *applier) deleteSet(ctx context.Context, stmts *[]fastStmt, r *relation,
 	if err != nil {
 		return err
 	}
-	at, err := a.textArray(r, rows, func(row *finalRow) []byte { return []byte(pgquote.Timestamp(row.deletedAt)) })
+	at, err := a.textArray(r, column(rows, func(row *finalRow) []byte { return []byte(pgquote.Timestamp(row.deletedAt)) }))
 	if err != nil {
 		return err
 	}
@@ -626,7 +617,7 @@ func (a *applier) deleteSet(ctx context.Context, stmts *[]fastStmt, r *relation,
 func (a *applier) keyArrays(r *relation, rows []*finalRow) ([][]byte, error) {
 	out := make([][]byte, len(r.pk))
 	for i := range r.pk {
-		arr, err := a.textArray(r, rows, func(row *finalRow) []byte { return row.key[i] })
+		arr, err := a.textArray(r, column(rows, func(row *finalRow) []byte { return row.key[i] }))
 		if err != nil {
 			return nil, err
 		}
@@ -635,14 +626,19 @@ func (a *applier) keyArrays(r *relation, rows []*finalRow) ([][]byte, error) {
 	return out, nil
 }
 
-// textArray encodes one value of each row as a text[] in binary.
-func (a *applier) textArray(r *relation, rows []*finalRow, value func(*finalRow) []byte) ([]byte, error) {
-	col := make([]pgtype.Text, len(rows))
+// column gathers one value of each row.
+func column(rows []*finalRow, value func(*finalRow) []byte) [][]byte {
+	col := make([][]byte, len(rows))
 	for j, row := range rows {
-		v := value(row)
-		col[j] = pgtype.Text{String: string(v), Valid: v != nil}
+		col[j] = value(row)
 	}
-	enc, err := a.types.Encode(pgtype.TextArrayOID, pgtype.BinaryFormatCode, col, nil)
+	return col
+}
+
+// textArray encodes values (nil for NULL) as a text[] in binary, straight
+// from the bytes pgoutput sent.
+func (a *applier) textArray(r *relation, vals [][]byte) ([]byte, error) {
+	enc, err := a.types.Encode(pgtype.TextArrayOID, pgtype.BinaryFormatCode, pgtype.FlatArray[[]byte](vals), nil)
 	if err != nil {
 		return nil, fmt.Errorf("encode values of %s: %w", r.qualified, err)
 	}
