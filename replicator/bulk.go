@@ -55,7 +55,7 @@ func (a *applier) toBulk(ctx context.Context, t *fastTxn) error {
 // bulkMsg applies one message of a bulk transaction; data is the caller's
 // copy, which the changes gathered for the next chunk point into.
 func (a *applier) bulkMsg(ctx context.Context, data []byte) error {
-	msg, err := pglogrepl.Parse(data)
+	msg, err := parseFast(data)
 	if err != nil {
 		return fmt.Errorf("decode pgoutput message: %w", err)
 	}

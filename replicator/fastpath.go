@@ -176,7 +176,7 @@ func (a *applier) handleMsg(ctx context.Context, data []byte) error {
 	// transaction is confirmed (it may be applied again carefully), and
 	// the decoded values point into it.
 	data = bytes.Clone(data)
-	msg, err := pglogrepl.Parse(data)
+	msg, err := parseFast(data)
 	if err != nil {
 		return fmt.Errorf("decode pgoutput message: %w", err)
 	}
