@@ -68,6 +68,8 @@ type Daemon struct {
 	// sweepSoon asks housekeeping to look for overtaken rows soon
 	// (replicator.RemoveOvertaken); one pending request covers many.
 	sweepSoon chan struct{}
+	// tendSoon wakes maintainSequences at once (a sequence was converted).
+	tendSoon chan struct{}
 }
 
 // member is a client of another member's API, with the group's token.
@@ -122,7 +124,8 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		return err
 	}
 	log = log.With("node", cfg.NodeName)
-	d := &Daemon{cfg: cfg, log: log, streams: map[string]*running{}, ctx: ctx, sweepSoon: make(chan struct{}, 1)}
+	d := &Daemon{cfg: cfg, log: log, streams: map[string]*running{}, ctx: ctx, sweepSoon: make(chan struct{}, 1),
+		tendSoon: make(chan struct{}, 1)}
 
 	poolCfg, err := pgxpool.ParseConfig(cfg.DSN)
 	if err != nil {

@@ -207,7 +207,11 @@ func (d *Daemon) convertGalloc(ctx context.Context, seq string, size, minStart i
 	if identity {
 		return fmt.Errorf("%s belongs to an identity column, whose values cannot come from a function: convert it with --kind timeshard, or make the column a plain bigint with a default first", seq)
 	}
-	for ordinal := int64(0); ordinal < 2; ordinal++ {
+	// The chunk in use and those maintainSequences keeps ahead of it: a
+	// burst of values right after the conversion must not outrun the first
+	// prefetch (TestGlobalSequences once drew 10,000 values on a node
+	// before its maintainer, idle at one look a second, woke).
+	for ordinal := int64(0); ordinal <= gallocAhead; ordinal++ {
 		ch, err := d.allocChunk(ctx, seq, size, minStart)
 		if err != nil {
 			return err
@@ -217,6 +221,12 @@ func (d *Daemon) convertGalloc(ctx context.Context, seq string, size, minStart i
 			return err
 		}
 	}
+	defer func() {
+		select {
+		case d.tendSoon <- struct{}{}:
+		default:
+		}
+	}()
 	return pgx.BeginFunc(ctx, d.db, func(tx pgx.Tx) error {
 		var oid uint32
 		if err := tx.QueryRow(ctx, `SELECT $1::regclass::oid`, seq).Scan(&oid); err != nil {
@@ -262,8 +272,8 @@ func (d *Daemon) convertGalloc(ctx context.Context, seq string, size, minStart i
 // moved forward to the clock.
 // While there are galloc sequences they are looked at every 50 ms, so that
 // a burst of values does not outrun the chunks drawn ahead; a group without
-// any is looked at once a second (a sequence converted meanwhile is picked
-// up then), which keeps an idle daemon idle.
+// any is looked at once a second, which keeps an idle daemon idle, and at
+// once when a sequence is converted here.
 func (d *Daemon) maintainSequences(ctx context.Context) {
 	wait := time.Duration(0)
 	for {
@@ -271,6 +281,7 @@ func (d *Daemon) maintainSequences(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-time.After(wait):
+		case <-d.tendSoon:
 		}
 		problems, galloc, err := d.tendSequences(ctx)
 		if err != nil && ctx.Err() == nil {

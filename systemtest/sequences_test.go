@@ -112,6 +112,14 @@ func TestGlobalSequences(t *testing.T) {
 	if out, stderr, err := a.CLI(ctx, "sequences", "convert", "--kind", "galloc", "--chunk-size", "5000", "ga_id_seq"); err != nil {
 		t.Fatalf("convert galloc: %v %s %s", err, out, stderr)
 	}
+	// Right after the conversion each node holds the chunk in use and two
+	// ahead, so a burst cannot outrun the first prefetch (one once drew
+	// 10,000 values before its idle maintainer woke, and ran out).
+	for _, n := range nodes {
+		if held := count(t, ctx, n, `SELECT count(*) FROM pgmesh.galloc_chunk WHERE seq = 'public.ga_id_seq'`); held < 3 {
+			t.Errorf("%s holds %d chunks right after the conversion, want 3", n.Name, held)
+		}
+	}
 	const per = 50000
 	draw := map[string]string{"ts_id_seq": "nextval('ts_id_seq')", "ga_id_seq": "pgmesh.galloc_nextval('ga_id_seq')"}
 	for _, seq := range []string{"ts_id_seq", "ga_id_seq"} {
