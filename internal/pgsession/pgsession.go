@@ -19,13 +19,8 @@ type Settings map[string]string
 // database's own defaults say. Apply relies on READ COMMITTED: each
 // statement, and each query of a VOLATILE function, sees every transaction
 // committed before it began (a delete an insert waited for, for one).
-// Apply's statements are prepared once per table and column set and take
-// arrays of any length (replicator/collapse.go); PostgreSQL would plan
-// them again at every execution, as the array's length is known only then,
-// which costs more than applying a small group. Their generic plans look
-// each row up by primary key.
 var Applier = Settings{"session_replication_role": "replica", "default_transaction_read_only": "off",
-	"default_transaction_isolation": "read committed", "plan_cache_mode": "force_generic_plan"}
+	"default_transaction_isolation": "read committed"}
 
 // Writer may write even while the database is read-only for applications
 // (a joining node).
