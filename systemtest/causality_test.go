@@ -3,6 +3,7 @@
 package systemtest
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"net/http"
@@ -125,22 +126,7 @@ func TestGroupedCommitsForm(t *testing.T) {
 	const total = 20000
 	mustExec(t, ctx, a, fmt.Sprintf(`DO $$ BEGIN FOR i IN 1..%d LOOP
 		INSERT INTO ledger VALUES (i, 'one-row transaction'); COMMIT; END LOOP; END $$`, total))
-	if err := b.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
-	eventually(t, 2*time.Minute, "b catches up", func() error {
-		if n := count(t, ctx, b, `SELECT count(*) FROM ledger`); n != total {
-			return fmt.Errorf("b has %d of %d rows", n, total)
-		}
-		return nil
-	})
-	var st replicator.Status
-	eventually(t, 10*time.Second, "b counts every transaction", func() error {
-		if st = streamFrom(t, ctx, b, "a"); st.AppliedTxns < total {
-			return fmt.Errorf("applied_txns %d", st.AppliedTxns)
-		}
-		return nil
-	})
+	st := catchUpBacklog(t, ctx, b, "ledger", total)
 	perHundred := 100 * float64(st.LocalCommits) / float64(st.AppliedTxns)
 	t.Logf("%d source transactions applied in %d local commits: %.1f per 100", st.AppliedTxns, st.LocalCommits, perHundred)
 	if perHundred > 50 {
@@ -179,23 +165,7 @@ func TestPgbenchLikeBacklogCollapses(t *testing.T) {
 			INSERT INTO history VALUES (t_id, a_id, d, now());
 			COMMIT;
 		END LOOP; END $$`, total))
-	if err := b.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
-	eventually(t, 2*time.Minute, "b catches up", func() error {
-		if n := count(t, ctx, b, `SELECT count(*) FROM history`); n != total {
-			return fmt.Errorf("b has %d of %d history rows", n, total)
-		}
-		return nil
-	})
-	// b's counters started with its restart, so they count the backlog.
-	var st replicator.Status
-	eventually(t, 10*time.Second, "b counts every transaction", func() error {
-		if st = streamFrom(t, ctx, b, "a"); st.AppliedTxns < total {
-			return fmt.Errorf("applied_txns %d", st.AppliedTxns)
-		}
-		return nil
-	})
+	st := catchUpBacklog(t, ctx, b, "history", total)
 	txns, commits, stmts, collapsed := st.AppliedTxns, st.LocalCommits, st.Statements, st.CollapsedCommits
 	t.Logf("%d source transactions in %d local commits (%d set-based) by %d statements: %.2f per source transaction, %.1f per commit; %d retried carefully",
 		txns, commits, collapsed, stmts, float64(stmts)/float64(txns), float64(stmts)/float64(commits), st.RetriedTxns)
@@ -219,4 +189,29 @@ func TestPgbenchLikeBacklogCollapses(t *testing.T) {
 			t.Errorf("%s: %d on b, %d on a", sum, got, want)
 		}
 	}
+}
+
+// catchUpBacklog starts b, which was stopped while a wrote total
+// transactions each adding a row to table, waits until b has them all, and
+// returns b's stream status: its counters started with the restart, so
+// they count the backlog.
+func catchUpBacklog(t *testing.T, ctx context.Context, b *localmesh.Node, table string, total int64) replicator.Status {
+	t.Helper()
+	if err := b.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 2*time.Minute, "b catches up", func() error {
+		if n := count(t, ctx, b, `SELECT count(*) FROM `+table); n != total {
+			return fmt.Errorf("b has %d of %d rows of %s", n, total, table)
+		}
+		return nil
+	})
+	var st replicator.Status
+	eventually(t, 10*time.Second, "b counts every transaction", func() error {
+		if st = streamFrom(t, ctx, b, "a"); st.AppliedTxns < total {
+			return fmt.Errorf("applied_txns %d", st.AppliedTxns)
+		}
+		return nil
+	})
+	return st
 }
