@@ -55,12 +55,18 @@ type finalRow struct {
 	deletedAt time.Time
 }
 
-// tableSet is what a group does to one table.
+// tableSet is what a group does to one table, as the statements that do
+// it, in the order they run: deletes of rows that were there first (a key
+// or unique value they free may be taken by a later row), updates by
+// columns sent, inserts by columns, inserts into a table without a primary
+// key (runs of the same columns, in order), and last the deletes of rows
+// inserted within the group.
 type tableSet struct {
-	r    *relation
-	rows []*finalRow // keyed rows in the order of their first change
-	// keyless are inserts into a table without a primary key, in order.
-	keyless []change
+	r                     *relation
+	rows                  []*finalRow // keyed rows in the order of their first change
+	deletes, deletesOfNew []*finalRow
+	updates, inserts      []setPart
+	keyless               []insertRun
 }
 
 // collapse gathers changes per table and key, in the order tables and keys
@@ -83,7 +89,10 @@ func collapse(changes []change) (sets []*tableSet, ok bool) {
 			if c.op != pglogrepl.MessageTypeInsert {
 				return nil, false
 			}
-			ts.keyless = append(ts.keyless, c)
+			if n := len(ts.keyless); n == 0 || !slices.Equal(ts.keyless[n-1].cols, c.cols) {
+				ts.keyless = append(ts.keyless, insertRun{r: c.r, cols: c.cols})
+			}
+			ts.keyless[len(ts.keyless)-1].rows = append(ts.keyless[len(ts.keyless)-1].rows, c.vals)
 			continue
 		}
 		k := keyString(c.key)
@@ -103,6 +112,9 @@ func collapse(changes []change) (sets []*tableSet, ok bool) {
 		default:
 			row.cols, row.vals = mergeImage(row.cols, row.vals, c.cols, c.vals)
 		}
+	}
+	for _, ts := range sets {
+		ts.split()
 	}
 	return sets, true
 }
@@ -155,11 +167,8 @@ type setPart struct {
 	rows []*finalRow
 }
 
-// parts splits a table's rows into its statements, in the order they run:
-// deletes of rows that were there first (a key or unique value they free
-// may be taken by a later row), updates by columns sent, inserts by
-// columns, and last the deletes of rows inserted within the group.
-func (ts *tableSet) parts() (deletes []*finalRow, updates, inserts []setPart, deletesOfNew []*finalRow) {
+// split sorts a table's keyed rows into its statements.
+func (ts *tableSet) split() {
 	byShape := func(parts []setPart, row *finalRow) []setPart {
 		for i := range parts {
 			if slices.Equal(parts[i].cols, row.cols) {
@@ -172,15 +181,26 @@ func (ts *tableSet) parts() (deletes []*finalRow, updates, inserts []setPart, de
 	for _, row := range ts.rows {
 		switch {
 		case row.existed && row.deleted:
-			deletes = append(deletes, row)
+			ts.deletes = append(ts.deletes, row)
 		case row.existed:
-			updates = byShape(updates, row)
+			ts.updates = byShape(ts.updates, row)
 		default:
-			inserts = byShape(inserts, row)
+			ts.inserts = byShape(ts.inserts, row)
 			if row.deleted {
-				deletesOfNew = append(deletesOfNew, row)
+				ts.deletesOfNew = append(ts.deletesOfNew, row)
 			}
 		}
 	}
-	return deletes, updates, inserts, deletesOfNew
+}
+
+// statementCount is the number of statements the table's set takes.
+func (ts *tableSet) statementCount() int {
+	n := len(ts.updates) + len(ts.inserts) + len(ts.keyless)
+	if len(ts.deletes) > 0 {
+		n++
+	}
+	if len(ts.deletesOfNew) > 0 {
+		n++
+	}
+	return n
 }

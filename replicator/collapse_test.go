@@ -30,7 +30,7 @@ func del(r *relation, id string, at time.Time) change {
 
 // describe prints a table set's statements as the test reads best.
 func describe(ts *tableSet) string {
-	deletes, updates, inserts, deletesOfNew := ts.parts()
+	deletes, updates, inserts, deletesOfNew := ts.deletes, ts.updates, ts.inserts, ts.deletesOfNew
 	var out []string
 	keys := func(rows []*finalRow) string {
 		var k []string
@@ -103,7 +103,7 @@ func TestCollapseToFinalImages(t *testing.T) {
 
 	// The delete's own commit time goes into the tombstone.
 	sets, _ := collapse([]change{upd(r, "1", []int{0, 1}, "1", "a"), del(r, "1", t2), del(r, "2", t1)})
-	deletes, _, _, _ := sets[0].parts()
+	deletes := sets[0].deletes
 	if len(deletes) != 2 || !deletes[0].deletedAt.Equal(t2) || !deletes[1].deletedAt.Equal(t1) {
 		t.Errorf("tombstone times: %+v", deletes)
 	}
@@ -134,7 +134,7 @@ func TestCollapseRefusesWhatConflictsOneByOne(t *testing.T) {
 	// Inserts into a table without a key are kept, in order.
 	sets, ok := collapse([]change{{r: keyless, op: pglogrepl.MessageTypeInsert, cols: []int{0}, vals: [][]byte{[]byte("1")}},
 		{r: keyless, op: pglogrepl.MessageTypeInsert, cols: []int{0}, vals: [][]byte{[]byte("1")}}})
-	if !ok || len(sets[0].keyless) != 2 || len(keylessRuns(sets[0].keyless)) != 1 {
+	if !ok || len(sets[0].keyless) != 1 || len(sets[0].keyless[0].rows) != 2 {
 		t.Errorf("inserts without a key: ok %v, %+v", ok, sets)
 	}
 }

@@ -334,10 +334,7 @@ func (a *applier) fastInsert(ctx context.Context, t *fastTxn, m *pglogrepl.Inser
 	cols, vals := values(m.Tuple) // pointing into the message, which the caller copied
 	c := change{r: r, op: pglogrepl.MessageTypeInsert, cols: cols, vals: vals, commitTS: a.fastBegin.CommitTime}
 	if r.pk != nil {
-		c.key = make([][]byte, len(r.pk))
-		for i, k := range r.pk {
-			c.key[i], _ = valueOf(cols, vals, k)
-		}
+		c.key = pick(m.Tuple, r.pk)
 	}
 	t.rows = append(t.rows, c)
 	return nil
@@ -521,29 +518,9 @@ func (a *applier) oneByOne(ctx context.Context, changes []change) ([]fastStmt, e
 func setStatementCount(sets []*tableSet) int {
 	n := 0
 	for _, ts := range sets {
-		deletes, updates, inserts, deletesOfNew := ts.parts()
-		n += len(updates) + len(inserts) + len(keylessRuns(ts.keyless))
-		if len(deletes) > 0 {
-			n++
-		}
-		if len(deletesOfNew) > 0 {
-			n++
-		}
+		n += ts.statementCount()
 	}
 	return n
-}
-
-// keylessRuns splits inserts into a table without a primary key into runs
-// of the same columns, in order.
-func keylessRuns(inserts []change) []insertRun {
-	var runs []insertRun
-	for _, c := range inserts {
-		if n := len(runs); n == 0 || !slices.Equal(runs[n-1].cols, c.cols) {
-			runs = append(runs, insertRun{r: c.r, cols: c.cols})
-		}
-		runs[len(runs)-1].rows = append(runs[len(runs)-1].rows, c.vals)
-	}
-	return runs
 }
 
 // setStatements builds each table's set-based statements (collapse.go).
@@ -551,11 +528,10 @@ func (a *applier) setStatements(ctx context.Context, sets []*tableSet) ([]fastSt
 	var stmts []fastStmt
 	for _, ts := range sets {
 		r := ts.r
-		deletes, updates, inserts, deletesOfNew := ts.parts()
-		if err := a.deleteSet(ctx, &stmts, r, deletes); err != nil {
+		if err := a.deleteSet(ctx, &stmts, r, ts.deletes); err != nil {
 			return nil, err
 		}
-		for _, part := range updates {
+		for _, part := range ts.updates {
 			sql, ok := r.updateSetSQL(part.cols, a.roident)
 			if !ok {
 				return nil, errNotFast
@@ -575,7 +551,7 @@ func (a *applier) setStatements(ctx context.Context, sets []*tableSet) ([]fastSt
 				return nil, err
 			}
 		}
-		for _, part := range inserts {
+		for _, part := range ts.inserts {
 			run := insertRun{r: r, cols: part.cols, rows: make([][][]byte, len(part.rows))}
 			for i, row := range part.rows {
 				run.rows[i] = row.vals
@@ -584,12 +560,12 @@ func (a *applier) setStatements(ctx context.Context, sets []*tableSet) ([]fastSt
 				return nil, err
 			}
 		}
-		for _, run := range keylessRuns(ts.keyless) {
+		for _, run := range ts.keyless {
 			if err := a.finishRun(ctx, &run, &stmts); err != nil {
 				return nil, err
 			}
 		}
-		if err := a.deleteSet(ctx, &stmts, r, deletesOfNew); err != nil {
+		if err := a.deleteSet(ctx, &stmts, r, ts.deletesOfNew); err != nil {
 			return nil, err
 		}
 	}
