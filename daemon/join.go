@@ -279,6 +279,9 @@ func (d *Daemon) copyAndActivate(ctx context.Context, req api.JoinRequest) error
 		return err
 	}
 	repl.Close(ctx) // the snapshot is no longer needed
+	if err := d.adoptSequences(ctx, d.peerDSN(source), g); err != nil {
+		return err
+	}
 
 	// 4. Publications and slots here for every member, after the copy:
 	// members must not receive the copied rows as new changes.
@@ -303,6 +306,53 @@ func (d *Daemon) copyAndActivate(ctx context.Context, req api.JoinRequest) error
 		return fmt.Errorf("activate through %s: %w", req.Via, err)
 	}
 	d.log.Info("joined node group", "group", done.Group, "node_id", done.Node.ID)
+	return nil
+}
+
+// adoptSequences converts here the global sequences the group converted
+// before this node joined (those of the source's pgmesh.global_sequence).
+// The copied schema has their columns' defaults, but this node needs its
+// own galloc chunks, and its own node id in timeshard values: the copied
+// sequence would go on with the source's.
+func (d *Daemon) adoptSequences(ctx context.Context, sourceDSN string, g *membership.Group) error {
+	conn, err := pgsession.Connect(ctx, sourceDSN, "pgmesh join")
+	if err != nil {
+		return err
+	}
+	rows, err := conn.Query(ctx, `SELECT seq, kind, coalesce(chunk_size, 0) FROM pgmesh.global_sequence ORDER BY seq`)
+	type global struct {
+		seq, kind string
+		size      int64
+	}
+	var seqs []global
+	if err == nil {
+		seqs, err = pgx.CollectRows(rows, func(r pgx.CollectableRow) (global, error) {
+			var s global
+			return s, r.Scan(&s.seq, &s.kind, &s.size)
+		})
+	}
+	conn.Close(context.Background())
+	if err != nil {
+		return fmt.Errorf("read the source's global sequences: %w", err)
+	}
+	if len(seqs) == 0 {
+		return nil
+	}
+	d.phase("converting global sequences")
+	// Timeshard values carry the local node id, read from pgmesh.node.
+	if err := d.syncNodeTable(ctx, g); err != nil {
+		return err
+	}
+	for _, s := range seqs {
+		conv := &api.SequenceSetting{Sequence: s.seq, ChunkSize: s.size}
+		setting := api.Setting{Timeshard: conv}
+		if s.kind == "galloc" {
+			setting = api.Setting{Galloc: conv}
+		}
+		if err := d.applySetting(ctx, setting); err != nil {
+			return fmt.Errorf("convert sequence %s here (%s, as on the source): %w", s.seq, s.kind, err)
+		}
+	}
 	return nil
 }
 

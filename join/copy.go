@@ -280,7 +280,11 @@ func copySequences(ctx context.Context, src *pgx.Conn, tx pgx.Tx) error {
 		if v, ok := last[s.name]; ok {
 			src = &v
 		}
-		if _, err := tx.Exec(ctx, fmt.Sprintf(`SELECT setval($1::regclass, v, true) FROM (SELECT greatest($2::bigint, %s) AS v) x WHERE v IS NOT NULL`, maxExpr), s.name, src); err != nil {
+		// A galloc sequence is fenced (MAXVALUE 0, see daemon/sequences.go)
+		// and stays so: its values come from chunks, not from it.
+		if _, err := tx.Exec(ctx, fmt.Sprintf(`SELECT setval($1::regclass, v, true) FROM (SELECT greatest($2::bigint, %s) AS v) x
+			WHERE v IS NOT NULL AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_sequence
+			  WHERE seqrelid = $1::regclass AND seqmin = -1 AND seqmax = 0)`, maxExpr), s.name, src); err != nil {
 			return fmt.Errorf("set sequence %s: %w", s.name, err)
 		}
 	}
