@@ -149,8 +149,11 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		}
 	}
 	if err == nil {
+		err = afterInstall(ctx, conn, &d.cfg, log)
+	}
+	if err == nil {
 		_, err = conn.Exec(ctx, `INSERT INTO pgmesh.setting VALUES ('capture_ddl', $1)
-			ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value`, map[bool]string{true: "on", false: "off"}[cfg.CaptureDDL])
+			ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value`, map[bool]string{true: "on", false: "off"}[d.cfg.CaptureDDL])
 	}
 	if err == nil {
 		err = d.initResolution(ctx, conn)

@@ -4,34 +4,35 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"strconv"
 	"strings"
 
 	"github.com/jackc/pgx/v5"
+
+	"github.com/pgmesh/pgmesh/privilege"
 )
 
 // minSlots is what one node needs at the least: a slot per peer on its own
 // server and an origin per peer (PG15 bounds origins by max_replication_slots).
 const minSlots = 4
 
-// preflight checks that the local Postgres can run pgmesh. It returns one
+// preflight checks that the local Postgres can run pgmesh, and that a role
+// that is not a superuser holds what pgmesh needs before its schema is
+// installed (package privilege; ownership is checked after). It returns one
 // sentence per problem, each naming the cause and the fix.
 func preflight(ctx context.Context, conn *pgx.Conn) error {
 	var (
 		version            int
 		walLevel, commitTS string
 		slots, senders     int
-		super              bool
-		user               string
 		pluginLibs         *string
 	)
 	err := conn.QueryRow(ctx, `SELECT current_setting('server_version_num')::int,
 		current_setting('wal_level'), current_setting('track_commit_timestamp'),
 		current_setting('max_replication_slots')::int, current_setting('max_wal_senders')::int,
-		r.rolsuper, current_user,
-		(SELECT s.setting FROM pg_catalog.pg_settings s WHERE s.name = 'output_plugin_libraries')
-		FROM pg_catalog.pg_roles r WHERE r.rolname = current_user`).Scan(
-		&version, &walLevel, &commitTS, &slots, &senders, &super, &user, &pluginLibs)
+		(SELECT s.setting FROM pg_catalog.pg_settings s WHERE s.name = 'output_plugin_libraries')`).Scan(
+		&version, &walLevel, &commitTS, &slots, &senders, &pluginLibs)
 	if err != nil {
 		return fmt.Errorf("read settings of local Postgres: %w", err)
 	}
@@ -54,11 +55,11 @@ func preflight(ctx context.Context, conn *pgx.Conn) error {
 	if pluginLibs != nil && !allowsPlugin(*pluginLibs, "pgoutput") {
 		errs = append(errs, fmt.Errorf("local Postgres has output_plugin_libraries = '%s', which does not allow pgoutput, so peers cannot stream from this node: add pgoutput to output_plugin_libraries in postgresql.conf and restart Postgres", *pluginLibs))
 	}
-	if !super {
-		// PG15 keeps publications over whole schemas, event triggers and (by
-		// default) replication origins to superusers (README, Security).
-		errs = append(errs, fmt.Errorf("role %q is not a superuser, which pgmesh needs on this server (publications of every user table, event triggers, replication origins, session_replication_role): connect with a role made for pgmesh, CREATE ROLE pgmesh LOGIN SUPERUSER", user))
+	missing, err := privilege.CheckRole(ctx, conn)
+	if err != nil {
+		return err
 	}
+	errs = append(errs, privilege.Join(missing))
 	return errors.Join(errs...)
 }
 
@@ -74,4 +75,29 @@ func allowsPlugin(setting, plugin string) bool {
 		}
 	}
 	return false
+}
+
+// afterInstall checks what can be checked only with the pgmesh schema in
+// place (the replicated tables' owners), and says at start what a role
+// that is not a superuser goes without: event triggers, so DDL is not
+// captured, and a table made outside pgmesh ddl joins replication sets
+// late.
+func afterInstall(ctx context.Context, conn *pgx.Conn, cfg *Config, log *slog.Logger) error {
+	missing, err := privilege.CheckOwners(ctx, conn)
+	if err != nil {
+		return err
+	}
+	if len(missing) > 0 {
+		return privilege.Join(missing)
+	}
+	super, err := privilege.Superuser(ctx, conn)
+	if err != nil || super {
+		return err
+	}
+	if cfg.CaptureDDL {
+		log.Warn("capture_ddl is off on this node: its role is not a superuser, and only a superuser can create the event trigger that captures DDL; run DDL through 'pgmesh ddl' (or connect as a superuser)")
+		cfg.CaptureDDL = false
+	}
+	log.Warn("no event triggers on this node (its role is not a superuser): a table made by a plain CREATE TABLE joins replication sets only at the daemon's next pass, and rows written to it before then are not sent; create tables with 'pgmesh ddl', which adds them in the creating transaction on every node, or add them afterwards with 'pgmesh repset add SET TABLE --sync'")
+	return nil
 }

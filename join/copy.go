@@ -27,6 +27,7 @@ import (
 	"github.com/pgmesh/pgmesh/internal/pgquote"
 	"github.com/pgmesh/pgmesh/internal/pgsession"
 	"github.com/pgmesh/pgmesh/origin"
+	"github.com/pgmesh/pgmesh/privilege"
 )
 
 // Snapshot is the source's exported snapshot.
@@ -364,8 +365,20 @@ func (c *Copy) restoreSchema(ctx context.Context, dst *pgx.Conn) error {
 	if err != nil {
 		return err
 	}
-	cmd := exec.CommandContext(ctx, pgDump, "--schema-only", "--snapshot="+c.Snapshot.Name, "--no-owner", "--no-privileges",
-		"--no-publications", "--no-subscriptions", "--exclude-schema=pgmesh", "--dbname="+c.SourceDSN)
+	// A superuser makes the objects its own, as always. A role that is not
+	// one gives them the owners they have on the source, which it may as a
+	// member of those roles (privilege.CheckOwners): made its own, they
+	// would be out of the application's reach.
+	super, err := privilege.Superuser(ctx, dst)
+	if err != nil {
+		return err
+	}
+	args := []string{"--schema-only", "--snapshot=" + c.Snapshot.Name, "--no-privileges",
+		"--no-publications", "--no-subscriptions", "--exclude-schema=pgmesh", "--dbname=" + c.SourceDSN}
+	if super {
+		args = append(args, "--no-owner")
+	}
+	cmd := exec.CommandContext(ctx, pgDump, args...)
 	var stderr strings.Builder
 	cmd.Stderr = &stderr
 	out, err := cmd.Output()

@@ -865,7 +865,9 @@ func (a *applier) ddl(ctx context.Context, content []byte) error {
 		return err
 	}
 	a.wantTxn = true
-	sql := fmt.Sprintf("SELECT pg_catalog.set_config('search_path', %s, true);\n%s;\nSELECT pg_catalog.set_config('search_path', '', true); DEALLOCATE ALL",
+	// A table the DDL creates joins the sets that take all tables here too,
+	// in this transaction (pgmesh.new_tables_join_sets, migration 11).
+	sql := fmt.Sprintf("SELECT pg_catalog.set_config('search_path', %s, true);\n%s;\nSELECT pg_catalog.set_config('search_path', '', true); SELECT pgmesh.new_tables_join_sets(); DEALLOCATE ALL",
 		pgquote.Literal(msg.SearchPath), msg.Command)
 	if _, err := a.pc.Exec(ctx, sql).ReadAll(); err != nil {
 		return fmt.Errorf("run DDL from peer %q (remote xid %d) %q: %w; fix the cause on this node and the stream resumes from this DDL", a.cfg.Peer.Name, a.begin.Xid, msg.Command, err)

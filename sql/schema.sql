@@ -69,7 +69,8 @@ $$;
 --
 
 CREATE FUNCTION pgmesh.check_home() RETURNS trigger
-    LANGUAGE plpgsql
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
     col   text := TG_ARGV[0];
@@ -142,7 +143,8 @@ $$;
 --
 
 CREATE FUNCTION pgmesh.galloc_nextval(s regclass) RETURNS bigint
-    LANGUAGE plpgsql
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
     name text := (SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = s);
@@ -162,6 +164,59 @@ BEGIN
                   HINT = 'The node group has no Raft quorum or this daemon is down (see pgmesh status); values resume once a new chunk can be drawn.';
     END IF;
     RETURN base + (c - 1) % size;
+END
+$$;
+
+--
+-- Name: install_event_triggers(); Type: FUNCTION; Schema: pgmesh; Owner: -
+--
+
+CREATE FUNCTION pgmesh.install_event_triggers() RETURNS boolean
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    IF NOT (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user) THEN
+        RETURN (SELECT count(*) = 3 FROM pg_catalog.pg_event_trigger
+                WHERE evtname IN ('pgmesh_note_dropped_temp', 'pgmesh_capture_ddl', 'pgmesh_new_table_joins_sets'));
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger WHERE evtname = 'pgmesh_note_dropped_temp') THEN
+        CREATE EVENT TRIGGER pgmesh_note_dropped_temp ON sql_drop EXECUTE FUNCTION pgmesh.note_dropped_temp();
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger WHERE evtname = 'pgmesh_capture_ddl') THEN
+        CREATE EVENT TRIGGER pgmesh_capture_ddl ON ddl_command_end EXECUTE FUNCTION pgmesh.capture_ddl();
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger WHERE evtname = 'pgmesh_new_table_joins_sets') THEN
+        -- Enabled ALWAYS: a table created by replicated DDL joins on the
+        -- applying node too.
+        CREATE EVENT TRIGGER pgmesh_new_table_joins_sets ON ddl_command_end
+            WHEN TAG IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO')
+            EXECUTE FUNCTION pgmesh.new_table_joins_sets();
+        ALTER EVENT TRIGGER pgmesh_new_table_joins_sets ENABLE ALWAYS;
+    END IF;
+    RETURN true;
+END
+$$;
+
+--
+-- Name: join_sets(text); Type: FUNCTION; Schema: pgmesh; Owner: -
+--
+
+CREATE FUNCTION pgmesh.join_sets(rel text) RETURNS void
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    pub text;
+BEGIN
+    FOR pub IN SELECT p.pubname FROM pg_catalog.pg_publication p
+               WHERE p.pubname LIKE 'pgmesh\_%'
+                 AND EXISTS (SELECT 1 FROM pgmesh.repset s
+                             WHERE s.all_tables AND rel <> ALL (s.except_tables)
+                               AND (s.nodes IS NULL OR p.pubname IN (SELECT 'pgmesh_' || n FROM unnest(s.nodes) n)))
+                 AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_publication_rel pr
+                                 WHERE pr.prpubid = p.oid AND pr.prrelid = rel::regclass)
+    LOOP
+        EXECUTE format('ALTER PUBLICATION %I ADD TABLE %s', pub, rel);
+    END LOOP;
 END
 $$;
 
@@ -210,26 +265,21 @@ $$;
 CREATE FUNCTION pgmesh.new_table_joins_sets() RETURNS event_trigger
     LANGUAGE plpgsql
     AS $$
-DECLARE
-    rel text;
-    pub text;
 BEGIN
-    FOR rel IN SELECT DISTINCT u.relation FROM pg_event_trigger_ddl_commands() c
-               JOIN pgmesh.user_tables u ON u.relid = c.objid
-               WHERE c.classid = 'pg_class'::regclass AND c.objsubid = 0
-    LOOP
-        FOR pub IN SELECT p.pubname FROM pg_publication p
-                   WHERE p.pubname LIKE 'pgmesh\_%'
-                     AND EXISTS (SELECT 1 FROM pgmesh.repset s
-                                 WHERE s.all_tables AND rel <> ALL (s.except_tables)
-                                   AND (s.nodes IS NULL OR p.pubname IN (SELECT 'pgmesh_' || n FROM unnest(s.nodes) n)))
-                     AND NOT EXISTS (SELECT 1 FROM pg_publication_rel pr
-                                     WHERE pr.prpubid = p.oid AND pr.prrelid = rel::regclass)
-        LOOP
-            EXECUTE format('ALTER PUBLICATION %I ADD TABLE %s', pub, rel);
-        END LOOP;
-    END LOOP;
+    PERFORM pgmesh.join_sets(u.relation) FROM (SELECT DISTINCT u.relation FROM pg_event_trigger_ddl_commands() c
+        JOIN pgmesh.user_tables u ON u.relid = c.objid
+        WHERE c.classid = 'pg_class'::regclass AND c.objsubid = 0) u;
 END
+$$;
+
+--
+-- Name: new_tables_join_sets(); Type: FUNCTION; Schema: pgmesh; Owner: -
+--
+
+CREATE FUNCTION pgmesh.new_tables_join_sets() RETURNS void
+    LANGUAGE sql
+    AS $$
+    SELECT pgmesh.join_sets(relation) FROM pgmesh.user_tables;
 $$;
 
 --
@@ -278,7 +328,8 @@ $$;
 --
 
 CREATE FUNCTION pgmesh.record_tombstone() RETURNS trigger
-    LANGUAGE plpgsql
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
     k jsonb;
@@ -297,19 +348,24 @@ $$;
 
 CREATE FUNCTION pgmesh.replicate_ddl(command text, timeout interval DEFAULT '00:00:30'::interval, proceed boolean DEFAULT false) RETURNS void
     LANGUAGE plpgsql
-    AS $$
+    AS $_$
 BEGIN
     IF NOT proceed AND NOT pgmesh.wait_for_peers(timeout) THEN
         RAISE EXCEPTION 'not every peer has applied this node''s changes within %, so the DDL was not run', timeout
             USING ERRCODE = '55000',
                   HINT = 'pgmesh status shows which peer lags or is unreachable; retry when it is back, or pass proceed => true (pgmesh ddl --proceed) and it applies the DDL in order when it returns.';
     END IF;
+    -- Never the pgmesh schema: for a role named pgmesh, "$user" names it,
+    -- and a table made there would never be replicated.
+    PERFORM set_config('search_path', coalesce((SELECT string_agg(quote_ident(s), ', ')
+        FROM unnest(current_schemas(false)) s WHERE s <> 'pgmesh'), ''), true);
     PERFORM set_config('pgmesh.replicating_ddl', 'on', true);
     EXECUTE command;
+    PERFORM pgmesh.new_tables_join_sets();
     PERFORM pgmesh.emit_ddl(command);
     PERFORM set_config('pgmesh.replicating_ddl', 'off', true);
 END
-$$;
+$_$;
 
 --
 -- Name: set_delta_column(regclass, name, boolean); Type: FUNCTION; Schema: pgmesh; Owner: -

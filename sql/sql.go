@@ -99,5 +99,10 @@ func Install(ctx context.Context, conn *pgx.Conn) (from, to int, err error) {
 		}
 		to = m.version
 	}
+	// Event triggers only a superuser can make: made here whenever the
+	// role is one (see migration 11).
+	if _, err := tx.Exec(ctx, `SELECT pgmesh.install_event_triggers()`); err != nil {
+		return from, to, fmt.Errorf("create pgmesh's event triggers: %w", err)
+	}
 	return from, to, tx.Commit(ctx)
 }

@@ -56,8 +56,9 @@ func TestDaemonRefusesMisconfiguredPostgres(t *testing.T) {
 	}
 }
 
-// A role that is not a superuser is refused at start, with the fix; so is
-// half a TLS setup.
+// A role that is not a superuser and lacks privileges is refused at start,
+// one line per missing privilege with the statement that grants it (package
+// privilege tests each one); so is half a TLS setup.
 func TestDaemonRefusesRoleAndHalfTLS(t *testing.T) {
 	ctx := ctxFor(t)
 	pg, err := pgtest.Start(ctx, pgtest.Options{})
@@ -72,8 +73,15 @@ func TestDaemonRefusesRoleAndHalfTLS(t *testing.T) {
 	raft, _ := pgtest.FreePort()
 	out := runDaemon(t, ctx, "--node-name", "a", "--dsn", strings.Replace(pg.DSN(), "postgres@", "app@", 1),
 		"--listen-api", "127.0.0.1:"+itoa(api), "--listen-raft", "127.0.0.1:"+itoa(raft))
-	if want := `role "app" is not a superuser`; !strings.Contains(out, want) || !strings.Contains(out, "CREATE ROLE pgmesh LOGIN SUPERUSER") {
-		t.Errorf("stderr lacks %q and the fix:\n%s", want, out)
+	for _, want := range []string{`role "app" is not a superuser and lacks SET on session_replication_role`,
+		`GRANT SET ON PARAMETER session_replication_role TO "app";`,
+		`GRANT EXECUTE ON FUNCTION pg_catalog.pg_replication_origin_session_setup(`} {
+		if !strings.Contains(out, want) {
+			t.Errorf("stderr lacks %q:\n%s", want, out)
+		}
+	}
+	if strings.Contains(out, "REPLICATION;") {
+		t.Errorf("stderr asks for the REPLICATION the role has:\n%s", out)
 	}
 	out = runDaemon(t, ctx, "--node-name", "a", "--dsn", pg.DSN(), "--tls-cert-file", "node.crt")
 	if want := "only one of tls_cert_file and tls_key_file is set"; !strings.Contains(out, want) {

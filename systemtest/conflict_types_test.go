@@ -21,73 +21,8 @@ CREATE TABLE people (id int PRIMARY KEY, email text UNIQUE, phone text UNIQUE)`
 func TestConflictTypes(t *testing.T) {
 	ctx := ctxFor(t)
 	nodes := mesh(t, ctx, kvSchema, "a", "b")
-	a, b := nodes[0], nodes[1]
-	mustExec(t, ctx, a, `INSERT INTO kv VALUES (2, 'seed', 'e2'), (3, 'seed', 'e3'), (4, 'seed', 'e4'), (5, 'seed', 'e5'), (6, 'seed', 'x6'), (7, 'seed', 'x7');
-		INSERT INTO people VALUES (1, 'e1', 'p1'), (2, 'e2', 'p2')`)
-	converged(t, ctx, 30*time.Second, "kv", nodes...)
-	converged(t, ctx, 30*time.Second, "people", nodes...)
-
-	partitioned(t, ctx, nodes, func() {
-		// insert_exists: both insert key 1.
-		mustExec(t, ctx, a, `INSERT INTO kv VALUES (1, 'a', NULL)`)
-		mustExec(t, ctx, b, `INSERT INTO kv VALUES (1, 'b', NULL)`)
-		// update_origin_differs: both update key 2.
-		mustExec(t, ctx, a, `UPDATE kv SET v = 'a' WHERE k = 2`)
-		mustExec(t, ctx, b, `UPDATE kv SET v = 'b' WHERE k = 2`)
-		// An update older than a delete: the delete wins everywhere.
-		mustExec(t, ctx, a, `UPDATE kv SET v = 'a' WHERE k = 3`)
-		mustExec(t, ctx, b, `DELETE FROM kv WHERE k = 3`)
-		// A delete older than an update: the update wins everywhere.
-		mustExec(t, ctx, a, `DELETE FROM kv WHERE k = 4`)
-		mustExec(t, ctx, b, `UPDATE kv SET v = 'b' WHERE k = 4`)
-		// delete_missing: both delete key 5.
-		mustExec(t, ctx, a, `DELETE FROM kv WHERE k = 5`)
-		mustExec(t, ctx, b, `DELETE FROM kv WHERE k = 5`)
-		// update_exists: two rows take the same unique email; b's is newer.
-		mustExec(t, ctx, a, `UPDATE kv SET email = 'dup' WHERE k = 6`)
-		mustExec(t, ctx, b, `UPDATE kv SET email = 'dup' WHERE k = 7`)
-		// multiple_unique_conflicts: b gives row 1 email E and row 2 phone P;
-		// then a inserts row 3 with both, newer than both.
-		mustExec(t, ctx, b, `UPDATE people SET email = 'E' WHERE id = 1`)
-		mustExec(t, ctx, b, `UPDATE people SET phone = 'P' WHERE id = 2`)
-		// a has the lower id: its insert is newer only from the next
-		// luw_resolution interval on (10 ms by default).
-		nextInterval(t, ctx, a)
-		mustExec(t, ctx, a, `INSERT INTO people VALUES (3, 'E', 'P')`)
-	})
-
-	kv := converged(t, ctx, 30*time.Second, "kv", nodes...)
-	if want := "(1,b,)\n(2,b,e2)\n(4,b,e4)\n(7,seed,dup)"; kv != want {
-		t.Errorf("kv converged to\n%s\nwant\n%s", kv, want)
-	}
-	people := converged(t, ctx, 30*time.Second, "people", nodes...)
-	if want := "(3,E,P)"; people != want {
-		t.Errorf("people converged to\n%s\nwant\n%s", people, want)
-	}
-	waitConflicts(t, ctx, a,
-		`public.kv insert_exists apply_remote {"k": 1}`,
-		`public.kv update_origin_differs apply_remote {"k": 2}`,
-		`public.kv delete_origin_differs apply_remote {"k": 3}`,
-		`public.kv update_missing apply_as_insert {"k": 4}`,
-		`public.kv delete_missing skip {"k": 5}`,
-		// Rows a wrote and b then changed count as update_origin_differs
-		// too (as in PostgreSQL 18), resolved for the newer change.
-		`public.kv update_origin_differs apply_remote {"k": 7}`,
-		`public.kv update_exists apply_remote {"k": 7}`,
-		`public.people update_origin_differs apply_remote {"id": 1}`,
-		`public.people update_exists keep_local {"id": 1}`,
-		`public.people update_origin_differs apply_remote {"id": 2}`,
-		`public.people update_exists keep_local {"id": 2}`,
-	)
-	waitConflicts(t, ctx, b,
-		`public.kv insert_exists keep_local {"k": 1}`,
-		`public.kv update_origin_differs keep_local {"k": 2}`,
-		`public.kv update_deleted skip {"k": 3}`,
-		`public.kv delete_origin_differs keep_local {"k": 4}`,
-		`public.kv delete_missing skip {"k": 5}`,
-		`public.kv update_exists keep_local {"k": 6}`,
-		`public.people multiple_unique_conflicts apply_remote {"id": 3}`,
-	)
+	a := nodes[0]
+	provokeConflictTypes(t, ctx, nodes...)
 
 	// The history row has both versions, who won, and the commit times.
 	c := connect(t, ctx, a)
@@ -293,4 +228,78 @@ func whileApplyWaits(t *testing.T, ctx context.Context, n, peer *localmesh.Node,
 	if _, err := conn.Exec(ctx, "COMMIT"); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// provokeConflictTypes makes each conflict type happen once between nodes a
+// and b (ids 1 and 2, kvSchema), and checks how each was settled and logged.
+func provokeConflictTypes(t *testing.T, ctx context.Context, nodes ...*localmesh.Node) {
+	t.Helper()
+	a, b := nodes[0], nodes[1]
+	mustExec(t, ctx, a, `INSERT INTO kv VALUES (2, 'seed', 'e2'), (3, 'seed', 'e3'), (4, 'seed', 'e4'), (5, 'seed', 'e5'), (6, 'seed', 'x6'), (7, 'seed', 'x7');
+		INSERT INTO people VALUES (1, 'e1', 'p1'), (2, 'e2', 'p2')`)
+	converged(t, ctx, 30*time.Second, "kv", nodes...)
+	converged(t, ctx, 30*time.Second, "people", nodes...)
+
+	partitioned(t, ctx, nodes, func() {
+		// insert_exists: both insert key 1.
+		mustExec(t, ctx, a, `INSERT INTO kv VALUES (1, 'a', NULL)`)
+		mustExec(t, ctx, b, `INSERT INTO kv VALUES (1, 'b', NULL)`)
+		// update_origin_differs: both update key 2.
+		mustExec(t, ctx, a, `UPDATE kv SET v = 'a' WHERE k = 2`)
+		mustExec(t, ctx, b, `UPDATE kv SET v = 'b' WHERE k = 2`)
+		// An update older than a delete: the delete wins everywhere.
+		mustExec(t, ctx, a, `UPDATE kv SET v = 'a' WHERE k = 3`)
+		mustExec(t, ctx, b, `DELETE FROM kv WHERE k = 3`)
+		// A delete older than an update: the update wins everywhere.
+		mustExec(t, ctx, a, `DELETE FROM kv WHERE k = 4`)
+		mustExec(t, ctx, b, `UPDATE kv SET v = 'b' WHERE k = 4`)
+		// delete_missing: both delete key 5.
+		mustExec(t, ctx, a, `DELETE FROM kv WHERE k = 5`)
+		mustExec(t, ctx, b, `DELETE FROM kv WHERE k = 5`)
+		// update_exists: two rows take the same unique email; b's is newer.
+		mustExec(t, ctx, a, `UPDATE kv SET email = 'dup' WHERE k = 6`)
+		mustExec(t, ctx, b, `UPDATE kv SET email = 'dup' WHERE k = 7`)
+		// multiple_unique_conflicts: b gives row 1 email E and row 2 phone P;
+		// then a inserts row 3 with both, newer than both.
+		mustExec(t, ctx, b, `UPDATE people SET email = 'E' WHERE id = 1`)
+		mustExec(t, ctx, b, `UPDATE people SET phone = 'P' WHERE id = 2`)
+		// a has the lower id: its insert is newer only from the next
+		// luw_resolution interval on (10 ms by default).
+		nextInterval(t, ctx, a)
+		mustExec(t, ctx, a, `INSERT INTO people VALUES (3, 'E', 'P')`)
+	})
+
+	kv := converged(t, ctx, 30*time.Second, "kv", nodes...)
+	if want := "(1,b,)\n(2,b,e2)\n(4,b,e4)\n(7,seed,dup)"; kv != want {
+		t.Errorf("kv converged to\n%s\nwant\n%s", kv, want)
+	}
+	people := converged(t, ctx, 30*time.Second, "people", nodes...)
+	if want := "(3,E,P)"; people != want {
+		t.Errorf("people converged to\n%s\nwant\n%s", people, want)
+	}
+	waitConflicts(t, ctx, a,
+		`public.kv insert_exists apply_remote {"k": 1}`,
+		`public.kv update_origin_differs apply_remote {"k": 2}`,
+		`public.kv delete_origin_differs apply_remote {"k": 3}`,
+		`public.kv update_missing apply_as_insert {"k": 4}`,
+		`public.kv delete_missing skip {"k": 5}`,
+		// Rows a wrote and b then changed count as update_origin_differs
+		// too (as in PostgreSQL 18), resolved for the newer change.
+		`public.kv update_origin_differs apply_remote {"k": 7}`,
+		`public.kv update_exists apply_remote {"k": 7}`,
+		`public.people update_origin_differs apply_remote {"id": 1}`,
+		`public.people update_exists keep_local {"id": 1}`,
+		`public.people update_origin_differs apply_remote {"id": 2}`,
+		`public.people update_exists keep_local {"id": 2}`,
+	)
+	waitConflicts(t, ctx, b,
+		`public.kv insert_exists keep_local {"k": 1}`,
+		`public.kv update_origin_differs keep_local {"k": 2}`,
+		`public.kv update_deleted skip {"k": 3}`,
+		`public.kv delete_origin_differs keep_local {"k": 4}`,
+		`public.kv delete_missing skip {"k": 5}`,
+		`public.kv update_exists keep_local {"k": 6}`,
+		`public.people multiple_unique_conflicts apply_remote {"id": 3}`,
+	)
+
 }

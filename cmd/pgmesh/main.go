@@ -43,8 +43,10 @@ Usage:
   pgmesh compare [TABLE...] [--json] [--chunk-rows N]
                                              find rows that differ between nodes (exit 1 if any)
   pgmesh repair TABLE... [--dry-run]         write each differing row's winner again
+  pgmesh grants --role NAME [--owner ROLE] [--create-role]
+                                             the SQL that lets a role that is not a superuser run pgmesh
 
-CLI commands talk to the local daemon at --api (env PGMESH_API, default 127.0.0.1:7400).
+CLI commands (but grants) talk to the local daemon at --api (env PGMESH_API, default 127.0.0.1:7400).
 `
 
 func main() {
@@ -103,6 +105,8 @@ func dispatch(ctx context.Context, args []string) error {
 		return cmdCompare(ctx, args[1:])
 	case "repair":
 		return cmdRepair(ctx, args[1:])
+	case "grants":
+		return cmdGrants(ctx, args[1:])
 	case "help", "-h", "--help":
 		fmt.Print(usage)
 		return nil

@@ -80,5 +80,5 @@ BEGIN
 END
 $$;
 
-CREATE EVENT TRIGGER pgmesh_note_dropped_temp ON sql_drop EXECUTE FUNCTION pgmesh.note_dropped_temp();
-CREATE EVENT TRIGGER pgmesh_capture_ddl ON ddl_command_end EXECUTE FUNCTION pgmesh.capture_ddl();
+-- The event triggers that call these (only a superuser may create them) are
+-- made by pgmesh.install_event_triggers() (version 11).

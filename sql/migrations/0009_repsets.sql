@@ -81,7 +81,5 @@ BEGIN
 END
 $$;
 
-CREATE EVENT TRIGGER pgmesh_new_table_joins_sets ON ddl_command_end
-    WHEN TAG IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO')
-    EXECUTE FUNCTION pgmesh.new_table_joins_sets();
-ALTER EVENT TRIGGER pgmesh_new_table_joins_sets ENABLE ALWAYS;
+-- Its event trigger (only a superuser may create one) is made by
+-- pgmesh.install_event_triggers() (version 11).

@@ -46,6 +46,9 @@ type Node struct {
 	RaftTiming string
 	// ExtraArgs are added to `pgmesh run`.
 	ExtraArgs []string
+	// DSN is what the daemon connects with; empty means the cluster's
+	// superuser DSN (PG.DSN()).
+	DSN string
 	// Transport reaches the daemon's API (nil: plain HTTP).
 	Transport *api.Transport
 
@@ -77,7 +80,11 @@ func NewNode(ctx context.Context, bin, name string, pgOpts pgtest.Options) (*Nod
 
 // Args is the daemon's command line.
 func (n *Node) Args() []string {
-	args := []string{"run", "--node-name", n.Name, "--dsn", n.PG.DSN(),
+	dsn := n.DSN
+	if dsn == "" {
+		dsn = n.PG.DSN()
+	}
+	args := []string{"run", "--node-name", n.Name, "--dsn", dsn,
 		"--listen-api", n.API, "--listen-raft", n.Raft, "--data-dir", n.DataDir}
 	if n.RaftTiming != "" {
 		args = append(args, "--raft-timing", n.RaftTiming)

@@ -302,9 +302,15 @@ func (c *Cluster) DSN() string {
 	return c.DBDSN("postgres")
 }
 
-// DBDSN is a connection string for the named database.
+// DBDSN is a connection string for the named database, as superuser.
 func (c *Cluster) DBDSN(db string) string {
-	return fmt.Sprintf("postgres://postgres@127.0.0.1:%d/%s?sslmode=disable", c.Port, db)
+	return c.RoleDSN("postgres", db)
+}
+
+// RoleDSN is a connection string for the named database as role (every
+// role may log in without a password: the cluster trusts local connections).
+func (c *Cluster) RoleDSN(role, db string) string {
+	return fmt.Sprintf("postgres://%s@127.0.0.1:%d/%s?sslmode=disable", role, c.Port, db)
 }
 
 // Connect opens a pgx connection to the "postgres" database.
