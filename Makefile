@@ -12,7 +12,7 @@ PG ?=
 WITH_PG = $(if $(PG),bin=$$(scripts/pg-bin.sh $(PG)) && export PGMESH_PG_BIN=$$bin && echo "PostgreSQL $(PG): $$bin" &&,)
 # The servers fetched for 16+ ship no pg_dump, so joining a node with an
 # empty database (join copies the schema with pg_dump) is tested on 15 only.
-NEEDS_PG_DUMP = TestJoinUnderWriteLoad|TestJoinInterruptedAndRetried|TestJoinSurvivesLeaderKill|TestJoinKeepsSourceUpdatesMadeDuringCopy|TestPartDrainForceAndRejoin
+NEEDS_PG_DUMP = TestJoinAfterSequenceConversion|TestJoinUnderWriteLoad|TestJoinInterruptedAndRetried|TestJoinSurvivesLeaderKill|TestJoinKeepsSourceUpdatesMadeDuringCopy|TestPartDrainForceAndRejoin
 # The control plane over real intercontinental latencies takes minutes and
 # does not depend on the PostgreSQL version: tested on 15 only.
 CONTROL_PLANE = TestGuideLatenciesOnEveryLink

@@ -283,3 +283,61 @@ func TestGallocWithoutQuorum(t *testing.T) {
 	})
 	t.Logf("%d values in all; %d drawn after quorum was lost, then a clear error", len(seen), after)
 }
+
+// A node that joins after sequences were converted converts them too: its
+// galloc defaults draw from chunks of its own, and its timeshard values
+// carry its own node id, not the source's (the copied sequence would go on
+// with the source's id and repeat its values). The daemons run as the
+// least-privilege role (privilege_test.go), so the joining node's copy of
+// the schema keeps the tables' owner.
+func TestJoinAfterSequenceConversion(t *testing.T) {
+	ctx := ctxFor(t)
+	all := newNodes(t, ctx, "", "a", "b", "c")
+	a, c := all[0], all[2]
+	for _, n := range all {
+		leastPrivilege(t, ctx, n)
+	}
+	nodes := all[:2]
+	for _, n := range nodes {
+		asApp(t, ctx, n, `CREATE TABLE ts (id bigserial PRIMARY KEY, node text); CREATE TABLE ga (id bigserial PRIMARY KEY, node text)`)
+		if err := n.Start(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := localmesh.Form(ctx, "g", nodes...); err != nil {
+		t.Fatal(err)
+	}
+	if err := localmesh.WaitConnected(ctx, 30*time.Second, nodes...); err != nil {
+		t.Fatal(err)
+	}
+	for _, conv := range [][]string{{"--kind", "timeshard", "ts_id_seq"}, {"--kind", "galloc", "--chunk-size", "100", "ga_id_seq"}} {
+		if out, stderr, err := a.CLI(ctx, append([]string{"sequences", "convert"}, conv...)...); err != nil {
+			t.Fatalf("convert %v: %v %s %s", conv, err, out, stderr)
+		}
+	}
+	for _, n := range nodes {
+		asApp(t, ctx, n, fmt.Sprintf(`INSERT INTO ts (node) SELECT '%[1]s' FROM generate_series(1, 150);
+			INSERT INTO ga (node) SELECT '%[1]s' FROM generate_series(1, 150)`, n.Name))
+	}
+	if err := c.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if out, stderr, err := c.CLI(ctx, "group", "join", "--via", a.API, "--token", joinToken(t, ctx, a)); err != nil {
+		t.Fatalf("join: %v\n%s\n%s", err, out, stderr)
+	}
+	if got := count(t, ctx, c, `SELECT count(*) FROM pg_class WHERE relname IN ('ts', 'ga') AND relowner = 'app_owner'::regrole`); got != 2 {
+		t.Errorf("c holds %d of the 2 copied tables owned by app_owner, as on the source", got)
+	}
+	asApp(t, ctx, c, `INSERT INTO ts (node) SELECT 'c' FROM generate_series(1, 150);
+		INSERT INTO ga (node) SELECT 'c' FROM generate_series(1, 150)`)
+	converged(t, ctx, time.Minute, "ts", all...)
+	converged(t, ctx, time.Minute, "ga", all...)
+	for _, table := range []string{"ts", "ga"} {
+		if got := count(t, ctx, c, fmt.Sprintf(`SELECT count(*) FROM %s`, table)); got != 450 {
+			t.Errorf("%s has %d rows on c, want 450 (values repeated?)", table, got)
+		}
+	}
+	if got := count(t, ctx, c, `SELECT count(*) FROM ts WHERE node = 'c' AND (pgmesh.timeshard_decode(id)).node_id <> 3`); got != 0 {
+		t.Errorf("%d of c's timeshard values carry another node's id", got)
+	}
+}
