@@ -344,6 +344,23 @@ func (s Setting) Check() error {
 	return nil
 }
 
+// String names the setting for messages, e.g. "delta column balance of public.accounts".
+func (s Setting) String() string {
+	switch {
+	case s.DeltaColumn != nil:
+		return fmt.Sprintf("delta column %s of %s", s.DeltaColumn.Column, s.DeltaColumn.Table)
+	case s.HomeColumn != nil:
+		return fmt.Sprintf("home column %s of %s", s.HomeColumn.Column, s.HomeColumn.Table)
+	case s.Timeshard != nil:
+		return "timeshard sequence " + s.Timeshard.Sequence
+	case s.Galloc != nil:
+		return "galloc sequence " + s.Galloc.Sequence
+	case s.BigintAudit:
+		return "the bigint audit"
+	}
+	return "an empty setting"
+}
+
 // SettingResponse lists the nodes where the change was made.
 type SettingResponse struct {
 	Nodes []string `json:"nodes"`

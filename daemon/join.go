@@ -279,7 +279,7 @@ func (d *Daemon) copyAndActivate(ctx context.Context, req api.JoinRequest) error
 		return err
 	}
 	repl.Close(ctx) // the snapshot is no longer needed
-	if err := d.adoptSequences(ctx, d.peerDSN(source), g); err != nil {
+	if err := d.adoptSettings(ctx, d.peerDSN(source), g); err != nil {
 		return err
 	}
 
@@ -309,51 +309,70 @@ func (d *Daemon) copyAndActivate(ctx context.Context, req api.JoinRequest) error
 	return nil
 }
 
-// adoptSequences converts here the global sequences the group converted
-// before this node joined (those of the source's pgmesh.global_sequence).
-// The copied schema has their columns' defaults, but this node needs its
-// own galloc chunks, and its own node id in timeshard values: the copied
-// sequence would go on with the source's.
-func (d *Daemon) adoptSequences(ctx context.Context, sourceDSN string, g *membership.Group) error {
+// adoptSettings makes here the per-table settings the group made before
+// this node joined, as the source holds them: the copy brings the tables
+// but not the pgmesh schema's rows, and a node without them would diverge
+// (a delta column applied as a plain value), let through writes its home
+// column forbids, or go on with the source's sequence values.
+func (d *Daemon) adoptSettings(ctx context.Context, sourceDSN string, g *membership.Group) error {
 	conn, err := pgsession.Connect(ctx, sourceDSN, "pgmesh join")
 	if err != nil {
 		return err
 	}
-	rows, err := conn.Query(ctx, `SELECT seq, kind, coalesce(chunk_size, 0) FROM pgmesh.global_sequence ORDER BY seq`)
-	type global struct {
-		seq, kind string
-		size      int64
-	}
-	var seqs []global
-	if err == nil {
-		seqs, err = pgx.CollectRows(rows, func(r pgx.CollectableRow) (global, error) {
-			var s global
-			return s, r.Scan(&s.seq, &s.kind, &s.size)
-		})
-	}
+	settings, err := groupSettings(ctx, conn)
 	conn.Close(context.Background())
 	if err != nil {
-		return fmt.Errorf("read the source's global sequences: %w", err)
+		return fmt.Errorf("read the source's delta columns, home columns and global sequences: %w", err)
 	}
-	if len(seqs) == 0 {
+	if len(settings) == 0 {
 		return nil
 	}
-	d.phase("converting global sequences")
+	d.phase("adopting the group's settings")
 	// Timeshard values carry the local node id, read from pgmesh.node.
 	if err := d.syncNodeTable(ctx, g); err != nil {
 		return err
 	}
-	for _, s := range seqs {
-		conv := &api.SequenceSetting{Sequence: s.seq, ChunkSize: s.size}
-		setting := api.Setting{Timeshard: conv}
-		if s.kind == "galloc" {
-			setting = api.Setting{Galloc: conv}
-		}
-		if err := d.applySetting(ctx, setting); err != nil {
-			return fmt.Errorf("convert sequence %s here (%s, as on the source): %w", s.seq, s.kind, err)
+	for _, s := range settings {
+		if err := d.applySetting(ctx, s); err != nil {
+			return fmt.Errorf("adopt %s as on the source: %w", s, err)
 		}
 	}
 	return nil
+}
+
+// groupSettings reads the settings a member holds, in the form
+// `pgmesh delta-column`, `home-column` and `sequences convert` send them.
+func groupSettings(ctx context.Context, conn *pgx.Conn) ([]api.Setting, error) {
+	rows, err := conn.Query(ctx, `
+		SELECT 'delta', relation, column_name, 0 FROM pgmesh.delta_column
+		UNION ALL
+		SELECT 'home', format('%I.%I', n.nspname, c.relname),
+		       convert_from(substring(t.tgargs FOR position('\x00'::bytea IN t.tgargs) - 1), 'UTF8'), 0
+		FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+		WHERE t.tgname = 'pgmesh_home'
+		UNION ALL
+		SELECT kind, seq, '', coalesce(chunk_size, 0) FROM pgmesh.global_sequence
+		ORDER BY 1, 2, 3`)
+	if err != nil {
+		return nil, err
+	}
+	return pgx.CollectRows(rows, func(r pgx.CollectableRow) (api.Setting, error) {
+		var kind, name, column string
+		var size int64
+		if err := r.Scan(&kind, &name, &column, &size); err != nil {
+			return api.Setting{}, err
+		}
+		switch kind {
+		case "delta":
+			return api.Setting{DeltaColumn: &api.ColumnSetting{Table: name, Column: column, Enabled: true}}, nil
+		case "home":
+			return api.Setting{HomeColumn: &api.ColumnSetting{Table: name, Column: column, Enabled: true}}, nil
+		case "galloc":
+			return api.Setting{Galloc: &api.SequenceSetting{Sequence: name, ChunkSize: size}}, nil
+		default:
+			return api.Setting{Timeshard: &api.SequenceSetting{Sequence: name}}, nil
+		}
+	})
 }
 
 // publishOn creates or updates receiver's publication on the Postgres at dsn.

@@ -336,3 +336,44 @@ func copying(t *testing.T, n *localmesh.Node) {
 		return nil
 	})
 }
+
+// The settings the group made before a node joins reach it with the join:
+// without its delta column the new node would apply a peer's increment as
+// a plain value and keep a different balance for good, and without its
+// home column it would let through writes to rows another node owns.
+func TestJoinAdoptsGroupSettings(t *testing.T) {
+	ctx := ctxFor(t)
+	const schema = `CREATE TABLE accounts (id int PRIMARY KEY, balance numeric NOT NULL);
+		CREATE TABLE orders (id int PRIMARY KEY, home text NOT NULL, status text NOT NULL)`
+	members := mesh(t, ctx, schema, "a", "b")
+	a, b := members[0], members[1]
+	for _, args := range [][]string{{"delta-column", "accounts", "balance"}, {"home-column", "orders", "home"}} {
+		if _, stderr, err := a.CLI(ctx, args...); err != nil {
+			t.Fatalf("%s: %v %s", args[0], err, stderr)
+		}
+	}
+	mustExec(t, ctx, a, `INSERT INTO accounts VALUES (1, 100)`)
+	mustExec(t, ctx, a, `INSERT INTO orders VALUES (1, 'a', 'new')`)
+
+	// With the tables created beforehand, the join copies no schema.
+	c := startNodes(t, ctx, schema, "c")[0]
+	if _, stderr, err := c.CLI(ctx, "group", "join", "--via", a.API, "--token", joinToken(t, ctx, a)); err != nil {
+		t.Fatalf("join: %v %s", err, stderr)
+	}
+	all := []*localmesh.Node{a, b, c}
+	converged(t, ctx, 30*time.Second, "accounts", all...)
+	if got := count(t, ctx, c, `SELECT count(*) FROM pg_class WHERE relname = 'accounts' AND relreplident = 'f'`); got != 1 {
+		t.Fatal("c: accounts is not REPLICA IDENTITY FULL, so its increments reach no one")
+	}
+	partitioned(t, ctx, all, func() {
+		mustExec(t, ctx, a, `UPDATE accounts SET balance = balance + 10 WHERE id = 1`)
+		mustExec(t, ctx, b, `UPDATE accounts SET balance = balance + 10 WHERE id = 1`)
+		mustExec(t, ctx, c, `UPDATE accounts SET balance = balance + 10 WHERE id = 1`)
+	})
+	if got := converged(t, ctx, 30*time.Second, "accounts", all...); got != "(1,130)" {
+		t.Fatalf("accounts converged to %s, want (1,130): an increment was lost", got)
+	}
+	if err := c.PG.Exec(ctx, `UPDATE orders SET status = 'shipped' WHERE id = 1`); err == nil || !strings.Contains(err.Error(), `belongs to node "a"`) {
+		t.Fatalf("c wrote a's order: %v", err)
+	}
+}
