@@ -102,7 +102,7 @@ func readJSON(r *http.Request, v any) error {
 func (d *Daemon) Status() api.StatusReport {
 	g, _ := d.store.Group()
 	rep := api.StatusReport{Node: d.cfg.NodeName, State: "not in a group", RaftState: d.store.RaftState(),
-		RaftLeader: d.store.Leader(), Nodes: []*api.Node{}, Peers: d.streamStatuses()}
+		RaftLeader: d.store.Leader(), Nodes: []*api.Node{}, Peers: d.streams.statuses()}
 	if g != nil {
 		rep.Group = g.Name
 		rep.Nodes = api.NodesOf(g.Sorted())
@@ -111,12 +111,9 @@ func (d *Daemon) Status() api.StatusReport {
 		}
 	}
 	rep.Join = d.join.snapshot()
-	d.mu.Lock()
-	rep.Problems = append(append([]string{}, d.problems...), d.seqProblems...)
-	rep.Slots = append([]api.SlotStatus{}, d.slots...)
-	rep.LocalTables = append([]string(nil), d.localTables...)
-	rep.RepsetsPublished = d.published
-	d.mu.Unlock()
+	rep.Problems = d.problems.all()
+	rep.Slots = d.slots.get()
+	rep.LocalTables, rep.RepsetsPublished = d.publications.taken()
 	for _, p := range rep.Peers {
 		if p.LastError != "" {
 			rep.Problems = append(rep.Problems, fmt.Sprintf("stream from %s: %s", p.Peer, p.LastError))

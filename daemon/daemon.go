@@ -3,7 +3,6 @@ package daemon
 import (
 	"context"
 	"crypto/tls"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -12,22 +11,21 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"sort"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
+	"golang.org/x/sync/errgroup"
 
 	"github.com/pgmesh/pgmesh/api"
 	"github.com/pgmesh/pgmesh/conflict"
 	"github.com/pgmesh/pgmesh/internal/dsn"
+	"github.com/pgmesh/pgmesh/internal/pgsession"
 	"github.com/pgmesh/pgmesh/membership"
 	"github.com/pgmesh/pgmesh/origin"
 	"github.com/pgmesh/pgmesh/replicator"
-	"github.com/pgmesh/pgmesh/repset"
 	pgsql "github.com/pgmesh/pgmesh/sql"
 )
 
@@ -38,28 +36,19 @@ type Daemon struct {
 	db    *pgxpool.Pool
 	store *membership.Store
 
-	mu       sync.Mutex
-	streams  map[string]*running
-	problems []string // current problems found by checks, for status
-	// localTables are the tables in no replication set, and published the
-	// hash of the sets this node's publications last took (repset.Sets.Hash).
-	localTables []string
-	published   string
-	// current is false while the group state here is older than the one
-	// the publications follow (after a restart, until Raft catches up).
-	current  bool
-	lastSync string // group state last written to pgmesh.node
-	ids      atomic.Pointer[map[string]int]
+	streams      supervisor
+	publications publications
+	nodeTable    nodeTable
+	problems     problemLog
+	slots        slotReport
+
+	ids atomic.Pointer[map[string]int]
 	// luwNanos is the luw_resolution in use (resolution.go).
 	luwNanos atomic.Int64
-	slots    []api.SlotStatus
-	// seqProblems are the global-sequence problems found by maintainSequences.
-	seqProblems []string
-	join        joiner
-	// bg holds work the API starts in the background (a join); Run waits
-	// for it before closing the pool and the Raft store it uses.
-	bg  sync.WaitGroup
-	ctx context.Context // the daemon's lifetime, for background work
+	join     joiner
+	// joins hands a join the API accepted to runJoins, which runs it for
+	// the daemon's lifetime (at most one is running: joiner.running).
+	joins chan api.JoinRequest
 	// gate holds the streams while a joining node takes its snapshot here.
 	gate   replicator.Gate
 	pauses pauses
@@ -107,13 +96,6 @@ func (d *Daemon) nodeID(name string) int {
 	return 0
 }
 
-type running struct {
-	stream *replicator.Stream
-	dsn    string
-	cancel context.CancelFunc
-	done   chan struct{}
-}
-
 // reconcileEvery bounds how long a missed change or a repairable problem
 // waits for the next reconcile pass.
 const reconcileEvery = 5 * time.Second
@@ -124,55 +106,110 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		return err
 	}
 	log = log.With("node", cfg.NodeName)
-	d := &Daemon{cfg: cfg, log: log, streams: map[string]*running{}, ctx: ctx, sweepSoon: make(chan struct{}, 1),
-		tendSoon: make(chan struct{}, 1)}
+	d := &Daemon{cfg: cfg, log: log, problems: problemLog{log: log}, joins: make(chan api.JoinRequest, 1),
+		sweepSoon: make(chan struct{}, 1), tendSoon: make(chan struct{}, 1)}
 
-	poolCfg, err := pgxpool.ParseConfig(cfg.DSN)
-	if err != nil {
-		return fmt.Errorf("parse dsn: %s", redactErr(err))
-	}
-	poolCfg.MaxConns = 4
-	poolCfg.ConnConfig.RuntimeParams["application_name"] = "pgmesh admin"
 	// A joining node's database is read-only for applications, not for us.
-	poolCfg.ConnConfig.RuntimeParams["default_transaction_read_only"] = "off"
-	cctx, cancel := context.WithTimeout(ctx, 15*time.Second)
-	conn, err := pgx.ConnectConfig(cctx, poolCfg.ConnConfig)
-	cancel()
+	poolCfg, err := pgsession.Pool(cfg.DSN, "pgmesh admin", 4, pgsession.Writer)
 	if err != nil {
-		return fmt.Errorf("cannot connect to local Postgres %s (%s): check dsn and that Postgres is running", dsn.Describe(cfg.DSN), redactErr(err))
+		return fmt.Errorf("dsn: %s", redactErr(err))
 	}
-	err = preflight(ctx, conn)
-	if err == nil {
-		var from, to int
-		if from, to, err = pgsql.Install(ctx, conn); err == nil && from != to {
-			log.Info("installed pgmesh schema", "from_version", from, "to_version", to)
-		}
-	}
-	if err == nil {
-		err = afterInstall(ctx, conn, &d.cfg, log)
-	}
-	if err == nil {
-		_, err = conn.Exec(ctx, `INSERT INTO pgmesh.setting VALUES ('capture_ddl', $1)
-			ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value`, map[bool]string{true: "on", false: "off"}[d.cfg.CaptureDDL])
-	}
-	if err == nil {
-		err = d.initResolution(ctx, conn)
-	}
-	conn.Close(ctx)
-	if err != nil {
+	if err := d.prepareDatabase(ctx, poolCfg.ConnConfig); err != nil {
 		return err
 	}
 	if d.db, err = pgxpool.NewWithConfig(ctx, poolCfg); err != nil {
 		return fmt.Errorf("open pool to local Postgres: %w", err)
 	}
 	defer d.db.Close()
+	tlsCfg, err := d.openStore()
+	if err != nil {
+		return err
+	}
+	defer d.store.Close()
 
+	ln, err := d.listenAPI(tlsCfg)
+	if err != nil {
+		return err
+	}
+	srv := &http.Server{Handler: d.routes(), ReadHeaderTimeout: 10 * time.Second}
+	log.Info("pgmesh daemon started", "dsn", dsn.Describe(cfg.DSN), "api", cfg.ListenAPI, "raft", cfg.ListenRaft, "tls", tlsCfg != nil)
+
+	// The parts of a running node. Each returns when ctx ends, or with an
+	// error that stops the others; the pool and the Raft store they use
+	// are closed (deferred above) only after all have returned.
+	g, ctx := errgroup.WithContext(ctx)
+	g.Go(func() error {
+		if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
+			return fmt.Errorf("api server: %w", err)
+		}
+		return nil
+	})
+	g.Go(func() error {
+		<-ctx.Done()
+		shutCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		_ = srv.Shutdown(shutCtx) // waits for the handlers that are running
+		return nil
+	})
+	g.Go(func() error {
+		d.loop(ctx)
+		d.streams.stopAll()
+		return nil
+	})
+	g.Go(func() error { d.housekeeping(ctx); return nil })
+	g.Go(func() error { d.publishProgress(ctx); return nil })
+	g.Go(func() error { d.maintainSequences(ctx); return nil })
+	g.Go(func() error { d.runJoins(ctx); return nil })
+	err = g.Wait()
+	log.Info("pgmesh daemon stopped")
+	return err
+}
+
+// prepareDatabase checks the local Postgres and the role (preflight),
+// installs or upgrades the pgmesh schema, and records this node's settings
+// there, on one connection closed before the daemon's pool opens.
+func (d *Daemon) prepareDatabase(ctx context.Context, connCfg *pgx.ConnConfig) error {
+	cctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	conn, err := pgx.ConnectConfig(cctx, connCfg)
+	cancel()
+	if err != nil {
+		return fmt.Errorf("cannot connect to local Postgres %s (%s): check dsn and that Postgres is running", dsn.Describe(d.cfg.DSN), redactErr(err))
+	}
+	defer conn.Close(context.Background())
+	if err := preflight(ctx, conn); err != nil {
+		return err
+	}
+	from, to, err := pgsql.Install(ctx, conn)
+	if err != nil {
+		return err
+	}
+	if from != to {
+		d.log.Info("installed pgmesh schema", "from_version", from, "to_version", to)
+	}
+	if err := afterInstall(ctx, conn, &d.cfg, d.log); err != nil {
+		return err
+	}
+	captureDDL := "off"
+	if d.cfg.CaptureDDL {
+		captureDDL = "on"
+	}
+	if _, err := conn.Exec(ctx, `INSERT INTO pgmesh.setting VALUES ('capture_ddl', $1)
+		ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value`, captureDDL); err != nil {
+		return fmt.Errorf("record capture_ddl: %w", err)
+	}
+	return d.initResolution(ctx, conn)
+}
+
+// openStore opens the Raft store in data_dir, over TLS when it is
+// configured, and returns the TLS settings for the API too (nil without).
+func (d *Daemon) openStore() (*tlsSetup, error) {
+	cfg := d.cfg
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
-		return fmt.Errorf("create data_dir %s: %w", cfg.DataDir, err)
+		return nil, fmt.Errorf("create data_dir %s: %w", cfg.DataDir, err)
 	}
 	tlsCfg, err := loadTLS(cfg)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	mcfg := membership.Config{NodeName: cfg.NodeName, DataDir: cfg.DataDir,
 		ListenRaft: cfg.ListenRaft, AdvertiseRaft: cfg.AdvertiseRaft, Timing: cfg.RaftTiming, PeerAddrs: cfg.PeerRaftAddrs}
@@ -182,45 +219,25 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		d.members = api.NewTransport(tlsCfg.client)
 	}
 	if d.store, err = membership.Open(mcfg); err != nil {
-		return err
+		return nil, err
 	}
-	defer d.store.Close()
+	return tlsCfg, nil
+}
 
-	ln, err := net.Listen("tcp", cfg.ListenAPI)
+// listenAPI opens the API's listener, over TLS when it is configured.
+func (d *Daemon) listenAPI(tlsCfg *tlsSetup) (net.Listener, error) {
+	addr := d.cfg.ListenAPI
+	ln, err := net.Listen("tcp", addr)
 	if err != nil {
-		return fmt.Errorf("listen for the API on %s: %w: choose a free address with listen_api", cfg.ListenAPI, err)
+		return nil, fmt.Errorf("listen for the API on %s: %w: choose a free address with listen_api", addr, err)
 	}
 	if tlsCfg != nil {
-		ln = tls.NewListener(ln, tlsCfg.api)
-	} else if host, _, _ := net.SplitHostPort(cfg.ListenAPI); !isLoopback(host) {
-		log.Warn("the API listens beyond loopback without TLS; set tls_cert_file, tls_key_file and tls_ca_file, or restrict access to it with a firewall", "listen_api", cfg.ListenAPI)
+		return tls.NewListener(ln, tlsCfg.api), nil
 	}
-	srv := &http.Server{Handler: d.routes(), ReadHeaderTimeout: 10 * time.Second}
-	serveErr := make(chan error, 1)
-	go func() { serveErr <- srv.Serve(ln) }()
-	log.Info("pgmesh daemon started", "dsn", dsn.Describe(cfg.DSN), "api", cfg.ListenAPI, "raft", cfg.ListenRaft, "tls", tlsCfg != nil)
-
-	hkCtx, stopHK := context.WithCancel(ctx)
-	hkDone := make(chan struct{})
-	go func() { defer close(hkDone); d.housekeeping(hkCtx) }()
-	progressDone := make(chan struct{})
-	go func() { defer close(progressDone); d.publishProgress(hkCtx) }()
-	seqDone := make(chan struct{})
-	go func() { defer close(seqDone); d.maintainSequences(hkCtx) }()
-
-	err = d.loop(ctx, serveErr)
-	stopHK()
-	<-hkDone
-	<-progressDone
-	<-seqDone
-
-	shutCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	_ = srv.Shutdown(shutCtx) // no handler runs after it: bg gets no new work
-	d.stopAll()
-	d.bg.Wait()
-	log.Info("pgmesh daemon stopped")
-	return err
+	if host, _, _ := net.SplitHostPort(addr); !isLoopback(host) {
+		d.log.Warn("the API listens beyond loopback without TLS; set tls_cert_file, tls_key_file and tls_ca_file, or restrict access to it with a firewall", "listen_api", addr)
+	}
+	return ln, nil
 }
 
 func isLoopback(host string) bool {
@@ -232,7 +249,7 @@ func isLoopback(host string) bool {
 }
 
 // loop reconciles on every membership change and periodically.
-func (d *Daemon) loop(ctx context.Context, serveErr <-chan error) error {
+func (d *Daemon) loop(ctx context.Context) {
 	t := time.NewTicker(reconcileEvery)
 	defer t.Stop()
 	for {
@@ -240,9 +257,7 @@ func (d *Daemon) loop(ctx context.Context, serveErr <-chan error) error {
 		d.reconcile(ctx, g)
 		select {
 		case <-ctx.Done():
-			return nil
-		case err := <-serveErr:
-			return fmt.Errorf("api server: %w", err)
+			return
 		case <-changed:
 		case <-t.C:
 		}
@@ -256,7 +271,7 @@ func (d *Daemon) reconcile(ctx context.Context, g *membership.Group) {
 		problems = append(problems, err.Error())
 	}
 	if g == nil {
-		d.setProblems(problems)
+		d.problems.set("reconcile", problems)
 		return
 	}
 	if err := d.syncNodeTable(ctx, g); err != nil {
@@ -271,7 +286,7 @@ func (d *Daemon) reconcile(ctx context.Context, g *membership.Group) {
 	}
 	d.ids.Store(&ids)
 	me := g.Nodes[d.cfg.NodeName]
-	want := map[string]*membership.Node{}
+	want := map[string]replicator.Config{}
 	if err := d.adoptResolution(ctx, g.Nodes); err != nil {
 		problems = append(problems, err.Error())
 	}
@@ -287,33 +302,14 @@ func (d *Daemon) reconcile(ctx context.Context, g *membership.Group) {
 	if me != nil && me.State == membership.Active && agreed {
 		for _, n := range g.Nodes {
 			if n.Name != me.Name && n.State == membership.Active {
-				want[n.Name] = n
+				want[n.Name] = d.streamConfig(n)
 			}
 		}
 	}
-	// Streams are stopped outside d.mu: a stream may take a while to stop
-	// (a joining node holds it), and status, health and metrics read d.mu.
-	d.mu.Lock()
-	var stopping []*running
-	for name, r := range d.streams {
-		if n, ok := want[name]; !ok || d.peerDSN(n) != r.dsn {
-			stopping = append(stopping, d.detachLocked(name))
-		}
-	}
-	d.mu.Unlock()
-	waitStopped(stopping)
-	d.mu.Lock()
-	for name, n := range want {
-		if _, ok := d.streams[name]; !ok {
-			d.startLocked(ctx, n)
-		}
-	}
-	d.mu.Unlock()
+	d.streams.match(ctx, want)
 
 	// A node parted in an older state may have joined again since.
-	d.mu.Lock()
-	current := d.current
-	d.mu.Unlock()
+	current := d.publications.isCurrent()
 	for _, n := range g.Nodes {
 		if current && n.State == membership.Parted && n.Name != d.cfg.NodeName {
 			if err := d.forgetPeer(ctx, n.Name); err != nil {
@@ -326,7 +322,7 @@ func (d *Daemon) reconcile(ctx context.Context, g *membership.Group) {
 			problems = append(problems, err.Error())
 		}
 	}
-	d.setProblems(problems)
+	d.problems.set("reconcile", problems)
 }
 
 // rule is the group's last-update-wins rule, as this node applies it (the
@@ -341,19 +337,9 @@ func describeMember(n *membership.Node, self string) string {
 	return "member " + n.Name
 }
 
-func (d *Daemon) setProblems(p []string) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	for _, s := range p {
-		if !slices.Contains(d.problems, s) {
-			d.log.Error("problem", "err", s)
-		}
-	}
-	d.problems = p
-}
-
-func (d *Daemon) startLocked(ctx context.Context, n *membership.Node) {
-	s := replicator.New(replicator.Config{
+// streamConfig is how this node streams from peer n.
+func (d *Daemon) streamConfig(n *membership.Node) replicator.Config {
+	return replicator.Config{
 		LocalNode:    d.cfg.NodeName,
 		LocalDSN:     d.cfg.DSN,
 		Peer:         replicator.Peer{Name: n.Name, ID: n.ID, DSN: d.peerDSN(n)},
@@ -368,39 +354,7 @@ func (d *Daemon) startLocked(ctx context.Context, n *membership.Node) {
 			default:
 			}
 		},
-	})
-	sctx, cancel := context.WithCancel(ctx)
-	r := &running{stream: s, dsn: d.peerDSN(n), cancel: cancel, done: make(chan struct{})}
-	d.streams[n.Name] = r
-	go func() {
-		defer close(r.done)
-		s.Run(sctx)
-	}()
-}
-
-// detachLocked tells a stream to stop and forgets it; the caller waits for
-// it (waitStopped) after releasing d.mu.
-func (d *Daemon) detachLocked(name string) *running {
-	r := d.streams[name]
-	r.cancel()
-	delete(d.streams, name)
-	return r
-}
-
-func waitStopped(rs []*running) {
-	for _, r := range rs {
-		<-r.done
 	}
-}
-
-func (d *Daemon) stopAll() {
-	d.mu.Lock()
-	var stopping []*running
-	for name := range d.streams {
-		stopping = append(stopping, d.detachLocked(name))
-	}
-	d.mu.Unlock()
-	waitStopped(stopping)
 }
 
 // forgetPeer drops what this node kept for a parted peer: its origin here and
@@ -420,7 +374,7 @@ func (d *Daemon) forgetPeer(ctx context.Context, peer string) error {
 // forgetAll is forgetPeer for every pgmesh origin and slot, once this node
 // itself has been parted.
 func (d *Daemon) forgetAll(ctx context.Context) error {
-	d.stopAll()
+	d.streams.stopAll()
 	rows, err := d.db.Query(ctx, `SELECT roname FROM pg_replication_origin WHERE roname LIKE 'pgmesh\_%'
 		UNION SELECT slot_name FROM pg_replication_slots WHERE slot_name LIKE 'pgmesh\_%'`)
 	if err != nil {
@@ -462,28 +416,9 @@ func dropSlot(ctx context.Context, conn *pgx.Conn, slot string) error {
 	return nil
 }
 
-// syncNodeTable mirrors the group into pgmesh.node for SQL users.
+// syncNodeTable mirrors the group into pgmesh.node.
 func (d *Daemon) syncNodeTable(ctx context.Context, g *membership.Group) error {
-	b, _ := json.Marshal(g)
-	if string(b) == d.lastSync {
-		return nil
-	}
-	err := pgx.BeginFunc(ctx, d.db, func(tx pgx.Tx) error {
-		if _, err := tx.Exec(ctx, `DELETE FROM pgmesh.node`); err != nil {
-			return err
-		}
-		for _, n := range g.Nodes {
-			if _, err := tx.Exec(ctx, `INSERT INTO pgmesh.node (node_name, node_id, state, is_local, api_addr)
-				VALUES ($1, $2, $3, $4, $5)`, n.Name, n.ID, string(n.State), n.Name == d.cfg.NodeName, n.API); err != nil {
-				return err
-			}
-		}
-		return nil
-	})
-	if err == nil {
-		d.lastSync = string(b)
-	}
-	return err
+	return d.nodeTable.sync(ctx, d.db, g, d.cfg.NodeName)
 }
 
 // checkTables keeps the publications current with the replication sets and
@@ -496,18 +431,11 @@ func (d *Daemon) checkTables(ctx context.Context, g *membership.Group, problems 
 	}
 	defer conn.Release()
 	if g != nil {
-		sets := g.Sets()
-		done, err := repset.Sync(ctx, conn.Conn(), sets, d.receivers(g), g.Index)
+		current, err := d.publications.sync(ctx, conn.Conn(), g, d.receivers(g))
 		if err != nil {
 			return err
 		}
-		d.mu.Lock()
-		d.current = done.Current
-		if done.Current {
-			d.localTables, d.published = done.Local, sets.Hash()
-		}
-		d.mu.Unlock()
-		if !done.Current {
+		if !current {
 			return nil // an older state than the publications follow: wait
 		}
 	}
@@ -564,16 +492,4 @@ func (d *Daemon) loadToken() (string, error) {
 		return "", errors.New("this node holds no join token (it is not in a group)")
 	}
 	return strings.TrimSpace(string(b)), err
-}
-
-// streamStatuses returns every stream's status, ordered by peer name.
-func (d *Daemon) streamStatuses() []replicator.Status {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	out := make([]replicator.Status, 0, len(d.streams))
-	for _, r := range d.streams {
-		out = append(out, r.stream.Status())
-	}
-	sort.Slice(out, func(i, j int) bool { return out[i].Peer < out[j].Peer })
-	return out
 }

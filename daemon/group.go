@@ -262,7 +262,7 @@ func (d *Daemon) drainParting(ctx context.Context, g *membership.Group, parting 
 
 // appliedFrom reports how far this node has applied peer's changes.
 func (d *Daemon) appliedFrom(peer string) (pglogrepl.LSN, bool) {
-	for _, s := range d.streamStatuses() {
+	for _, s := range d.streams.statuses() {
 		if s.Peer == peer {
 			lsn, err := pglogrepl.ParseLSN(s.AppliedLSN)
 			return lsn, err == nil

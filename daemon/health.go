@@ -33,7 +33,7 @@ func (d *Daemon) health(ctx context.Context) api.HealthReport {
 	default:
 		streams := map[string]bool{}
 		max := d.cfg.HealthMaxLag
-		for _, s := range d.streamStatuses() {
+		for _, s := range d.streams.statuses() {
 			streams[s.Peer] = true
 			lag := time.Duration(s.LagSeconds * float64(time.Second))
 			if !s.Connected && s.DisconnectedSince != nil {

@@ -71,7 +71,7 @@ func (d *Daemon) tombstoneHorizon() (time.Time, bool) {
 		return time.Time{}, false
 	}
 	through := map[string]*time.Time{}
-	for _, s := range d.streamStatuses() {
+	for _, s := range d.streams.statuses() {
 		through[s.Peer] = s.AppliedThrough
 	}
 	var horizon time.Time

@@ -53,39 +53,55 @@ func (d *Daemon) handleJoin(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, 0, err)
 		return
 	}
-	if req.Via == "" || req.Token == "" {
-		writeErr(w, http.StatusBadRequest, errors.New("join needs --via HOST:PORT (a member's API address) and --token (printed by 'pgmesh group create')"))
+	reg, err := d.startJoin(r.Context(), req)
+	if err != nil {
+		writeErr(w, http.StatusBadRequest, err)
 		return
+	}
+	writeJSON(w, http.StatusAccepted, reg)
+}
+
+// startJoin registers this node with the group as joining and hands the
+// rest of the join to runJoins. A bad token or a non-empty database is
+// reported at once.
+func (d *Daemon) startJoin(ctx context.Context, req api.JoinRequest) (*api.JoinResponse, error) {
+	if req.Via == "" || req.Token == "" {
+		return nil, errors.New("join needs --via HOST:PORT (a member's API address) and --token (printed by 'pgmesh group create')")
 	}
 	if g, _ := d.store.Group(); g != nil {
 		if me := g.Nodes[d.cfg.NodeName]; me != nil && me.State != membership.Joining {
-			writeErr(w, http.StatusConflict, fmt.Errorf("node %q is already %s in node group %q", d.cfg.NodeName, me.State, g.Name))
-			return
+			return nil, &api.Error{Status: http.StatusConflict, Message: fmt.Sprintf("node %q is already %s in node group %q", d.cfg.NodeName, me.State, g.Name)}
 		}
 	}
 	d.join.mu.Lock()
 	if d.join.running {
 		d.join.mu.Unlock()
-		writeErr(w, http.StatusConflict, errors.New("a join is already running on this node: follow it with 'pgmesh status'"))
-		return
+		return nil, &api.Error{Status: http.StatusConflict, Message: "a join is already running on this node: follow it with 'pgmesh status'"}
 	}
 	d.join.running = true
 	d.join.status = &api.JoinStatus{Via: req.Via, Phase: "starting", StartedAt: time.Now().UTC()}
 	d.join.mu.Unlock()
 
-	// A bad token or a non-empty database is reported to the caller at
-	// once; the rest runs in the background.
-	reg, err := d.register(r.Context(), req)
+	reg, err := d.register(ctx, req)
 	if err != nil {
 		d.finishJoin(err)
-		writeErr(w, http.StatusBadRequest, err)
-		return
+		return nil, err
 	}
-	d.bg.Go(func() {
-		err := d.copyAndActivate(d.ctx, req)
-		d.finishJoin(err)
-	})
-	writeJSON(w, http.StatusAccepted, reg)
+	d.joins <- req // never blocks: the buffer holds one, and joiner.running admits one
+	return reg, nil
+}
+
+// runJoins runs the joins the API accepts for the daemon's lifetime: a
+// join outlives the request that started it.
+func (d *Daemon) runJoins(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case req := <-d.joins:
+			d.finishJoin(d.copyAndActivate(ctx, req))
+		}
+	}
 }
 
 func (d *Daemon) finishJoin(err error) {
@@ -106,17 +122,17 @@ func (d *Daemon) finishJoin(err error) {
 	d.saveJoinStatus(context.Background())
 }
 
-func (d *Daemon) phase(p string) {
+func (d *Daemon) phase(ctx context.Context, p string) {
 	d.join.update(func(s *api.JoinStatus) { s.Phase = p })
 	d.log.Info("join", "phase", p)
-	d.saveJoinStatus(d.ctx)
+	d.saveJoinStatus(ctx)
 }
 
 // joinProgress keeps the join's status as the copy reports its progress.
 func (d *Daemon) joinProgress(ctx context.Context) func(join.Progress) {
 	return func(p join.Progress) {
 		if p.Phase != "" {
-			d.phase(p.Phase)
+			d.phase(ctx, p.Phase)
 			return
 		}
 		d.join.update(func(s *api.JoinStatus) {
@@ -202,20 +218,14 @@ func (d *Daemon) copyAndActivate(ctx context.Context, req api.JoinRequest) error
 	if err != nil {
 		return fmt.Errorf("ask %s which node it is: %w", req.Via, err)
 	}
-	source := g.Nodes[src.Node]
-	if source == nil || source.State != membership.Active {
-		return fmt.Errorf("%s is node %q, which is not an active member: join through an active member", req.Via, src.Node)
-	}
-	var others []*membership.Node
-	for _, n := range g.Sorted() {
-		if n.State == membership.Active && n.Name != source.Name && n.Name != d.cfg.NodeName {
-			others = append(others, n)
-		}
+	source, others, err := planJoin(g, d.cfg.NodeName, src.Node, req.Via)
+	if err != nil {
+		return err
 	}
 
 	// Applications may not write here until the node is active: their
 	// changes would not reach the group.
-	d.phase("preparing")
+	d.phase(ctx, "preparing")
 	if err := d.setReadOnly(ctx, true); err != nil {
 		return err
 	}
@@ -244,14 +254,14 @@ func (d *Daemon) copyAndActivate(ctx context.Context, req api.JoinRequest) error
 	// 2. The source must have applied those members' changes up to there,
 	// so the copy holds everything before the slots' start.
 	for _, m := range others {
-		d.phase(fmt.Sprintf("waiting for %s to apply %s's changes up to %s", source.Name, m.Name, starts[m.Name]))
+		d.phase(ctx, fmt.Sprintf("waiting for %s to apply %s's changes up to %s", source.Name, m.Name, starts[m.Name]))
 		if err := waitApplied(ctx, d.members.Client(d.peerAPI(source), ""), m.Name, starts[m.Name], 10*time.Minute); err != nil {
 			return err
 		}
 	}
 	// 3. A slot on the source with an exported snapshot: the copy is taken
 	// under it, and streaming the source starts exactly after it.
-	d.phase("exporting a snapshot on " + source.Name)
+	d.phase(ctx, "exporting a snapshot on "+source.Name)
 	repl, err := replicator.ConnectReplication(ctx, d.peerDSN(source), "pgmesh join "+d.cfg.NodeName)
 	if err != nil {
 		return fmt.Errorf("connect to source %q for replication: %w", source.Name, err)
@@ -264,14 +274,7 @@ func (d *Daemon) copyAndActivate(ctx context.Context, req api.JoinRequest) error
 	if err != nil {
 		return err
 	}
-	starts[source.Name] = snapshot.Start
-	// Each other member's stream starts where the snapshot has got with
-	// that member's changes, or at its new slot, whichever is later.
-	for name, start := range starts {
-		if p, ok := progress[name]; ok && name != source.Name && p > start {
-			starts[name] = p
-		}
-	}
+	starts = streamStarts(starts, source.Name, snapshot.Start, progress)
 
 	c := join.Copy{Source: source.Name, SourceDSN: d.peerDSN(source), LocalDSN: d.cfg.DSN, Receiver: d.cfg.NodeName,
 		Snapshot: snapshot, Starts: starts, Report: d.joinProgress(ctx)}
@@ -285,9 +288,9 @@ func (d *Daemon) copyAndActivate(ctx context.Context, req api.JoinRequest) error
 
 	// 4. Publications and slots here for every member, after the copy:
 	// members must not receive the copied rows as new changes.
-	d.phase("creating slots for the members")
+	d.phase(ctx, "creating slots for the members")
 	if err := d.withConn(ctx, func(conn *pgx.Conn) error {
-		_, err := repset.Sync(ctx, conn, g.Sets(), d.receivers(g), g.Index)
+		_, err := d.publications.sync(ctx, conn, g, d.receivers(g))
 		return err
 	}); err != nil {
 		return err
@@ -300,13 +303,43 @@ func (d *Daemon) copyAndActivate(ctx context.Context, req api.JoinRequest) error
 	if err := d.setReadOnly(ctx, false); err != nil {
 		return err
 	}
-	d.phase("activating")
+	d.phase(ctx, "activating")
 	done, err := d.members.Client(req.Via, req.Token).SetState(ctx, api.StateRequest{Name: d.cfg.NodeName, State: membership.Active})
 	if err != nil {
 		return fmt.Errorf("activate through %s: %w", req.Via, err)
 	}
 	d.log.Info("joined node group", "group", done.Group, "node_id", done.Node.ID)
 	return nil
+}
+
+// planJoin names the member a join copies from (the one at the --via
+// address, which must be active) and the other active members, whose
+// slots for the new node are made first.
+func planJoin(g *membership.Group, self, sourceName, via string) (source *membership.Node, others []*membership.Node, err error) {
+	source = g.Nodes[sourceName]
+	if source == nil || source.State != membership.Active {
+		return nil, nil, fmt.Errorf("%s is node %q, which is not an active member: join through an active member", via, sourceName)
+	}
+	for _, n := range g.Sorted() {
+		if n.State == membership.Active && n.Name != source.Name && n.Name != self {
+			others = append(others, n)
+		}
+	}
+	return source, others, nil
+}
+
+// streamStarts is where each member's stream to the new node starts: the
+// source's at its snapshot; each other member's where the snapshot has got
+// with that member's changes (progress), or at its new slot (slots),
+// whichever is later, so that nothing is applied twice or skipped.
+func streamStarts(slots map[string]pglogrepl.LSN, source string, snapshot pglogrepl.LSN, progress map[string]pglogrepl.LSN) map[string]pglogrepl.LSN {
+	starts := map[string]pglogrepl.LSN{source: snapshot}
+	for name, start := range slots {
+		if name != source {
+			starts[name] = max(start, progress[name])
+		}
+	}
+	return starts
 }
 
 // adoptSettings makes here the per-table settings the group made before
@@ -327,7 +360,7 @@ func (d *Daemon) adoptSettings(ctx context.Context, sourceDSN string, g *members
 	if len(settings) == 0 {
 		return nil
 	}
-	d.phase("adopting the group's settings")
+	d.phase(ctx, "adopting the group's settings")
 	// Timeshard values carry the local node id, read from pgmesh.node.
 	if err := d.syncNodeTable(ctx, g); err != nil {
 		return err

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
-	"slices"
 	"strings"
 	"time"
 
@@ -287,14 +286,7 @@ func (d *Daemon) maintainSequences(ctx context.Context) {
 		if err != nil && ctx.Err() == nil {
 			problems = append(problems, "global sequences: "+err.Error())
 		}
-		d.mu.Lock()
-		for _, p := range problems {
-			if !slices.Contains(d.seqProblems, p) {
-				d.log.Error("problem", "err", p)
-			}
-		}
-		d.seqProblems = problems
-		d.mu.Unlock()
+		d.problems.set("sequences", problems)
 		wait = time.Second
 		if galloc {
 			wait = 50 * time.Millisecond

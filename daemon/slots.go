@@ -70,8 +70,6 @@ func (d *Daemon) checkSlots(ctx context.Context, g *membership.Group, problems *
 		}
 	}
 	sort.Slice(kept, func(i, j int) bool { return kept[i].Peer < kept[j].Peer })
-	d.mu.Lock()
-	d.slots = kept
-	d.mu.Unlock()
+	d.slots.set(kept)
 	return nil
 }

@@ -9,6 +9,7 @@ import (
 	"fmt"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
 )
 
 // Settings are session settings by name.
@@ -33,13 +34,28 @@ func Config(dsn, app string, sets ...Settings) (*pgx.ConnConfig, error) {
 	if err != nil {
 		return nil, fmt.Errorf("parse the connection string: %w", err)
 	}
+	name(cfg, app, sets)
+	return cfg, nil
+}
+
+// Pool is Config for a pool of at most size sessions.
+func Pool(dsn, app string, size int32, sets ...Settings) (*pgxpool.Config, error) {
+	cfg, err := pgxpool.ParseConfig(dsn)
+	if err != nil {
+		return nil, fmt.Errorf("parse the connection string: %w", err)
+	}
+	cfg.MaxConns = size
+	name(cfg.ConnConfig, app, sets)
+	return cfg, nil
+}
+
+func name(cfg *pgx.ConnConfig, app string, sets []Settings) {
 	cfg.RuntimeParams["application_name"] = app
 	for _, s := range sets {
 		for k, v := range s {
 			cfg.RuntimeParams[k] = v
 		}
 	}
-	return cfg, nil
 }
 
 // Connect opens a session as Config describes it.
