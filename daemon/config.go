@@ -68,6 +68,10 @@ type Config struct {
 	// MaxClockSkew is how far a peer's clock may be ahead of this node's
 	// before it is reported in status, health, metrics and the log.
 	MaxClockSkew time.Duration
+	// StandbySlots are the physical slots of the standbys of this node's
+	// Postgres that may be promoted: changes applied here are confirmed
+	// to peers only once those standbys have flushed them.
+	StandbySlots []string
 }
 
 // Defaults for the optional keys.
@@ -93,6 +97,9 @@ const (
 )
 
 var nodeNameRE = regexp.MustCompile(`^[a-z][a-z0-9_]{0,39}$`)
+
+// validSlotName is what PostgreSQL accepts as a replication slot name.
+var validSlotName = regexp.MustCompile(`^[a-z0-9_]{1,63}$`)
 
 // ValidNodeName reports whether name is a legal node name.
 func ValidNodeName(name string) bool { return nodeNameRE.MatchString(name) }
@@ -150,6 +157,11 @@ func (c *Config) Normalize() error {
 	}
 	if c.HousekeepingInterval == 0 {
 		c.HousekeepingInterval = DefaultHousekeepingInterval
+	}
+	for _, s := range c.StandbySlots {
+		if !validSlotName.MatchString(s) {
+			errs = append(errs, fmt.Errorf("standby_slots names %q, which is not a replication slot name (lower-case letters, digits and underscores, at most 63): name each standby's physical slot, separated by commas", s))
+		}
 	}
 	for name, d := range c.PeerDSNs {
 		if !ValidNodeName(name) {

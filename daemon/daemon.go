@@ -121,13 +121,14 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		return fmt.Errorf("open pool to local Postgres: %w", err)
 	}
 	defer d.db.Close()
+	d.join.db, d.join.log = d.db, log
 	tlsCfg, err := d.openStore()
 	if err != nil {
 		return err
 	}
 	defer d.store.Close()
 
-	ln, err := d.listenAPI(tlsCfg)
+	ln, err := listenAPI(cfg.ListenAPI, tlsCfg, log)
 	if err != nil {
 		return err
 	}
@@ -225,8 +226,7 @@ func (d *Daemon) openStore() (*tlsSetup, error) {
 }
 
 // listenAPI opens the API's listener, over TLS when it is configured.
-func (d *Daemon) listenAPI(tlsCfg *tlsSetup) (net.Listener, error) {
-	addr := d.cfg.ListenAPI
+func listenAPI(addr string, tlsCfg *tlsSetup, log *slog.Logger) (net.Listener, error) {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("listen for the API on %s: %w: choose a free address with listen_api", addr, err)
@@ -235,7 +235,7 @@ func (d *Daemon) listenAPI(tlsCfg *tlsSetup) (net.Listener, error) {
 		return tls.NewListener(ln, tlsCfg.api), nil
 	}
 	if host, _, _ := net.SplitHostPort(addr); !isLoopback(host) {
-		d.log.Warn("the API listens beyond loopback without TLS; set tls_cert_file, tls_key_file and tls_ca_file, or restrict access to it with a firewall", "listen_api", addr)
+		log.Warn("the API listens beyond loopback without TLS; set tls_cert_file, tls_key_file and tls_ca_file, or restrict access to it with a firewall", "listen_api", addr)
 	}
 	return ln, nil
 }
@@ -348,6 +348,7 @@ func (d *Daemon) streamConfig(n *membership.Node) replicator.Config {
 		Gate:         &d.gate,
 		Rule:         d.rule(),
 		MaxClockSkew: d.cfg.MaxClockSkew,
+		StandbySlots: d.cfg.StandbySlots,
 		DeletedMissing: func() {
 			select {
 			case d.sweepSoon <- struct{}{}:

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
-	"sync"
 	"time"
 
 	"github.com/jackc/pglogrepl"
@@ -21,29 +20,6 @@ import (
 	"github.com/pgmesh/pgmesh/replicator"
 	"github.com/pgmesh/pgmesh/repset"
 )
-
-// joiner tracks the one join a daemon may run at a time.
-type joiner struct {
-	mu      sync.Mutex
-	running bool
-	status  *api.JoinStatus
-}
-
-func (j *joiner) snapshot() *api.JoinStatus {
-	j.mu.Lock()
-	defer j.mu.Unlock()
-	if j.status == nil {
-		return nil
-	}
-	s := *j.status
-	return &s
-}
-
-func (j *joiner) update(f func(*api.JoinStatus)) {
-	j.mu.Lock()
-	f(j.status)
-	j.mu.Unlock()
-}
 
 // handleJoin starts joining the group of the daemon at Via in the
 // background; `pgmesh group join` then follows the progress in status.
@@ -73,21 +49,16 @@ func (d *Daemon) startJoin(ctx context.Context, req api.JoinRequest) (*api.JoinR
 			return nil, &api.Error{Status: http.StatusConflict, Message: fmt.Sprintf("node %q is already %s in node group %q", d.cfg.NodeName, me.State, g.Name)}
 		}
 	}
-	d.join.mu.Lock()
-	if d.join.running {
-		d.join.mu.Unlock()
+	if !d.join.start(req.Via) {
 		return nil, &api.Error{Status: http.StatusConflict, Message: "a join is already running on this node: follow it with 'pgmesh status'"}
 	}
-	d.join.running = true
-	d.join.status = &api.JoinStatus{Via: req.Via, Phase: "starting", StartedAt: time.Now().UTC()}
-	d.join.mu.Unlock()
 
 	reg, err := d.register(ctx, req)
 	if err != nil {
-		d.finishJoin(err)
+		d.join.finish(err)
 		return nil, err
 	}
-	d.joins <- req // never blocks: the buffer holds one, and joiner.running admits one
+	d.joins <- req // never blocks: the buffer holds one, and join.start admits one
 	return reg, nil
 }
 
@@ -99,76 +70,8 @@ func (d *Daemon) runJoins(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case req := <-d.joins:
-			d.finishJoin(d.copyAndActivate(ctx, req))
+			d.join.finish(d.copyAndActivate(ctx, req))
 		}
-	}
-}
-
-func (d *Daemon) finishJoin(err error) {
-	d.join.update(func(s *api.JoinStatus) {
-		if err != nil {
-			s.Error = err.Error()
-			s.Phase = "failed"
-		} else {
-			s.Done, s.Phase = true, "done"
-		}
-	})
-	d.join.mu.Lock()
-	d.join.running = false
-	d.join.mu.Unlock()
-	if err != nil {
-		d.log.Error("join failed; run the same 'pgmesh group join' again to retry", "err", err)
-	}
-	d.saveJoinStatus(context.Background())
-}
-
-func (d *Daemon) phase(ctx context.Context, p string) {
-	d.join.update(func(s *api.JoinStatus) { s.Phase = p })
-	d.log.Info("join", "phase", p)
-	d.saveJoinStatus(ctx)
-}
-
-// joinProgress keeps the join's status as the copy reports its progress.
-func (d *Daemon) joinProgress(ctx context.Context) func(join.Progress) {
-	return func(p join.Progress) {
-		if p.Phase != "" {
-			d.phase(ctx, p.Phase)
-			return
-		}
-		d.join.update(func(s *api.JoinStatus) {
-			if p.TablesTotal > 0 {
-				s.TablesTotal, s.BytesTotal = p.TablesTotal, p.BytesTotal
-			}
-			if p.TableDone {
-				s.TablesDone++
-			}
-			s.Rows += p.Rows
-			s.Bytes += p.Bytes
-		})
-		if p.TableDone {
-			d.saveJoinStatus(ctx)
-		}
-	}
-}
-
-// saveJoinStatus mirrors the progress into pgmesh.join_status for SQL users.
-func (d *Daemon) saveJoinStatus(ctx context.Context) {
-	s := d.join.snapshot()
-	if s == nil {
-		return
-	}
-	var errText *string
-	if s.Error != "" {
-		errText = &s.Error
-	}
-	_, err := d.db.Exec(ctx, `INSERT INTO pgmesh.join_status AS j (via, phase, tables_total, tables_done, rows_copied, bytes_copied, bytes_total, started_at, error)
-		VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-		ON CONFLICT (one) DO UPDATE SET via = EXCLUDED.via, phase = EXCLUDED.phase, tables_total = EXCLUDED.tables_total,
-			tables_done = EXCLUDED.tables_done, rows_copied = EXCLUDED.rows_copied, bytes_copied = EXCLUDED.bytes_copied,
-			bytes_total = EXCLUDED.bytes_total, started_at = EXCLUDED.started_at, updated_at = now(), error = EXCLUDED.error`,
-		s.Via, s.Phase, s.TablesTotal, s.TablesDone, s.Rows, s.Bytes, s.BytesTotal, s.StartedAt, errText)
-	if err != nil {
-		d.log.Warn("save join progress", "err", err)
 	}
 }
 
@@ -225,7 +128,7 @@ func (d *Daemon) copyAndActivate(ctx context.Context, req api.JoinRequest) error
 
 	// Applications may not write here until the node is active: their
 	// changes would not reach the group.
-	d.phase(ctx, "preparing")
+	d.join.phase(ctx, "preparing")
 	if err := d.setReadOnly(ctx, true); err != nil {
 		return err
 	}
@@ -233,35 +136,13 @@ func (d *Daemon) copyAndActivate(ctx context.Context, req api.JoinRequest) error
 		return err
 	}
 	slot := origin.SlotName(d.cfg.NodeName)
-
-	// 0. This node's publication on every member, before the slots: a
-	// slot must never meet a change from before its publication existed.
-	for _, m := range append(others, source) {
-		if err := publishOn(ctx, d.peerDSN(m), g, d.cfg.NodeName); err != nil {
-			return fmt.Errorf("publish this node's share on member %q: %w", m.Name, err)
-		}
-	}
-	// 1. Slots on every other member first: from here on their changes are
-	// kept for this node.
-	starts := map[string]pglogrepl.LSN{}
-	for _, m := range others {
-		lsn, err := recreateSlot(ctx, d.peerDSN(m), slot)
-		if err != nil {
-			return fmt.Errorf("create this node's slot on member %q: %w", m.Name, err)
-		}
-		starts[m.Name] = lsn
-	}
-	// 2. The source must have applied those members' changes up to there,
-	// so the copy holds everything before the slots' start.
-	for _, m := range others {
-		d.phase(ctx, fmt.Sprintf("waiting for %s to apply %s's changes up to %s", source.Name, m.Name, starts[m.Name]))
-		if err := waitApplied(ctx, d.members.Client(d.peerAPI(source), ""), m.Name, starts[m.Name], 10*time.Minute); err != nil {
-			return err
-		}
+	starts, err := d.reserveOnMembers(ctx, g, source, others)
+	if err != nil {
+		return err
 	}
 	// 3. A slot on the source with an exported snapshot: the copy is taken
 	// under it, and streaming the source starts exactly after it.
-	d.phase(ctx, "exporting a snapshot on "+source.Name)
+	d.join.phase(ctx, "exporting a snapshot on "+source.Name)
 	repl, err := replicator.ConnectReplication(ctx, d.peerDSN(source), "pgmesh join "+d.cfg.NodeName)
 	if err != nil {
 		return fmt.Errorf("connect to source %q for replication: %w", source.Name, err)
@@ -277,7 +158,7 @@ func (d *Daemon) copyAndActivate(ctx context.Context, req api.JoinRequest) error
 	starts = streamStarts(starts, source.Name, snapshot.Start, progress)
 
 	c := join.Copy{Source: source.Name, SourceDSN: d.peerDSN(source), LocalDSN: d.cfg.DSN, Receiver: d.cfg.NodeName,
-		Snapshot: snapshot, Starts: starts, Report: d.joinProgress(ctx)}
+		Snapshot: snapshot, Starts: starts, Report: d.join.progress(ctx)}
 	if err := c.Run(ctx); err != nil {
 		return err
 	}
@@ -285,17 +166,53 @@ func (d *Daemon) copyAndActivate(ctx context.Context, req api.JoinRequest) error
 	if err := d.adoptSettings(ctx, d.peerDSN(source), g); err != nil {
 		return err
 	}
+	return d.activate(ctx, g, req, append(others, source))
+}
 
-	// 4. Publications and slots here for every member, after the copy:
-	// members must not receive the copied rows as new changes.
-	d.phase(ctx, "creating slots for the members")
+// reserveOnMembers makes this node's publication and slot on every member
+// (steps 0 to 2 of the join), and returns the other members' slots' start
+// positions, which the source has applied once it returns.
+func (d *Daemon) reserveOnMembers(ctx context.Context, g *membership.Group, source *membership.Node, others []*membership.Node) (map[string]pglogrepl.LSN, error) {
+	// 0. This node's publication on every member, before the slots: a
+	// slot must never meet a change from before its publication existed.
+	for _, m := range append(others, source) {
+		if err := publishOn(ctx, d.peerDSN(m), g, d.cfg.NodeName); err != nil {
+			return nil, fmt.Errorf("publish this node's share on member %q: %w", m.Name, err)
+		}
+	}
+	// 1. Slots on every other member first: from here on their changes are
+	// kept for this node.
+	starts := map[string]pglogrepl.LSN{}
+	for _, m := range others {
+		lsn, err := recreateSlot(ctx, d.peerDSN(m), origin.SlotName(d.cfg.NodeName))
+		if err != nil {
+			return nil, fmt.Errorf("create this node's slot on member %q: %w", m.Name, err)
+		}
+		starts[m.Name] = lsn
+	}
+	// 2. The source must have applied those members' changes up to there,
+	// so the copy holds everything before the slots' start.
+	for _, m := range others {
+		d.join.phase(ctx, fmt.Sprintf("waiting for %s to apply %s's changes up to %s", source.Name, m.Name, starts[m.Name]))
+		if err := waitApplied(ctx, d.members.Client(d.peerAPI(source), ""), m.Name, starts[m.Name], 10*time.Minute); err != nil {
+			return nil, err
+		}
+	}
+	return starts, nil
+}
+
+// activate makes the publications here and a slot for every member (step
+// 4, after the copy: members must not receive the copied rows as new
+// changes), opens the database to applications and goes active.
+func (d *Daemon) activate(ctx context.Context, g *membership.Group, req api.JoinRequest, members []*membership.Node) error {
+	d.join.phase(ctx, "creating slots for the members")
 	if err := d.withConn(ctx, func(conn *pgx.Conn) error {
 		_, err := d.publications.sync(ctx, conn, g, d.receivers(g))
 		return err
 	}); err != nil {
 		return err
 	}
-	for _, m := range append(others, source) {
+	for _, m := range members {
 		if _, err := recreateSlot(ctx, d.cfg.DSN, origin.SlotName(m.Name)); err != nil {
 			return fmt.Errorf("create slot for member %q here: %w", m.Name, err)
 		}
@@ -303,7 +220,7 @@ func (d *Daemon) copyAndActivate(ctx context.Context, req api.JoinRequest) error
 	if err := d.setReadOnly(ctx, false); err != nil {
 		return err
 	}
-	d.phase(ctx, "activating")
+	d.join.phase(ctx, "activating")
 	done, err := d.members.Client(req.Via, req.Token).SetState(ctx, api.StateRequest{Name: d.cfg.NodeName, State: membership.Active})
 	if err != nil {
 		return fmt.Errorf("activate through %s: %w", req.Via, err)
@@ -360,7 +277,7 @@ func (d *Daemon) adoptSettings(ctx context.Context, sourceDSN string, g *members
 	if len(settings) == 0 {
 		return nil
 	}
-	d.phase(ctx, "adopting the group's settings")
+	d.join.phase(ctx, "adopting the group's settings")
 	// Timeshard values carry the local node id, read from pgmesh.node.
 	if err := d.syncNodeTable(ctx, g); err != nil {
 		return err

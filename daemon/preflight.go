@@ -27,14 +27,20 @@ func preflight(ctx context.Context, conn *pgx.Conn) error {
 		walLevel, commitTS string
 		slots, senders     int
 		pluginLibs         *string
+		standby            bool
 	)
 	err := conn.QueryRow(ctx, `SELECT current_setting('server_version_num')::int,
 		current_setting('wal_level'), current_setting('track_commit_timestamp'),
 		current_setting('max_replication_slots')::int, current_setting('max_wal_senders')::int,
-		(SELECT s.setting FROM pg_catalog.pg_settings s WHERE s.name = 'output_plugin_libraries')`).Scan(
-		&version, &walLevel, &commitTS, &slots, &senders, &pluginLibs)
+		(SELECT s.setting FROM pg_catalog.pg_settings s WHERE s.name = 'output_plugin_libraries'),
+		pg_catalog.pg_is_in_recovery()`).Scan(
+		&version, &walLevel, &commitTS, &slots, &senders, &pluginLibs, &standby)
 	if err != nil {
 		return fmt.Errorf("read settings of local Postgres: %w", err)
+	}
+	if standby {
+		// Nothing else matters: a standby takes no writes.
+		return errors.New("local Postgres is a standby (in recovery), and pgmesh applies changes only to a primary: point dsn at the primary, or list the primary and its standbys with target_session_attrs=read-write (host=a,b target_session_attrs=read-write) so that it finds whichever is primary")
 	}
 	var errs []error
 	if version < 150000 {

@@ -76,6 +76,9 @@ type Status struct {
 	// ClockWaits counts local commits that had to wait for this node's
 	// clock to pass the peer's commit time (the causality guard).
 	ClockWaits int64 `json:"clock_waits"`
+	// HeldForStandbys says why changes applied here are not all confirmed
+	// to the peer yet (standby_slots); empty when none are held.
+	HeldForStandbys string `json:"held_for_standbys,omitempty"`
 }
 
 // sample is the peer's WAL position at a moment, by our clock (for lag)
@@ -121,6 +124,12 @@ func (s *stats) setError(err error) {
 	now := time.Now()
 	s.st.LastError, s.st.LastErrorAt = err.Error(), &now
 	s.st.Errors++
+	s.mu.Unlock()
+}
+
+func (s *stats) setHeld(why string) {
+	s.mu.Lock()
+	s.st.HeldForStandbys = why
 	s.mu.Unlock()
 }
 

@@ -55,6 +55,10 @@ type Config struct {
 	// meanwhile may have missed the delete, which RemoveOvertaken repairs.
 	// It must not block.
 	DeletedMissing func()
+	// StandbySlots are the physical slots of this node's standbys that may
+	// be promoted: a change applied here is confirmed to the peer only once
+	// every one of them has flushed it (standby.go).
+	StandbySlots []string
 }
 
 // Stream replicates one peer into the local database until its context ends.
@@ -65,6 +69,8 @@ type Stream struct {
 	// retryLSN is a large transaction (FinalLSN) whose bulk apply failed:
 	// streamed again, it takes the careful path.
 	retryLSN pglogrepl.LSN
+	// standbys holds confirmations for this node's standbys; nil without.
+	standbys *standbyWatch
 }
 
 // New returns a stream; call Run to start it.
@@ -76,7 +82,7 @@ func New(cfg Config) *Stream {
 		cfg.Logger = slog.Default()
 	}
 	return &Stream{cfg: cfg, stats: newStats(cfg.Peer.Name),
-		log: cfg.Logger.With("peer", cfg.Peer.Name)}
+		log: cfg.Logger.With("peer", cfg.Peer.Name), standbys: newStandbyWatch(cfg)}
 }
 
 // Status returns a snapshot of the stream's progress.
@@ -86,6 +92,7 @@ func (s *Stream) Status() Status { return s.stats.snapshot() }
 // change that fails to apply is retried from the same position after each
 // reconnect: nothing is skipped.
 func (s *Stream) Run(ctx context.Context) {
+	defer s.standbys.close()
 	backoff := 500 * time.Millisecond
 	for {
 		start := time.Now()
@@ -132,8 +139,14 @@ func (s *Stream) Run(ctx context.Context) {
 // does so every Config.StatusInterval, and right after each commit.
 const idleStatusInterval = time.Second
 
-// sendStatus confirms flushed to the peer, asking for its position if ask.
+// sendStatus confirms flushed to the peer, or as much of it as this
+// node's standbys have, asking for the peer's position if ask.
 func (s *Stream) sendStatus(ctx context.Context, repl *pgconn.PgConn, received, flushed pglogrepl.LSN, ask bool) error {
+	if s.standbys != nil {
+		var held string
+		flushed, held = s.standbys.limit(ctx, flushed)
+		s.stats.setHeld(held)
+	}
 	if err := pglogrepl.SendStandbyStatusUpdate(ctx, repl, pglogrepl.StandbyStatusUpdate{
 		WALWritePosition: received, WALFlushPosition: flushed, WALApplyPosition: flushed,
 		ReplyRequested: ask,

@@ -135,6 +135,15 @@ var configKeys = []configKey{
 		c.NewTablesLocal = !on
 		return err
 	}},
+	{"standby_slots", "physical slots of this Postgres's standbys that may be promoted, comma-separated: peers' changes applied here are confirmed to them only once those standbys have flushed them (default: none)", func(c *daemon.Config, v string) error {
+		c.StandbySlots = nil
+		for _, s := range strings.Split(v, ",") {
+			if s = strings.TrimSpace(s); s != "" {
+				c.StandbySlots = append(c.StandbySlots, s)
+			}
+		}
+		return nil
+	}},
 	{"log_level", "debug, info, warn or error (default info)", nil},
 }
 

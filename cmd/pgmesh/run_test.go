@@ -3,6 +3,7 @@ package main
 import (
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -91,5 +92,28 @@ func TestClockKeys(t *testing.T) {
 	cfg, _, _ = loadConfig([]string{"--node-name", "a", "--dsn", "postgres://x/db", "--luw-resolution", "1s"}, none)
 	if err := cfg.Normalize(); err == nil || !strings.Contains(err.Error(), "luw_resolution 1s is out of range") {
 		t.Errorf("luw_resolution 1s: err = %v, want it refused", err)
+	}
+}
+
+func TestStandbySlotsKey(t *testing.T) {
+	env := func(k string) string {
+		if k == "PGMESH_STANDBY_SLOTS" {
+			return " pg_a2, pg_a3 ,"
+		}
+		return ""
+	}
+	cfg, _, err := loadConfig([]string{"--node-name", "a", "--dsn", "postgres://x/db"}, env)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(cfg.StandbySlots, []string{"pg_a2", "pg_a3"}) {
+		t.Fatalf("standby_slots %q, want [pg_a2 pg_a3]", cfg.StandbySlots)
+	}
+	if err := cfg.Normalize(); err != nil {
+		t.Fatal(err)
+	}
+	cfg, _, _ = loadConfig([]string{"--node-name", "a", "--dsn", "postgres://x/db", "--standby-slots", "Standby-1"}, func(string) string { return "" })
+	if err := cfg.Normalize(); err == nil || !strings.Contains(err.Error(), `standby_slots names "Standby-1"`) {
+		t.Fatalf("a bad slot name: err = %v", err)
 	}
 }
