@@ -280,6 +280,9 @@ func (d *Daemon) reconcile(ctx context.Context, g *membership.Group) {
 	if err := d.checkSlots(ctx, g, &problems); err != nil {
 		problems = append(problems, err.Error())
 	}
+	if err := d.checkStandbys(ctx, &problems); err != nil {
+		problems = append(problems, err.Error())
+	}
 	ids := make(map[string]int, len(g.Nodes))
 	for _, n := range g.Nodes {
 		ids[n.Name] = n.ID

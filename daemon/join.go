@@ -384,8 +384,7 @@ func (d *Daemon) sourceSnapshot(ctx context.Context, repl *pgconn.PgConn, source
 	if err != nil {
 		return snap, nil, fmt.Errorf("pause applying on source %q for the snapshot: %w", source.Name, err)
 	}
-	created, err := pglogrepl.CreateReplicationSlot(ctx, repl, slot, "pgoutput",
-		pglogrepl.CreateReplicationSlotOptions{Mode: pglogrepl.LogicalReplication, SnapshotAction: "EXPORT_SNAPSHOT"})
+	created, err := replicator.CreateSnapshotSlot(ctx, repl, slot)
 	var progress map[string]pglogrepl.LSN
 	if err == nil {
 		progress, err = originProgress(ctx, conn)
@@ -436,9 +435,7 @@ func recreateSlot(ctx context.Context, dsn, slot string) (pglogrepl.LSN, error) 
 		return 0, err
 	}
 	defer conn.Close(ctx)
-	var lsn pglogrepl.LSN
-	err = conn.QueryRow(ctx, `SELECT lsn FROM pg_create_logical_replication_slot($1, 'pgoutput')`, slot).Scan(&lsn)
-	return lsn, err
+	return replicator.CreateSlot(ctx, conn, slot)
 }
 
 func dropSlotAt(ctx context.Context, dsn, slot string) error {

@@ -23,7 +23,7 @@ func TestConfirmationsWaitForTheStandby(t *testing.T) {
 	ctx := ctxFor(t)
 	nodes := mesh(t, ctx, kvSchema, "a", "b")
 	a, b := nodes[0], nodes[1]
-	standby, err := a.PG.Standby(ctx, "a_standby")
+	standby, err := a.PG.Standby(ctx, "a_standby", nil)
 	if err != nil {
 		t.Fatal(err)
 	}

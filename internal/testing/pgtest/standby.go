@@ -12,10 +12,11 @@ import (
 )
 
 // Standby makes a physical standby of c that streams from it through the
-// physical slot named slot (created on c), and starts it. The copy is taken
-// online, between pg_backup_start and pg_backup_stop, which every server
-// has (the servers fetched for 16+ lack pg_basebackup).
-func (c *Cluster) Standby(ctx context.Context, slot string) (*Cluster, error) {
+// physical slot named slot (created on c), with extra postgresql.conf
+// settings, and starts it. The copy is taken online, between
+// pg_backup_start and pg_backup_stop, which every server has (the servers
+// fetched for 16+ lack pg_basebackup).
+func (c *Cluster) Standby(ctx context.Context, slot string, settings map[string]string) (*Cluster, error) {
 	port, err := FreePort()
 	if err != nil {
 		return nil, fmt.Errorf("find a free port: %w", err)
@@ -25,14 +26,14 @@ func (c *Cluster) Standby(ctx context.Context, slot string) (*Cluster, error) {
 		return nil, fmt.Errorf("create temp dir: %w", err)
 	}
 	s := &Cluster{Dir: dir, Data: filepath.Join(dir, "data"), Port: port, binDir: c.binDir, cred: c.cred, env: c.env}
-	if err := s.make(ctx, c, slot); err != nil {
+	if err := s.make(ctx, c, slot, settings); err != nil {
 		s.Remove()
 		return nil, fmt.Errorf("make a standby of the cluster on port %d: %w", c.Port, err)
 	}
 	return s, nil
 }
 
-func (s *Cluster) make(ctx context.Context, primary *Cluster, slot string) error {
+func (s *Cluster) make(ctx context.Context, primary *Cluster, slot string, settings map[string]string) error {
 	if err := s.own(s.Dir); err != nil {
 		return err
 	}
@@ -57,9 +58,13 @@ func (s *Cluster) make(ctx context.Context, primary *Cluster, slot string) error
 	if copyErr != nil {
 		return copyErr
 	}
+	// dbname lets a standby of 17+ synchronize failover slots.
 	conf := fmt.Sprintf("\n# pgtest standby\nport = %d\nunix_socket_directories = '%s'\nhot_standby = on\n"+
-		"primary_conninfo = 'host=127.0.0.1 port=%d user=postgres application_name=%s'\nprimary_slot_name = '%s'\n",
+		"primary_conninfo = 'host=127.0.0.1 port=%d user=postgres dbname=postgres application_name=%s'\nprimary_slot_name = '%s'\n",
 		s.Port, s.Dir, primary.Port, slot, slot)
+	for k, v := range settings {
+		conf += fmt.Sprintf("%s = %s\n", k, v)
+	}
 	f, err := os.OpenFile(filepath.Join(s.Data, "postgresql.conf"), os.O_APPEND|os.O_WRONLY, 0)
 	if err == nil {
 		_, err = f.WriteString(conf)
@@ -152,4 +157,9 @@ func (s *Cluster) own(path string) error {
 		return fmt.Errorf("chown %s to uid %s: %w", path, strconv.Itoa(int(s.cred.Uid)), err)
 	}
 	return nil
+}
+
+// Promote makes a standby a primary and waits until it is one.
+func (c *Cluster) Promote(ctx context.Context) error {
+	return c.run(ctx, "pg_ctl", "-D", c.Data, "-w", "-t", "60", "promote")
 }

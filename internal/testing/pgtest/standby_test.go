@@ -24,7 +24,7 @@ func TestStandbyStreamsFromPrimary(t *testing.T) {
 	if err := primary.Exec(ctx, `CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 1000)`); err != nil {
 		t.Fatal(err)
 	}
-	standby, err := primary.Standby(ctx, "replica1")
+	standby, err := primary.Standby(ctx, "replica1", nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,0 +1,184 @@
+//go:build integration
+
+package systemtest
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/pgmesh/pgmesh/internal/testing/localmesh"
+)
+
+// a's primary fails (immediate stop) while both nodes write, and its
+// standby is promoted. With failover slots (PostgreSQL 17+), the standby
+// holds b's slot, so b's stream from a goes on from the promoted server;
+// a's confirmations waited for the standby, so b still has every change a
+// had not got to it. Afterwards both nodes hold the same rows, among them
+// every row b acknowledged and every row a acknowledged after the
+// promotion. (On 15 and 16 peers' slots cannot follow a promotion yet:
+// docs/high-availability.md.)
+func TestFailoverToStandby(t *testing.T) {
+	ctx := ctxFor(t)
+	nodes := mesh(t, ctx, joinSchema, "a", "b")
+	a, b := nodes[0], nodes[1]
+	oldPrimary := a.PG
+	standby, err := oldPrimary.Standby(ctx, "a_standby", map[string]string{
+		"sync_replication_slots": "on", "hot_standby_feedback": "on"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer oldPrimary.Remove() // a.PG is the promoted standby by the end
+	either := fmt.Sprintf("host=127.0.0.1,127.0.0.1 port=%d,%d user=postgres dbname=postgres sslmode=disable target_session_attrs=read-write",
+		oldPrimary.Port, standby.Port)
+	for _, n := range nodes {
+		if err := n.Stop(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	a.DSN, a.ExtraArgs = either, []string{"--standby-slots", "a_standby"}
+	b.ExtraArgs = []string{"--peer-dsns", "a=" + either}
+	for _, n := range nodes {
+		if err := n.Start(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := localmesh.WaitConnected(ctx, 30*time.Second, nodes...); err != nil {
+		t.Fatal(err)
+	}
+	// Until the primary sends b only what the standby has, a says so.
+	standbyProblem := func(want bool) {
+		t.Helper()
+		eventually(t, 30*time.Second, fmt.Sprintf("a reports synchronized_standby_slots missing: %t", want), func() error {
+			rep, err := a.Status(ctx)
+			if err != nil {
+				return err
+			}
+			got := slices.ContainsFunc(rep.Problems, func(p string) bool { return strings.Contains(p, "not in synchronized_standby_slots") })
+			if got != want {
+				return fmt.Errorf("problems %q", rep.Problems)
+			}
+			return nil
+		})
+	}
+	standbyProblem(true)
+	for _, sql := range []string{`ALTER SYSTEM SET synchronized_standby_slots = 'a_standby'`, `SELECT pg_reload_conf()`} {
+		if err := oldPrimary.Exec(ctx, sql); err != nil {
+			t.Fatal(err)
+		}
+	}
+	standbyProblem(false)
+
+	// Both nodes write; a's writer follows the primary as a's daemon does.
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	var bWrote int64
+	var bErr error
+	wg.Go(func() { bWrote, bErr = writeLoad(ctx, b, 2_000_000, 5*time.Millisecond, stop) })
+	var aMu sync.Mutex
+	var aAcked []int64 // ids a's primary acknowledged, in order
+	promoted := -1     // index in aAcked of the first row acknowledged by the promoted standby
+	wg.Go(func() {
+		var conn *pgx.Conn
+		defer func() {
+			if conn != nil {
+				conn.Close(context.Background())
+			}
+		}()
+		for id := int64(1_000_000); ; {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			if conn == nil {
+				var err error
+				if conn, err = pgx.Connect(ctx, either); err != nil {
+					conn = nil
+					time.Sleep(50 * time.Millisecond)
+					continue
+				}
+			}
+			_, err := conn.Exec(ctx, `INSERT INTO ledger (id, node, n) VALUES ($1, 'a', 0)`, id)
+			var pe *pgconn.PgError
+			switch {
+			case err == nil:
+				aMu.Lock()
+				if promoted < 0 && conn.PgConn().Conn().RemoteAddr().String() == fmt.Sprintf("127.0.0.1:%d", standby.Port) {
+					promoted = len(aAcked)
+				}
+				aAcked = append(aAcked, id)
+				aMu.Unlock()
+				id++
+			case errors.As(err, &pe) && pe.Code == "23505":
+				id++ // committed before the connection broke, and kept
+			default:
+				conn.Close(context.Background())
+				conn = nil
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	})
+
+	eventually(t, 60*time.Second, "the standby holds b's slot, in step", func() error {
+		conn, err := standby.Connect(ctx)
+		if err != nil {
+			return err
+		}
+		defer conn.Close(context.Background())
+		// A synced slot that is still temporary is dropped at promotion.
+		var synced, temporary bool
+		err = conn.QueryRow(ctx, `SELECT synced, temporary FROM pg_replication_slots WHERE slot_name = 'pgmesh_b'`).Scan(&synced, &temporary)
+		if err == nil && (!synced || temporary) {
+			err = fmt.Errorf("pgmesh_b: synced %t, temporary %t", synced, temporary)
+		}
+		return err
+	})
+	eventually(t, 30*time.Second, "b has a's writes", func() error {
+		if n := count(t, ctx, b, `SELECT count(*) FROM ledger WHERE node = 'a'`); n < 100 {
+			return fmt.Errorf("%d rows", n)
+		}
+		return nil
+	})
+
+	if err := oldPrimary.Crash(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := standby.Promote(ctx); err != nil {
+		t.Fatal(err)
+	}
+	a.PG = standby
+	eventually(t, 60*time.Second, "a writes on the promoted standby", func() error {
+		aMu.Lock()
+		defer aMu.Unlock()
+		if promoted < 0 || len(aAcked)-promoted < 100 {
+			return fmt.Errorf("%d rows acknowledged, from %d on by the promoted standby", len(aAcked), promoted)
+		}
+		return nil
+	})
+	close(stop)
+	wg.Wait()
+	if bErr != nil {
+		t.Fatalf("b's writes: %v", bErr)
+	}
+
+	converged(t, ctx, 120*time.Second, "ledger", nodes...)
+	converged(t, ctx, 30*time.Second, "counters", nodes...)
+	if got := count(t, ctx, a, `SELECT count(*) FROM ledger WHERE node = 'b'`); got != bWrote {
+		t.Fatalf("a has %d of the %d rows b acknowledged", got, bWrote)
+	}
+	after := aAcked[promoted:]
+	if got := count(t, ctx, b, `SELECT count(*) FROM ledger WHERE id = ANY($1)`, after); got != int64(len(after)) {
+		t.Fatalf("b has %d of the %d rows a acknowledged after the promotion", got, len(after))
+	}
+	t.Logf("a acknowledged %d rows (%d after the promotion); %d of them survive; b acknowledged %d",
+		len(aAcked), len(after), count(t, ctx, b, `SELECT count(*) FROM ledger WHERE id = ANY($1)`, aAcked), bWrote)
+}
