@@ -27,6 +27,9 @@ type StatusReport struct {
 	Join       *JoinStatus         `json:"join,omitempty"`
 	// Slots are the slots peers consume on this node, with retained WAL.
 	Slots []SlotStatus `json:"slots"`
+	// Standbys are the other servers dsn names, when they are standbys of
+	// this node's primary, and whether a failover to each is safe.
+	Standbys []StandbyStatus `json:"standbys,omitempty"`
 	// LocalTables are the tables in no replication set: their changes stay
 	// on the node that makes them.
 	LocalTables []string `json:"local_tables,omitempty"`
@@ -174,6 +177,9 @@ type HealthReport struct {
 	Status  string   `json:"status"` // "ok" or "unhealthy"
 	Node    string   `json:"node"`
 	Reasons []string `json:"reasons,omitempty"`
+	// Warnings are what an operator should know that does not keep this
+	// node from serving (a standby not ready for a failover).
+	Warnings []string `json:"warnings,omitempty"`
 }
 
 // WaitRequest asks the daemon to wait until peers applied this node's writes.
@@ -240,6 +246,15 @@ type SlotStatus struct {
 	RetainedBytes int64  `json:"retained_bytes"`
 	// Lagging is set past wal_retention_warn.
 	Lagging bool `json:"lagging"`
+}
+
+// StandbyStatus is a physical standby of this node's primary: whether a
+// failover to it would lose nothing and keep every peer streaming.
+type StandbyStatus struct {
+	Server string `json:"server"` // host:port
+	Ready  bool   `json:"ready"`
+	// Reason is the first thing that keeps it from being ready.
+	Reason string `json:"reason,omitempty"`
 }
 
 // JoinStatus is the progress of this node's join, in status and the

@@ -113,6 +113,7 @@ func (d *Daemon) Status() api.StatusReport {
 	rep.Join = d.join.snapshot()
 	rep.Problems = d.problems.all()
 	rep.Slots = d.slots.get()
+	rep.Standbys = d.standbys.get()
 	rep.LocalTables, rep.RepsetsPublished = d.publications.taken()
 	for _, p := range rep.Peers {
 		if p.LastError != "" {

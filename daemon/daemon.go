@@ -41,6 +41,7 @@ type Daemon struct {
 	nodeTable    nodeTable
 	problems     problemLog
 	slots        slotReport
+	standbys     standbyReport
 
 	ids atomic.Pointer[map[string]int]
 	// luwNanos is the luw_resolution in use (resolution.go).
@@ -161,6 +162,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	g.Go(func() error { d.publishProgress(ctx); return nil })
 	g.Go(func() error { d.maintainSequences(ctx); return nil })
 	g.Go(func() error { d.runJoins(ctx); return nil })
+	g.Go(func() error { d.watchStandbys(ctx); return nil })
 	err = g.Wait()
 	log.Info("pgmesh daemon stopped")
 	return err
@@ -278,9 +280,6 @@ func (d *Daemon) reconcile(ctx context.Context, g *membership.Group) {
 		d.log.Warn("update pgmesh.node", "err", err)
 	}
 	if err := d.checkSlots(ctx, g, &problems); err != nil {
-		problems = append(problems, err.Error())
-	}
-	if err := d.checkStandbys(ctx, &problems); err != nil {
 		problems = append(problems, err.Error())
 	}
 	ids := make(map[string]int, len(g.Nodes))

@@ -56,6 +56,11 @@ func (d *Daemon) health(ctx context.Context) api.HealthReport {
 			}
 		}
 	}
+	for _, s := range d.standbys.get() {
+		if !s.Ready {
+			rep.Warnings = append(rep.Warnings, fmt.Sprintf("standby %s is not ready for a failover: %s", s.Server, s.Reason))
+		}
+	}
 	if len(rep.Reasons) > 0 {
 		rep.Status = "unhealthy"
 	}

@@ -3,16 +3,86 @@ package daemon
 import (
 	"context"
 	"fmt"
+	"net"
 	"slices"
+	"strconv"
 	"strings"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/pgmesh/pgmesh/api"
+	"github.com/pgmesh/pgmesh/internal/pgsession"
 )
 
-// checkStandbys reports what, as far as this primary can tell, would make a
-// failover to one of its standbys (standby_slots) lose changes or stop the
-// peers' streams. Only PostgreSQL 17+ keeps the peers' slots on a standby
-// (failover slots); before it there is nothing to check here
-// (docs/high-availability.md).
-func (d *Daemon) checkStandbys(ctx context.Context, problems *[]string) error {
+// watchStandbys looks, every few seconds, at what would make a failover
+// of this node's primary to one of its standbys lose changes or stop the
+// peers' streams: from the primary (checkStandbySettings) and from each
+// standby that dsn names (checkStandby). Both are reported in status, the
+// second also in /health (as a warning) and /metrics.
+func (d *Daemon) watchStandbys(ctx context.Context) {
+	servers, err := otherServers(d.cfg.DSN)
+	if err != nil || (len(servers) == 0 && len(d.cfg.StandbySlots) == 0) {
+		return // a single server, and no standby to wait for: nothing to watch
+	}
+	for {
+		var problems []string
+		if err := d.checkStandbySettings(ctx, &problems); err != nil {
+			problems = append(problems, err.Error())
+		}
+		d.problems.set("standbys", problems)
+		var report []api.StandbyStatus
+		for _, s := range servers {
+			if st, ok := d.checkStandby(ctx, s); ok {
+				report = append(report, st)
+			}
+		}
+		d.standbys.set(report)
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(reconcileEvery):
+		}
+	}
+}
+
+// otherServers returns a session config for each server dsn names, one
+// host each, without the check that picks the primary.
+func otherServers(dsn string) ([]*pgx.ConnConfig, error) {
+	cfg, err := pgsession.Config(dsn, "pgmesh standby check")
+	if err != nil {
+		return nil, err
+	}
+	all := append([]*pgconn.FallbackConfig{{Host: cfg.Host, Port: cfg.Port, TLSConfig: cfg.TLSConfig}}, cfg.Fallbacks...)
+	// One config per server, trying its variants (with TLS and without,
+	// under sslmode=prefer) in order.
+	var out []*pgx.ConnConfig
+	byAddr := map[string]*pgx.ConnConfig{}
+	for _, f := range all {
+		addr := net.JoinHostPort(f.Host, strconv.Itoa(int(f.Port)))
+		if c, ok := byAddr[addr]; ok {
+			c.Fallbacks = append(c.Fallbacks, f)
+			continue
+		}
+		c := cfg.Copy()
+		c.Host, c.Port, c.TLSConfig = f.Host, f.Port, f.TLSConfig
+		c.Fallbacks, c.ValidateConnect = nil, nil
+		c.ConnectTimeout = 5 * time.Second
+		byAddr[addr] = c
+		out = append(out, c)
+	}
+	if len(out) < 2 {
+		return nil, nil // the primary alone
+	}
+	return out, nil
+}
+
+// checkStandbySettings reports, from the primary, standbys whose changes
+// peers may receive before them, and slots a standby cannot keep. Only
+// PostgreSQL 17+ keeps the peers' slots on a standby (failover slots).
+func (d *Daemon) checkStandbySettings(ctx context.Context, problems *[]string) error {
 	if len(d.cfg.StandbySlots) == 0 {
 		return nil
 	}
@@ -50,4 +120,100 @@ func (d *Daemon) checkStandbys(ctx context.Context, problems *[]string) error {
 			strings.Join(notFailover, ", ")))
 	}
 	return nil
+}
+
+// checkStandby says whether a failover to the server s would be safe; ok
+// is false when s is not a standby (it is the primary).
+func (d *Daemon) checkStandby(ctx context.Context, s *pgx.ConnConfig) (st api.StandbyStatus, ok bool) {
+	st.Server = net.JoinHostPort(s.Host, strconv.Itoa(int(s.Port)))
+	conn, err := pgx.ConnectConfig(ctx, s)
+	if err != nil {
+		return api.StandbyStatus{Server: st.Server, Reason: "cannot connect: " + redactErr(err)}, true
+	}
+	defer conn.Close(context.Background())
+	var standby bool
+	var version int
+	var feedback, slot string
+	err = conn.QueryRow(ctx, `SELECT pg_catalog.pg_is_in_recovery(), current_setting('server_version_num')::int,
+		current_setting('hot_standby_feedback'), current_setting('primary_slot_name')`).Scan(&standby, &version, &feedback, &slot)
+	if err != nil {
+		return api.StandbyStatus{Server: st.Server, Reason: "cannot read its settings: " + err.Error()}, true
+	}
+	if !standby {
+		return st, false
+	}
+	st.Reason, err = d.standbyUnready(ctx, conn, version, feedback, slot)
+	if err != nil {
+		st.Reason = "cannot read its slots: " + err.Error()
+	}
+	st.Ready = st.Reason == ""
+	return st, true
+}
+
+// standbyUnready returns the first reason a failover to the standby on
+// conn would lose changes or stop a peer's stream, or "".
+func (d *Daemon) standbyUnready(ctx context.Context, conn *pgx.Conn, version int, feedback, slot string) (string, error) {
+	switch {
+	case slot == "":
+		return "it streams without a slot (primary_slot_name is empty), so the primary may remove WAL it still needs: create a physical slot for it and set primary_slot_name", nil
+	case !slices.Contains(d.cfg.StandbySlots, slot):
+		return fmt.Sprintf("its slot %s is not in standby_slots, so peers may free changes it lacks: add it to standby_slots", slot), nil
+	case version < 170000:
+		return fmt.Sprintf("PostgreSQL %d keeps no copy of the peers' slots on a standby, so after a promotion the peers' streams from this node stop until it is parted and joined again (docs/high-availability.md)", version/10000), nil
+	case feedback != "on":
+		return "hot_standby_feedback is off, and keeping the peers' slots needs it: set hot_standby_feedback = on there", nil
+	}
+	var sync string
+	if err := conn.QueryRow(ctx, `SELECT current_setting('sync_replication_slots')`).Scan(&sync); err != nil {
+		return "", err
+	}
+	if sync != "on" {
+		return "sync_replication_slots is off, so it keeps no copy of the peers' slots: set sync_replication_slots = on there", nil
+	}
+	rows, err := d.db.Query(ctx, `SELECT slot_name FROM pg_catalog.pg_replication_slots
+		WHERE slot_name LIKE 'pgmesh\_%' AND database = current_database() ORDER BY 1`)
+	if err != nil {
+		return "", err
+	}
+	want, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		return "", err
+	}
+	// A copy still temporary is dropped at promotion.
+	rows, err = conn.Query(ctx, `SELECT slot_name FROM pg_catalog.pg_replication_slots WHERE synced AND NOT temporary`)
+	if err != nil {
+		return "", err
+	}
+	have, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		return "", err
+	}
+	var missing []string
+	for _, w := range want {
+		if !slices.Contains(have, w) {
+			missing = append(missing, w)
+		}
+	}
+	if len(missing) > 0 {
+		return fmt.Sprintf("it holds no usable copy yet of slots %s (synced, not temporary), which the peers would need after a promotion: wait for it to catch up with the primary's slots", strings.Join(missing, ", ")), nil
+	}
+	return "", nil
+}
+
+// standbyReport is the last look at the standbys dsn names.
+type standbyReport struct {
+	mu       sync.Mutex
+	standbys []api.StandbyStatus
+}
+
+func (r *standbyReport) set(s []api.StandbyStatus) {
+	r.mu.Lock()
+	r.standbys = s
+	r.mu.Unlock()
+}
+
+func (r *standbyReport) get() []api.StandbyStatus {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return slices.Clone(r.standbys)
 }

@@ -24,9 +24,21 @@ import (
 // a's confirmations waited for the standby, so b still has every change a
 // had not got to it. Afterwards both nodes hold the same rows, among them
 // every row b acknowledged and every row a acknowledged after the
-// promotion. (On 15 and 16 peers' slots cannot follow a promotion yet:
+// promotion. A switchover (the primary stopped cleanly, which sends its
+// standby everything first) loses nothing at all, and a's daemon killed
+// with its primary and started after the promotion changes nothing. (On
+// 15 and 16 peers' slots cannot follow a promotion yet:
 // docs/high-availability.md.)
 func TestFailoverToStandby(t *testing.T) {
+	t.Run("failover", func(t *testing.T) { failover(t, false, false) })
+	t.Run("switchover", func(t *testing.T) { failover(t, true, false) })
+	t.Run("daemon killed meanwhile", func(t *testing.T) { failover(t, false, true) })
+}
+
+// failover runs the scenario; planned stops the primary cleanly, and
+// killDaemon kills a's daemon (kill -9) with its primary and starts it
+// again once the standby is promoted.
+func failover(t *testing.T, planned, killDaemon bool) {
 	ctx := ctxFor(t)
 	nodes := mesh(t, ctx, joinSchema, "a", "b")
 	a, b := nodes[0], nodes[1]
@@ -128,19 +140,18 @@ func TestFailoverToStandby(t *testing.T) {
 		}
 	})
 
-	eventually(t, 60*time.Second, "the standby holds b's slot, in step", func() error {
-		conn, err := standby.Connect(ctx)
+	// a says when a failover is safe: the standby holds a persistent copy
+	// of b's slot, in step.
+	server := fmt.Sprintf("127.0.0.1:%d", standby.Port)
+	eventually(t, 60*time.Second, "a reports its standby ready for a failover", func() error {
+		rep, err := a.Status(ctx)
 		if err != nil {
 			return err
 		}
-		defer conn.Close(context.Background())
-		// A synced slot that is still temporary is dropped at promotion.
-		var synced, temporary bool
-		err = conn.QueryRow(ctx, `SELECT synced, temporary FROM pg_replication_slots WHERE slot_name = 'pgmesh_b'`).Scan(&synced, &temporary)
-		if err == nil && (!synced || temporary) {
-			err = fmt.Errorf("pgmesh_b: synced %t, temporary %t", synced, temporary)
+		if len(rep.Standbys) != 1 || rep.Standbys[0].Server != server || !rep.Standbys[0].Ready {
+			return fmt.Errorf("standbys %+v", rep.Standbys)
 		}
-		return err
+		return nil
 	})
 	eventually(t, 30*time.Second, "b has a's writes", func() error {
 		if n := count(t, ctx, b, `SELECT count(*) FROM ledger WHERE node = 'a'`); n < 100 {
@@ -149,11 +160,25 @@ func TestFailoverToStandby(t *testing.T) {
 		return nil
 	})
 
-	if err := oldPrimary.Crash(ctx); err != nil {
+	stopPrimary := oldPrimary.Crash
+	if planned {
+		stopPrimary = oldPrimary.Stop
+	}
+	if killDaemon {
+		if err := a.Kill(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := stopPrimary(ctx); err != nil {
 		t.Fatal(err)
 	}
 	if err := standby.Promote(ctx); err != nil {
 		t.Fatal(err)
+	}
+	if killDaemon {
+		if err := a.Start(ctx); err != nil {
+			t.Fatal(err)
+		}
 	}
 	a.PG = standby
 	eventually(t, 60*time.Second, "a writes on the promoted standby", func() error {
@@ -179,6 +204,10 @@ func TestFailoverToStandby(t *testing.T) {
 	if got := count(t, ctx, b, `SELECT count(*) FROM ledger WHERE id = ANY($1)`, after); got != int64(len(after)) {
 		t.Fatalf("b has %d of the %d rows a acknowledged after the promotion", got, len(after))
 	}
+	survived := count(t, ctx, b, `SELECT count(*) FROM ledger WHERE id = ANY($1)`, aAcked)
 	t.Logf("a acknowledged %d rows (%d after the promotion); %d of them survive; b acknowledged %d",
-		len(aAcked), len(after), count(t, ctx, b, `SELECT count(*) FROM ledger WHERE id = ANY($1)`, aAcked), bWrote)
+		len(aAcked), len(after), survived, bWrote)
+	if planned && survived != int64(len(aAcked)) {
+		t.Fatalf("a switchover lost %d of the %d rows a acknowledged", int64(len(aAcked))-survived, len(aAcked))
+	}
 }

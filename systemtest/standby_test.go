@@ -5,6 +5,7 @@ package systemtest
 import (
 	"context"
 	"fmt"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -72,6 +73,34 @@ func TestConfirmationsWaitForTheStandby(t *testing.T) {
 			return nil
 		})
 	}
+
+	// a watches the standby its dsn names: not ready for a failover here
+	// (15 keeps no slot on a standby; on 17+ this one lacks the settings).
+	server := fmt.Sprintf("127.0.0.1:%d", standby.Port)
+	eventually(t, 30*time.Second, "a reports its standby not ready, in status, /health and /metrics", func() error {
+		rep, err := a.Status(ctx)
+		if err != nil {
+			return err
+		}
+		if len(rep.Standbys) != 1 || rep.Standbys[0].Server != server || rep.Standbys[0].Ready || rep.Standbys[0].Reason == "" {
+			return fmt.Errorf("standbys %+v", rep.Standbys)
+		}
+		_, health, err := getHealth(ctx, a)
+		if err != nil {
+			return err
+		}
+		if !slices.ContainsFunc(health.Warnings, func(w string) bool { return strings.Contains(w, "standby "+server+" is not ready for a failover") }) {
+			return fmt.Errorf("health warnings %q", health.Warnings)
+		}
+		m, err := scrape(ctx, a)
+		if err != nil {
+			return err
+		}
+		if v, ok := m[fmt.Sprintf(`pgmesh_standby_ready{server=%q}`, server)]; !ok || v != 0 {
+			return fmt.Errorf("pgmesh_standby_ready %v %v", v, ok)
+		}
+		return nil
+	})
 
 	mustExec(t, ctx, b, `INSERT INTO kv SELECT g, 'first', NULL FROM generate_series(1, 100) g`)
 	_, first := confirmed()

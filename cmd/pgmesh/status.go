@@ -96,6 +96,19 @@ func printStatus(out io.Writer, rep api.StatusReport) {
 		}
 		w.Flush()
 	}
+	if len(rep.Standbys) > 0 {
+		fmt.Fprintln(out)
+		w = tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
+		fmt.Fprintln(w, "STANDBY\tFAILOVER")
+		for _, s := range rep.Standbys {
+			state := "ready"
+			if !s.Ready {
+				state = "not ready: " + s.Reason
+			}
+			fmt.Fprintf(w, "%s\t%s\n", s.Server, state)
+		}
+		w.Flush()
+	}
 	if len(rep.LocalTables) > 0 {
 		fmt.Fprintf(out, "\nlocal tables (in no replication set; their changes stay here): %s\n", strings.Join(rep.LocalTables, ", "))
 	}
