@@ -74,6 +74,9 @@ func printStatus(out io.Writer, rep api.StatusReport) {
 			if p.ClockWarning != "" {
 				fmt.Fprintf(out, "clock: %s\n", p.ClockWarning)
 			}
+			if p.HeldForStandbys != "" {
+				fmt.Fprintf(out, "confirmations to %s held: %s\n", p.Peer, p.HeldForStandbys)
+			}
 		}
 		for _, p := range rep.Peers {
 			if len(p.ConflictsByType) == 0 {
