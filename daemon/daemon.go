@@ -40,8 +40,8 @@ type Daemon struct {
 	publications publications
 	nodeTable    nodeTable
 	problems     problemLog
-	slots        slotReport
-	standbys     standbyReport
+	slots        latest[api.SlotStatus]
+	standbys     latest[api.StandbyStatus]
 
 	ids atomic.Pointer[map[string]int]
 	// luwNanos is the luw_resolution in use (resolution.go).

@@ -11,7 +11,6 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 
-	"github.com/pgmesh/pgmesh/api"
 	"github.com/pgmesh/pgmesh/membership"
 	"github.com/pgmesh/pgmesh/repset"
 )
@@ -134,20 +133,22 @@ func (t *nodeTable) sync(ctx context.Context, db *pgxpool.Pool, g *membership.Gr
 	return err
 }
 
-// slotReport is the last look at the slots peers consume here.
-type slotReport struct {
-	mu    sync.Mutex
-	slots []api.SlotStatus
+// latest is the last list a part found (the slots peers consume here, the
+// standbys), for status to read.
+type latest[T any] struct {
+	mu   sync.Mutex
+	list []T
 }
 
-func (s *slotReport) set(slots []api.SlotStatus) {
-	s.mu.Lock()
-	s.slots = slots
-	s.mu.Unlock()
+func (l *latest[T]) set(list []T) {
+	l.mu.Lock()
+	l.list = list
+	l.mu.Unlock()
 }
 
-func (s *slotReport) get() []api.SlotStatus {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return append([]api.SlotStatus{}, s.slots...)
+// get returns a copy, never nil.
+func (l *latest[T]) get() []T {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return append([]T{}, l.list...)
 }

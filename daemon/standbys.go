@@ -7,7 +7,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -198,22 +197,4 @@ func (d *Daemon) standbyUnready(ctx context.Context, conn *pgx.Conn, version int
 		return fmt.Sprintf("it holds no usable copy yet of slots %s (synced, not temporary), which the peers would need after a promotion: wait for it to catch up with the primary's slots", strings.Join(missing, ", ")), nil
 	}
 	return "", nil
-}
-
-// standbyReport is the last look at the standbys dsn names.
-type standbyReport struct {
-	mu       sync.Mutex
-	standbys []api.StandbyStatus
-}
-
-func (r *standbyReport) set(s []api.StandbyStatus) {
-	r.mu.Lock()
-	r.standbys = s
-	r.mu.Unlock()
-}
-
-func (r *standbyReport) get() []api.StandbyStatus {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return slices.Clone(r.standbys)
 }
