@@ -92,17 +92,15 @@ func (d *Daemon) checkStandbySettings(ctx context.Context, problems *[]string) e
 	if version < 170000 {
 		return nil
 	}
-	var synchronized string
-	var notFailover []string
-	err := d.db.QueryRow(ctx, `SELECT current_setting('synchronized_standby_slots'),
-		ARRAY(SELECT slot_name FROM pg_catalog.pg_replication_slots WHERE slot_name LIKE 'pgmesh\_%'
-		      AND database = current_database() AND NOT failover ORDER BY 1)`).Scan(&synchronized, &notFailover)
+	have, err := d.synchronizedStandbySlots(ctx)
 	if err != nil {
-		return fmt.Errorf("read the failover settings of the standbys: %w", err)
+		return err
 	}
-	have := strings.Split(synchronized, ",")
-	for i := range have {
-		have[i] = strings.Trim(strings.TrimSpace(have[i]), `"`)
+	var notFailover []string
+	err = d.db.QueryRow(ctx, `SELECT ARRAY(SELECT slot_name FROM pg_catalog.pg_replication_slots WHERE slot_name LIKE 'pgmesh\_%'
+		AND database = current_database() AND NOT failover ORDER BY 1)`).Scan(&notFailover)
+	if err != nil {
+		return fmt.Errorf("read which pgmesh slots are failover slots: %w", err)
 	}
 	var missing []string
 	for _, s := range d.cfg.StandbySlots {
@@ -119,6 +117,22 @@ func (d *Daemon) checkStandbySettings(ctx context.Context, problems *[]string) e
 			strings.Join(notFailover, ", ")))
 	}
 	return nil
+}
+
+// synchronizedStandbySlots reads the primary's synchronized_standby_slots:
+// the standbys whose flush logical walsenders wait for (17+).
+func (d *Daemon) synchronizedStandbySlots(ctx context.Context) ([]string, error) {
+	var setting string
+	if err := d.db.QueryRow(ctx, `SELECT current_setting('synchronized_standby_slots')`).Scan(&setting); err != nil {
+		return nil, fmt.Errorf("read synchronized_standby_slots: %w", err)
+	}
+	var slots []string
+	for _, s := range strings.Split(setting, ",") {
+		if s = strings.Trim(strings.TrimSpace(s), `"`); s != "" {
+			slots = append(slots, s)
+		}
+	}
+	return slots, nil
 }
 
 // checkStandby says whether a failover to the server s would be safe; ok
@@ -168,6 +182,13 @@ func (d *Daemon) standbyUnready(ctx context.Context, conn *pgx.Conn, version int
 	}
 	if sync != "on" {
 		return "sync_replication_slots is off, so it keeps no copy of the peers' slots: set sync_replication_slots = on there", nil
+	}
+	synchronized, err := d.synchronizedStandbySlots(ctx)
+	if err != nil {
+		return "", err
+	}
+	if !slices.Contains(synchronized, slot) {
+		return fmt.Sprintf("the primary's synchronized_standby_slots lacks its slot %s, so peers may receive changes it lacks, which a failover to it would lose here but not there", slot), nil
 	}
 	rows, err := d.db.Query(ctx, `SELECT slot_name FROM pg_catalog.pg_replication_slots
 		WHERE slot_name LIKE 'pgmesh\_%' AND database = current_database() ORDER BY 1`)
