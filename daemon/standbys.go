@@ -27,14 +27,16 @@ func (d *Daemon) watchStandbys(ctx context.Context) {
 		return // a single server, and no standby to wait for: nothing to watch
 	}
 	for {
-		var problems []string
-		if err := d.checkStandbySettings(ctx, &problems); err != nil {
-			problems = append(problems, err.Error())
+		// The primary is read once a pass, for both checks.
+		p, err := d.readPrimary(ctx)
+		problems := d.checkStandbySettings(p)
+		if err != nil {
+			problems = []string{err.Error()}
 		}
 		d.problems.set("standbys", problems)
 		var report []api.StandbyStatus
 		for _, s := range servers {
-			if st, ok := d.checkStandby(ctx, s); ok {
+			if st, ok := d.checkStandby(ctx, s, p, err); ok {
 				report = append(report, st)
 			}
 		}
@@ -78,66 +80,70 @@ func otherServers(dsn string) ([]*pgx.ConnConfig, error) {
 	return out, nil
 }
 
+// primaryView is what the standby checks need of this node's primary.
+type primaryView struct {
+	version int
+	// synchronized is synchronized_standby_slots (17+): the standbys whose
+	// flush logical walsenders wait for.
+	synchronized []string
+	// slots are the pgmesh slots here, and notFailover those of them no
+	// standby keeps (17+).
+	slots, notFailover []string
+}
+
+func (d *Daemon) readPrimary(ctx context.Context) (primaryView, error) {
+	var p primaryView
+	var synchronized string
+	err := d.db.QueryRow(ctx, `SELECT current_setting('server_version_num')::int,
+		coalesce(current_setting('synchronized_standby_slots', true), ''),
+		ARRAY(SELECT slot_name FROM pg_catalog.pg_replication_slots
+		      WHERE slot_name LIKE 'pgmesh\_%' AND database = current_database() ORDER BY 1)`).Scan(&p.version, &synchronized, &p.slots)
+	if err != nil {
+		return p, fmt.Errorf("read this primary's slots and failover settings: %w", err)
+	}
+	for _, s := range strings.Split(synchronized, ",") {
+		if s = strings.Trim(strings.TrimSpace(s), `"`); s != "" {
+			p.synchronized = append(p.synchronized, s)
+		}
+	}
+	if p.version >= 170000 {
+		err = d.db.QueryRow(ctx, `SELECT ARRAY(SELECT slot_name FROM pg_catalog.pg_replication_slots
+			WHERE slot_name LIKE 'pgmesh\_%' AND database = current_database() AND NOT failover ORDER BY 1)`).Scan(&p.notFailover)
+		if err != nil {
+			return p, fmt.Errorf("read which pgmesh slots are failover slots: %w", err)
+		}
+	}
+	return p, nil
+}
+
 // checkStandbySettings reports, from the primary, standbys whose changes
 // peers may receive before them, and slots a standby cannot keep. Only
 // PostgreSQL 17+ keeps the peers' slots on a standby (failover slots).
-func (d *Daemon) checkStandbySettings(ctx context.Context, problems *[]string) error {
-	if len(d.cfg.StandbySlots) == 0 {
+func (d *Daemon) checkStandbySettings(p primaryView) []string {
+	if len(d.cfg.StandbySlots) == 0 || p.version < 170000 {
 		return nil
 	}
-	var version int
-	if err := d.db.QueryRow(ctx, `SELECT current_setting('server_version_num')::int`).Scan(&version); err != nil {
-		return fmt.Errorf("read the server version: %w", err)
-	}
-	if version < 170000 {
-		return nil
-	}
-	have, err := d.synchronizedStandbySlots(ctx)
-	if err != nil {
-		return err
-	}
-	var notFailover []string
-	err = d.db.QueryRow(ctx, `SELECT ARRAY(SELECT slot_name FROM pg_catalog.pg_replication_slots WHERE slot_name LIKE 'pgmesh\_%'
-		AND database = current_database() AND NOT failover ORDER BY 1)`).Scan(&notFailover)
-	if err != nil {
-		return fmt.Errorf("read which pgmesh slots are failover slots: %w", err)
-	}
-	var missing []string
+	var problems, missing []string
 	for _, s := range d.cfg.StandbySlots {
-		if !slices.Contains(have, s) {
+		if !slices.Contains(p.synchronized, s) {
 			missing = append(missing, s)
 		}
 	}
 	if len(missing) > 0 {
-		*problems = append(*problems, fmt.Sprintf("standby slots %s are not in synchronized_standby_slots, so peers may receive changes those standbys lack, which a failover to one of them would lose here but not there: ALTER SYSTEM SET synchronized_standby_slots = '%s'; SELECT pg_reload_conf();",
+		problems = append(problems, fmt.Sprintf("standby slots %s are not in synchronized_standby_slots, so peers may receive changes those standbys lack, which a failover to one of them would lose here but not there: ALTER SYSTEM SET synchronized_standby_slots = '%s'; SELECT pg_reload_conf();",
 			strings.Join(missing, ", "), strings.Join(d.cfg.StandbySlots, ",")))
 	}
-	if len(notFailover) > 0 {
-		*problems = append(*problems, fmt.Sprintf("slots %s are not failover slots (made before PostgreSQL 17 or by an older pgmesh), so no standby keeps them and those peers' streams from this node stop at a failover: while the peer's daemon is stopped, run ALTER_REPLICATION_SLOT name (FAILOVER) on a replication connection here, or part and rejoin the peer",
-			strings.Join(notFailover, ", ")))
+	if len(p.notFailover) > 0 {
+		problems = append(problems, fmt.Sprintf("slots %s are not failover slots (made before PostgreSQL 17 or by an older pgmesh), so no standby keeps them and those peers' streams from this node stop at a failover: while the peer's daemon is stopped, run ALTER_REPLICATION_SLOT name (FAILOVER) on a replication connection here, or part and rejoin the peer",
+			strings.Join(p.notFailover, ", ")))
 	}
-	return nil
+	return problems
 }
 
-// synchronizedStandbySlots reads the primary's synchronized_standby_slots:
-// the standbys whose flush logical walsenders wait for (17+).
-func (d *Daemon) synchronizedStandbySlots(ctx context.Context) ([]string, error) {
-	var setting string
-	if err := d.db.QueryRow(ctx, `SELECT current_setting('synchronized_standby_slots')`).Scan(&setting); err != nil {
-		return nil, fmt.Errorf("read synchronized_standby_slots: %w", err)
-	}
-	var slots []string
-	for _, s := range strings.Split(setting, ",") {
-		if s = strings.Trim(strings.TrimSpace(s), `"`); s != "" {
-			slots = append(slots, s)
-		}
-	}
-	return slots, nil
-}
-
-// checkStandby says whether a failover to the server s would be safe; ok
-// is false when s is not a standby (it is the primary).
-func (d *Daemon) checkStandby(ctx context.Context, s *pgx.ConnConfig) (st api.StandbyStatus, ok bool) {
+// checkStandby says whether a failover to the server s would be safe,
+// given the primary as p shows it (read with error primaryErr); ok is
+// false when s is not a standby (it is the primary).
+func (d *Daemon) checkStandby(ctx context.Context, s *pgx.ConnConfig, p primaryView, primaryErr error) (st api.StandbyStatus, ok bool) {
 	st.Server = net.JoinHostPort(s.Host, strconv.Itoa(int(s.Port)))
 	conn, err := pgx.ConnectConfig(ctx, s)
 	if err != nil {
@@ -155,7 +161,11 @@ func (d *Daemon) checkStandby(ctx context.Context, s *pgx.ConnConfig) (st api.St
 	if !standby {
 		return st, false
 	}
-	st.Reason, err = d.standbyUnready(ctx, conn, version, feedback, slot)
+	if primaryErr != nil {
+		st.Reason = "cannot tell: " + primaryErr.Error()
+		return st, true
+	}
+	st.Reason, err = d.standbyUnready(ctx, conn, p, version, feedback, slot)
 	if err != nil {
 		st.Reason = "cannot read its slots: " + err.Error()
 	}
@@ -165,7 +175,7 @@ func (d *Daemon) checkStandby(ctx context.Context, s *pgx.ConnConfig) (st api.St
 
 // standbyUnready returns the first reason a failover to the standby on
 // conn would lose changes or stop a peer's stream, or "".
-func (d *Daemon) standbyUnready(ctx context.Context, conn *pgx.Conn, version int, feedback, slot string) (string, error) {
+func (d *Daemon) standbyUnready(ctx context.Context, conn *pgx.Conn, p primaryView, version int, feedback, slot string) (string, error) {
 	switch {
 	case slot == "":
 		return "it streams without a slot (primary_slot_name is empty), so the primary may remove WAL it still needs: create a physical slot for it and set primary_slot_name", nil
@@ -183,24 +193,11 @@ func (d *Daemon) standbyUnready(ctx context.Context, conn *pgx.Conn, version int
 	if sync != "on" {
 		return "sync_replication_slots is off, so it keeps no copy of the peers' slots: set sync_replication_slots = on there", nil
 	}
-	synchronized, err := d.synchronizedStandbySlots(ctx)
-	if err != nil {
-		return "", err
-	}
-	if !slices.Contains(synchronized, slot) {
+	if !slices.Contains(p.synchronized, slot) {
 		return fmt.Sprintf("the primary's synchronized_standby_slots lacks its slot %s, so peers may receive changes it lacks, which a failover to it would lose here but not there", slot), nil
 	}
-	rows, err := d.db.Query(ctx, `SELECT slot_name FROM pg_catalog.pg_replication_slots
-		WHERE slot_name LIKE 'pgmesh\_%' AND database = current_database() ORDER BY 1`)
-	if err != nil {
-		return "", err
-	}
-	want, err := pgx.CollectRows(rows, pgx.RowTo[string])
-	if err != nil {
-		return "", err
-	}
 	// A copy still temporary is dropped at promotion.
-	rows, err = conn.Query(ctx, `SELECT slot_name FROM pg_catalog.pg_replication_slots WHERE synced AND NOT temporary`)
+	rows, err := conn.Query(ctx, `SELECT slot_name FROM pg_catalog.pg_replication_slots WHERE synced AND NOT temporary`)
 	if err != nil {
 		return "", err
 	}
@@ -209,7 +206,7 @@ func (d *Daemon) standbyUnready(ctx context.Context, conn *pgx.Conn, version int
 		return "", err
 	}
 	var missing []string
-	for _, w := range want {
+	for _, w := range p.slots {
 		if !slices.Contains(have, w) {
 			missing = append(missing, w)
 		}

@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"strconv"
+	"strings"
 	"testing"
 )
 
@@ -37,5 +38,22 @@ func TestOtherServers(t *testing.T) {
 	}
 	if len(got) != 2 || got[0] != "db1:5432" || got[1] != "db2:5433" {
 		t.Fatalf("servers %v, want [db1:5432 db2:5433]", got)
+	}
+}
+
+// The primary's settings for a failover are checked on 17+ only, where
+// peers' slots can follow a promotion; each problem names its fix.
+func TestCheckStandbySettings(t *testing.T) {
+	d := &Daemon{cfg: Config{StandbySlots: []string{"pg_a2", "pg_a3"}}}
+	if got := d.checkStandbySettings(primaryView{version: 160004, notFailover: []string{"pgmesh_b"}}); got != nil {
+		t.Fatalf("on 16: %q", got)
+	}
+	got := d.checkStandbySettings(primaryView{version: 170002, synchronized: []string{"pg_a2"}, notFailover: []string{"pgmesh_b"}})
+	if len(got) != 2 || !strings.Contains(got[0], "standby slots pg_a3 are not in synchronized_standby_slots") ||
+		!strings.Contains(got[0], "synchronized_standby_slots = 'pg_a2,pg_a3'") || !strings.Contains(got[1], "slots pgmesh_b are not failover slots") {
+		t.Fatalf("problems %q", got)
+	}
+	if got := d.checkStandbySettings(primaryView{version: 170002, synchronized: []string{"pg_a3", "pg_a2"}}); got != nil {
+		t.Fatalf("all set: %q", got)
 	}
 }

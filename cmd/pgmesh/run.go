@@ -136,12 +136,7 @@ var configKeys = []configKey{
 		return err
 	}},
 	{"standby_slots", "physical slots of this Postgres's standbys that may be promoted, comma-separated: peers' changes applied here are confirmed to them only once those standbys have flushed them (default: none)", func(c *daemon.Config, v string) error {
-		c.StandbySlots = nil
-		for _, s := range strings.Split(v, ",") {
-			if s = strings.TrimSpace(s); s != "" {
-				c.StandbySlots = append(c.StandbySlots, s)
-			}
-		}
+		c.StandbySlots = splitList(v)
 		return nil
 	}},
 	{"log_level", "debug, info, warn or error (default info)", nil},
