@@ -8,9 +8,13 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"time"
 
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/pgmesh/pgmesh/internal/poll"
 )
 
 // Prefix starts every origin and slot name pgmesh owns.
@@ -45,10 +49,21 @@ func Ensure(ctx context.Context, conn *pgx.Conn, peer string) error {
 	return nil
 }
 
-// Drop removes the origin if it exists.
+// Drop removes the origin if it exists. A stream stopped a moment ago may
+// still hold it: its backend ends only after noticing the closed
+// connection, so an origin in use is tried again for a few seconds.
 func Drop(ctx context.Context, conn *pgx.Conn, peer string) error {
-	_, err := conn.Exec(ctx, `SELECT pg_replication_origin_drop(roname)
-		FROM pg_replication_origin WHERE roname = $1`, Name(peer))
+	err := poll.Until(ctx, 100*time.Millisecond, 5*time.Second, func() error {
+		_, err := conn.Exec(ctx, `SELECT pg_replication_origin_drop(roname)
+			FROM pg_replication_origin WHERE roname = $1`, Name(peer))
+		if pe, ok := errors.AsType[*pgconn.PgError](err); ok && pe.Code == "55006" { // object_in_use
+			return err
+		}
+		if err != nil {
+			return poll.Stop(err)
+		}
+		return nil
+	})
 	if err != nil {
 		return fmt.Errorf("drop replication origin %s: %w", Name(peer), err)
 	}
