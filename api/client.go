@@ -187,6 +187,21 @@ func (c *Client) Setting(ctx context.Context, s Setting) (SettingResponse, error
 	return post[SettingResponse](ctx, c, "/v1/setting", s)
 }
 
+// Parked is GET /v1/parked.
+func (c *Client) Parked(ctx context.Context) ([]ParkedTable, error) {
+	return get[[]ParkedTable](ctx, c, "/v1/parked")
+}
+
+// Replay is POST /v1/parked/replay.
+func (c *Client) Replay(ctx context.Context, req QueueRequest) (QueueResponse, error) {
+	return post[QueueResponse](ctx, c, "/v1/parked/replay", req)
+}
+
+// Discard is POST /v1/parked/discard.
+func (c *Client) Discard(ctx context.Context, req QueueRequest) (QueueResponse, error) {
+	return post[QueueResponse](ctx, c, "/v1/parked/discard", req)
+}
+
 // Wait is POST /v1/wait.
 func (c *Client) Wait(ctx context.Context, req WaitRequest) (WaitResponse, error) {
 	return post[WaitResponse](ctx, c, "/v1/wait", req)

@@ -30,6 +30,9 @@ type StatusReport struct {
 	// Standbys are the other servers dsn names, when they are standbys of
 	// this node's primary, and whether a failover to each is safe.
 	Standbys []StandbyStatus `json:"standbys,omitempty"`
+	// Parked are the tables whose changes from a peer are parked here
+	// (docs/apply-errors.md).
+	Parked []ParkedTable `json:"parked,omitempty"`
 	// LocalTables are the tables in no replication set: their changes stay
 	// on the node that makes them.
 	LocalTables []string `json:"local_tables,omitempty"`
@@ -329,6 +332,15 @@ type Setting struct {
 	Galloc    *SequenceSetting `json:"galloc,omitempty"`
 	// BigintAudit applies the statements pgmesh sequences audit lists.
 	BigintAudit bool `json:"bigint_audit,omitempty"`
+	// ApplyError sets a table's on_apply_error.
+	ApplyError *ApplyErrorSetting `json:"apply_error,omitempty"`
+}
+
+// ApplyErrorSetting is a table's on_apply_error: park, stop, or "" for the
+// daemon's own setting.
+type ApplyErrorSetting struct {
+	Table  string `json:"table"`
+	Policy string `json:"policy"`
 }
 
 // ColumnSetting names a table's column; Enabled false takes the setting off.
@@ -348,13 +360,16 @@ type SequenceSetting struct {
 // Check reports a setting that does not say exactly one thing.
 func (s Setting) Check() error {
 	n := 0
-	for _, set := range []bool{s.DeltaColumn != nil, s.HomeColumn != nil, s.Timeshard != nil, s.Galloc != nil, s.BigintAudit} {
+	for _, set := range []bool{s.DeltaColumn != nil, s.HomeColumn != nil, s.Timeshard != nil, s.Galloc != nil, s.BigintAudit, s.ApplyError != nil} {
 		if set {
 			n++
 		}
 	}
 	if n != 1 {
 		return fmt.Errorf("a setting must change exactly one thing, this one changes %d", n)
+	}
+	if e := s.ApplyError; e != nil && e.Policy != "" && e.Policy != replicator.OnErrorPark && e.Policy != replicator.OnErrorStop {
+		return fmt.Errorf("on_apply_error %q of %s is not park, stop or default", e.Policy, e.Table)
 	}
 	return nil
 }
@@ -372,6 +387,8 @@ func (s Setting) String() string {
 		return "galloc sequence " + s.Galloc.Sequence
 	case s.BigintAudit:
 		return "the bigint audit"
+	case s.ApplyError != nil:
+		return "on_apply_error of " + s.ApplyError.Table
 	}
 	return "an empty setting"
 }
@@ -379,4 +396,29 @@ func (s Setting) String() string {
 // SettingResponse lists the nodes where the change was made.
 type SettingResponse struct {
 	Nodes []string `json:"nodes"`
+}
+
+// ParkedTable is what waits in pgmesh.parked_changes for one table from
+// one peer.
+type ParkedTable struct {
+	Peer    string    `json:"peer"`
+	Table   string    `json:"table"`
+	Changes int64     `json:"changes"`
+	Since   time.Time `json:"since"`
+	// Error is the error that parked the table.
+	Error string `json:"error,omitempty"`
+}
+
+// QueueRequest asks for a replay (POST /v1/parked/replay) or a discard
+// (POST /v1/parked/discard) of a table's parked changes, from one peer or
+// from every peer that has some.
+type QueueRequest struct {
+	Table  string `json:"table"`
+	Peer   string `json:"peer,omitempty"`
+	DryRun bool   `json:"dry_run,omitempty"`
+}
+
+// QueueResponse is what each peer's replay or discard did.
+type QueueResponse struct {
+	Results []replicator.QueueResult `json:"results"`
 }

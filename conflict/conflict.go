@@ -22,6 +22,9 @@ const (
 	DeleteOriginDiffers     Type = "delete_origin_differs"
 	DeleteMissing           Type = "delete_missing"
 	MultipleUniqueConflicts Type = "multiple_unique_conflicts"
+	// ParkedDiscarded is pgmesh's own: a parked change that pgmesh discard
+	// removed unapplied (resolution skip; docs/apply-errors.md).
+	ParkedDiscarded Type = "parked_discarded"
 )
 
 // Resolution names what was done about a conflict.

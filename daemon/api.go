@@ -1,6 +1,7 @@
 package daemon
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -36,6 +37,9 @@ func (d *Daemon) routes() http.Handler {
 	mux.HandleFunc("POST /v1/ddl", d.handleDDL)
 	mux.HandleFunc("POST /v1/compare", d.handleCompare)
 	mux.HandleFunc("POST /v1/cluster/lock", d.handleClusterLock)
+	mux.HandleFunc("GET /v1/parked", d.handleParked)
+	mux.HandleFunc("POST /v1/parked/replay", d.handleReplay)
+	mux.HandleFunc("POST /v1/parked/discard", d.handleDiscard)
 	mux.HandleFunc("GET /v1/repsets", d.handleRepsetList)
 	mux.HandleFunc("POST /v1/repset", d.handleRepset)
 	mux.HandleFunc("POST /v1/cluster/repset", d.handleClusterRepset)
@@ -115,6 +119,12 @@ func (d *Daemon) Status() api.StatusReport {
 	rep.Slots = d.slots.get()
 	rep.Standbys = d.standbys.get()
 	rep.LocalTables, rep.RepsetsPublished = d.publications.taken()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	var err error
+	if rep.Parked, err = d.parked(ctx); err != nil {
+		rep.Problems = append(rep.Problems, err.Error())
+	}
 	for _, p := range rep.Peers {
 		if p.LastError != "" {
 			rep.Problems = append(rep.Problems, fmt.Sprintf("stream from %s: %s", p.Peer, p.LastError))

@@ -72,6 +72,10 @@ type Config struct {
 	// Postgres that may be promoted: changes applied here are confirmed
 	// to peers only once those standbys have flushed them.
 	StandbySlots []string
+	// OnApplyError is on_apply_error: what a change that fails with an
+	// error of its own does to its table's stream, stop (default, "") or
+	// park (replicator/park.go). A table's own setting wins.
+	OnApplyError string
 }
 
 // Defaults for the optional keys.

@@ -351,6 +351,7 @@ func (d *Daemon) streamConfig(n *membership.Node) replicator.Config {
 		Rule:         d.rule(),
 		MaxClockSkew: d.cfg.MaxClockSkew,
 		StandbySlots: d.cfg.StandbySlots,
+		OnApplyError: d.cfg.OnApplyError,
 		DeletedMissing: func() {
 			select {
 			case d.sweepSoon <- struct{}{}:

@@ -30,6 +30,12 @@ func (d *Daemon) applySetting(ctx context.Context, s api.Setting) error {
 		err = d.convertGalloc(ctx, s.Galloc.Sequence, s.Galloc.ChunkSize, s.Galloc.MinStart)
 	case s.BigintAudit:
 		err = d.applyAudit(ctx)
+	case s.ApplyError != nil:
+		var policy *string
+		if s.ApplyError.Policy != "" {
+			policy = &s.ApplyError.Policy
+		}
+		_, err = d.db.Exec(ctx, `SELECT pgmesh.set_on_apply_error($1::regclass, $2)`, s.ApplyError.Table, policy)
 	}
 	if err != nil {
 		return fmt.Errorf("on node %q: %w", d.cfg.NodeName, err)

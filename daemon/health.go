@@ -56,6 +56,15 @@ func (d *Daemon) health(ctx context.Context) api.HealthReport {
 			}
 		}
 	}
+	// Parked changes wait for an operator, but the node serves its
+	// applications meanwhile: a warning, not a reason.
+	parked, err := d.parked(pctx)
+	if err != nil {
+		rep.Warnings = append(rep.Warnings, err.Error())
+	}
+	for _, p := range parked {
+		rep.Warnings = append(rep.Warnings, parkedNote(p))
+	}
 	for _, s := range d.standbys.get() {
 		if !s.Ready {
 			rep.Warnings = append(rep.Warnings, fmt.Sprintf("standby %s is not ready for a failover: %s", s.Server, s.Reason))

@@ -107,8 +107,12 @@ func (d *Daemon) pruneTombstones(ctx context.Context) error {
 	if !ok {
 		return nil
 	}
+	// A parked table keeps its tombstones until its changes are replayed:
+	// a parked update older than a delete must still lose to it.
 	tag, err := d.db.Exec(ctx, `DELETE FROM pgmesh.tombstone WHERE ctid = ANY(ARRAY(
-		SELECT ctid FROM pgmesh.tombstone WHERE deleted_at < $1 FOR UPDATE SKIP LOCKED))`, horizon)
+		SELECT ctid FROM pgmesh.tombstone WHERE deleted_at < $1
+			AND relation NOT IN (SELECT format('%I.%I', schema_name, table_name) FROM pgmesh.parked_changes)
+		FOR UPDATE SKIP LOCKED))`, horizon)
 	if err == nil && tag.RowsAffected() > 0 {
 		d.log.Debug("pruned tombstones", "count", tag.RowsAffected(), "horizon", horizon)
 	}

@@ -291,7 +291,8 @@ func (d *Daemon) adoptSettings(ctx context.Context, sourceDSN string, g *members
 }
 
 // groupSettings reads the settings a member holds, in the form
-// `pgmesh delta-column`, `home-column` and `sequences convert` send them.
+// `pgmesh delta-column`, `home-column`, `on-apply-error` and `sequences convert`
+// send them.
 func groupSettings(ctx context.Context, conn *pgx.Conn) ([]api.Setting, error) {
 	rows, err := conn.Query(ctx, `
 		SELECT 'delta', relation, column_name, 0 FROM pgmesh.delta_column
@@ -302,6 +303,8 @@ func groupSettings(ctx context.Context, conn *pgx.Conn) ([]api.Setting, error) {
 		WHERE t.tgname = 'pgmesh_home'
 		UNION ALL
 		SELECT kind, seq, '', coalesce(chunk_size, 0) FROM pgmesh.global_sequence
+		UNION ALL
+		SELECT 'apply_error', relation, policy, 0 FROM pgmesh.apply_error_policy
 		ORDER BY 1, 2, 3`)
 	if err != nil {
 		return nil, err
@@ -319,6 +322,8 @@ func groupSettings(ctx context.Context, conn *pgx.Conn) ([]api.Setting, error) {
 			return api.Setting{HomeColumn: &api.ColumnSetting{Table: name, Column: column, Enabled: true}}, nil
 		case "galloc":
 			return api.Setting{Galloc: &api.SequenceSetting{Sequence: name, ChunkSize: size}}, nil
+		case "apply_error":
+			return api.Setting{ApplyError: &api.ApplyErrorSetting{Table: name, Policy: column}}, nil
 		default:
 			return api.Setting{Timeshard: &api.SequenceSetting{Sequence: name}}, nil
 		}

@@ -36,6 +36,7 @@ var (
 	descRaftState    = prometheus.NewDesc("pgmesh_raft_state", "This node's Raft state (1 for the current one).", []string{"state"}, nil)
 	descNodes        = prometheus.NewDesc("pgmesh_nodes", "Members of the node group by state.", []string{"state"}, nil)
 	descHealthy      = prometheus.NewDesc("pgmesh_healthy", "1 while GET /health answers 200.", nil, nil)
+	descParked       = prometheus.NewDesc("pgmesh_parked_changes", "Changes from a peer parked here until pgmesh replay, by table.", []string{"peer", "table"}, nil)
 	descStandbyReady = prometheus.NewDesc("pgmesh_standby_ready", "1 while a failover to the standby would lose nothing and keep every peer streaming.", []string{"server"}, nil)
 )
 
@@ -69,6 +70,9 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 			typ, res := splitKind(kind)
 			counter(descConflicts, float64(n), p.Peer, typ, res)
 		}
+	}
+	for _, p := range rep.Parked {
+		g(descParked, float64(p.Changes), p.Peer, p.Table)
 	}
 	for _, s := range rep.Standbys {
 		g(descStandbyReady, b2f(s.Ready), s.Server)

@@ -84,6 +84,16 @@ func waitStopped(rs []*running) {
 	}
 }
 
+// stream is the running stream from peer, or nil.
+func (s *supervisor) stream(peer string) *replicator.Stream {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if r, ok := s.streams[peer]; ok {
+		return r.stream
+	}
+	return nil
+}
+
 // statuses returns every stream's status, ordered by peer name.
 func (s *supervisor) statuses() []replicator.Status {
 	s.mu.Lock()

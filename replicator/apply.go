@@ -66,11 +66,17 @@ type applier struct {
 	// streamed again, it takes the careful path.
 	retryLSN pglogrepl.LSN
 	log      *slog.Logger
+	// parked are the tables whose changes go to the parked queue, the
+	// stream's (park.go); replaying is the one being replayed, whose
+	// changes apply; parkedNow counts changes parked since the stream began.
+	parked    parkedTables
+	replaying tableName
+	parkedNow int64
 }
 
-func newApplier(pc *pgconn.PgConn, cfg *Config, progress pglogrepl.LSN, roident uint32, st *stats, retryLSN pglogrepl.LSN, log *slog.Logger) *applier {
+func newApplier(pc *pgconn.PgConn, cfg *Config, progress pglogrepl.LSN, roident uint32, st *stats, retryLSN pglogrepl.LSN, parked parkedTables, log *slog.Logger) *applier {
 	return &applier{pc: pc, cfg: cfg, progress: progress, applied: progress, roident: roident, stats: st, types: pgtype.NewMap(),
-		retryLSN: retryLSN, log: log, pipe: pipeline{pc: pc},
+		retryLSN: retryLSN, parked: parked, log: log, pipe: pipeline{pc: pc},
 		rels: map[uint32]*relation{}, stmts: map[string]string{}, origins: map[uint32]string{},
 		conflicts: map[string]int64{}, warned: map[string]bool{}}
 }
@@ -104,23 +110,23 @@ func (a *applier) handleCareful(ctx context.Context, data []byte) (pglogrepl.LSN
 		// Forwarded from a third node: that node streams it to us itself.
 		return 0, a.filter.Origin()
 	case *pglogrepl.RelationMessage:
-		a.rels[m.RelationID] = newRelation(m)
+		a.rels[m.RelationID] = newRelation(m, bytes.Clone(data))
 	case *pglogrepl.TypeMessage:
 		// Values arrive as text and are parsed by the local types of the
 		// same-named columns, so type OIDs (which differ between nodes for
 		// user-defined types) are not needed.
 	case *pglogrepl.InsertMessage:
-		return 0, a.change(ctx, m.RelationID, func(r *relation) error { return a.queueInsert(ctx, r, m) })
+		return 0, a.change(ctx, m.RelationID, data, func(r *relation) error { return a.queueInsert(ctx, r, m) })
 	case *pglogrepl.UpdateMessage:
 		if err := a.flush(ctx); err != nil {
 			return 0, err
 		}
-		return 0, a.change(ctx, m.RelationID, func(r *relation) error { return a.update(ctx, r, m) })
+		return 0, a.change(ctx, m.RelationID, data, func(r *relation) error { return a.update(ctx, r, m) })
 	case *pglogrepl.DeleteMessage:
 		if err := a.flush(ctx); err != nil {
 			return 0, err
 		}
-		return 0, a.change(ctx, m.RelationID, func(r *relation) error { return a.delete(ctx, r, m) })
+		return 0, a.change(ctx, m.RelationID, data, func(r *relation) error { return a.delete(ctx, r, m) })
 	case *pglogrepl.TruncateMessage:
 		if err := a.flush(ctx); err != nil {
 			return 0, err
@@ -143,7 +149,10 @@ func (a *applier) handleCareful(ctx context.Context, data []byte) (pglogrepl.LSN
 	return 0, nil
 }
 
-func (a *applier) change(ctx context.Context, relID uint32, apply func(*relation) error) error {
+// change applies one insert, update or delete (raw, its message) of
+// relation relID, or parks it when its table is parked (park.go). An
+// error of the change itself is an *applyFailed.
+func (a *applier) change(ctx context.Context, relID uint32, raw []byte, apply func(*relation) error) error {
 	if a.filter.Skip() {
 		return nil
 	}
@@ -152,14 +161,23 @@ func (a *applier) change(ctx context.Context, relID uint32, apply func(*relation
 		return fmt.Errorf("peer %q sent a change for relation id %d without describing it first (protocol error)", a.cfg.Peer.Name, relID)
 	}
 	a.wantTxn = true
-	if r.stale() {
-		if err := r.load(ctx, a.pc, a.cfg.Peer.Name); err != nil {
-			return err
-		}
+	if a.parks(r) {
+		return a.park(ctx, r, raw)
 	}
-	if err := apply(r); err != nil {
-		return fmt.Errorf("apply change to %s from peer %q (remote xid %d, commit LSN %s): %w",
+	var err error
+	if r.stale() {
+		err = r.load(ctx, a.pc, a.cfg.Peer.Name)
+	}
+	if err == nil {
+		err = apply(r)
+	}
+	if err != nil {
+		err = fmt.Errorf("apply change to %s from peer %q (remote xid %d, commit LSN %s): %w",
 			r.qualified, a.cfg.Peer.Name, a.begin.Xid, a.begin.FinalLSN, err)
+		if changeError(err) {
+			return &applyFailed{table: r.table(), err: err}
+		}
+		return err
 	}
 	a.rows++
 	return nil
@@ -280,10 +298,15 @@ func (a *applier) flush(ctx context.Context) error {
 		b.ExecPrepared(p.stmt, p.params, nil, nil)
 	}
 	results, err := a.pc.ExecBatch(ctx, b).ReadAll()
+	a.localOpen = true // by the BEGIN at its head, even if a later statement failed (rollback ends it)
 	if err != nil {
-		return fmt.Errorf("apply inserts from peer %q (remote xid %d, commit LSN %s): %w", a.cfg.Peer.Name, a.begin.Xid, a.begin.FinalLSN, err)
+		err = fmt.Errorf("apply inserts from peer %q (remote xid %d, commit LSN %s): %w", a.cfg.Peer.Name, a.begin.Xid, a.begin.FinalLSN, err)
+		// The statements after the failed one were skipped: it is the last.
+		if i := len(results) - 1 - first; i >= 0 && i < len(pending) && results[len(results)-1].Err != nil && changeError(err) {
+			return &applyFailed{table: pending[i].r.table(), err: err}
+		}
+		return err
 	}
-	a.localOpen = true
 	for i, p := range pending {
 		if results[first+i].CommandTag.RowsAffected() == 1 {
 			continue
@@ -787,6 +810,10 @@ func (a *applier) truncate(ctx context.Context, m *pglogrepl.TruncateMessage) er
 		r, ok := a.rels[id]
 		if !ok {
 			return fmt.Errorf("peer %q truncated relation id %d without describing it first (protocol error)", a.cfg.Peer.Name, id)
+		}
+		if a.parks(r) {
+			return fmt.Errorf("peer %q truncated %s, whose changes from it are parked here: replay them (pgmesh replay %s --peer %s) or discard them, and the stream resumes from this TRUNCATE",
+				a.cfg.Peer.Name, r.table(), r.table(), a.cfg.Peer.Name)
 		}
 		names = append(names, r.qualified)
 	}

@@ -68,7 +68,7 @@ func (a *applier) bulkMsg(ctx context.Context, data []byte) error {
 			err = errNotFast // redefined after changes: the careful path copes
 			break
 		}
-		a.rels[m.RelationID] = newRelation(m)
+		a.rels[m.RelationID] = newRelation(m, data)
 		return nil
 	case *pglogrepl.InsertMessage, *pglogrepl.UpdateMessage, *pglogrepl.DeleteMessage:
 		err = a.fastChange(ctx, t, msg)

@@ -220,7 +220,7 @@ func (a *applier) handleMsg(ctx context.Context, data []byte) error {
 		if err := a.drain(ctx); err != nil {
 			return err
 		}
-		a.rels[rm.RelationID] = newRelation(rm)
+		a.rels[rm.RelationID] = newRelation(rm, data)
 		return nil
 	}
 	if _, ok := msg.(*pglogrepl.RelationMessage); !ok && t.skip {
@@ -303,8 +303,8 @@ func (a *applier) replayCarefully(ctx context.Context, txns []*fastTxn) error {
 // catalog facts.
 func (a *applier) fastRelation(ctx context.Context, id uint32) (*relation, error) {
 	r, ok := a.rels[id]
-	if !ok {
-		return nil, errNotFast // the careful path reports the protocol error
+	if !ok || a.parks(r) {
+		return nil, errNotFast // the careful path reports the protocol error, or parks
 	}
 	if r.stale() {
 		if err := a.collect(ctx); err != nil {

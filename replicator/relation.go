@@ -39,14 +39,17 @@ type relation struct {
 	// never a group's collapsed image.
 	orderedTriggers bool
 	loadedAt        time.Time
+	raw             []byte // the Relation message as the peer sent it
 }
 
 // metadataTTL bounds how long local catalog facts are trusted (delta
 // columns and indexes can change without the peer resending the relation).
 const metadataTTL = 10 * time.Second
 
-func newRelation(m *pglogrepl.RelationMessage) *relation {
-	r := &relation{msg: m, qualified: pgx.Identifier{m.Namespace, m.RelationName}.Sanitize(),
+// newRelation describes a table from the peer's Relation message; raw is
+// the message itself, kept for changes that are parked (park.go).
+func newRelation(m *pglogrepl.RelationMessage, raw []byte) *relation {
+	r := &relation{msg: m, raw: raw, qualified: pgx.Identifier{m.Namespace, m.RelationName}.Sanitize(),
 		name: m.Namespace + "." + m.RelationName}
 	r.full = m.ReplicaIdentity == 'f'
 	for i, c := range m.Columns {
@@ -57,6 +60,13 @@ func newRelation(m *pglogrepl.RelationMessage) *relation {
 	}
 	return r
 }
+
+// schemaError is a table or column the peer sends that this node lacks: an
+// error of the change, which on_apply_error park parks (park.go).
+type schemaError struct{ err error }
+
+func (e *schemaError) Error() string { return e.err.Error() }
+func (e *schemaError) Unwrap() error { return e.err }
 
 func (r *relation) stale() bool { return time.Since(r.loadedAt) > metadataTTL }
 
@@ -74,7 +84,7 @@ func (r *relation) load(ctx context.Context, pc *pgconn.PgConn, peer string) err
 		return fmt.Errorf("read columns of %s: %w", r.qualified, res.Err)
 	}
 	if len(res.Rows) == 0 {
-		return fmt.Errorf("table %s sent by peer %q does not exist on this node: create it with the same definition as on %q, and the stream resumes from the same change", r.qualified, peer, peer)
+		return &schemaError{fmt.Errorf("table %s sent by peer %q does not exist on this node: create it with the same definition as on %q, and the stream resumes from the same change", r.qualified, peer, peer)}
 	}
 	types := make(map[string]string, len(res.Rows))
 	always := map[string]bool{}
@@ -90,7 +100,7 @@ func (r *relation) load(ctx context.Context, pc *pgconn.PgConn, peer string) err
 		r.anyIdentity = r.anyIdentity || always[c]
 		t, ok := types[c]
 		if !ok {
-			return fmt.Errorf("peer %q sends column %s of table %s, which this node lacks: add the column (same type as on %q), and the stream resumes from the same change", peer, quote(c), r.qualified, peer)
+			return &schemaError{fmt.Errorf("peer %q sends column %s of table %s, which this node lacks: add the column (same type as on %q), and the stream resumes from the same change", peer, quote(c), r.qualified, peer)}
 		}
 		r.localType = append(r.localType, t)
 		pos[c] = i

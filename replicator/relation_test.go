@@ -32,7 +32,7 @@ func TestParseTextArray(t *testing.T) {
 // id as replica identity and, locally, id as primary key.
 func testRelation() *relation {
 	r := newRelation(&pglogrepl.RelationMessage{Namespace: "s", RelationName: "T x", ReplicaIdentity: 'd',
-		Columns: []*pglogrepl.RelationMessageColumn{{Name: "id", Flags: 1}, {Name: "Name"}, {Name: "n"}}})
+		Columns: []*pglogrepl.RelationMessageColumn{{Name: "id", Flags: 1}, {Name: "Name"}, {Name: "n"}}}, nil)
 	r.localType = []string{"integer", "text", "bigint"}
 	r.pk = []int{0}
 	return r

@@ -253,7 +253,7 @@ func newTestApplier(t *testing.T, ctx context.Context, local *pgx.Conn, peer str
 	ids := map[string]int{"local": 1, peer: 2}
 	cfg := &Config{LocalNode: "local", Peer: Peer{Name: peer, ID: 2}, NodeID: func(n string) int { return ids[n] },
 		Rule: conflict.Rule{Resolution: time.Millisecond}, Logger: slog.Default()}
-	return newApplier(conn.PgConn(), cfg, progress, roident, newStats(peer), pglogrepl.LSN(0), cfg.Logger), conn
+	return newApplier(conn.PgConn(), cfg, progress, roident, newStats(peer), pglogrepl.LSN(0), parkedTables{}, cfg.Logger), conn
 }
 
 func mustExec(t *testing.T, ctx context.Context, conn *pgx.Conn, sql string) {

@@ -55,6 +55,10 @@ type Config struct {
 	// meanwhile may have missed the delete, which RemoveOvertaken repairs.
 	// It must not block.
 	DeletedMissing func()
+	// OnApplyError is what a change that fails with an error of its own
+	// does to its table, unless the table has its own policy: OnErrorStop
+	// (the default) or OnErrorPark (park.go).
+	OnApplyError string
 	// StandbySlots are the physical slots of this node's standbys that may
 	// be promoted: a change applied here is confirmed to the peer only once
 	// every one of them has flushed it (standby.go).
@@ -71,6 +75,10 @@ type Stream struct {
 	retryLSN pglogrepl.LSN
 	// standbys holds confirmations for this node's standbys; nil without.
 	standbys *standbyWatch
+	// parked are the tables whose changes from the peer are parked (park.go),
+	// and requests the replays and discards waiting for the stream.
+	parked   parkedTables
+	requests chan queueRequest
 }
 
 // New returns a stream; call Run to start it.
@@ -82,7 +90,8 @@ func New(cfg Config) *Stream {
 		cfg.Logger = slog.Default()
 	}
 	return &Stream{cfg: cfg, stats: newStats(cfg.Peer.Name),
-		log: cfg.Logger.With("peer", cfg.Peer.Name), standbys: newStandbyWatch(cfg)}
+		log: cfg.Logger.With("peer", cfg.Peer.Name), standbys: newStandbyWatch(cfg),
+		parked: parkedTables{}, requests: make(chan queueRequest)}
 }
 
 // Status returns a snapshot of the stream's progress.
@@ -100,6 +109,14 @@ func (s *Stream) Run(ctx context.Context) {
 		s.stats.setConnected(false)
 		if ctx.Err() != nil {
 			return
+		}
+		if pt, ok := errors.AsType[*parkTable](err); ok {
+			t := pt.failed.table
+			s.parked[t] = pt.failed.Error()
+			s.log.Warn("parking the changes of a table that failed to apply; the stream goes on for every other table",
+				"table", t.String(), "err", pt.failed.err,
+				"fix", fmt.Sprintf("fix the cause on this node, then run pgmesh replay %s --peer %s (pgmesh parked lists what waits)", t, s.cfg.Peer.Name))
+			continue
 		}
 		var retry *retryCarefully
 		if errors.As(err, &retry) {
@@ -219,9 +236,25 @@ func (s *Stream) runOnce(ctx context.Context) error {
 			s.cfg.Gate.leave()
 		}
 	}()
-	a := newApplier(applyConn.PgConn(), &s.cfg, progress, roident, s.stats, s.retryLSN, s.log)
+	if err := s.parked.load(ctx, applyConn.PgConn(), s.cfg.Peer.Name); err != nil {
+		return err
+	}
+	a := newApplier(applyConn.PgConn(), &s.cfg, progress, roident, s.stats, s.retryLSN, s.parked, s.log)
 	defer a.rollback(context.Background())
-	return s.receive(ctx, repl, a, progress, &inside)
+	err = s.receive(ctx, repl, a, progress, &inside)
+	if failed, ok := errors.AsType[*applyFailed](err); ok && ctx.Err() == nil {
+		// Park the table if its policy says so: asked now, on the apply
+		// connection, once the failed transaction is rolled back.
+		a.rollback(ctx)
+		p, perr := policy(ctx, applyConn.PgConn(), failed.table, s.cfg.OnApplyError)
+		if perr != nil {
+			return errors.Join(err, perr)
+		}
+		if p == OnErrorPark {
+			return &parkTable{failed: failed}
+		}
+	}
+	return err
 }
 
 // connectApply opens the local apply connection: replica role (user triggers
@@ -325,6 +358,20 @@ func (s *Stream) receive(ctx context.Context, repl *pgconn.PgConn, a *applier, f
 	for {
 		if ctx.Err() != nil {
 			return ctx.Err()
+		}
+		if a.between() {
+			select {
+			case req := <-s.requests:
+				// A replay or discard of parked changes, with nothing of
+				// the stream's own in flight.
+				if err := a.drain(ctx); err != nil {
+					req.reply <- queueReply{err: err}
+					return err
+				}
+				committed(a.takeConfirmed())
+				req.reply <- a.serve(ctx, req)
+			default:
+			}
 		}
 		if s.cfg.Gate.closing() && a.between() {
 			// A joining node takes its snapshot: step aside with nothing

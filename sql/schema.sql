@@ -424,6 +424,25 @@ END
 $$;
 
 --
+-- Name: set_on_apply_error(regclass, text); Type: FUNCTION; Schema: pgmesh; Owner: -
+--
+
+CREATE FUNCTION pgmesh.set_on_apply_error(rel regclass, policy text) RETURNS void
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    name text := (SELECT format('%I.%I', n.nspname, c.relname) FROM pg_catalog.pg_class c
+                  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel);
+BEGIN
+    IF policy IS NULL THEN
+        DELETE FROM pgmesh.apply_error_policy WHERE relation = name;
+    ELSE
+        INSERT INTO pgmesh.apply_error_policy VALUES (name, policy)
+            ON CONFLICT (relation) DO UPDATE SET policy = EXCLUDED.policy;
+    END IF;
+END $$;
+
+--
 -- Name: take_back_if_deleted(text, jsonb, tid, timestamp with time zone, text); Type: FUNCTION; Schema: pgmesh; Owner: -
 --
 
@@ -546,6 +565,16 @@ END
 $$;
 
 --
+-- Name: apply_error_policy; Type: TABLE; Schema: pgmesh; Owner: -
+--
+
+CREATE TABLE pgmesh.apply_error_policy (
+    relation text NOT NULL,
+    policy text NOT NULL,
+    CONSTRAINT apply_error_policy_policy_check CHECK ((policy = ANY (ARRAY['stop'::text, 'park'::text])))
+);
+
+--
 -- Name: conflict_history; Type: TABLE; Schema: pgmesh; Owner: -
 --
 
@@ -567,7 +596,7 @@ CREATE TABLE pgmesh.conflict_history (
     remote_commit_lsn pg_lsn,
     remote_xid bigint,
     reason text,
-    CONSTRAINT conflict_history_conflict_type_check CHECK ((conflict_type = ANY (ARRAY['insert_exists'::text, 'insert_deleted'::text, 'update_origin_differs'::text, 'update_exists'::text, 'update_missing'::text, 'update_deleted'::text, 'delete_origin_differs'::text, 'delete_missing'::text, 'multiple_unique_conflicts'::text]))),
+    CONSTRAINT conflict_history_conflict_type_check CHECK ((conflict_type = ANY (ARRAY['insert_exists'::text, 'insert_deleted'::text, 'update_origin_differs'::text, 'update_exists'::text, 'update_missing'::text, 'update_deleted'::text, 'delete_origin_differs'::text, 'delete_missing'::text, 'multiple_unique_conflicts'::text, 'parked_discarded'::text]))),
     CONSTRAINT conflict_history_resolution_check CHECK ((resolution = ANY (ARRAY['apply_remote'::text, 'keep_local'::text, 'apply_as_insert'::text, 'skip'::text, 'merge'::text])))
 );
 
@@ -756,6 +785,42 @@ CREATE VIEW pgmesh.node_status AS
      LEFT JOIN pg_replication_origin_status o ON ((o.external_id = ('pgmesh_'::text || n.node_name))));
 
 --
+-- Name: parked_changes; Type: TABLE; Schema: pgmesh; Owner: -
+--
+
+CREATE TABLE pgmesh.parked_changes (
+    id bigint NOT NULL,
+    peer text NOT NULL,
+    schema_name text NOT NULL,
+    table_name text NOT NULL,
+    source_lsn pg_lsn NOT NULL,
+    source_xid bigint NOT NULL,
+    commit_time timestamp with time zone NOT NULL,
+    origin_node text NOT NULL,
+    kind text NOT NULL,
+    old_key jsonb,
+    new_values jsonb,
+    error text,
+    parked_at timestamp with time zone DEFAULT now() NOT NULL,
+    relation_message bytea NOT NULL,
+    change_message bytea NOT NULL,
+    CONSTRAINT parked_changes_kind_check CHECK ((kind = ANY (ARRAY['insert'::text, 'update'::text, 'delete'::text])))
+);
+
+--
+-- Name: parked_changes_id_seq; Type: SEQUENCE; Schema: pgmesh; Owner: -
+--
+
+ALTER TABLE pgmesh.parked_changes ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
+    SEQUENCE NAME pgmesh.parked_changes_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
+
+--
 -- Name: peer_progress; Type: TABLE; Schema: pgmesh; Owner: -
 --
 
@@ -859,6 +924,13 @@ CREATE TABLE pgmesh.tombstone (
 );
 
 --
+-- Name: apply_error_policy apply_error_policy_pkey; Type: CONSTRAINT; Schema: pgmesh; Owner: -
+--
+
+ALTER TABLE ONLY pgmesh.apply_error_policy
+    ADD CONSTRAINT apply_error_policy_pkey PRIMARY KEY (relation);
+
+--
 -- Name: conflict_history conflict_history_pkey; Type: CONSTRAINT; Schema: pgmesh; Owner: -
 --
 
@@ -899,6 +971,13 @@ ALTER TABLE ONLY pgmesh.join_status
 
 ALTER TABLE ONLY pgmesh.node
     ADD CONSTRAINT node_pkey PRIMARY KEY (node_name);
+
+--
+-- Name: parked_changes parked_changes_pkey; Type: CONSTRAINT; Schema: pgmesh; Owner: -
+--
+
+ALTER TABLE ONLY pgmesh.parked_changes
+    ADD CONSTRAINT parked_changes_pkey PRIMARY KEY (id);
 
 --
 -- Name: peer_progress peer_progress_pkey; Type: CONSTRAINT; Schema: pgmesh; Owner: -
@@ -946,6 +1025,12 @@ CREATE INDEX conflict_history_occurred_at ON pgmesh.conflict_history USING btree
 --
 
 CREATE INDEX conflict_history_relation_type ON pgmesh.conflict_history USING btree (relation, conflict_type);
+
+--
+-- Name: parked_changes_table; Type: INDEX; Schema: pgmesh; Owner: -
+--
+
+CREATE INDEX parked_changes_table ON pgmesh.parked_changes USING btree (peer, schema_name, table_name, id);
 
 --
 -- Name: repset_table repset_table_set_name_fkey; Type: FK CONSTRAINT; Schema: pgmesh; Owner: -

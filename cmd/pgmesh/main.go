@@ -43,6 +43,11 @@ Usage:
   pgmesh compare [TABLE...] [--json] [--chunk-rows N]
                                              find rows that differ between nodes (exit 1 if any)
   pgmesh repair TABLE... [--dry-run]         write each differing row's winner again
+  pgmesh on-apply-error TABLE park|stop|default
+                                             what a change of TABLE that cannot apply does (every node)
+  pgmesh parked [--json]                     changes parked here, per table and peer, with their error
+  pgmesh replay TABLE [--peer P] [--dry-run] apply a table's parked changes, once the cause is fixed
+  pgmesh discard TABLE [--peer P] --yes      drop them unapplied, each logged in conflict_history
   pgmesh grants --role NAME [--owner ROLE] [--create-role]
                                              the SQL that lets a role that is not a superuser run pgmesh
 
@@ -107,6 +112,14 @@ func dispatch(ctx context.Context, args []string) error {
 		return cmdRepair(ctx, args[1:])
 	case "grants":
 		return cmdGrants(ctx, args[1:])
+	case "parked":
+		return cmdParked(ctx, args[1:])
+	case "replay":
+		return cmdReplay(ctx, args[1:])
+	case "discard":
+		return cmdDiscard(ctx, args[1:])
+	case "on-apply-error":
+		return cmdOnApplyError(ctx, args[1:])
 	case "help", "-h", "--help":
 		fmt.Print(usage)
 		return nil

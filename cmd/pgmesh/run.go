@@ -17,6 +17,7 @@ import (
 	"github.com/pgmesh/pgmesh/daemon"
 	"github.com/pgmesh/pgmesh/internal/bytesize"
 	"github.com/pgmesh/pgmesh/membership"
+	"github.com/pgmesh/pgmesh/replicator"
 )
 
 // configKey is one daemon setting: a YAML key, a flag (--node-name) and an
@@ -138,6 +139,14 @@ var configKeys = []configKey{
 	{"standby_slots", "physical slots of this Postgres's standbys that may be promoted, comma-separated: peers' changes applied here are confirmed to them only once those standbys have flushed them (default: none)", func(c *daemon.Config, v string) error {
 		c.StandbySlots = splitList(v)
 		return nil
+	}},
+	{"on_apply_error", "what a change that cannot be applied here (bad data, a schema that differs) does: stop its peer's stream, or park its table's changes from that peer until pgmesh replay (default stop; pgmesh on-apply-error sets it per table)", func(c *daemon.Config, v string) error {
+		switch p := strings.ToLower(strings.TrimSpace(v)); p {
+		case "", replicator.OnErrorStop, replicator.OnErrorPark:
+			c.OnApplyError = p
+			return nil
+		}
+		return fmt.Errorf("on_apply_error %q is neither stop nor park: stop (the default) holds the peer's stream at the change, park sets the table's changes aside for pgmesh replay", v)
 	}},
 	{"log_level", "debug, info, warn or error (default info)", nil},
 }

@@ -112,6 +112,10 @@ func printStatus(out io.Writer, rep api.StatusReport) {
 		}
 		w.Flush()
 	}
+	if len(rep.Parked) > 0 {
+		fmt.Fprintln(out)
+		printParked(out, rep.Parked)
+	}
 	if len(rep.LocalTables) > 0 {
 		fmt.Fprintf(out, "\nlocal tables (in no replication set; their changes stay here): %s\n", strings.Join(rep.LocalTables, ", "))
 	}

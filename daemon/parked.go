@@ -1,0 +1,132 @@
+package daemon
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"slices"
+	"strings"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/pgmesh/pgmesh/api"
+	"github.com/pgmesh/pgmesh/replicator"
+)
+
+// parked lists what waits in pgmesh.parked_changes, per peer and table
+// (docs/apply-errors.md).
+func (d *Daemon) parked(ctx context.Context) ([]api.ParkedTable, error) {
+	rows, err := d.db.Query(ctx, `SELECT peer, schema_name || '.' || table_name, count(*), min(parked_at),
+			coalesce((array_agg(error ORDER BY id) FILTER (WHERE error IS NOT NULL))[1], '')
+		FROM pgmesh.parked_changes GROUP BY peer, schema_name, table_name ORDER BY 2, 1`)
+	if err != nil {
+		return nil, fmt.Errorf("read parked changes: %w", err)
+	}
+	return pgx.CollectRows(rows, func(r pgx.CollectableRow) (api.ParkedTable, error) {
+		var p api.ParkedTable
+		err := r.Scan(&p.Peer, &p.Table, &p.Changes, &p.Since, &p.Error)
+		return p, err
+	})
+}
+
+// parkedNote is the sentence status and health give a parked table.
+func parkedNote(p api.ParkedTable) string {
+	s := fmt.Sprintf("%d changes of %s from %s are parked since %s", p.Changes, p.Table, p.Peer, p.Since.UTC().Format("2006-01-02 15:04:05Z"))
+	if p.Error != "" {
+		s += " (" + p.Error + ")"
+	}
+	return s + fmt.Sprintf("; fix the cause, then run pgmesh replay %s --peer %s", p.Table, p.Peer)
+}
+
+func (d *Daemon) handleParked(w http.ResponseWriter, r *http.Request) {
+	list, err := d.parked(r.Context())
+	if err != nil {
+		writeErr(w, http.StatusInternalServerError, err)
+		return
+	}
+	if list == nil {
+		list = []api.ParkedTable{}
+	}
+	writeJSON(w, http.StatusOK, list)
+}
+
+func (d *Daemon) handleReplay(w http.ResponseWriter, r *http.Request)  { d.serveQueue(w, r, false) }
+func (d *Daemon) handleDiscard(w http.ResponseWriter, r *http.Request) { d.serveQueue(w, r, true) }
+
+// serveQueue replays or discards a table's parked changes from one peer,
+// or from each peer that has some, on that peer's stream.
+func (d *Daemon) serveQueue(w http.ResponseWriter, r *http.Request, discard bool) {
+	var req api.QueueRequest
+	if err := readJSON(r, &req); err != nil {
+		writeErr(w, 0, err)
+		return
+	}
+	list, err := d.parked(r.Context())
+	if err != nil {
+		writeErr(w, http.StatusInternalServerError, err)
+		return
+	}
+	targets, err := queueTargets(list, req.Table, req.Peer)
+	if err != nil {
+		writeErr(w, http.StatusNotFound, err)
+		return
+	}
+	var resp api.QueueResponse
+	for _, t := range targets {
+		s := d.streams.stream(t.Peer)
+		if s == nil {
+			writeErr(w, http.StatusConflict, fmt.Errorf("there is no stream from peer %q on this node (parted, or not yet active), so its parked changes of %s cannot be replayed: pgmesh discard %s --peer %s drops them, each logged", t.Peer, t.Table, t.Table, t.Peer))
+			return
+		}
+		schema, table, _ := strings.Cut(t.Table, ".")
+		var res replicator.QueueResult
+		if discard {
+			res, err = s.Discard(r.Context(), schema, table)
+		} else {
+			res, err = s.Replay(r.Context(), schema, table, req.DryRun)
+		}
+		if err != nil {
+			writeErr(w, http.StatusServiceUnavailable, err)
+			return
+		}
+		resp.Results = append(resp.Results, res)
+		if res.Error != "" {
+			break // the later peers' replays wait for the cause to be fixed
+		}
+	}
+	writeJSON(w, http.StatusOK, resp)
+}
+
+// queueTargets picks the parked tables a request names: table as
+// schema.table or a bare name (any schema, if only one has it), from peer
+// or from every peer.
+func queueTargets(list []api.ParkedTable, table, peer string) ([]api.ParkedTable, error) {
+	if table == "" {
+		return nil, fmt.Errorf("name the table whose parked changes to take: pgmesh parked lists them")
+	}
+	var out []api.ParkedTable
+	schemas := map[string]bool{}
+	for _, p := range list {
+		_, name, _ := strings.Cut(p.Table, ".")
+		if (p.Table == table || (!strings.Contains(table, ".") && name == table)) && (peer == "" || p.Peer == peer) {
+			out = append(out, p)
+			schemas[p.Table] = true
+		}
+	}
+	if len(schemas) > 1 {
+		names := make([]string, 0, len(schemas))
+		for s := range schemas {
+			names = append(names, s)
+		}
+		slices.Sort(names)
+		return nil, fmt.Errorf("%s is parked in more than one schema (%s): name it with its schema", table, strings.Join(names, ", "))
+	}
+	if len(out) == 0 {
+		from := ""
+		if peer != "" {
+			from = " from peer " + peer
+		}
+		return nil, fmt.Errorf("no changes of %s%s are parked on this node: pgmesh parked lists what is", table, from)
+	}
+	return out, nil
+}
