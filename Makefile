@@ -26,9 +26,10 @@ SKIP = -skip '$(SKIP_$(or $(PG),15))'
 
 
 # Unit tests and the system tests against real throwaway Postgres clusters.
-# Fails loudly when no PostgreSQL 15+ server is installed.
+# Fails loudly when no PostgreSQL 15+ server is installed. The system tests
+# that mostly wait on slow links (t.Parallel) run together at the end.
 test: fmt-check vet
-	$(WITH_PG) $(GO) test -tags integration -count=1 -timeout 40m $(SKIP) ./...
+	$(WITH_PG) $(GO) test -tags integration -count=1 -timeout 40m -parallel 8 $(SKIP) ./...
 
 # The core of the system tests (write everywhere, every conflict type,
 # randomized convergence, kill -9 during apply, clocks, version behaviour),
