@@ -68,10 +68,9 @@ type applier struct {
 	log      *slog.Logger
 	// parked are the tables whose changes go to the parked queue, the
 	// stream's (park.go); replaying is the one being replayed, whose
-	// changes apply; parkedNow counts changes parked since the stream began.
+	// changes apply.
 	parked    parkedTables
 	replaying tableName
-	parkedNow int64
 }
 
 func newApplier(pc *pgconn.PgConn, cfg *Config, progress pglogrepl.LSN, roident uint32, st *stats, retryLSN pglogrepl.LSN, parked parkedTables, log *slog.Logger) *applier {

@@ -147,7 +147,6 @@ func (a *applier) park(ctx context.Context, r *relation, raw []byte) error {
 	if res.Err != nil {
 		return fmt.Errorf("park a change of %s from peer %q: %w", t, a.cfg.Peer.Name, res.Err)
 	}
-	a.parkedNow++
 	return nil
 }
 
@@ -190,7 +189,7 @@ type QueueResult struct {
 	// source transaction).
 	Transactions int64 `json:"transactions,omitempty"`
 	Conflicts    int64 `json:"conflicts"`
-	// Left is how many changes stay parked (after a failed replay).
+	// Left is how many changes stay parked (after a failed or dry replay).
 	Left int64 `json:"left"`
 	// Error is why a replay stopped; the change it names and every later
 	// one stay parked.
