@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"sort"
+	"strconv"
 
 	"github.com/pgmesh/pgmesh/api"
 	"github.com/pgmesh/pgmesh/internal/bytesize"
@@ -60,16 +61,53 @@ func (d *Daemon) checkSlots(ctx context.Context, g *membership.Group, problems *
 		}
 		kept = append(kept, s)
 	}
+	var missing []string
 	if g != nil {
 		if me := g.Nodes[d.cfg.NodeName]; me != nil && me.State == membership.Active {
 			for _, n := range g.Sorted() {
 				if n.Name != me.Name && n.State == membership.Active && !have[n.Name] {
-					*problems = append(*problems, fmt.Sprintf("peer %s has no slot here (dropped?), so it cannot receive this node's changes: part it and join it again", n.Name))
+					missing = append(missing, n.Name)
 				}
 			}
 		}
 	}
+	now, whole, err := d.slotTimelines(ctx, len(missing) == 0)
+	if err != nil {
+		return err
+	}
+	for _, peer := range missing {
+		*problems = append(*problems, missingSlot(peer, now, whole))
+	}
 	sort.Slice(kept, func(i, j int) bool { return kept[i].Peer < kept[j].Peer })
 	d.slots.set(kept)
 	return nil
+}
+
+// slotTimelines returns the WAL timeline this Postgres writes on, and the
+// last one on which every active peer's slot was here (0: not known). A
+// higher timeline means this server was promoted from a standby since.
+// allHere records now as that timeline.
+func (d *Daemon) slotTimelines(ctx context.Context, allHere bool) (now, whole int64, err error) {
+	if err := d.db.QueryRow(ctx, `SELECT ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::bigint,
+			coalesce((SELECT value::bigint FROM pgmesh.setting WHERE name = 'slots_timeline'), 0)`).Scan(&now, &whole); err != nil {
+		return 0, 0, fmt.Errorf("read this server's timeline: %w", err)
+	}
+	if allHere && now != whole {
+		if _, err := d.db.Exec(ctx, `INSERT INTO pgmesh.setting VALUES ('slots_timeline', $1)
+			ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value`, strconv.FormatInt(now, 10)); err != nil {
+			return 0, 0, fmt.Errorf("record the timeline of the slots: %w", err)
+		}
+		whole = now
+	}
+	return now, whole, nil
+}
+
+// missingSlot is the problem of an active peer with no slot here: after a
+// promotion (the timeline moved on since every slot was here), the slots
+// stayed on the old primary; otherwise someone dropped it.
+func missingSlot(peer string, now, whole int64) string {
+	if whole > 0 && now > whole {
+		return fmt.Sprintf("peer %s has no slot here: this server was promoted (timeline %d; every slot was here on timeline %d) without copies of the peers' slots (PostgreSQL 15 and 16 keep none on a standby, 17+ only on one pgmesh status called ready for a failover), so %s cannot receive this node's changes: part this node and join it again (docs/high-availability.md)", peer, now, whole, peer)
+	}
+	return fmt.Sprintf("peer %s has no slot here (dropped?), so it cannot receive this node's changes: part it and join it again", peer)
 }

@@ -57,3 +57,15 @@ func TestCheckStandbySettings(t *testing.T) {
 		t.Fatalf("all set: %q", got)
 	}
 }
+
+// A slot missing after a promotion is told apart from a dropped one.
+func TestMissingSlotNamesAPromotion(t *testing.T) {
+	if got := missingSlot("b", 2, 1); !strings.Contains(got, "this server was promoted (timeline 2; every slot was here on timeline 1)") {
+		t.Errorf("after a promotion: %s", got)
+	}
+	for _, tl := range [][2]int64{{1, 1}, {2, 0}, {3, 3}} {
+		if got := missingSlot("b", tl[0], tl[1]); !strings.Contains(got, "(dropped?)") {
+			t.Errorf("timeline %d, slots last whole on %d: %s", tl[0], tl[1], got)
+		}
+	}
+}

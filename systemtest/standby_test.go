@@ -161,4 +161,26 @@ func TestConfirmationsWaitForTheStandby(t *testing.T) {
 		}
 		return nil
 	})
+
+	// This standby was never ready for a failover: promoted, it lacks the
+	// peers' slots, and a says exactly that (not "dropped?") and what to do.
+	if err := a.PG.Stop(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := standby.Promote(ctx); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, time.Minute, "a says its server was promoted without b's slot", func() error {
+		rep, err := a.Status(ctx)
+		if err != nil {
+			return err
+		}
+		for _, p := range rep.Problems {
+			if strings.Contains(p, "peer b has no slot here: this server was promoted (timeline 2; every slot was here on timeline 1)") &&
+				strings.Contains(p, "part this node and join it again") {
+				return nil
+			}
+		}
+		return fmt.Errorf("problems %q", rep.Problems)
+	})
 }
