@@ -370,6 +370,7 @@ func (s *Stream) receive(ctx context.Context, repl *pgconn.PgConn, a *applier, f
 				}
 				committed(a.takeConfirmed())
 				req.reply <- a.serve(ctx, req)
+				lastHeard = time.Now() // replaying is not the peer's silence
 			default:
 			}
 		}
