@@ -65,6 +65,32 @@ func changeError(err error) bool {
 	return false
 }
 
+// fixHint says, for the errors a differing schema causes most often, what
+// to change on this node ("" when the error says it already).
+func fixHint(err error) string {
+	pe, ok := errors.AsType[*pgconn.PgError](err)
+	if !ok {
+		return ""
+	}
+	switch pe.Code {
+	case "22001":
+		return "a value is longer than this node's column allows: widen the column to the peer's type"
+	case "22003":
+		return "a number is out of range for this node's column: give the column the peer's type"
+	case "22P02", "22007", "22008":
+		return "a value does not fit this node's column type: give the column the peer's type"
+	case "23502":
+		return "this node's column is NOT NULL and the peer's is not: drop the NOT NULL here, or fill the column on the peer"
+	case "23514":
+		return "a CHECK constraint of this node rejects the row: drop or relax it to match the peer"
+	case "23503":
+		return "a foreign key of this node has no row to point to: drop it, or make sure the referenced rows replicate"
+	case "42501":
+		return "pgmesh's role lacks a privilege on the table here: grant it (pgmesh grants)"
+	}
+	return ""
+}
+
 // parkedTables are this peer's parked tables, each with the error that
 // parked it ("" when read back from pgmesh.parked_changes at start). Only
 // the stream's goroutine uses it.

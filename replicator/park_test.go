@@ -3,6 +3,7 @@ package replicator
 import (
 	"errors"
 	"fmt"
+	"strings"
 	"testing"
 
 	"github.com/jackc/pgx/v5/pgconn"
@@ -25,5 +26,15 @@ func TestChangeError(t *testing.T) {
 	}
 	if changeError(errors.New("connection reset")) {
 		t.Error("a plain error counts as an error of the change")
+	}
+}
+
+// The errors a differing schema causes most often come with what to change.
+func TestFixHint(t *testing.T) {
+	for code, want := range map[string]string{"22001": "widen the column", "23514": "CHECK constraint", "23502": "NOT NULL", "40001": ""} {
+		got := fixHint(fmt.Errorf("x: %w", &pgconn.PgError{Code: code}))
+		if want == "" && got != "" || !strings.Contains(got, want) {
+			t.Errorf("SQLSTATE %s: hint %q, want one saying %q", code, got, want)
+		}
 	}
 }

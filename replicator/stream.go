@@ -113,9 +113,14 @@ func (s *Stream) Run(ctx context.Context) {
 		if pt, ok := errors.AsType[*parkTable](err); ok {
 			t := pt.failed.table
 			s.parked[t] = pt.failed.Error()
+			fix := "fix the cause on this node"
+			if hint := fixHint(pt.failed.err); hint != "" {
+				s.parked[t] += "; " + hint
+				fix = hint
+			}
 			s.log.Warn("parking the changes of a table that failed to apply; the stream goes on for every other table",
 				"table", t.String(), "err", pt.failed.err,
-				"fix", fmt.Sprintf("fix the cause on this node, then run pgmesh replay %s --peer %s (pgmesh parked lists what waits)", t, s.cfg.Peer.Name))
+				"fix", fmt.Sprintf("%s, then run pgmesh replay %s --peer %s (pgmesh parked lists what waits)", fix, t, s.cfg.Peer.Name))
 			continue
 		}
 		var retry *retryCarefully

@@ -64,7 +64,7 @@ func TestParkAndReplay(t *testing.T) {
 		if len(list) != 1 || list[0].Table != "public.t" || list[0].Peer != "a" || list[0].Changes != 10 {
 			return fmt.Errorf("parked: %+v", list)
 		}
-		if !strings.Contains(list[0].Error, "22001") {
+		if !strings.Contains(list[0].Error, "22001") || !strings.Contains(list[0].Error, "widen the column") {
 			return fmt.Errorf("the first parked change does not carry its error: %q", list[0].Error)
 		}
 		return nil
