@@ -14,9 +14,16 @@ import (
 // it is an active member, and every active peer's stream is connected (or
 // was only briefly not) and within health_max_lag.
 func (d *Daemon) health(ctx context.Context) api.HealthReport {
-	rep := api.HealthReport{Status: "ok", Node: d.cfg.NodeName}
 	pctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
+	parked, err := d.parked(pctx)
+	return d.healthWith(pctx, parked, err)
+}
+
+// healthWith is health with the parked tables already read (status has
+// them, so a metrics scrape reads them once).
+func (d *Daemon) healthWith(pctx context.Context, parked []api.ParkedTable, parkedErr error) api.HealthReport {
+	rep := api.HealthReport{Status: "ok", Node: d.cfg.NodeName}
 	if err := d.db.Ping(pctx); err != nil {
 		rep.Reasons = append(rep.Reasons, "local Postgres does not answer: "+err.Error())
 	}
@@ -58,9 +65,8 @@ func (d *Daemon) health(ctx context.Context) api.HealthReport {
 	}
 	// Parked changes wait for an operator, but the node serves its
 	// applications meanwhile: a warning, not a reason.
-	parked, err := d.parked(pctx)
-	if err != nil {
-		rep.Warnings = append(rep.Warnings, err.Error())
+	if parkedErr != nil {
+		rep.Warnings = append(rep.Warnings, parkedErr.Error())
 	}
 	for _, p := range parked {
 		rep.Warnings = append(rep.Warnings, parkedNote(p))

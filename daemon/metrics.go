@@ -3,6 +3,7 @@ package daemon
 import (
 	"context"
 	"net/http"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -90,7 +91,9 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	for st, n := range states {
 		g(descNodes, n, st)
 	}
-	g(descHealthy, b2f(c.d.health(context.Background()).Status == "ok"))
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	g(descHealthy, b2f(c.d.healthWith(ctx, rep.Parked, nil).Status == "ok"))
 }
 
 func splitKind(kind string) (string, string) {
