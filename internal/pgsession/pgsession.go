@@ -7,8 +7,10 @@ package pgsession
 import (
 	"context"
 	"fmt"
+	"reflect"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
@@ -55,6 +57,14 @@ func name(cfg *pgx.ConnConfig, app string, sets []Settings) {
 		for k, v := range s {
 			cfg.RuntimeParams[k] = v
 		}
+	}
+	// A session read-only by its own settings fails the check of
+	// target_session_attrs=read-write (SHOW transaction_read_only) on every
+	// server, the primary too: what the connection string asks for then is
+	// the primary, which the check of target_session_attrs=primary finds.
+	if cfg.RuntimeParams["default_transaction_read_only"] == "on" && cfg.ValidateConnect != nil &&
+		reflect.ValueOf(cfg.ValidateConnect).Pointer() == reflect.ValueOf(pgconn.ValidateConnectTargetSessionAttrsReadWrite).Pointer() {
+		cfg.ValidateConnect = pgconn.ValidateConnectTargetSessionAttrsPrimary
 	}
 }
 
