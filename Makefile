@@ -16,13 +16,11 @@ NEEDS_PG_DUMP = TestJoinAfterSequenceConversion|TestJoinUnderWriteLoad|TestJoinI
 # The control plane over real intercontinental latencies takes minutes and
 # does not depend on the PostgreSQL version: tested on 15 only.
 CONTROL_PLANE = TestGuideLatenciesOnEveryLink
-# A failover that keeps the peers' slots needs failover slots (17+).
-NEEDS_FAILOVER_SLOTS = TestFailoverToStandby
-SKIP_15 = $(NEEDS_FAILOVER_SLOTS)
-SKIP_16 = $(NEEDS_PG_DUMP)|$(CONTROL_PLANE)|$(NEEDS_FAILOVER_SLOTS)
-SKIP_17 = $(NEEDS_PG_DUMP)|$(CONTROL_PLANE)
-SKIP_18 = $(SKIP_17)
-SKIP = -skip '$(SKIP_$(or $(PG),15))'
+SKIP_15 =
+SKIP_16 = $(NEEDS_PG_DUMP)|$(CONTROL_PLANE)
+SKIP_17 = $(SKIP_16)
+SKIP_18 = $(SKIP_16)
+SKIP = $(if $(SKIP_$(or $(PG),15)),-skip '$(SKIP_$(or $(PG),15))',)
 
 
 # Unit tests and the system tests against real throwaway Postgres clusters.

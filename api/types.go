@@ -30,6 +30,9 @@ type StatusReport struct {
 	// Standbys are the other servers dsn names, when they are standbys of
 	// this node's primary, and whether a failover to each is safe.
 	Standbys []StandbyStatus `json:"standbys,omitempty"`
+	// Promotion is the last promotion this node recovered from by making
+	// the peers' slots again, when there was one.
+	Promotion *PromotionStatus `json:"promotion,omitempty"`
 	// Parked are the tables whose changes from a peer are parked here
 	// (docs/apply-errors.md).
 	Parked []ParkedTable `json:"parked,omitempty"`
@@ -258,6 +261,21 @@ type StandbyStatus struct {
 	Ready  bool   `json:"ready"`
 	// Reason is the first thing that keeps it from being ready.
 	Reason string `json:"reason,omitempty"`
+	// Note is what a failover to a ready standby costs, if anything.
+	Note string `json:"note,omitempty"`
+}
+
+// PromotionStatus is the last promotion of this node's Postgres from a
+// standby that held no copy of the peers' slots: whose slots were made
+// again, and the repair of what no stream carried (docs/high-availability.md).
+type PromotionStatus struct {
+	Timeline   int        `json:"timeline"`
+	Peers      []string   `json:"peers"`
+	DetectedAt time.Time  `json:"detected_at"`
+	RepairedAt *time.Time `json:"repaired_at,omitempty"`
+	// RepairedRows is how many rows the repair wrote again.
+	RepairedRows *int   `json:"repaired_rows,omitempty"`
+	LastError    string `json:"last_error,omitempty"`
 }
 
 // JoinStatus is the progress of this node's join, in status and the

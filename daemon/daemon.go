@@ -42,6 +42,7 @@ type Daemon struct {
 	problems     problemLog
 	slots        latest[api.SlotStatus]
 	standbys     latest[api.StandbyStatus]
+	promotion    latest[api.PromotionStatus] // one at most
 
 	ids atomic.Pointer[map[string]int]
 	// luwNanos is the luw_resolution in use (resolution.go).
@@ -60,6 +61,8 @@ type Daemon struct {
 	sweepSoon chan struct{}
 	// tendSoon wakes maintainSequences at once (a sequence was converted).
 	tendSoon chan struct{}
+	// promoted wakes repairPromotions: remakeSlots made slots again.
+	promoted chan struct{}
 }
 
 // member is a client of another member's API, with the group's token.
@@ -108,7 +111,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	}
 	log = log.With("node", cfg.NodeName)
 	d := &Daemon{cfg: cfg, log: log, problems: problemLog{log: log}, joins: make(chan api.JoinRequest, 1),
-		sweepSoon: make(chan struct{}, 1), tendSoon: make(chan struct{}, 1)}
+		sweepSoon: make(chan struct{}, 1), tendSoon: make(chan struct{}, 1), promoted: make(chan struct{}, 1)}
 
 	// A joining node's database is read-only for applications, not for us.
 	poolCfg, err := pgsession.Pool(cfg.DSN, "pgmesh admin", 4, pgsession.Writer)
@@ -163,6 +166,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	g.Go(func() error { d.maintainSequences(ctx); return nil })
 	g.Go(func() error { d.runJoins(ctx); return nil })
 	g.Go(func() error { d.watchStandbys(ctx); return nil })
+	g.Go(func() error { d.repairPromotions(ctx); return nil })
 	err = g.Wait()
 	log.Info("pgmesh daemon stopped")
 	return err
@@ -371,6 +375,13 @@ func (d *Daemon) forgetPeer(ctx context.Context, peer string) error {
 	defer conn.Release()
 	if err := origin.Drop(ctx, conn.Conn(), peer); err != nil {
 		return err
+	}
+	// A promotion's record of the peer must not apply to its next slot.
+	if _, err := conn.Exec(ctx, `DELETE FROM pgmesh.recreated_slot WHERE peer = $1`, peer); err != nil {
+		return fmt.Errorf("forget the slot made again for %s: %w", peer, err)
+	}
+	if _, err := conn.Exec(ctx, `DELETE FROM pgmesh.origin_reset WHERE node = $1`, peer); err != nil {
+		return fmt.Errorf("forget the reset origin of %s: %w", peer, err)
 	}
 	return dropSlot(ctx, conn.Conn(), origin.SlotName(peer))
 }

@@ -75,8 +75,22 @@ func (d *Daemon) checkSlots(ctx context.Context, g *membership.Group, problems *
 	if err != nil {
 		return err
 	}
+	if promotedWithoutSlots(len(missing), now, whole) {
+		// Promoted from a standby without the peers' slots: make them again
+		// (promotion.go). Every peer's slot is here from now on.
+		if err := d.remakeSlots(ctx, missing, now); err != nil {
+			return err
+		}
+		if _, _, err := d.slotTimelines(ctx, true); err != nil {
+			return err
+		}
+		missing = nil
+	}
+	if err := d.announceSlots(ctx); err != nil {
+		return err
+	}
 	for _, peer := range missing {
-		*problems = append(*problems, missingSlot(peer, now, whole))
+		*problems = append(*problems, fmt.Sprintf("peer %s has no slot here (dropped?), so it cannot receive this node's changes: part it and join it again", peer))
 	}
 	sort.Slice(kept, func(i, j int) bool { return kept[i].Peer < kept[j].Peer })
 	d.slots.set(kept)
@@ -102,12 +116,9 @@ func (d *Daemon) slotTimelines(ctx context.Context, allHere bool) (now, whole in
 	return now, whole, nil
 }
 
-// missingSlot is the problem of an active peer with no slot here: after a
-// promotion (the timeline moved on since every slot was here), the slots
-// stayed on the old primary; otherwise someone dropped it.
-func missingSlot(peer string, now, whole int64) string {
-	if whole > 0 && now > whole {
-		return fmt.Sprintf("peer %s has no slot here: this server was promoted (timeline %d; every slot was here on timeline %d) without copies of the peers' slots (PostgreSQL 15 and 16 keep none on a standby, 17+ only on one pgmesh status called ready for a failover), so %s cannot receive this node's changes: part this node and join it again (docs/high-availability.md)", peer, now, whole, peer)
-	}
-	return fmt.Sprintf("peer %s has no slot here (dropped?), so it cannot receive this node's changes: part it and join it again", peer)
+// promotedWithoutSlots says whether missing peers' slots were lost to a
+// promotion (this server writes on a later timeline than the one on which
+// every slot was last here), rather than dropped.
+func promotedWithoutSlots(missing int, now, whole int64) bool {
+	return missing > 0 && whole > 0 && now > whole
 }

@@ -170,6 +170,9 @@ func (d *Daemon) checkStandby(ctx context.Context, s *pgx.ConnConfig, p primaryV
 		st.Reason = "cannot read its slots: " + err.Error()
 	}
 	st.Ready = st.Reason == ""
+	if st.Ready && version < 170000 {
+		st.Note = fmt.Sprintf("PostgreSQL %d keeps no copy of the peers' slots on a standby: after a failover to it, pgmesh makes them again and compares and repairs every replicated table with the peers (docs/high-availability.md)", version/10000)
+	}
 	return st, true
 }
 
@@ -182,7 +185,7 @@ func (d *Daemon) standbyUnready(ctx context.Context, conn *pgx.Conn, p primaryVi
 	case !slices.Contains(d.cfg.StandbySlots, slot):
 		return fmt.Sprintf("its slot %s is not in standby_slots, so peers may free changes it lacks: add it to standby_slots", slot), nil
 	case version < 170000:
-		return fmt.Sprintf("PostgreSQL %d keeps no copy of the peers' slots on a standby, so after a promotion the peers' streams from this node stop until it is parted and joined again (docs/high-availability.md)", version/10000), nil
+		return "", nil // no slots to keep there: see checkStandby's note
 	case feedback != "on":
 		return "hot_standby_feedback is off, and keeping the peers' slots needs it: set hot_standby_feedback = on there", nil
 	}

@@ -58,14 +58,24 @@ func TestCheckStandbySettings(t *testing.T) {
 	}
 }
 
-// A slot missing after a promotion is told apart from a dropped one.
-func TestMissingSlotNamesAPromotion(t *testing.T) {
-	if got := missingSlot("b", 2, 1); !strings.Contains(got, "this server was promoted (timeline 2; every slot was here on timeline 1)") {
-		t.Errorf("after a promotion: %s", got)
+// Slots missing after a promotion are told apart from dropped ones: only
+// those are made again.
+func TestMissingSlotsAfterAPromotion(t *testing.T) {
+	cases := []struct {
+		missing    int
+		now, whole int64
+		promoted   bool
+	}{
+		{1, 2, 1, true},
+		{3, 5, 2, true},
+		{0, 2, 1, false}, // every slot is here (17+: failover slots)
+		{1, 1, 1, false}, // dropped on this timeline
+		{1, 2, 0, false}, // never whole here: nothing to go by
+		{1, 3, 3, false},
 	}
-	for _, tl := range [][2]int64{{1, 1}, {2, 0}, {3, 3}} {
-		if got := missingSlot("b", tl[0], tl[1]); !strings.Contains(got, "(dropped?)") {
-			t.Errorf("timeline %d, slots last whole on %d: %s", tl[0], tl[1], got)
+	for _, c := range cases {
+		if got := promotedWithoutSlots(c.missing, c.now, c.whole); got != c.promoted {
+			t.Errorf("%d missing on timeline %d, whole on %d: promoted %t, want %t", c.missing, c.now, c.whole, got, c.promoted)
 		}
 	}
 }

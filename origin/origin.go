@@ -49,13 +49,48 @@ func Ensure(ctx context.Context, conn *pgx.Conn, peer string) error {
 	return nil
 }
 
-// Drop removes the origin if it exists. A stream stopped a moment ago may
-// still hold it: its backend ends only after noticing the closed
-// connection, so an origin in use is tried again for a few seconds.
+// Drop removes the origin if it exists.
 func Drop(ctx context.Context, conn *pgx.Conn, peer string) error {
-	err := poll.Until(ctx, 100*time.Millisecond, 5*time.Second, func() error {
+	err := whileInUse(ctx, func() error {
 		_, err := conn.Exec(ctx, `SELECT pg_replication_origin_drop(roname)
 			FROM pg_replication_origin WHERE roname = $1`, Name(peer))
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("drop replication origin %s: %w", Name(peer), err)
+	}
+	return nil
+}
+
+// Reset moves peer's origin to lsn, backwards if need be, and returns where
+// it was. Only a connection with no origin session may: it is how a stream
+// starts over on a slot its peer made again (after a promotion).
+func Reset(ctx context.Context, conn *pgx.Conn, peer string, lsn pglogrepl.LSN) (from pglogrepl.LSN, err error) {
+	var s *string
+	if err := conn.QueryRow(ctx, `SELECT pg_replication_origin_progress($1, true)::text`, Name(peer)).Scan(&s); err != nil {
+		return 0, fmt.Errorf("read progress of replication origin %s: %w", Name(peer), err)
+	}
+	if s != nil {
+		if from, err = pglogrepl.ParseLSN(*s); err != nil {
+			return 0, err
+		}
+	}
+	err = whileInUse(ctx, func() error {
+		_, err := conn.Exec(ctx, `SELECT pg_replication_origin_advance($1, $2::text::pg_lsn)`, Name(peer), lsn.String())
+		return err
+	})
+	if err != nil {
+		return 0, fmt.Errorf("move replication origin %s to %s: %w", Name(peer), lsn, err)
+	}
+	return from, nil
+}
+
+// whileInUse runs f, again for a few seconds while it fails because the
+// origin is in use: a stream stopped a moment ago may still hold it, as its
+// backend ends only after noticing the closed connection.
+func whileInUse(ctx context.Context, f func() error) error {
+	return poll.Until(ctx, 100*time.Millisecond, 5*time.Second, func() error {
+		err := f()
 		if pe, ok := errors.AsType[*pgconn.PgError](err); ok && pe.Code == "55006" { // object_in_use
 			return err
 		}
@@ -64,10 +99,6 @@ func Drop(ctx context.Context, conn *pgx.Conn, peer string) error {
 		}
 		return nil
 	})
-	if err != nil {
-		return fmt.Errorf("drop replication origin %s: %w", Name(peer), err)
-	}
-	return nil
 }
 
 // SessionSetup binds the connection to peer's origin, so every transaction it

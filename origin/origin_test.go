@@ -55,3 +55,51 @@ func TestDropWaitsForTheStreamThatHeldTheOrigin(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// A stream that starts over on a slot its peer made again after a
+// promotion moves its origin back to where the new slot starts; Reset
+// waits for the previous stream's backend to let go of the origin.
+func TestResetMovesTheOriginBack(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	pg, err := pgtest.Start(ctx, pgtest.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(pg.Remove)
+	holder, err := pg.Connect(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resetter, err := pg.Connect(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resetter.Close(ctx)
+	if err := origin.Ensure(ctx, holder, "paris"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := holder.Exec(ctx, `SELECT pg_replication_origin_advance($1, '0/5000')`, origin.Name("paris")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := holder.Exec(ctx, `SELECT pg_replication_origin_session_setup($1)`, origin.Name("paris")); err != nil {
+		t.Fatal(err)
+	}
+	released := time.AfterFunc(500*time.Millisecond, func() { holder.Close(context.Background()) })
+	defer released.Stop()
+
+	from, err := origin.Reset(ctx, resetter, "paris", 0x3000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if from != 0x5000 {
+		t.Fatalf("Reset says the origin was at %s, want 0/5000", from)
+	}
+	var now string
+	if err := resetter.QueryRow(ctx, `SELECT pg_replication_origin_progress($1, true)::text`, origin.Name("paris")).Scan(&now); err != nil {
+		t.Fatal(err)
+	}
+	if now != "0/3000" {
+		t.Fatalf("origin at %s after Reset to 0/3000", now)
+	}
+}

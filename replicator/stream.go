@@ -19,6 +19,7 @@ import (
 	"github.com/jackc/pgx/v5/pgproto3"
 
 	"github.com/pgmesh/pgmesh/conflict"
+	"github.com/pgmesh/pgmesh/internal/pgquote"
 	"github.com/pgmesh/pgmesh/internal/pgsession"
 	"github.com/pgmesh/pgmesh/origin"
 )
@@ -189,7 +190,7 @@ func (s *Stream) runOnce(ctx context.Context) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 
-	applyConn, progress, err := s.connectApply(ctx)
+	applyConn, err := s.connectApply(ctx)
 	if err != nil {
 		return err
 	}
@@ -202,7 +203,18 @@ func (s *Stream) runOnce(ctx context.Context) error {
 	defer repl.Close(context.Background())
 
 	slot := origin.SlotName(s.cfg.LocalNode)
-	if err := checkSlot(ctx, repl, slot, s.cfg.Peer.Name); err != nil {
+	remade, err := checkSlot(ctx, repl, slot, s.cfg.Peer.Name, s.cfg.LocalNode)
+	if err != nil {
+		return err
+	}
+	if remade != nil {
+		// Before the origin is bound to this connection: only then may it move.
+		if err := s.startOver(ctx, applyConn, *remade); err != nil {
+			return err
+		}
+	}
+	progress, err := origin.SessionSetup(ctx, applyConn, s.cfg.Peer.Name)
+	if err != nil {
 		return err
 	}
 	// messages: replicated DDL travels as logical decoding messages.
@@ -265,8 +277,8 @@ func (s *Stream) runOnce(ctx context.Context) error {
 // connectApply opens the local apply connection: replica role (user triggers
 // and FK checks already ran on the origin), an empty search_path (names are
 // always qualified, so nothing in a user schema can hijack them), and the
-// peer's replication origin.
-func (s *Stream) connectApply(ctx context.Context) (*pgx.Conn, pglogrepl.LSN, error) {
+// peer's replication origin, which runOnce binds to it.
+func (s *Stream) connectApply(ctx context.Context) (*pgx.Conn, error) {
 	// A backend waiting for its clock (pgmesh.wait_for_clock) notices a
 	// daemon that went away within a second, instead of when it next writes.
 	// Apply's statements are prepared once per table and column set and
@@ -277,18 +289,13 @@ func (s *Stream) connectApply(ctx context.Context) (*pgx.Conn, pglogrepl.LSN, er
 	conn, err := pgsession.Connect(ctx, s.cfg.LocalDSN, "pgmesh apply from "+s.cfg.Peer.Name, pgsession.Applier,
 		pgsession.Settings{"search_path": "", "client_connection_check_interval": "1000", "plan_cache_mode": "force_generic_plan"})
 	if err != nil {
-		return nil, 0, fmt.Errorf("connect to local Postgres: %w", err)
+		return nil, fmt.Errorf("connect to local Postgres: %w", err)
 	}
 	if err := origin.Ensure(ctx, conn, s.cfg.Peer.Name); err != nil {
 		conn.Close(ctx)
-		return nil, 0, err
+		return nil, err
 	}
-	progress, err := origin.SessionSetup(ctx, conn, s.cfg.Peer.Name)
-	if err != nil {
-		conn.Close(ctx)
-		return nil, 0, err
-	}
-	return conn, progress, nil
+	return conn, nil
 }
 
 // ConnectReplication opens a logical replication connection (replication=database).
@@ -322,20 +329,85 @@ func serverMajor(c *pgconn.PgConn) int {
 	return major
 }
 
-// checkSlot makes sure this node's slot exists on the peer. A missing slot is
-// never recreated silently: what the peer committed since it vanished would
-// be lost.
-func checkSlot(ctx context.Context, repl *pgconn.PgConn, slot, peer string) error {
-	res, err := repl.Exec(ctx, "SELECT plugin FROM pg_catalog.pg_replication_slots WHERE slot_name = '"+slot+"'").ReadAll()
+// checkSlot makes sure this node's slot exists on the peer, and returns
+// where it starts if the peer made it again after a promotion (else nil).
+// A slot missing otherwise is never recreated silently: what the peer
+// committed since it vanished would be lost.
+func checkSlot(ctx context.Context, repl *pgconn.PgConn, slot, peer, local string) (*RemadeSlot, error) {
+	// The peer's own view: its slot, the slot's row in recreated_slot, and
+	// whether it was promoted since every peer's slot was there (it then
+	// makes the missing ones again within seconds: daemon/promotion.go).
+	res, err := repl.Exec(ctx, `SELECT (SELECT plugin FROM pg_catalog.pg_replication_slots WHERE slot_name = `+pgquote.Literal(slot)+`),
+		r.timeline, r.start_lsn,
+		CASE WHEN pg_catalog.pg_is_in_recovery() OR w.timeline IS NULL THEN false
+		     ELSE ('x' || substr(pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_lsn()), 1, 8))::bit(32)::bigint > w.timeline END
+		FROM (SELECT (SELECT value::bigint FROM pgmesh.setting WHERE name = 'slots_timeline') AS timeline) w
+		LEFT JOIN pgmesh.recreated_slot r ON r.peer = `+pgquote.Literal(local)).ReadAll()
 	if err != nil {
-		return fmt.Errorf("look up slot %s on peer %q: %w", slot, peer, err)
+		return nil, fmt.Errorf("look up slot %s on peer %q: %w", slot, peer, err)
 	}
 	if len(res) == 0 || len(res[0].Rows) == 0 {
-		return fmt.Errorf("replication slot %s is missing on peer %q, so changes made there since it was dropped cannot be streamed: part this node and join it again (pgmesh node part, pgmesh group join)", slot, peer)
+		return nil, fmt.Errorf("look up slot %s on peer %q: no answer", slot, peer)
 	}
-	if p := string(res[0].Rows[0][0]); p != "pgoutput" {
-		return fmt.Errorf("slot %s on peer %q uses plugin %q, not pgoutput: drop it on the peer and rejoin this node", slot, peer, p)
+	row := res[0].Rows[0]
+	plugin, timeline, start, promoted := row[0], row[1], row[2], string(row[3]) == "t"
+	switch {
+	case plugin == nil && promoted:
+		return nil, fmt.Errorf("replication slot %s is missing on peer %q, which was promoted from a standby since: it makes the slot again shortly (docs/high-availability.md)", slot, peer)
+	case plugin == nil:
+		return nil, fmt.Errorf("replication slot %s is missing on peer %q, so changes made there since it was dropped cannot be streamed: part this node and join it again (pgmesh node part, pgmesh group join)", slot, peer)
+	case string(plugin) != "pgoutput":
+		return nil, fmt.Errorf("slot %s on peer %q uses plugin %q, not pgoutput: drop it on the peer and rejoin this node", slot, peer, plugin)
+	case timeline == nil:
+		return nil, nil
+	case start == nil:
+		return nil, fmt.Errorf("peer %q is making slot %s again after a promotion: streaming starts once it has", peer, slot)
 	}
+	r := RemadeSlot{}
+	if r.Timeline, err = strconv.Atoi(string(timeline)); err != nil {
+		return nil, fmt.Errorf("peer %q: timeline %q of slot %s: %w", peer, timeline, slot, err)
+	}
+	if r.Start, err = pglogrepl.ParseLSN(string(start)); err != nil {
+		return nil, fmt.Errorf("peer %q: start %q of slot %s: %w", peer, start, slot, err)
+	}
+	return &r, nil
+}
+
+// RemadeSlot is a slot a peer made again after its Postgres was promoted:
+// on which timeline, and where it starts.
+type RemadeSlot struct {
+	Timeline int
+	Start    pglogrepl.LSN
+}
+
+// startOver moves this node's origin for the peer to where the peer's slot
+// made again starts, once per such slot: the old position belongs to the
+// timeline that ended with the old primary and may lie beyond it, which
+// would skip what the promoted server commits up to there. What no stream
+// carries (on the old timeline past what this node got, and on the new one
+// before the slot) the peer settles with compare and repair.
+func (s *Stream) startOver(ctx context.Context, conn *pgx.Conn, r RemadeSlot) error {
+	var done bool
+	if err := conn.QueryRow(ctx, `SELECT EXISTS (SELECT FROM pgmesh.origin_reset WHERE node = $1 AND timeline = $2 AND start_lsn = $3::text::pg_lsn)`,
+		s.cfg.Peer.Name, r.Timeline, r.Start.String()).Scan(&done); err != nil {
+		return fmt.Errorf("read whether the origin of peer %q was reset: %w", s.cfg.Peer.Name, err)
+	}
+	if done {
+		return nil
+	}
+	from, err := origin.Reset(ctx, conn, s.cfg.Peer.Name, r.Start)
+	if err != nil {
+		return err
+	}
+	// Moved but not recorded (a crash here): the next start moves it to the
+	// same place again, as nothing was applied from the peer in between.
+	if _, err := conn.Exec(ctx, `INSERT INTO pgmesh.origin_reset (node, timeline, start_lsn, from_lsn) VALUES ($1, $2, $3::text::pg_lsn, $4::text::pg_lsn)
+		ON CONFLICT (node) DO UPDATE SET timeline = EXCLUDED.timeline, start_lsn = EXCLUDED.start_lsn, from_lsn = EXCLUDED.from_lsn, reset_at = now()`,
+		s.cfg.Peer.Name, r.Timeline, r.Start.String(), from.String()); err != nil {
+		return fmt.Errorf("record the reset of the origin of peer %q: %w", s.cfg.Peer.Name, err)
+	}
+	s.log.Warn("the peer was promoted from a standby and made this node's slot again: streaming starts where the new slot does, and the peer repairs what no stream carried",
+		"timeline", r.Timeline, "from_lsn", from, "to_lsn", r.Start)
 	return nil
 }
 

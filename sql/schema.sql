@@ -785,6 +785,18 @@ CREATE VIEW pgmesh.node_status AS
      LEFT JOIN pg_replication_origin_status o ON ((o.external_id = ('pgmesh_'::text || n.node_name))));
 
 --
+-- Name: origin_reset; Type: TABLE; Schema: pgmesh; Owner: -
+--
+
+CREATE TABLE pgmesh.origin_reset (
+    node text NOT NULL,
+    timeline integer NOT NULL,
+    start_lsn pg_lsn NOT NULL,
+    from_lsn pg_lsn,
+    reset_at timestamp with time zone DEFAULT now() NOT NULL
+);
+
+--
 -- Name: parked_changes; Type: TABLE; Schema: pgmesh; Owner: -
 --
 
@@ -828,6 +840,30 @@ CREATE UNLOGGED TABLE pgmesh.peer_progress (
     node_name text NOT NULL,
     applied_lsn pg_lsn NOT NULL,
     updated_at timestamp with time zone DEFAULT now() NOT NULL
+);
+
+--
+-- Name: promotion; Type: TABLE; Schema: pgmesh; Owner: -
+--
+
+CREATE TABLE pgmesh.promotion (
+    timeline integer NOT NULL,
+    peers text[] NOT NULL,
+    detected_at timestamp with time zone DEFAULT now() NOT NULL,
+    repaired_at timestamp with time zone,
+    repaired_rows integer,
+    last_error text
+);
+
+--
+-- Name: recreated_slot; Type: TABLE; Schema: pgmesh; Owner: -
+--
+
+CREATE TABLE pgmesh.recreated_slot (
+    peer text NOT NULL,
+    timeline integer NOT NULL,
+    start_lsn pg_lsn,
+    created_at timestamp with time zone DEFAULT now() NOT NULL
 );
 
 --
@@ -973,6 +1009,13 @@ ALTER TABLE ONLY pgmesh.node
     ADD CONSTRAINT node_pkey PRIMARY KEY (node_name);
 
 --
+-- Name: origin_reset origin_reset_pkey; Type: CONSTRAINT; Schema: pgmesh; Owner: -
+--
+
+ALTER TABLE ONLY pgmesh.origin_reset
+    ADD CONSTRAINT origin_reset_pkey PRIMARY KEY (node);
+
+--
 -- Name: parked_changes parked_changes_pkey; Type: CONSTRAINT; Schema: pgmesh; Owner: -
 --
 
@@ -985,6 +1028,20 @@ ALTER TABLE ONLY pgmesh.parked_changes
 
 ALTER TABLE ONLY pgmesh.peer_progress
     ADD CONSTRAINT peer_progress_pkey PRIMARY KEY (node_name);
+
+--
+-- Name: promotion promotion_pkey; Type: CONSTRAINT; Schema: pgmesh; Owner: -
+--
+
+ALTER TABLE ONLY pgmesh.promotion
+    ADD CONSTRAINT promotion_pkey PRIMARY KEY (timeline);
+
+--
+-- Name: recreated_slot recreated_slot_pkey; Type: CONSTRAINT; Schema: pgmesh; Owner: -
+--
+
+ALTER TABLE ONLY pgmesh.recreated_slot
+    ADD CONSTRAINT recreated_slot_pkey PRIMARY KEY (peer);
 
 --
 -- Name: repset repset_pkey; Type: CONSTRAINT; Schema: pgmesh; Owner: -

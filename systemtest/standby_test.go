@@ -12,6 +12,7 @@ import (
 
 	"github.com/jackc/pglogrepl"
 
+	"github.com/pgmesh/pgmesh/api"
 	"github.com/pgmesh/pgmesh/internal/testing/localmesh"
 )
 
@@ -44,6 +45,14 @@ func TestConfirmationsWaitForTheStandby(t *testing.T) {
 	if err := a.Start(ctx); err != nil {
 		t.Fatal(err)
 	}
+	// b reaches a's Postgres the same way, to follow it to the standby.
+	if err := b.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	b.ExtraArgs = []string{"--peer-dsns", "a=" + a.DSN}
+	if err := b.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
 	if err := localmesh.WaitConnected(ctx, 30*time.Second, nodes...); err != nil {
 		t.Fatal(err)
 	}
@@ -74,33 +83,32 @@ func TestConfirmationsWaitForTheStandby(t *testing.T) {
 		})
 	}
 
-	// a watches the standby its dsn names: not ready for a failover here
-	// (15 keeps no slot on a standby; on 17+ this one lacks the settings).
+	// a watches the standby its dsn names. On 17+ it is not ready for a
+	// failover: it lacks the settings that keep copies of the peers' slots.
+	// Below 17 no standby keeps them, and a failover is made good by
+	// repair: it is ready, with that note.
 	server := fmt.Sprintf("127.0.0.1:%d", standby.Port)
-	eventually(t, 30*time.Second, "a reports its standby not ready, in status, /health and /metrics", func() error {
-		rep, err := a.Status(ctx)
-		if err != nil {
-			return err
-		}
-		if len(rep.Standbys) != 1 || rep.Standbys[0].Server != server || rep.Standbys[0].Ready || rep.Standbys[0].Reason == "" {
-			return fmt.Errorf("standbys %+v", rep.Standbys)
-		}
-		_, health, err := getHealth(ctx, a)
-		if err != nil {
-			return err
-		}
-		if !slices.ContainsFunc(health.Warnings, func(w string) bool { return strings.Contains(w, "standby "+server+" is not ready for a failover") }) {
-			return fmt.Errorf("health warnings %q", health.Warnings)
-		}
-		m, err := scrape(ctx, a)
-		if err != nil {
-			return err
-		}
-		if v, ok := m[fmt.Sprintf(`pgmesh_standby_ready{server=%q}`, server)]; !ok || v != 0 {
-			return fmt.Errorf("pgmesh_standby_ready %v %v", v, ok)
-		}
-		return nil
-	})
+	if count(t, ctx, b, `SELECT current_setting('server_version_num')::int`) < 170000 {
+		eventually(t, 30*time.Second, "a reports its standby ready with a note, in status and /metrics", func() error {
+			rep, err := a.Status(ctx)
+			if err != nil {
+				return err
+			}
+			if len(rep.Standbys) != 1 || rep.Standbys[0].Server != server || !rep.Standbys[0].Ready || !strings.Contains(rep.Standbys[0].Note, "repairs every replicated table") {
+				return fmt.Errorf("standbys %+v", rep.Standbys)
+			}
+			m, err := scrape(ctx, a)
+			if err != nil {
+				return err
+			}
+			if v, ok := m[fmt.Sprintf(`pgmesh_standby_ready{server=%q}`, server)]; !ok || v != 1 {
+				return fmt.Errorf("pgmesh_standby_ready %v %v", v, ok)
+			}
+			return nil
+		})
+	} else {
+		standbyUnready(t, ctx, a, server)
+	}
 
 	mustExec(t, ctx, b, `INSERT INTO kv SELECT g, 'first', NULL FROM generate_series(1, 100) g`)
 	_, first := confirmed()
@@ -162,25 +170,78 @@ func TestConfirmationsWaitForTheStandby(t *testing.T) {
 		return nil
 	})
 
-	// This standby was never ready for a failover: promoted, it lacks the
-	// peers' slots, and a says exactly that (not "dropped?") and what to do.
+	// Promoted, the standby lacks the peers' slots (on 17+ it was never
+	// ready). a makes b's slot again, b starts over from where it starts,
+	// and a repairs what no stream carried: a's writes before the slot
+	// existed, here.
+	// a's daemon is stopped meanwhile, so that those writes come first.
+	if err := a.Stop(); err != nil {
+		t.Fatal(err)
+	}
 	if err := a.PG.Stop(ctx); err != nil {
 		t.Fatal(err)
 	}
+	defer a.PG.Remove()
 	if err := standby.Promote(ctx); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, time.Minute, "a says its server was promoted without b's slot", func() error {
+	if err := standby.Exec(ctx, `INSERT INTO kv SELECT g, 'promoted', NULL FROM generate_series(201, 210) g`); err != nil {
+		t.Fatal(err)
+	}
+	a.PG = standby
+	if err := a.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	var rep api.StatusReport
+	eventually(t, 90*time.Second, "a made b's slot again and repaired", func() error {
+		rep, err = a.Status(ctx)
+		if err != nil {
+			return err
+		}
+		if p := rep.Promotion; p == nil || p.Timeline != 2 || !slices.Equal(p.Peers, []string{"b"}) || p.RepairedRows == nil {
+			return fmt.Errorf("promotion %+v, problems %q", rep.Promotion, rep.Problems)
+		}
+		return nil
+	})
+	if got := *rep.Promotion.RepairedRows; got < 10 {
+		t.Fatalf("the repair wrote %d rows again, not the 10 a wrote before b's slot was made again", got)
+	}
+	mustExec(t, ctx, b, `INSERT INTO kv SELECT g, 'after', NULL FROM generate_series(211, 220) g`)
+	if err := standby.Exec(ctx, `INSERT INTO kv SELECT g, 'after', NULL FROM generate_series(221, 230) g`); err != nil {
+		t.Fatal(err)
+	}
+	converged(t, ctx, time.Minute, "kv", nodes...)
+	if n := count(t, ctx, b, `SELECT count(*) FROM kv`); n != 230 {
+		t.Fatalf("b has %d rows, want 230", n)
+	}
+}
+
+// standbyUnready waits for a to report its standby at server not ready for
+// a failover, in status, /health and /metrics.
+func standbyUnready(t *testing.T, ctx context.Context, a *localmesh.Node, server string) {
+	t.Helper()
+	eventually(t, 30*time.Second, "a reports its standby not ready, in status, /health and /metrics", func() error {
 		rep, err := a.Status(ctx)
 		if err != nil {
 			return err
 		}
-		for _, p := range rep.Problems {
-			if strings.Contains(p, "peer b has no slot here: this server was promoted (timeline 2; every slot was here on timeline 1)") &&
-				strings.Contains(p, "part this node and join it again") {
-				return nil
-			}
+		if len(rep.Standbys) != 1 || rep.Standbys[0].Server != server || rep.Standbys[0].Ready || rep.Standbys[0].Reason == "" {
+			return fmt.Errorf("standbys %+v", rep.Standbys)
 		}
-		return fmt.Errorf("problems %q", rep.Problems)
+		_, health, err := getHealth(ctx, a)
+		if err != nil {
+			return err
+		}
+		if !slices.ContainsFunc(health.Warnings, func(w string) bool { return strings.Contains(w, "standby "+server+" is not ready for a failover") }) {
+			return fmt.Errorf("health warnings %q", health.Warnings)
+		}
+		m, err := scrape(ctx, a)
+		if err != nil {
+			return err
+		}
+		if v, ok := m[fmt.Sprintf(`pgmesh_standby_ready{server=%q}`, server)]; !ok || v != 0 {
+			return fmt.Errorf("pgmesh_standby_ready %v %v", v, ok)
+		}
+		return nil
 	})
 }

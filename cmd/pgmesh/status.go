@@ -105,12 +105,27 @@ func printStatus(out io.Writer, rep api.StatusReport) {
 		fmt.Fprintln(w, "STANDBY\tFAILOVER")
 		for _, s := range rep.Standbys {
 			state := "ready"
+			if s.Note != "" {
+				state += " (" + s.Note + ")"
+			}
 			if !s.Ready {
 				state = "not ready: " + s.Reason
 			}
 			fmt.Fprintf(w, "%s\t%s\n", s.Server, state)
 		}
 		w.Flush()
+	}
+	if p := rep.Promotion; p != nil {
+		fmt.Fprintf(out, "\npromoted (timeline %d, %s): made the slots of %s again; ", p.Timeline,
+			p.DetectedAt.Local().Format(time.DateTime), strings.Join(p.Peers, ", "))
+		switch {
+		case p.RepairedAt != nil && p.RepairedRows != nil:
+			fmt.Fprintf(out, "repaired %d rows (%s)\n", *p.RepairedRows, p.RepairedAt.Local().Format(time.DateTime))
+		case p.LastError != "":
+			fmt.Fprintf(out, "repair failed, tried again: %s\n", p.LastError)
+		default:
+			fmt.Fprintln(out, "repair pending")
+		}
 	}
 	if len(rep.Parked) > 0 {
 		fmt.Fprintln(out)
