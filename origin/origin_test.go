@@ -7,16 +7,18 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
+
 	"github.com/pgmesh/pgmesh/internal/testing/pgtest"
 	"github.com/pgmesh/pgmesh/origin"
 )
 
-// A part drops the parted peer's origin right after stopping its stream,
-// whose backend may still hold the origin for a moment (CI saw "could not
-// drop replication origin ... in use by PID"): Drop waits for it.
-func TestDropWaitsForTheStreamThatHeldTheOrigin(t *testing.T) {
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
+// heldOrigin starts a Postgres where one session holds the origin of peer
+// "paris" (bound to it, as a running stream's apply connection is) and
+// lets go of it after half a second, the first moved to progress if given;
+// it returns another session.
+func heldOrigin(t *testing.T, ctx context.Context, progress string) *pgx.Conn {
+	t.Helper()
 	pg, err := pgtest.Start(ctx, pgtest.Options{})
 	if err != nil {
 		t.Fatal(err)
@@ -26,19 +28,34 @@ func TestDropWaitsForTheStreamThatHeldTheOrigin(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	dropper, err := pg.Connect(ctx)
+	other, err := pg.Connect(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer dropper.Close(ctx)
+	t.Cleanup(func() { other.Close(context.Background()) })
 	if err := origin.Ensure(ctx, holder, "paris"); err != nil {
 		t.Fatal(err)
+	}
+	if progress != "" {
+		if _, err := holder.Exec(ctx, `SELECT pg_replication_origin_advance($1, $2::text::pg_lsn)`, origin.Name("paris"), progress); err != nil {
+			t.Fatal(err)
+		}
 	}
 	if _, err := holder.Exec(ctx, `SELECT pg_replication_origin_session_setup($1)`, origin.Name("paris")); err != nil {
 		t.Fatal(err)
 	}
 	released := time.AfterFunc(500*time.Millisecond, func() { holder.Close(context.Background()) })
-	defer released.Stop()
+	t.Cleanup(func() { released.Stop() })
+	return other
+}
+
+// A part drops the parted peer's origin right after stopping its stream,
+// whose backend may still hold the origin for a moment (CI saw "could not
+// drop replication origin ... in use by PID"): Drop waits for it.
+func TestDropWaitsForTheStreamThatHeldTheOrigin(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	dropper := heldOrigin(t, ctx, "")
 
 	if err := origin.Drop(ctx, dropper, "paris"); err != nil {
 		t.Fatal(err)
@@ -62,31 +79,7 @@ func TestDropWaitsForTheStreamThatHeldTheOrigin(t *testing.T) {
 func TestResetMovesTheOriginBack(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	pg, err := pgtest.Start(ctx, pgtest.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(pg.Remove)
-	holder, err := pg.Connect(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	resetter, err := pg.Connect(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resetter.Close(ctx)
-	if err := origin.Ensure(ctx, holder, "paris"); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := holder.Exec(ctx, `SELECT pg_replication_origin_advance($1, '0/5000')`, origin.Name("paris")); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := holder.Exec(ctx, `SELECT pg_replication_origin_session_setup($1)`, origin.Name("paris")); err != nil {
-		t.Fatal(err)
-	}
-	released := time.AfterFunc(500*time.Millisecond, func() { holder.Close(context.Background()) })
-	defer released.Stop()
+	resetter := heldOrigin(t, ctx, "0/5000")
 
 	from, err := origin.Reset(ctx, resetter, "paris", 0x3000)
 	if err != nil {

@@ -19,14 +19,15 @@ import (
 	"github.com/pgmesh/pgmesh/internal/testing/localmesh"
 )
 
-// a's primary fails (immediate stop) while both nodes write, and its
+// a's primary fails (immediate stop) while all three nodes write, and its
 // standby is promoted. With failover slots (PostgreSQL 17+), the standby
-// holds b's slot, so b's stream from a goes on from the promoted server.
-// On 15 and 16 it holds none: a makes b's slot again, b starts over from
-// it, and a repairs what no stream carried. Either way a's confirmations
-// waited for the standby, so b still has every change a had not got to
-// it. Afterwards both nodes hold the same rows, among them every row b
-// acknowledged and every row a acknowledged after the promotion. A
+// holds b's and c's slots, so their streams from a go on from the promoted
+// server. On 15 and 16 it holds none: a makes the slots again, b and c
+// start over from them, and a repairs what no stream carried. Either way
+// a's confirmations waited for the standby, so b and c still have every
+// change a had not got to it. Afterwards all nodes hold the same rows,
+// among them every row b and c acknowledged and every row a acknowledged
+// after the promotion. A
 // switchover (the primary stopped cleanly, which sends its standby
 // everything first) loses nothing at all, and a's daemon killed with its
 // primary and started after the promotion changes nothing.
@@ -41,8 +42,8 @@ func TestFailoverToStandby(t *testing.T) {
 // again once the standby is promoted.
 func failover(t *testing.T, planned, killDaemon bool) {
 	ctx := ctxFor(t)
-	nodes := mesh(t, ctx, joinSchema, "a", "b")
-	a, b := nodes[0], nodes[1]
+	nodes := mesh(t, ctx, joinSchema, "a", "b", "c")
+	a, b, c := nodes[0], nodes[1], nodes[2]
 	failoverSlots := count(t, ctx, a, `SELECT current_setting('server_version_num')::int`) >= 170000
 	oldPrimary := a.PG
 	var settings map[string]string
@@ -63,6 +64,7 @@ func failover(t *testing.T, planned, killDaemon bool) {
 	}
 	a.DSN, a.ExtraArgs = either, []string{"--standby-slots", "a_standby"}
 	b.ExtraArgs = []string{"--peer-dsns", "a=" + either}
+	c.ExtraArgs = b.ExtraArgs
 	for _, n := range nodes {
 		if err := n.Start(ctx); err != nil {
 			t.Fatal(err)
@@ -99,9 +101,10 @@ func failover(t *testing.T, planned, killDaemon bool) {
 	// Both nodes write; a's writer follows the primary as a's daemon does.
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
-	var bWrote int64
-	var bErr error
+	var bWrote, cWrote int64
+	var bErr, cErr error
 	wg.Go(func() { bWrote, bErr = writeLoad(ctx, b, 2_000_000, 5*time.Millisecond, stop) })
+	wg.Go(func() { cWrote, cErr = writeLoad(ctx, c, 3_000_000, 5*time.Millisecond, stop) })
 	var aMu sync.Mutex
 	var aAcked []int64 // ids a's primary acknowledged, in order
 	promoted := -1     // index in aAcked of the first row acknowledged by the promoted standby
@@ -167,6 +170,23 @@ func failover(t *testing.T, planned, killDaemon bool) {
 		return nil
 	})
 
+	// Below 17 the primary sends its peers what its standby lacks (there is
+	// no synchronized_standby_slots), so that copies of the peers' slots on
+	// the standby could not have sufficed. Made certain here: the standby
+	// is stopped while a writes on, and the primary fails before it is back.
+	lagStandby := !failoverSlots && !planned
+	if lagStandby {
+		if err := standby.Stop(ctx); err != nil {
+			t.Fatal(err)
+		}
+		before := count(t, ctx, b, `SELECT count(*) FROM ledger WHERE node = 'a'`)
+		eventually(t, 30*time.Second, "b has a's writes its standby lacks", func() error {
+			if n := count(t, ctx, b, `SELECT count(*) FROM ledger WHERE node = 'a'`); n < before+20 {
+				return fmt.Errorf("%d rows, %d before the standby stopped", n, before)
+			}
+			return nil
+		})
+	}
 	stopPrimary := oldPrimary.Crash
 	if planned {
 		stopPrimary = oldPrimary.Stop
@@ -179,6 +199,11 @@ func failover(t *testing.T, planned, killDaemon bool) {
 	if err := stopPrimary(ctx); err != nil {
 		t.Fatal(err)
 	}
+	if lagStandby {
+		if err := standby.Start(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
 	if err := standby.Promote(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -188,39 +213,25 @@ func failover(t *testing.T, planned, killDaemon bool) {
 		}
 	}
 	a.PG = standby
-	if !failoverSlots {
-		// What the old primary sent b but not its standby: PostgreSQL 15
-		// and 16 have no synchronized_standby_slots, so copies of b's slot
-		// kept on the standby would not have sufficed (only the repair
-		// brings these rows back to a). Counted before a can repair.
-		ids := func(n *localmesh.Node) []int64 {
-			c, err := n.PG.Connect(ctx)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer c.Close(ctx)
-			rows, err := c.Query(ctx, `SELECT id FROM ledger WHERE node = 'a'`)
-			if err != nil {
-				t.Fatal(err)
-			}
-			out, err := pgx.CollectRows(rows, pgx.RowTo[int64])
-			if err != nil {
-				t.Fatal(err)
-			}
-			return out
-		}
-		onB := ids(b)
+	// a's rows b has and the promoted standby lacks: only the repair brings
+	// them back to a. Read before a can repair (b's stream from a starts
+	// again only once a has made its slot again).
+	var ahead []int64
+	if lagStandby {
+		const ids = `SELECT id FROM ledger WHERE node = 'a'`
+		onB := column[int64](t, ctx, b, ids)
 		onStandby := map[int64]bool{}
-		for _, id := range ids(a) {
+		for _, id := range column[int64](t, ctx, a, ids) {
 			onStandby[id] = true
 		}
-		ahead := 0
 		for _, id := range onB {
 			if !onStandby[id] {
-				ahead++
+				ahead = append(ahead, id)
 			}
 		}
-		t.Logf("at the promotion b had %d of a's rows that the standby lacked", ahead)
+		if len(ahead) == 0 {
+			t.Fatal("b has none of a's rows that the promoted standby lacks: the scenario did not happen")
+		}
 	}
 	eventually(t, 60*time.Second, "a writes on the promoted standby", func() error {
 		aMu.Lock()
@@ -232,36 +243,44 @@ func failover(t *testing.T, planned, killDaemon bool) {
 	})
 	close(stop)
 	wg.Wait()
-	if bErr != nil {
-		t.Fatalf("b's writes: %v", bErr)
+	if err := errors.Join(bErr, cErr); err != nil {
+		t.Fatalf("b's and c's writes: %v", err)
 	}
 
 	if !failoverSlots {
 		var p *api.PromotionStatus
-		eventually(t, 120*time.Second, "a made b's slot again and repaired", func() error {
+		eventually(t, 120*time.Second, "a made b's and c's slots again and repaired", func() error {
 			rep, err := a.Status(ctx)
 			if err != nil {
 				return err
 			}
-			if p = rep.Promotion; p == nil || !slices.Equal(p.Peers, []string{"b"}) || p.RepairedAt == nil || p.RepairedRows == nil {
+			if p = rep.Promotion; p == nil || !slices.Equal(p.Peers, []string{"b", "c"}) || p.RepairedAt == nil || p.RepairedRows == nil {
 				return fmt.Errorf("promotion %+v, problems %q", p, rep.Problems)
 			}
 			return nil
 		})
-		t.Logf("a made b's slot again on timeline %d and repaired %d rows", p.Timeline, *p.RepairedRows)
+		t.Logf("a made b's and c's slots again on timeline %d and repaired %d rows", p.Timeline, *p.RepairedRows)
 	}
 	converged(t, ctx, 120*time.Second, "ledger", nodes...)
 	converged(t, ctx, 30*time.Second, "counters", nodes...)
-	if got := count(t, ctx, a, `SELECT count(*) FROM ledger WHERE node = 'b'`); got != bWrote {
-		t.Fatalf("a has %d of the %d rows b acknowledged", got, bWrote)
+	for peer, wrote := range map[string]int64{"b": bWrote, "c": cWrote} {
+		if got := count(t, ctx, a, `SELECT count(*) FROM ledger WHERE node = $1`, peer); got != wrote {
+			t.Fatalf("a has %d of the %d rows %s acknowledged", got, wrote, peer)
+		}
 	}
 	after := aAcked[promoted:]
 	if got := count(t, ctx, b, `SELECT count(*) FROM ledger WHERE id = ANY($1)`, after); got != int64(len(after)) {
 		t.Fatalf("b has %d of the %d rows a acknowledged after the promotion", got, len(after))
 	}
+	if got := count(t, ctx, a, `SELECT count(*) FROM ledger WHERE id = ANY($1)`, ahead); got != int64(len(ahead)) {
+		t.Fatalf("a has %d of the %d rows of its old primary that b had and its standby lacked", got, len(ahead))
+	}
+	if lagStandby {
+		t.Logf("the repair brought back to a the %d rows of its old primary that b had and its standby lacked", len(ahead))
+	}
 	survived := count(t, ctx, b, `SELECT count(*) FROM ledger WHERE id = ANY($1)`, aAcked)
-	t.Logf("a acknowledged %d rows (%d after the promotion); %d of them survive; b acknowledged %d",
-		len(aAcked), len(after), survived, bWrote)
+	t.Logf("a acknowledged %d rows (%d after the promotion); %d of them survive; b acknowledged %d, c %d",
+		len(aAcked), len(after), survived, bWrote, cWrote)
 	if planned && survived != int64(len(aAcked)) {
 		t.Fatalf("a switchover lost %d of the %d rows a acknowledged", int64(len(aAcked))-survived, len(aAcked))
 	}

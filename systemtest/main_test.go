@@ -235,19 +235,25 @@ func partitioned(t *testing.T, ctx context.Context, nodes []*localmesh.Node, wri
 // key" lines, oldest first.
 func conflicts(t *testing.T, ctx context.Context, n *localmesh.Node) []string {
 	t.Helper()
+	return column[string](t, ctx, n, `SELECT concat_ws(' ', relation, conflict_type, resolution, key_tuple::text)
+		FROM pgmesh.conflict_history ORDER BY id`)
+}
+
+// column returns the one column sql selects on n.
+func column[T any](t *testing.T, ctx context.Context, n *localmesh.Node, sql string, args ...any) []T {
+	t.Helper()
 	c, err := n.PG.Connect(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer c.Close(ctx)
-	rows, err := c.Query(ctx, `SELECT concat_ws(' ', relation, conflict_type, resolution, key_tuple::text)
-		FROM pgmesh.conflict_history ORDER BY id`)
+	rows, err := c.Query(ctx, sql, args...)
 	if err != nil {
 		t.Fatal(err)
 	}
-	out, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	out, err := pgx.CollectRows(rows, pgx.RowTo[T])
 	if err != nil {
-		t.Fatal(err)
+		t.Fatalf("on %s: %s: %v", n.Name, sql, err)
 	}
 	return out
 }

@@ -97,14 +97,7 @@ func TestConfirmationsWaitForTheStandby(t *testing.T) {
 			if len(rep.Standbys) != 1 || rep.Standbys[0].Server != server || !rep.Standbys[0].Ready || !strings.Contains(rep.Standbys[0].Note, "repairs every replicated table") {
 				return fmt.Errorf("standbys %+v", rep.Standbys)
 			}
-			m, err := scrape(ctx, a)
-			if err != nil {
-				return err
-			}
-			if v, ok := m[fmt.Sprintf(`pgmesh_standby_ready{server=%q}`, server)]; !ok || v != 1 {
-				return fmt.Errorf("pgmesh_standby_ready %v %v", v, ok)
-			}
-			return nil
+			return standbyReadyMetric(ctx, a, server, 1)
 		})
 	} else {
 		standbyUnready(t, ctx, a, server)
@@ -235,13 +228,18 @@ func standbyUnready(t *testing.T, ctx context.Context, a *localmesh.Node, server
 		if !slices.ContainsFunc(health.Warnings, func(w string) bool { return strings.Contains(w, "standby "+server+" is not ready for a failover") }) {
 			return fmt.Errorf("health warnings %q", health.Warnings)
 		}
-		m, err := scrape(ctx, a)
-		if err != nil {
-			return err
-		}
-		if v, ok := m[fmt.Sprintf(`pgmesh_standby_ready{server=%q}`, server)]; !ok || v != 0 {
-			return fmt.Errorf("pgmesh_standby_ready %v %v", v, ok)
-		}
-		return nil
+		return standbyReadyMetric(ctx, a, server, 0)
 	})
+}
+
+// standbyReadyMetric checks a's pgmesh_standby_ready for server.
+func standbyReadyMetric(ctx context.Context, a *localmesh.Node, server string, want float64) error {
+	m, err := scrape(ctx, a)
+	if err != nil {
+		return err
+	}
+	if v, ok := m[fmt.Sprintf(`pgmesh_standby_ready{server=%q}`, server)]; !ok || v != want {
+		return fmt.Errorf("pgmesh_standby_ready %v %v, want %v", v, ok, want)
+	}
+	return nil
 }
