@@ -118,9 +118,7 @@ func (d *Daemon) Status() api.StatusReport {
 	rep.Problems = d.problems.all()
 	rep.Slots = d.slots.get()
 	rep.Standbys = d.standbys.get()
-	if p := d.promotion.get(); len(p) > 0 {
-		rep.Promotion = &p[0]
-	}
+	rep.Promotion = d.promotion.status()
 	rep.LocalTables, rep.RepsetsPublished = d.publications.taken()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()

@@ -111,6 +111,17 @@ func (d *Daemon) compareShares(ctx context.Context, nodes []compare.Node, req ap
 	return out, nil
 }
 
+// repairAll compares and repairs every replicated table among the active
+// members, and returns how many rows it wrote again.
+func (d *Daemon) repairAll(ctx context.Context) (int, error) {
+	nodes, err := d.compareNodes()
+	if err != nil {
+		return 0, err
+	}
+	res, err := d.compareShares(ctx, nodes, api.CompareRequest{Repair: true})
+	return len(res.Actions), err
+}
+
 // shareGroup is nodes that receive the same share of a table.
 type shareGroup struct {
 	share repset.Share

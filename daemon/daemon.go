@@ -42,7 +42,7 @@ type Daemon struct {
 	problems     problemLog
 	slots        latest[api.SlotStatus]
 	standbys     latest[api.StandbyStatus]
-	promotion    latest[api.PromotionStatus] // one at most
+	promotion    *promotion
 
 	ids atomic.Pointer[map[string]int]
 	// luwNanos is the luw_resolution in use (resolution.go).
@@ -61,8 +61,6 @@ type Daemon struct {
 	sweepSoon chan struct{}
 	// tendSoon wakes maintainSequences at once (a sequence was converted).
 	tendSoon chan struct{}
-	// promoted wakes repairPromotions: remakeSlots made slots again.
-	promoted chan struct{}
 }
 
 // member is a client of another member's API, with the group's token.
@@ -111,7 +109,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	}
 	log = log.With("node", cfg.NodeName)
 	d := &Daemon{cfg: cfg, log: log, problems: problemLog{log: log}, joins: make(chan api.JoinRequest, 1),
-		sweepSoon: make(chan struct{}, 1), tendSoon: make(chan struct{}, 1), promoted: make(chan struct{}, 1)}
+		sweepSoon: make(chan struct{}, 1), tendSoon: make(chan struct{}, 1)}
 
 	// A joining node's database is read-only for applications, not for us.
 	poolCfg, err := pgsession.Pool(cfg.DSN, "pgmesh admin", 4, pgsession.Writer)
@@ -125,6 +123,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		return fmt.Errorf("open pool to local Postgres: %w", err)
 	}
 	defer d.db.Close()
+	d.promotion = newPromotion(d.db, log, &d.problems, d.repairAll, d.streamsNotBack)
 	d.join.db, d.join.log = d.db, log
 	tlsCfg, err := d.openStore()
 	if err != nil {
@@ -166,7 +165,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	g.Go(func() error { d.maintainSequences(ctx); return nil })
 	g.Go(func() error { d.runJoins(ctx); return nil })
 	g.Go(func() error { d.watchStandbys(ctx); return nil })
-	g.Go(func() error { d.repairPromotions(ctx); return nil })
+	g.Go(func() error { d.promotion.run(ctx); return nil })
 	err = g.Wait()
 	log.Info("pgmesh daemon stopped")
 	return err

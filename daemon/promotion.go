@@ -4,12 +4,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"slices"
 	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/pgmesh/pgmesh/api"
 	"github.com/pgmesh/pgmesh/membership"
@@ -23,26 +25,49 @@ import (
 // again, the node recovers by itself, in three steps that each survive a
 // restart, as their state is in the database (migration 13):
 //
-//  1. remakeSlots makes each missing slot again at the current position,
+//  1. remake makes each missing slot again at the current position,
 //     announcing it in pgmesh.recreated_slot before the slot exists.
 //  2. Each peer's stream sees the announcement and moves its origin for
 //     this node to the slot's start, once (replicator checkSlot/startOver).
-//  3. repairPromotions, once every peer streams again both ways, compares
-//     every replicated table among the nodes and repairs what differs:
-//     what this node committed before the slots existed, what the old
-//     primary sent a peer but not its standby, and what a peer sent past
-//     the standby's position that the old timeline ended without.
+//  3. run, once every peer streams again both ways, compares every
+//     replicated table among the nodes and repairs what differs: what this
+//     node committed before the slots existed, and what the old primary
+//     sent a peer but not its standby.
 //
-// Only a promotion starts this: timeline now is higher than the one on
-// which every peer's slot was last here (slotTimelines). A slot that
-// disappeared any other way still needs a part and a join.
+// Only a promotion starts this: the slot check (slots.go) finds peers'
+// slots missing on a later timeline than the one on which every slot was
+// last here. A slot that disappeared any other way still needs a part and
+// a join.
 
-// remakeSlots makes the slots of peers again after a promotion to
-// timeline, and records the promotion for repairPromotions.
-func (d *Daemon) remakeSlots(ctx context.Context, peers []string, timeline int64) error {
+// promotion is the owner of that recovery.
+type promotion struct {
+	db  *pgxpool.Pool
+	log *slog.Logger
+	// repair compares and repairs every replicated table among the active
+	// members, and returns how many rows it wrote again.
+	repair func(ctx context.Context) (rows int, err error)
+	// waiting names the streams, of peers among those given that are
+	// still active members, that are not back yet ("" once all are).
+	waiting func(ctx context.Context, peers []string) string
+	// problems receives what keeps a repair from running or ending.
+	problems *problemLog
+
+	last latest[api.PromotionStatus] // the last promotion, for status
+	// wake tells run that remake made slots again.
+	wake chan struct{}
+}
+
+func newPromotion(db *pgxpool.Pool, log *slog.Logger, problems *problemLog,
+	repair func(context.Context) (int, error), waiting func(context.Context, []string) string) *promotion {
+	return &promotion{db: db, log: log, problems: problems, repair: repair, waiting: waiting, wake: make(chan struct{}, 1)}
+}
+
+// remake makes the slots of peers again after a promotion to timeline,
+// and records the promotion for run.
+func (p *promotion) remake(ctx context.Context, peers []string, timeline int64) error {
 	// The announcement is committed before any slot exists, so that a peer
 	// that finds its slot also finds where it starts.
-	_, err := d.db.Exec(ctx, `WITH p AS (
+	_, err := p.db.Exec(ctx, `WITH p AS (
 			INSERT INTO pgmesh.promotion (timeline, peers) VALUES ($1, $2)
 			ON CONFLICT (timeline) DO UPDATE SET
 				peers = ARRAY(SELECT DISTINCT unnest(pgmesh.promotion.peers || EXCLUDED.peers) ORDER BY 1),
@@ -52,7 +77,7 @@ func (d *Daemon) remakeSlots(ctx context.Context, peers []string, timeline int64
 	if err != nil {
 		return fmt.Errorf("record the slots to make again after the promotion: %w", err)
 	}
-	conn, err := d.db.Acquire(ctx)
+	conn, err := p.db.Acquire(ctx)
 	if err != nil {
 		return fmt.Errorf("connect to local Postgres: %w", err)
 	}
@@ -60,29 +85,29 @@ func (d *Daemon) remakeSlots(ctx context.Context, peers []string, timeline int64
 	for _, peer := range peers {
 		start, err := replicator.CreateSlot(ctx, conn.Conn(), origin.SlotName(peer))
 		if pe, ok := errors.AsType[*pgconn.PgError](err); ok && pe.Code == "42710" {
-			err = nil // made before a restart; announceSlots reads its start
+			err = nil // made before a restart; announce reads its start
 		}
 		if err != nil {
 			return fmt.Errorf("make the slot of peer %s again after the promotion: %w", peer, err)
 		}
-		d.log.Warn("this server was promoted from a standby without the peers' slots: made the slot of a peer again; the group repairs what no stream carried once the peers stream",
+		p.log.Warn("this server was promoted from a standby without the peers' slots: made the slot of a peer again; the group repairs what no stream carried once the peers stream",
 			"peer", peer, "timeline", timeline, "start_lsn", start)
 	}
-	if err := d.announceSlots(ctx); err != nil {
+	if err := p.announce(ctx); err != nil {
 		return err
 	}
 	select {
-	case d.promoted <- struct{}{}:
+	case p.wake <- struct{}{}:
 	default: // one pending signal covers many
 	}
 	return nil
 }
 
-// announceSlots tells the peers where their slots made again start. Until
-// a peer is told, it does not stream, so its slot has not moved since it
-// was made.
-func (d *Daemon) announceSlots(ctx context.Context) error {
-	_, err := d.db.Exec(ctx, `UPDATE pgmesh.recreated_slot r SET start_lsn = s.confirmed_flush_lsn
+// announce tells the peers where their slots made again start. Until a
+// peer is told, it does not stream, so its slot has not moved since it was
+// made.
+func (p *promotion) announce(ctx context.Context) error {
+	_, err := p.db.Exec(ctx, `UPDATE pgmesh.recreated_slot r SET start_lsn = s.confirmed_flush_lsn
 		FROM pg_catalog.pg_replication_slots s
 		WHERE r.start_lsn IS NULL AND s.slot_name = 'pgmesh_' || r.peer AND s.database = current_database()
 		  AND s.confirmed_flush_lsn IS NOT NULL`)
@@ -92,13 +117,13 @@ func (d *Daemon) announceSlots(ctx context.Context) error {
 	return nil
 }
 
-// repairPromotions runs the repair of each promotion this node recovered
-// from, once every peer streams again in both directions, until it has
-// run to the end. It looks at start and when remakeSlots made slots, and
-// every 5 s while a repair is pending.
-func (d *Daemon) repairPromotions(ctx context.Context) {
+// run repairs each promotion this node recovered from, once every peer
+// streams again in both directions, until the repair has run to the end.
+// It looks at start and when remake made slots, and every 5 s while a
+// repair is pending.
+func (p *promotion) run(ctx context.Context) {
 	for {
-		pending, problem, err := d.repairPromotion(ctx)
+		pending, problem, err := p.repairLast(ctx)
 		if err != nil {
 			problem = err.Error()
 		}
@@ -106,7 +131,7 @@ func (d *Daemon) repairPromotions(ctx context.Context) {
 		if problem != "" {
 			problems = []string{problem}
 		}
-		d.problems.set("promotion", problems)
+		p.problems.set("promotion", problems)
 		var retry <-chan time.Time
 		if pending || err != nil {
 			retry = time.After(reconcileEvery)
@@ -114,84 +139,102 @@ func (d *Daemon) repairPromotions(ctx context.Context) {
 		select {
 		case <-ctx.Done():
 			return
-		case <-d.promoted:
+		case <-p.wake:
 		case <-retry:
 		}
 	}
 }
 
-// repairPromotion repairs the latest promotion not yet repaired, if the
-// peers stream. It says whether one is still pending, and what keeps it
-// waiting, if anything.
-func (d *Daemon) repairPromotion(ctx context.Context) (pending bool, waiting string, err error) {
-	p, err := d.readPromotion(ctx)
-	if p == nil || err != nil {
+// repairLast repairs the last promotion if it is not yet repaired and the
+// peers stream. It says whether a repair is still pending, and what keeps
+// it waiting, if anything.
+func (p *promotion) repairLast(ctx context.Context) (pending bool, waiting string, err error) {
+	last, err := p.read(ctx)
+	if last == nil || err != nil {
 		return false, "", err
 	}
-	if p.RepairedAt != nil {
+	if last.RepairedAt != nil {
 		return false, "", nil
 	}
-	if waiting := d.streamsBack(ctx, p.Peers); waiting != "" {
-		return true, fmt.Sprintf("after the promotion to timeline %d, the repair of what no stream carried waits for %s", p.Timeline, waiting), nil
+	if w := p.waiting(ctx, last.Peers); w != "" {
+		return true, fmt.Sprintf("after the promotion to timeline %d, the repair of what no stream carried waits for %s", last.Timeline, w), nil
 	}
-	nodes, err := d.compareNodes()
-	if err != nil {
-		return true, "", err
-	}
-	d.log.Info("repairing what the promotion left different: comparing every replicated table with the peers", "timeline", p.Timeline)
-	res, rerr := d.compareShares(ctx, nodes, api.CompareRequest{Repair: true})
+	p.log.Info("repairing what the promotion left different: comparing every replicated table with the peers", "timeline", last.Timeline)
+	rows, rerr := p.repair(ctx)
 	if rerr != nil {
-		msg := fmt.Sprintf("the repair after the promotion to timeline %d failed and is tried again: %v", p.Timeline, rerr)
-		if _, err := d.db.Exec(ctx, `UPDATE pgmesh.promotion SET last_error = $2 WHERE timeline = $1`, p.Timeline, rerr.Error()); err != nil {
+		if _, err := p.db.Exec(ctx, `UPDATE pgmesh.promotion SET last_error = $2 WHERE timeline = $1`, last.Timeline, rerr.Error()); err != nil {
 			return true, "", errors.Join(rerr, err)
 		}
-		return true, msg, nil
+		return true, fmt.Sprintf("the repair after the promotion to timeline %d failed and is tried again: %v", last.Timeline, rerr), nil
 	}
-	if _, err := d.db.Exec(ctx, `UPDATE pgmesh.promotion SET repaired_at = now(), repaired_rows = $2, last_error = NULL WHERE timeline = $1`,
-		p.Timeline, len(res.Actions)); err != nil {
+	if _, err := p.db.Exec(ctx, `UPDATE pgmesh.promotion SET repaired_at = now(), repaired_rows = $2, last_error = NULL WHERE timeline = $1`,
+		last.Timeline, rows); err != nil {
 		return true, "", fmt.Errorf("record the repair after the promotion: %w", err)
 	}
-	d.log.Warn("repaired what the promotion left different", "timeline", p.Timeline, "rows", len(res.Actions), "tables", len(res.Tables))
-	_, err = d.readPromotion(ctx)
+	p.log.Warn("repaired what the promotion left different", "timeline", last.Timeline, "rows", rows)
+	_, err = p.read(ctx)
 	return false, "", err
 }
 
-// readPromotion reads the last promotion this node recovered from (nil:
-// none), for status too.
-func (d *Daemon) readPromotion(ctx context.Context) (*api.PromotionStatus, error) {
-	var p api.PromotionStatus
-	err := d.db.QueryRow(ctx, `SELECT timeline, peers, detected_at, repaired_at, repaired_rows, coalesce(last_error, '')
-		FROM pgmesh.promotion ORDER BY timeline DESC LIMIT 1`).Scan(&p.Timeline, &p.Peers, &p.DetectedAt, &p.RepairedAt, &p.RepairedRows, &p.LastError)
+// read reads the last promotion this node recovered from (nil: none), and
+// keeps it for status.
+func (p *promotion) read(ctx context.Context) (*api.PromotionStatus, error) {
+	var s api.PromotionStatus
+	err := p.db.QueryRow(ctx, `SELECT timeline, peers, detected_at, repaired_at, repaired_rows, coalesce(last_error, '')
+		FROM pgmesh.promotion ORDER BY timeline DESC LIMIT 1`).Scan(&s.Timeline, &s.Peers, &s.DetectedAt, &s.RepairedAt, &s.RepairedRows, &s.LastError)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return nil, nil
 	}
 	if err != nil {
 		return nil, fmt.Errorf("read the last promotion: %w", err)
 	}
-	d.promotion.set([]api.PromotionStatus{p})
-	return &p, nil
+	p.last.set([]api.PromotionStatus{s})
+	return &s, nil
 }
 
-// streamsBack says which of peers do not yet stream from this node or to
-// it ("" once all do): compare settles on what each node has applied of
-// the others, which needs every stream.
-func (d *Daemon) streamsBack(ctx context.Context, peers []string) string {
+// status is the last promotion, or nil.
+func (p *promotion) status() *api.PromotionStatus {
+	if l := p.last.get(); len(l) > 0 {
+		return &l[0]
+	}
+	return nil
+}
+
+// idleSlots returns those of peers whose slots here no stream is reading.
+func idleSlots(ctx context.Context, db *pgxpool.Pool, peers []string) ([]string, error) {
+	var idle []string
+	err := db.QueryRow(ctx, `SELECT ARRAY(SELECT p FROM unnest($1::text[]) p
+		WHERE NOT EXISTS (SELECT FROM pg_catalog.pg_replication_slots s
+		                  WHERE s.slot_name = 'pgmesh_' || p AND s.database = current_database() AND s.active))`, peers).Scan(&idle)
+	return idle, err
+}
+
+// joinWaiting says what a repair waits for, from the peers whose slots
+// here are idle and those whose streams to this node are down.
+func joinWaiting(idle, down []string) string {
+	var w []string
+	if len(idle) > 0 {
+		w = append(w, "the streams of "+strings.Join(idle, ", ")+" from this node")
+	}
+	if len(down) > 0 {
+		w = append(w, "this node's streams from "+strings.Join(down, ", "))
+	}
+	return strings.Join(w, " and ")
+}
+
+// streamsNotBack says which streams between this node and those of peers
+// still active are not back ("" once all are): compare settles on what
+// each node has applied of the others, which needs every stream.
+func (d *Daemon) streamsNotBack(ctx context.Context, peers []string) string {
 	if g, _ := d.store.Group(); g != nil {
-		// A peer parted since is not waited for.
 		peers = slices.DeleteFunc(slices.Clone(peers), func(p string) bool {
 			n := g.Nodes[p]
 			return n == nil || n.State != membership.Active
 		})
 	}
-	var idle []string
-	if err := d.db.QueryRow(ctx, `SELECT ARRAY(SELECT p FROM unnest($1::text[]) p
-		WHERE NOT EXISTS (SELECT FROM pg_catalog.pg_replication_slots s
-		                  WHERE s.slot_name = 'pgmesh_' || p AND s.database = current_database() AND s.active))`, peers).Scan(&idle); err != nil {
+	idle, err := idleSlots(ctx, d.db, peers)
+	if err != nil {
 		return "the peers' slots (" + err.Error() + ")"
-	}
-	var waiting []string
-	if len(idle) > 0 {
-		waiting = append(waiting, "the streams of "+strings.Join(idle, ", ")+" from this node")
 	}
 	var down []string
 	for _, s := range d.streams.statuses() {
@@ -199,8 +242,5 @@ func (d *Daemon) streamsBack(ctx context.Context, peers []string) string {
 			down = append(down, s.Peer)
 		}
 	}
-	if len(down) > 0 {
-		waiting = append(waiting, "this node's streams from "+strings.Join(down, ", "))
-	}
-	return strings.Join(waiting, " and ")
+	return joinWaiting(idle, down)
 }

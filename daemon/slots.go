@@ -78,7 +78,7 @@ func (d *Daemon) checkSlots(ctx context.Context, g *membership.Group, problems *
 	if promotedWithoutSlots(len(missing), now, whole) {
 		// Promoted from a standby without the peers' slots: make them again
 		// (promotion.go). Every peer's slot is here from now on.
-		if err := d.remakeSlots(ctx, missing, now); err != nil {
+		if err := d.promotion.remake(ctx, missing, now); err != nil {
 			return err
 		}
 		if _, _, err := d.slotTimelines(ctx, true); err != nil {
@@ -86,7 +86,7 @@ func (d *Daemon) checkSlots(ctx context.Context, g *membership.Group, problems *
 		}
 		missing = nil
 	}
-	if err := d.announceSlots(ctx); err != nil {
+	if err := d.promotion.announce(ctx); err != nil {
 		return err
 	}
 	for _, peer := range missing {

@@ -57,25 +57,3 @@ func TestCheckStandbySettings(t *testing.T) {
 		t.Fatalf("all set: %q", got)
 	}
 }
-
-// Slots missing after a promotion are told apart from dropped ones: only
-// those are made again.
-func TestMissingSlotsAfterAPromotion(t *testing.T) {
-	cases := []struct {
-		missing    int
-		now, whole int64
-		promoted   bool
-	}{
-		{1, 2, 1, true},
-		{3, 5, 2, true},
-		{0, 2, 1, false}, // every slot is here (17+: failover slots)
-		{1, 1, 1, false}, // dropped on this timeline
-		{1, 2, 0, false}, // never whole here: nothing to go by
-		{1, 3, 3, false},
-	}
-	for _, c := range cases {
-		if got := promotedWithoutSlots(c.missing, c.now, c.whole); got != c.promoted {
-			t.Errorf("%d missing on timeline %d, whole on %d: promoted %t, want %t", c.missing, c.now, c.whole, got, c.promoted)
-		}
-	}
-}
