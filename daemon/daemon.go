@@ -376,11 +376,9 @@ func (d *Daemon) forgetPeer(ctx context.Context, peer string) error {
 		return err
 	}
 	// A promotion's record of the peer must not apply to its next slot.
-	if _, err := conn.Exec(ctx, `DELETE FROM pgmesh.recreated_slot WHERE peer = $1`, peer); err != nil {
-		return fmt.Errorf("forget the slot made again for %s: %w", peer, err)
-	}
-	if _, err := conn.Exec(ctx, `DELETE FROM pgmesh.origin_reset WHERE node = $1`, peer); err != nil {
-		return fmt.Errorf("forget the reset origin of %s: %w", peer, err)
+	if _, err := conn.Exec(ctx, `WITH s AS (DELETE FROM pgmesh.recreated_slot WHERE peer = $1)
+		DELETE FROM pgmesh.origin_reset WHERE node = $1`, peer); err != nil {
+		return fmt.Errorf("forget what a promotion recorded of %s: %w", peer, err)
 	}
 	return dropSlot(ctx, conn.Conn(), origin.SlotName(peer))
 }

@@ -102,7 +102,7 @@ func (d *Daemon) checkSlots(ctx context.Context, g *membership.Group, problems *
 // higher timeline means this server was promoted from a standby since.
 // allHere records now as that timeline.
 func (d *Daemon) slotTimelines(ctx context.Context, allHere bool) (now, whole int64, err error) {
-	if err := d.db.QueryRow(ctx, `SELECT ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::bigint,
+	if err := d.db.QueryRow(ctx, `SELECT pgmesh.wal_timeline(),
 			coalesce((SELECT value::bigint FROM pgmesh.setting WHERE name = 'slots_timeline'), 0)`).Scan(&now, &whole); err != nil {
 		return 0, 0, fmt.Errorf("read this server's timeline: %w", err)
 	}

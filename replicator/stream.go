@@ -333,14 +333,14 @@ func serverMajor(c *pgconn.PgConn) int {
 // where it starts if the peer made it again after a promotion (else nil).
 // A slot missing otherwise is never recreated silently: what the peer
 // committed since it vanished would be lost.
-func checkSlot(ctx context.Context, repl *pgconn.PgConn, slot, peer, local string) (*RemadeSlot, error) {
+func checkSlot(ctx context.Context, repl *pgconn.PgConn, slot, peer, local string) (*remadeSlot, error) {
 	// The peer's own view: its slot, the slot's row in recreated_slot, and
 	// whether it was promoted since every peer's slot was there (it then
 	// makes the missing ones again within seconds: daemon/promotion.go).
 	res, err := repl.Exec(ctx, `SELECT (SELECT plugin FROM pg_catalog.pg_replication_slots WHERE slot_name = `+pgquote.Literal(slot)+`),
 		r.timeline, r.start_lsn,
 		CASE WHEN pg_catalog.pg_is_in_recovery() OR w.timeline IS NULL THEN false
-		     ELSE ('x' || substr(pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_lsn()), 1, 8))::bit(32)::bigint > w.timeline END
+		     ELSE pgmesh.wal_timeline() > w.timeline END
 		FROM (SELECT (SELECT value::bigint FROM pgmesh.setting WHERE name = 'slots_timeline') AS timeline) w
 		LEFT JOIN pgmesh.recreated_slot r ON r.peer = `+pgquote.Literal(local)).ReadAll()
 	if err != nil {
@@ -363,7 +363,7 @@ func checkSlot(ctx context.Context, repl *pgconn.PgConn, slot, peer, local strin
 	case start == nil:
 		return nil, fmt.Errorf("peer %q is making slot %s again after a promotion: streaming starts once it has", peer, slot)
 	}
-	r := RemadeSlot{}
+	r := remadeSlot{}
 	if r.Timeline, err = strconv.Atoi(string(timeline)); err != nil {
 		return nil, fmt.Errorf("peer %q: timeline %q of slot %s: %w", peer, timeline, slot, err)
 	}
@@ -373,9 +373,9 @@ func checkSlot(ctx context.Context, repl *pgconn.PgConn, slot, peer, local strin
 	return &r, nil
 }
 
-// RemadeSlot is a slot a peer made again after its Postgres was promoted:
+// remadeSlot is a slot a peer made again after its Postgres was promoted:
 // on which timeline, and where it starts.
-type RemadeSlot struct {
+type remadeSlot struct {
 	Timeline int
 	Start    pglogrepl.LSN
 }
@@ -386,7 +386,7 @@ type RemadeSlot struct {
 // would skip what the promoted server commits up to there. What no stream
 // carries (on the old timeline past what this node got, and on the new one
 // before the slot) the peer settles with compare and repair.
-func (s *Stream) startOver(ctx context.Context, conn *pgx.Conn, r RemadeSlot) error {
+func (s *Stream) startOver(ctx context.Context, conn *pgx.Conn, r remadeSlot) error {
 	var done bool
 	if err := conn.QueryRow(ctx, `SELECT EXISTS (SELECT FROM pgmesh.origin_reset WHERE node = $1 AND timeline = $2 AND start_lsn = $3::text::pg_lsn)`,
 		s.cfg.Peer.Name, r.Timeline, r.Start.String()).Scan(&done); err != nil {

@@ -565,6 +565,16 @@ END
 $$;
 
 --
+-- Name: wal_timeline(); Type: FUNCTION; Schema: pgmesh; Owner: -
+--
+
+CREATE FUNCTION pgmesh.wal_timeline() RETURNS bigint
+    LANGUAGE sql STABLE
+    AS $$
+    SELECT ('x' || substr(pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_lsn()), 1, 8))::bit(32)::bigint
+$$;
+
+--
 -- Name: apply_error_policy; Type: TABLE; Schema: pgmesh; Owner: -
 --
 

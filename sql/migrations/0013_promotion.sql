@@ -1,6 +1,13 @@
 -- pgmesh schema, version 13: the peers' slots made again after a promotion
 -- (docs/high-availability.md).
 
+-- The WAL timeline this server writes on: higher after each promotion. From
+-- the name of the current WAL file, whose first 8 hex digits are the
+-- timeline (pg_control_checkpoint() lags until the next checkpoint).
+CREATE FUNCTION pgmesh.wal_timeline() RETURNS bigint LANGUAGE sql STABLE AS $$
+    SELECT ('x' || substr(pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_lsn()), 1, 8))::bit(32)::bigint
+$$;
+
 -- On a node whose Postgres was promoted from a standby that held no copy of
 -- the peers' slots (PostgreSQL 15 and 16; 17+ without a ready standby): the
 -- slot made again for each peer, and where it starts. A peer reads its row
