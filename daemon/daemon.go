@@ -43,6 +43,7 @@ type Daemon struct {
 	slots        latest[api.SlotStatus]
 	standbys     latest[api.StandbyStatus]
 	promotion    *promotion
+	sequences    *sequences
 
 	ids atomic.Pointer[map[string]int]
 	// luwNanos is the luw_resolution in use (resolution.go).
@@ -59,8 +60,6 @@ type Daemon struct {
 	// sweepSoon asks housekeeping to look for overtaken rows soon
 	// (replicator.RemoveOvertaken); one pending request covers many.
 	sweepSoon chan struct{}
-	// tendSoon wakes maintainSequences at once (a sequence was converted).
-	tendSoon chan struct{}
 }
 
 // member is a client of another member's API, with the group's token.
@@ -109,7 +108,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	}
 	log = log.With("node", cfg.NodeName)
 	d := &Daemon{cfg: cfg, log: log, problems: problemLog{log: log}, joins: make(chan api.JoinRequest, 1),
-		sweepSoon: make(chan struct{}, 1), tendSoon: make(chan struct{}, 1)}
+		sweepSoon: make(chan struct{}, 1)}
 
 	// A joining node's database is read-only for applications, not for us.
 	poolCfg, err := pgsession.Pool(cfg.DSN, "pgmesh admin", 4, pgsession.Writer)
@@ -130,6 +129,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		return err
 	}
 	defer d.store.Close()
+	d.sequences = &sequences{db: d.db, node: cfg.NodeName, store: d.store, leader: d.leader, problems: &d.problems, tendSoon: make(chan struct{}, 1)}
 
 	ln, err := listenAPI(cfg.ListenAPI, tlsCfg, log)
 	if err != nil {
@@ -162,7 +162,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	})
 	g.Go(func() error { d.housekeeping(ctx); return nil })
 	g.Go(func() error { d.publishProgress(ctx); return nil })
-	g.Go(func() error { d.maintainSequences(ctx); return nil })
+	g.Go(func() error { d.sequences.maintain(ctx); return nil })
 	g.Go(func() error { d.runJoins(ctx); return nil })
 	g.Go(func() error { d.watchStandbys(ctx); return nil })
 	g.Go(func() error { d.promotion.run(ctx); return nil })

@@ -27,9 +27,9 @@ func (d *Daemon) applySetting(ctx context.Context, s api.Setting) error {
 	case s.Timeshard != nil:
 		_, err = d.db.Exec(ctx, `SELECT pgmesh.convert_timeshard($1::regclass)`, s.Timeshard.Sequence)
 	case s.Galloc != nil:
-		err = d.convertGalloc(ctx, s.Galloc.Sequence, s.Galloc.ChunkSize, s.Galloc.MinStart)
+		err = d.sequences.convertGalloc(ctx, s.Galloc.Sequence, s.Galloc.ChunkSize, s.Galloc.MinStart)
 	case s.BigintAudit:
-		err = d.applyAudit(ctx)
+		err = d.sequences.applyAudit(ctx)
 	case s.ApplyError != nil:
 		var policy *string
 		if s.ApplyError.Policy != "" {

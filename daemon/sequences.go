@@ -9,14 +9,31 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/pgmesh/pgmesh/api"
 	"github.com/pgmesh/pgmesh/internal/pgquote"
 	"github.com/pgmesh/pgmesh/membership"
 )
 
-func (d *Daemon) audit(ctx context.Context) ([]api.AuditRow, error) {
-	rows, err := d.db.Query(ctx, `SELECT what, table_name, column_name, data_type, statement
+// sequences keeps the group's global sequences (docs/sequences.md): it
+// converts them, draws galloc chunks through the Raft leader ahead of use,
+// and moves timeshard sequences forward to the clock.
+type sequences struct {
+	db    *pgxpool.Pool
+	node  string // this node's name
+	store *membership.Store
+	// leader is a client of the Raft leader's API (noLeader when there is
+	// none).
+	leader   func(noLeader error) (*api.Client, error)
+	problems *problemLog
+	// tendSoon wakes maintain at once (a sequence was converted).
+	tendSoon chan struct{}
+}
+
+// audit lists what converting the sequences here would change.
+func (gs *sequences) audit(ctx context.Context) ([]api.AuditRow, error) {
+	rows, err := gs.db.Query(ctx, `SELECT what, table_name, column_name, data_type, statement
 		FROM pgmesh.sequence_audit ORDER BY step, table_name, column_name`)
 	if err != nil {
 		return nil, fmt.Errorf("read pgmesh.sequence_audit: %w", err)
@@ -28,12 +45,12 @@ func (d *Daemon) audit(ctx context.Context) ([]api.AuditRow, error) {
 }
 
 // applyAudit runs every audit statement here in one transaction.
-func (d *Daemon) applyAudit(ctx context.Context) error {
-	rows, err := d.audit(ctx)
+func (gs *sequences) applyAudit(ctx context.Context) error {
+	rows, err := gs.audit(ctx)
 	if err != nil {
 		return err
 	}
-	return pgx.BeginFunc(ctx, d.db, func(tx pgx.Tx) error {
+	return pgx.BeginFunc(ctx, gs.db, func(tx pgx.Tx) error {
 		for _, r := range rows {
 			if _, err := tx.Exec(ctx, r.Statement); err != nil {
 				return fmt.Errorf("%s: %w", r.Statement, err)
@@ -44,7 +61,7 @@ func (d *Daemon) applyAudit(ctx context.Context) error {
 }
 
 func (d *Daemon) handleAudit(w http.ResponseWriter, r *http.Request) {
-	rows, err := d.audit(r.Context())
+	rows, err := d.sequences.audit(r.Context())
 	if err != nil {
 		writeErr(w, http.StatusInternalServerError, err)
 		return
@@ -93,7 +110,7 @@ func (d *Daemon) handleConvert(w http.ResponseWriter, r *http.Request) {
 			writeErr(w, http.StatusBadRequest, fmt.Errorf("sequence %q: %w", seq, err))
 			return
 		}
-		highest, err := d.ownedMax(ctx, name)
+		highest, err := d.sequences.ownedMax(ctx, name)
 		if err != nil {
 			writeErr(w, http.StatusInternalServerError, err)
 			return
@@ -114,9 +131,9 @@ func (d *Daemon) handleConvert(w http.ResponseWriter, r *http.Request) {
 }
 
 // ownedMax is the largest value in the column that owns (or defaults to) seq.
-func (d *Daemon) ownedMax(ctx context.Context, seq string) (int64, error) {
+func (gs *sequences) ownedMax(ctx context.Context, seq string) (int64, error) {
 	var cols []string
-	rows, err := d.db.Query(ctx, `SELECT format('SELECT coalesce(max(%I), 0)::bigint FROM %I.%I', a.attname, n.nspname, c.relname)
+	rows, err := gs.db.Query(ctx, `SELECT format('SELECT coalesce(max(%I), 0)::bigint FROM %I.%I', a.attname, n.nspname, c.relname)
 		FROM pg_depend dep JOIN pg_class c ON c.oid = dep.refobjid JOIN pg_namespace n ON n.oid = c.relnamespace
 		JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = dep.refobjsubid
 		WHERE dep.classid = 'pg_class'::regclass AND dep.objid = $1::regclass AND dep.refclassid = 'pg_class'::regclass
@@ -130,7 +147,7 @@ func (d *Daemon) ownedMax(ctx context.Context, seq string) (int64, error) {
 	var highest int64
 	for _, q := range cols {
 		var v int64
-		if err := d.db.QueryRow(ctx, q).Scan(&v); err != nil {
+		if err := gs.db.QueryRow(ctx, q).Scan(&v); err != nil {
 			return 0, err
 		}
 		highest = max(highest, v)
@@ -176,17 +193,17 @@ func (d *Daemon) handleClusterGalloc(w http.ResponseWriter, r *http.Request) {
 }
 
 // allocChunk draws a chunk through the Raft leader.
-func (d *Daemon) allocChunk(ctx context.Context, seq string, size, minStart int64) (*membership.Chunk, error) {
-	if d.store.IsLeader() {
-		return d.store.AllocChunk(seq, d.cfg.NodeName, size, minStart)
+func (gs *sequences) allocChunk(ctx context.Context, seq string, size, minStart int64) (*membership.Chunk, error) {
+	if gs.store.IsLeader() {
+		return gs.store.AllocChunk(seq, gs.node, size, minStart)
 	}
 	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	leader, err := d.leader(errors.New("the node group has no Raft leader (no quorum?), so no new chunk can be drawn"))
+	leader, err := gs.leader(errors.New("the node group has no Raft leader (no quorum?), so no new chunk can be drawn"))
 	if err != nil {
 		return nil, err
 	}
-	ch, err := leader.Galloc(cctx, api.GallocRequest{Seq: seq, Node: d.cfg.NodeName, Size: size, MinStart: minStart})
+	ch, err := leader.Galloc(cctx, api.GallocRequest{Seq: seq, Node: gs.node, Size: size, MinStart: minStart})
 	return &ch, err
 }
 
@@ -195,38 +212,38 @@ func (d *Daemon) allocChunk(ctx context.Context, seq string, size, minStart int6
 // per-node counter onto this node's chunks. seq itself is fenced, so code
 // still calling nextval() on it fails instead of repeating other nodes'
 // values.
-func (d *Daemon) convertGalloc(ctx context.Context, seq string, size, minStart int64) error {
+func (gs *sequences) convertGalloc(ctx context.Context, seq string, size, minStart int64) error {
 	if size < 1 {
 		return errors.New("chunk size must be positive")
 	}
 	var identity bool
-	if err := d.db.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_depend WHERE objid = $1::regclass AND deptype = 'i')`, seq).Scan(&identity); err != nil {
+	if err := gs.db.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_depend WHERE objid = $1::regclass AND deptype = 'i')`, seq).Scan(&identity); err != nil {
 		return err
 	}
 	if identity {
 		return fmt.Errorf("%s belongs to an identity column, whose values cannot come from a function: convert it with --kind timeshard, or make the column a plain bigint with a default first", seq)
 	}
-	// The chunk in use and those maintainSequences keeps ahead of it: a
+	// The chunk in use and those maintain keeps ahead of it: a
 	// burst of values right after the conversion must not outrun the first
 	// prefetch (TestGlobalSequences once drew 10,000 values on a node
 	// before its maintainer, idle at one look a second, woke).
 	for ordinal := int64(0); ordinal <= gallocAhead; ordinal++ {
-		ch, err := d.allocChunk(ctx, seq, size, minStart)
+		ch, err := gs.allocChunk(ctx, seq, size, minStart)
 		if err != nil {
 			return err
 		}
-		if _, err := d.db.Exec(ctx, `INSERT INTO pgmesh.galloc_chunk VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING`,
+		if _, err := gs.db.Exec(ctx, `INSERT INTO pgmesh.galloc_chunk VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING`,
 			seq, ordinal, ch.Start, ch.End); err != nil {
 			return err
 		}
 	}
 	defer func() {
 		select {
-		case d.tendSoon <- struct{}{}:
+		case gs.tendSoon <- struct{}{}:
 		default:
 		}
 	}()
-	return pgx.BeginFunc(ctx, d.db, func(tx pgx.Tx) error {
+	return pgx.BeginFunc(ctx, gs.db, func(tx pgx.Tx) error {
 		var oid uint32
 		if err := tx.QueryRow(ctx, `SELECT $1::regclass::oid`, seq).Scan(&oid); err != nil {
 			return err
@@ -266,27 +283,27 @@ func (d *Daemon) convertGalloc(ctx context.Context, seq string, size, minStart i
 	})
 }
 
-// maintainSequences keeps global sequences going, until ctx ends: galloc
+// maintain keeps global sequences going, until ctx ends: galloc
 // sequences get their next chunks ahead of time; timeshard sequences are
 // moved forward to the clock.
 // While there are galloc sequences they are looked at every 50 ms, so that
 // a burst of values does not outrun the chunks drawn ahead; a group without
 // any is looked at once a second, which keeps an idle daemon idle, and at
 // once when a sequence is converted here.
-func (d *Daemon) maintainSequences(ctx context.Context) {
+func (gs *sequences) maintain(ctx context.Context) {
 	wait := time.Duration(0)
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-time.After(wait):
-		case <-d.tendSoon:
+		case <-gs.tendSoon:
 		}
-		problems, galloc, err := d.tendSequences(ctx)
+		problems, galloc, err := gs.tend(ctx)
 		if err != nil && ctx.Err() == nil {
 			problems = append(problems, "global sequences: "+err.Error())
 		}
-		d.problems.set("sequences", problems)
+		gs.problems.set("sequences", problems)
 		wait = time.Second
 		if galloc {
 			wait = 50 * time.Millisecond
@@ -294,10 +311,10 @@ func (d *Daemon) maintainSequences(ctx context.Context) {
 	}
 }
 
-// tendSequences does one round of maintainSequences and reports whether
+// tend does one round of maintain and reports whether
 // the group has galloc sequences.
-func (d *Daemon) tendSequences(ctx context.Context) (problems []string, galloc bool, err error) {
-	rows, err := d.db.Query(ctx, `SELECT g.seq, g.kind, coalesce(g.chunk_size, 0), (SELECT node_id FROM pgmesh.node WHERE is_local)
+func (gs *sequences) tend(ctx context.Context) (problems []string, galloc bool, err error) {
+	rows, err := gs.db.Query(ctx, `SELECT g.seq, g.kind, coalesce(g.chunk_size, 0), (SELECT node_id FROM pgmesh.node WHERE is_local)
 		FROM pgmesh.global_sequence g`)
 	if err != nil {
 		return nil, false, err
@@ -322,13 +339,13 @@ func (d *Daemon) tendSequences(ctx context.Context) (problems []string, galloc b
 			}
 			// Forward only, and only when well behind: a concurrent nextval
 			// cannot have moved past the new value in the meantime.
-			if _, err := d.db.Exec(ctx, `SELECT setval($1::regclass, f) FROM (SELECT pgmesh.timeshard_floor($2) AS f) x
+			if _, err := gs.db.Exec(ctx, `SELECT setval($1::regclass, f) FROM (SELECT pgmesh.timeshard_floor($2) AS f) x
 				WHERE (SELECT last_value FROM pg_sequence_last_value($1::regclass) AS v(last_value)) < f - (1000::bigint << 22)`, s.seq, *s.nodeID); err != nil {
 				return problems, galloc, err
 			}
 		case "galloc":
 			galloc = true
-			if err := d.prefetchChunks(ctx, s.seq, s.size); err != nil {
+			if err := gs.prefetchChunks(ctx, s.seq, s.size); err != nil {
 				problems = append(problems, fmt.Sprintf("galloc sequence %s cannot draw its next chunk (%v): this node goes on with the chunks it holds, then pgmesh.galloc_nextval fails until a chunk can be drawn", s.seq, err))
 			}
 		}
@@ -342,19 +359,19 @@ const gallocAhead = 2
 
 // prefetchChunks draws chunks until this node holds gallocAhead beyond the
 // one its counter is in.
-func (d *Daemon) prefetchChunks(ctx context.Context, seq string, size int64) error {
+func (gs *sequences) prefetchChunks(ctx context.Context, seq string, size int64) error {
 	var inUse, held int64
-	err := d.db.QueryRow(ctx, `SELECT coalesce((pg_sequence_last_value(format('pgmesh.%I', 'galloc_' || $1::text::regclass::oid)::regclass) - 1) / $2, 0),
+	err := gs.db.QueryRow(ctx, `SELECT coalesce((pg_sequence_last_value(format('pgmesh.%I', 'galloc_' || $1::text::regclass::oid)::regclass) - 1) / $2, 0),
 		coalesce((SELECT max(ordinal) FROM pgmesh.galloc_chunk WHERE seq = $1::text), -1)`, seq, size).Scan(&inUse, &held)
 	if err != nil {
 		return err
 	}
 	for ord := held + 1; ord <= inUse+gallocAhead; ord++ {
-		ch, err := d.allocChunk(ctx, seq, size, 0)
+		ch, err := gs.allocChunk(ctx, seq, size, 0)
 		if err != nil {
 			return err
 		}
-		if _, err := d.db.Exec(ctx, `INSERT INTO pgmesh.galloc_chunk VALUES ($1, $2, $3, $4)`, seq, ord, ch.Start, ch.End); err != nil {
+		if _, err := gs.db.Exec(ctx, `INSERT INTO pgmesh.galloc_chunk VALUES ($1, $2, $3, $4)`, seq, ord, ch.Start, ch.End); err != nil {
 			return err
 		}
 	}
