@@ -117,7 +117,7 @@ func (d *Daemon) Status() api.StatusReport {
 	rep.Join = d.join.snapshot()
 	rep.Problems = d.problems.all()
 	rep.Slots = d.slots.get()
-	rep.Standbys = d.standbys.get()
+	rep.Standbys = d.standbys.last.get()
 	rep.Promotion = d.promotion.status()
 	rep.LocalTables, rep.RepsetsPublished = d.publications.taken()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)

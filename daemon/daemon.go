@@ -41,7 +41,7 @@ type Daemon struct {
 	nodeTable    nodeTable
 	problems     problemLog
 	slots        latest[api.SlotStatus]
-	standbys     latest[api.StandbyStatus]
+	standbys     *standbyWatch
 	promotion    *promotion
 	sequences    *sequences
 
@@ -122,6 +122,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		return fmt.Errorf("open pool to local Postgres: %w", err)
 	}
 	defer d.db.Close()
+	d.standbys = &standbyWatch{dsn: cfg.DSN, slots: cfg.StandbySlots, db: d.db, problems: &d.problems}
 	d.promotion = newPromotion(d.db, log, &d.problems, d.repairAll, d.streamsNotBack)
 	d.join.db, d.join.log = d.db, log
 	tlsCfg, err := d.openStore()
@@ -164,7 +165,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	g.Go(func() error { d.publishProgress(ctx); return nil })
 	g.Go(func() error { d.sequences.maintain(ctx); return nil })
 	g.Go(func() error { d.runJoins(ctx); return nil })
-	g.Go(func() error { d.watchStandbys(ctx); return nil })
+	g.Go(func() error { d.standbys.run(ctx); return nil })
 	g.Go(func() error { d.promotion.run(ctx); return nil })
 	err = g.Wait()
 	log.Info("pgmesh daemon stopped")

@@ -71,7 +71,7 @@ func (d *Daemon) healthWith(pctx context.Context, parked []api.ParkedTable, park
 	for _, p := range parked {
 		rep.Warnings = append(rep.Warnings, parkedNote(p))
 	}
-	for _, s := range d.standbys.get() {
+	for _, s := range d.standbys.last.get() {
 		if !s.Ready {
 			rep.Warnings = append(rep.Warnings, fmt.Sprintf("standby %s is not ready for a failover: %s", s.Server, s.Reason))
 		}

@@ -11,36 +11,46 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/pgmesh/pgmesh/api"
 	"github.com/pgmesh/pgmesh/internal/pgsession"
 )
 
-// watchStandbys looks, every few seconds, at what would make a failover
+// standbyWatch is the owner of what this node knows of its standbys.
+type standbyWatch struct {
+	dsn      string   // the node's dsn, which names the standbys too
+	slots    []string // standby_slots
+	db       *pgxpool.Pool
+	problems *problemLog
+	last     latest[api.StandbyStatus] // for status, /health and /metrics
+}
+
+// run looks, every few seconds, at what would make a failover
 // of this node's primary to one of its standbys lose changes or stop the
 // peers' streams: from the primary (checkStandbySettings) and from each
 // standby that dsn names (checkStandby). Both are reported in status, the
 // second also in /health (as a warning) and /metrics.
-func (d *Daemon) watchStandbys(ctx context.Context) {
-	servers, err := otherServers(d.cfg.DSN)
-	if err != nil || (len(servers) == 0 && len(d.cfg.StandbySlots) == 0) {
+func (sw *standbyWatch) run(ctx context.Context) {
+	servers, err := otherServers(sw.dsn)
+	if err != nil || (len(servers) == 0 && len(sw.slots) == 0) {
 		return // a single server, and no standby to wait for: nothing to watch
 	}
 	for {
 		// The primary is read once a pass, for both checks.
-		p, err := d.readPrimary(ctx)
-		problems := d.checkStandbySettings(p)
+		p, err := sw.readPrimary(ctx)
+		problems := sw.checkStandbySettings(p)
 		if err != nil {
 			problems = []string{err.Error()}
 		}
-		d.problems.set("standbys", problems)
+		sw.problems.set("standbys", problems)
 		var report []api.StandbyStatus
 		for _, s := range servers {
-			if st, ok := d.checkStandby(ctx, s, p, err); ok {
+			if st, ok := sw.checkStandby(ctx, s, p, err); ok {
 				report = append(report, st)
 			}
 		}
-		d.standbys.set(report)
+		sw.last.set(report)
 		select {
 		case <-ctx.Done():
 			return
@@ -91,10 +101,10 @@ type primaryView struct {
 	slots, notFailover []string
 }
 
-func (d *Daemon) readPrimary(ctx context.Context) (primaryView, error) {
+func (sw *standbyWatch) readPrimary(ctx context.Context) (primaryView, error) {
 	var p primaryView
 	var synchronized string
-	err := d.db.QueryRow(ctx, `SELECT current_setting('server_version_num')::int,
+	err := sw.db.QueryRow(ctx, `SELECT current_setting('server_version_num')::int,
 		coalesce(current_setting('synchronized_standby_slots', true), ''),
 		ARRAY(SELECT slot_name FROM pg_catalog.pg_replication_slots
 		      WHERE slot_name LIKE 'pgmesh\_%' AND database = current_database() ORDER BY 1)`).Scan(&p.version, &synchronized, &p.slots)
@@ -107,7 +117,7 @@ func (d *Daemon) readPrimary(ctx context.Context) (primaryView, error) {
 		}
 	}
 	if p.version >= 170000 {
-		err = d.db.QueryRow(ctx, `SELECT ARRAY(SELECT slot_name FROM pg_catalog.pg_replication_slots
+		err = sw.db.QueryRow(ctx, `SELECT ARRAY(SELECT slot_name FROM pg_catalog.pg_replication_slots
 			WHERE slot_name LIKE 'pgmesh\_%' AND database = current_database() AND NOT failover ORDER BY 1)`).Scan(&p.notFailover)
 		if err != nil {
 			return p, fmt.Errorf("read which pgmesh slots are failover slots: %w", err)
@@ -119,19 +129,19 @@ func (d *Daemon) readPrimary(ctx context.Context) (primaryView, error) {
 // checkStandbySettings reports, from the primary, standbys whose changes
 // peers may receive before them, and slots a standby cannot keep. Only
 // PostgreSQL 17+ keeps the peers' slots on a standby (failover slots).
-func (d *Daemon) checkStandbySettings(p primaryView) []string {
-	if len(d.cfg.StandbySlots) == 0 || p.version < 170000 {
+func (sw *standbyWatch) checkStandbySettings(p primaryView) []string {
+	if len(sw.slots) == 0 || p.version < 170000 {
 		return nil
 	}
 	var problems, missing []string
-	for _, s := range d.cfg.StandbySlots {
+	for _, s := range sw.slots {
 		if !slices.Contains(p.synchronized, s) {
 			missing = append(missing, s)
 		}
 	}
 	if len(missing) > 0 {
 		problems = append(problems, fmt.Sprintf("standby slots %s are not in synchronized_standby_slots, so peers may receive changes those standbys lack, which a failover to one of them would lose here but not there: ALTER SYSTEM SET synchronized_standby_slots = '%s'; SELECT pg_reload_conf();",
-			strings.Join(missing, ", "), strings.Join(d.cfg.StandbySlots, ",")))
+			strings.Join(missing, ", "), strings.Join(sw.slots, ",")))
 	}
 	if len(p.notFailover) > 0 {
 		problems = append(problems, fmt.Sprintf("slots %s are not failover slots (made before PostgreSQL 17 or by an older pgmesh), so no standby keeps them and those peers' streams from this node stop at a failover: while the peer's daemon is stopped, run ALTER_REPLICATION_SLOT name (FAILOVER) on a replication connection here, or part and rejoin the peer",
@@ -143,7 +153,7 @@ func (d *Daemon) checkStandbySettings(p primaryView) []string {
 // checkStandby says whether a failover to the server s would be safe,
 // given the primary as p shows it (read with error primaryErr); ok is
 // false when s is not a standby (it is the primary).
-func (d *Daemon) checkStandby(ctx context.Context, s *pgx.ConnConfig, p primaryView, primaryErr error) (st api.StandbyStatus, ok bool) {
+func (sw *standbyWatch) checkStandby(ctx context.Context, s *pgx.ConnConfig, p primaryView, primaryErr error) (st api.StandbyStatus, ok bool) {
 	st.Server = net.JoinHostPort(s.Host, strconv.Itoa(int(s.Port)))
 	conn, err := pgx.ConnectConfig(ctx, s)
 	if err != nil {
@@ -165,7 +175,7 @@ func (d *Daemon) checkStandby(ctx context.Context, s *pgx.ConnConfig, p primaryV
 		st.Reason = "cannot tell: " + primaryErr.Error()
 		return st, true
 	}
-	st.Reason, err = d.standbyUnready(ctx, conn, p, version, feedback, slot)
+	st.Reason, err = sw.standbyUnready(ctx, conn, p, version, feedback, slot)
 	if err != nil {
 		st.Reason = "cannot read its slots: " + err.Error()
 	}
@@ -178,11 +188,11 @@ func (d *Daemon) checkStandby(ctx context.Context, s *pgx.ConnConfig, p primaryV
 
 // standbyUnready returns the first reason a failover to the standby on
 // conn would lose changes or stop a peer's stream, or "".
-func (d *Daemon) standbyUnready(ctx context.Context, conn *pgx.Conn, p primaryView, version int, feedback, slot string) (string, error) {
+func (sw *standbyWatch) standbyUnready(ctx context.Context, conn *pgx.Conn, p primaryView, version int, feedback, slot string) (string, error) {
 	switch {
 	case slot == "":
 		return "it streams without a slot (primary_slot_name is empty), so the primary may remove WAL it still needs: create a physical slot for it and set primary_slot_name", nil
-	case !slices.Contains(d.cfg.StandbySlots, slot):
+	case !slices.Contains(sw.slots, slot):
 		return fmt.Sprintf("its slot %s is not in standby_slots, so peers may free changes it lacks: add it to standby_slots", slot), nil
 	case version < 170000:
 		return "", nil // no slots to keep there: see checkStandby's note

@@ -44,7 +44,7 @@ func TestOtherServers(t *testing.T) {
 // The primary's settings for a failover are checked on 17+ only, where
 // peers' slots can follow a promotion; each problem names its fix.
 func TestCheckStandbySettings(t *testing.T) {
-	d := &Daemon{cfg: Config{StandbySlots: []string{"pg_a2", "pg_a3"}}}
+	d := &standbyWatch{slots: []string{"pg_a2", "pg_a3"}}
 	if got := d.checkStandbySettings(primaryView{version: 160004, notFailover: []string{"pgmesh_b"}}); got != nil {
 		t.Fatalf("on 16: %q", got)
 	}
