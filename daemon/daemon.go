@@ -43,6 +43,7 @@ type Daemon struct {
 	slots        latest[api.SlotStatus]
 	standbys     *standbyWatch
 	promotion    *promotion
+	housekeeper  *housekeeper
 	sequences    *sequences
 
 	ids atomic.Pointer[map[string]int]
@@ -57,9 +58,6 @@ type Daemon struct {
 	pauses pauses
 	// members is how this daemon calls other daemons (HTTPS with TLS on).
 	members *api.Transport
-	// sweepSoon asks housekeeping to look for overtaken rows soon
-	// (replicator.RemoveOvertaken); one pending request covers many.
-	sweepSoon chan struct{}
 }
 
 // member is a client of another member's API, with the group's token.
@@ -107,8 +105,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		return err
 	}
 	log = log.With("node", cfg.NodeName)
-	d := &Daemon{cfg: cfg, log: log, problems: problemLog{log: log}, joins: make(chan api.JoinRequest, 1),
-		sweepSoon: make(chan struct{}, 1)}
+	d := &Daemon{cfg: cfg, log: log, problems: problemLog{log: log}, joins: make(chan api.JoinRequest, 1)}
 
 	// A joining node's database is read-only for applications, not for us.
 	poolCfg, err := pgsession.Pool(cfg.DSN, "pgmesh admin", 4, pgsession.Writer)
@@ -122,14 +119,21 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		return fmt.Errorf("open pool to local Postgres: %w", err)
 	}
 	defer d.db.Close()
-	d.standbys = &standbyWatch{dsn: cfg.DSN, slots: cfg.StandbySlots, db: d.db, problems: &d.problems}
-	d.promotion = newPromotion(d.db, log, &d.problems, d.repairAll, d.streamsNotBack)
 	d.join.db, d.join.log = d.db, log
 	tlsCfg, err := d.openStore()
 	if err != nil {
 		return err
 	}
 	defer d.store.Close()
+	// The parts with state of their own (ARCHITECTURE.md, the daemon's parts).
+	d.housekeeper = &housekeeper{db: d.db, dsn: cfg.DSN, node: cfg.NodeName, interval: cfg.HousekeepingInterval,
+		retention: cfg.ConflictRetention, log: log, rule: d.rule, nodeID: d.nodeID, sweepSoon: make(chan struct{}, 1),
+		horizon: func() (time.Time, bool) {
+			g, _ := d.store.Group()
+			return tombstoneHorizon(g, cfg.NodeName, d.streams.statuses(), time.Now())
+		}}
+	d.standbys = &standbyWatch{dsn: cfg.DSN, slots: cfg.StandbySlots, db: d.db, problems: &d.problems}
+	d.promotion = newPromotion(d.db, log, &d.problems, d.repairAll, d.streamsNotBack)
 	d.sequences = &sequences{db: d.db, node: cfg.NodeName, store: d.store, leader: d.leader, problems: &d.problems, tendSoon: make(chan struct{}, 1)}
 
 	ln, err := listenAPI(cfg.ListenAPI, tlsCfg, log)
@@ -161,7 +165,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		d.streams.stopAll()
 		return nil
 	})
-	g.Go(func() error { d.housekeeping(ctx); return nil })
+	g.Go(func() error { d.housekeeper.run(ctx); return nil })
 	g.Go(func() error { d.publishProgress(ctx); return nil })
 	g.Go(func() error { d.sequences.maintain(ctx); return nil })
 	g.Go(func() error { d.runJoins(ctx); return nil })
@@ -346,22 +350,17 @@ func describeMember(n *membership.Node, self string) string {
 // streamConfig is how this node streams from peer n.
 func (d *Daemon) streamConfig(n *membership.Node) replicator.Config {
 	return replicator.Config{
-		LocalNode:    d.cfg.NodeName,
-		LocalDSN:     d.cfg.DSN,
-		Peer:         replicator.Peer{Name: n.Name, ID: n.ID, DSN: d.peerDSN(n)},
-		NodeID:       d.nodeID,
-		Logger:       d.log,
-		Gate:         &d.gate,
-		Rule:         d.rule(),
-		MaxClockSkew: d.cfg.MaxClockSkew,
-		StandbySlots: d.cfg.StandbySlots,
-		OnApplyError: d.cfg.OnApplyError,
-		DeletedMissing: func() {
-			select {
-			case d.sweepSoon <- struct{}{}:
-			default:
-			}
-		},
+		LocalNode:      d.cfg.NodeName,
+		LocalDSN:       d.cfg.DSN,
+		Peer:           replicator.Peer{Name: n.Name, ID: n.ID, DSN: d.peerDSN(n)},
+		NodeID:         d.nodeID,
+		Logger:         d.log,
+		Gate:           &d.gate,
+		Rule:           d.rule(),
+		MaxClockSkew:   d.cfg.MaxClockSkew,
+		StandbySlots:   d.cfg.StandbySlots,
+		OnApplyError:   d.cfg.OnApplyError,
+		DeletedMissing: d.housekeeper.sweep,
 	}
 }
 
@@ -452,7 +451,7 @@ func (d *Daemon) checkTables(ctx context.Context, g *membership.Group, problems 
 			return nil // an older state than the publications follow: wait
 		}
 	}
-	if err := d.ensureTombstoneTriggers(ctx, conn.Conn()); err != nil {
+	if err := ensureTombstoneTriggers(ctx, conn.Conn()); err != nil {
 		return err
 	}
 	rows, err := conn.Query(ctx, `SELECT format('%I.%I', n.nspname, c.relname)
