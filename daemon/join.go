@@ -357,9 +357,16 @@ func (d *Daemon) setReadOnly(ctx context.Context, on bool) error {
 	return nil
 }
 
+// statusSource is another member's daemon, as waitApplied asks it
+// (*api.Client over HTTP).
+type statusSource interface {
+	Addr() string
+	Status(ctx context.Context) (api.StatusReport, error)
+}
+
 // waitApplied waits until the daemon c calls has applied peer's changes up
 // to lsn.
-func waitApplied(ctx context.Context, c *api.Client, peer string, lsn pglogrepl.LSN, timeout time.Duration) error {
+func waitApplied(ctx context.Context, c statusSource, peer string, lsn pglogrepl.LSN, timeout time.Duration) error {
 	notYet := fmt.Errorf("%s has not applied %s's changes up to %s within %s (is its stream from %s connected? see 'pgmesh status' there)", c.Addr(), peer, lsn, timeout, peer)
 	return poll.Until(ctx, 200*time.Millisecond, timeout, func() error {
 		rep, err := c.Status(ctx)

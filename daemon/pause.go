@@ -71,9 +71,16 @@ func (d *Daemon) handleClusterResume(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, api.ResumeResponse{Held: held})
 }
 
+// pausable is another member's daemon, as pauseApply asks it (*api.Client
+// over HTTP).
+type pausable interface {
+	Pause(ctx context.Context) (api.PauseResponse, error)
+	Resume(ctx context.Context, req api.ResumeRequest) (api.ResumeResponse, error)
+}
+
 // pauseApply pauses the streams of the member m calls; resume lets them go
 // and reports whether they were held throughout.
-func pauseApply(ctx context.Context, m *api.Client) (resume func(context.Context) (bool, error), err error) {
+func pauseApply(ctx context.Context, m pausable) (resume func(context.Context) (bool, error), err error) {
 	p, err := m.Pause(ctx)
 	if err != nil {
 		return nil, err
