@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -60,6 +61,53 @@ type promotion struct {
 func newPromotion(db *pgxpool.Pool, log *slog.Logger, problems *problemLog,
 	repair func(context.Context) (int, error), waiting func(context.Context, []string) string) *promotion {
 	return &promotion{db: db, log: log, problems: problems, repair: repair, waiting: waiting, wake: make(chan struct{}, 1)}
+}
+
+// check is the slot check's part in it: given the active peers whose slots
+// are missing here, it makes them again if a promotion lost them, and
+// returns those still missing (dropped some other way). It keeps the
+// timeline on which every slot was here, and announces slots made again.
+func (p *promotion) check(ctx context.Context, missing []string) ([]string, error) {
+	now, whole, err := p.timelines(ctx, len(missing) == 0)
+	if err != nil {
+		return nil, err
+	}
+	if promotedWithoutSlots(len(missing), now, whole) {
+		if err := p.remake(ctx, missing, now); err != nil {
+			return nil, err
+		}
+		if _, _, err := p.timelines(ctx, true); err != nil {
+			return nil, err
+		}
+		missing = nil
+	}
+	return missing, p.announce(ctx)
+}
+
+// timelines returns the WAL timeline this Postgres writes on, and the
+// last one on which every active peer's slot was here (0: not known). A
+// higher timeline means this server was promoted from a standby since.
+// allHere records now as that timeline.
+func (p *promotion) timelines(ctx context.Context, allHere bool) (now, whole int64, err error) {
+	if err := p.db.QueryRow(ctx, `SELECT pgmesh.wal_timeline(),
+			coalesce((SELECT value::bigint FROM pgmesh.setting WHERE name = 'slots_timeline'), 0)`).Scan(&now, &whole); err != nil {
+		return 0, 0, fmt.Errorf("read this server's timeline: %w", err)
+	}
+	if allHere && now != whole {
+		if _, err := p.db.Exec(ctx, `INSERT INTO pgmesh.setting VALUES ('slots_timeline', $1)
+			ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value`, strconv.FormatInt(now, 10)); err != nil {
+			return 0, 0, fmt.Errorf("record the timeline of the slots: %w", err)
+		}
+		whole = now
+	}
+	return now, whole, nil
+}
+
+// promotedWithoutSlots says whether missing peers' slots were lost to a
+// promotion (this server writes on a later timeline than the one on which
+// every slot was last here), rather than dropped.
+func promotedWithoutSlots(missing int, now, whole int64) bool {
+	return missing > 0 && whole > 0 && now > whole
 }
 
 // remake makes the slots of peers again after a promotion to timeline,

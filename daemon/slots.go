@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"sort"
-	"strconv"
 
 	"github.com/pgmesh/pgmesh/api"
 	"github.com/pgmesh/pgmesh/internal/bytesize"
@@ -71,22 +70,9 @@ func (d *Daemon) checkSlots(ctx context.Context, g *membership.Group, problems *
 			}
 		}
 	}
-	now, whole, err := d.slotTimelines(ctx, len(missing) == 0)
+	// Slots lost to a promotion are made again; only the others are missing.
+	missing, err = d.promotion.check(ctx, missing)
 	if err != nil {
-		return err
-	}
-	if promotedWithoutSlots(len(missing), now, whole) {
-		// Promoted from a standby without the peers' slots: make them again
-		// (promotion.go). Every peer's slot is here from now on.
-		if err := d.promotion.remake(ctx, missing, now); err != nil {
-			return err
-		}
-		if _, _, err := d.slotTimelines(ctx, true); err != nil {
-			return err
-		}
-		missing = nil
-	}
-	if err := d.promotion.announce(ctx); err != nil {
 		return err
 	}
 	for _, peer := range missing {
@@ -95,30 +81,4 @@ func (d *Daemon) checkSlots(ctx context.Context, g *membership.Group, problems *
 	sort.Slice(kept, func(i, j int) bool { return kept[i].Peer < kept[j].Peer })
 	d.slots.set(kept)
 	return nil
-}
-
-// slotTimelines returns the WAL timeline this Postgres writes on, and the
-// last one on which every active peer's slot was here (0: not known). A
-// higher timeline means this server was promoted from a standby since.
-// allHere records now as that timeline.
-func (d *Daemon) slotTimelines(ctx context.Context, allHere bool) (now, whole int64, err error) {
-	if err := d.db.QueryRow(ctx, `SELECT pgmesh.wal_timeline(),
-			coalesce((SELECT value::bigint FROM pgmesh.setting WHERE name = 'slots_timeline'), 0)`).Scan(&now, &whole); err != nil {
-		return 0, 0, fmt.Errorf("read this server's timeline: %w", err)
-	}
-	if allHere && now != whole {
-		if _, err := d.db.Exec(ctx, `INSERT INTO pgmesh.setting VALUES ('slots_timeline', $1)
-			ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value`, strconv.FormatInt(now, 10)); err != nil {
-			return 0, 0, fmt.Errorf("record the timeline of the slots: %w", err)
-		}
-		whole = now
-	}
-	return now, whole, nil
-}
-
-// promotedWithoutSlots says whether missing peers' slots were lost to a
-// promotion (this server writes on a later timeline than the one on which
-// every slot was last here), rather than dropped.
-func promotedWithoutSlots(missing int, now, whole int64) bool {
-	return missing > 0 && whole > 0 && now > whole
 }
