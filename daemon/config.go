@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net"
 	"regexp"
+	"slices"
 	"strings"
 	"time"
 
@@ -111,6 +112,51 @@ func ValidNodeName(name string) bool { return nodeNameRE.MatchString(name) }
 // Normalize fills defaults and checks every key, returning one sentence per
 // problem.
 func (c *Config) Normalize() error {
+	identity := c.identityErrors()
+	c.setDefaults()
+	return errors.Join(slices.Concat(identity, c.addressErrors(), c.peerErrors(), c.limitErrors())...)
+}
+
+// setDefaults fills in what was left unset (public_dsn: identityErrors).
+func (c *Config) setDefaults() {
+	if c.ListenAPI == "" {
+		c.ListenAPI = DefaultListenAPI
+	}
+	if c.AdvertiseAPI == "" {
+		c.AdvertiseAPI = c.ListenAPI
+	}
+	if c.ListenRaft == "" {
+		c.ListenRaft = DefaultListenRaft
+	}
+	if c.AdvertiseRaft == "" {
+		c.AdvertiseRaft = c.ListenRaft
+	}
+	if c.DataDir == "" {
+		c.DataDir = DefaultDataDir
+	}
+	if c.RaftTiming == 0 {
+		c.RaftTiming = membership.WAN
+	}
+	if c.ConflictRetention == 0 {
+		c.ConflictRetention = DefaultConflictRetention
+	}
+	if c.HousekeepingInterval == 0 {
+		c.HousekeepingInterval = DefaultHousekeepingInterval
+	}
+	if c.HealthMaxLag == 0 {
+		c.HealthMaxLag = DefaultHealthMaxLag
+	}
+	if c.WALRetentionWarn == 0 {
+		c.WALRetentionWarn = DefaultWALRetentionWarn
+	}
+	if c.MaxClockSkew == 0 {
+		c.MaxClockSkew = DefaultMaxClockSkew
+	}
+}
+
+// identityErrors checks the node's name and its connection strings, and
+// makes public_dsn from dsn when it is not set.
+func (c *Config) identityErrors() []error {
 	var errs []error
 	if c.NodeName == "" {
 		errs = append(errs, errors.New("node_name is not set: give each node a unique name with --node-name, PGMESH_NODE_NAME or node_name in the config file"))
@@ -130,18 +176,12 @@ func (c *Config) Normalize() error {
 	} else if _, err := pgconn.ParseConfig(c.PublicDSN); err != nil {
 		errs = append(errs, fmt.Errorf("public_dsn cannot be parsed (%v): use a postgres:// URL or key=value connection string", redactErr(err)))
 	}
-	if c.ListenAPI == "" {
-		c.ListenAPI = DefaultListenAPI
-	}
-	if c.AdvertiseAPI == "" {
-		c.AdvertiseAPI = c.ListenAPI
-	}
-	if c.ListenRaft == "" {
-		c.ListenRaft = DefaultListenRaft
-	}
-	if c.AdvertiseRaft == "" {
-		c.AdvertiseRaft = c.ListenRaft
-	}
+	return errs
+}
+
+// addressErrors checks the API and Raft addresses.
+func (c *Config) addressErrors() []error {
+	var errs []error
 	for _, kv := range [][2]string{{"listen_api", c.ListenAPI}, {"advertise_api", c.AdvertiseAPI}, {"listen_raft", c.ListenRaft}, {"advertise_raft", c.AdvertiseRaft}} {
 		if _, _, err := net.SplitHostPort(kv[1]); err != nil {
 			errs = append(errs, fmt.Errorf("%s %q is not a host:port address: write it like 127.0.0.1:7400", kv[0], kv[1]))
@@ -150,18 +190,12 @@ func (c *Config) Normalize() error {
 	if c.ListenAPI == c.ListenRaft {
 		errs = append(errs, fmt.Errorf("listen_api and listen_raft are both %s: give them different ports", c.ListenAPI))
 	}
-	if c.DataDir == "" {
-		c.DataDir = DefaultDataDir
-	}
-	if c.RaftTiming == 0 {
-		c.RaftTiming = membership.WAN
-	}
-	if c.ConflictRetention == 0 {
-		c.ConflictRetention = DefaultConflictRetention
-	}
-	if c.HousekeepingInterval == 0 {
-		c.HousekeepingInterval = DefaultHousekeepingInterval
-	}
+	return errs
+}
+
+// peerErrors checks the standbys' slots and the per-peer overrides.
+func (c *Config) peerErrors() []error {
+	var errs []error
 	for _, s := range c.StandbySlots {
 		if !validSlotName.MatchString(s) {
 			errs = append(errs, fmt.Errorf("standby_slots names %q, which is not a replication slot name (lower-case letters, digits and underscores, at most 63): name each standby's physical slot, separated by commas", s))
@@ -183,12 +217,12 @@ func (c *Config) Normalize() error {
 			}
 		}
 	}
-	if c.HealthMaxLag == 0 {
-		c.HealthMaxLag = DefaultHealthMaxLag
-	}
-	if c.WALRetentionWarn == 0 {
-		c.WALRetentionWarn = DefaultWALRetentionWarn
-	}
+	return errs
+}
+
+// limitErrors checks the sizes, durations and TLS files.
+func (c *Config) limitErrors() []error {
+	var errs []error
 	if c.WALRetentionMax > 0 && c.WALRetentionMax <= c.WALRetentionWarn {
 		errs = append(errs, fmt.Errorf("wal_retention_max (%s) must be larger than wal_retention_warn (%s)", bytesize.Format(c.WALRetentionMax), bytesize.Format(c.WALRetentionWarn)))
 	}
@@ -198,13 +232,10 @@ func (c *Config) Normalize() error {
 	if c.LUWResolution < 0 || c.LUWResolution > MaxLUWResolution || c.LUWResolution%time.Microsecond != 0 {
 		errs = append(errs, fmt.Errorf("luw_resolution %s is out of range: use whole microseconds from 0 (exact times) to %s, the same on every node, e.g. 10ms", c.LUWResolution, MaxLUWResolution))
 	}
-	if c.MaxClockSkew == 0 {
-		c.MaxClockSkew = DefaultMaxClockSkew
-	}
 	if c.ConflictRetention < 0 || c.HousekeepingInterval < 0 {
 		errs = append(errs, errors.New("conflict_retention and housekeeping_interval must be positive durations, like 720h or 30s"))
 	}
-	return errors.Join(errs...)
+	return errs
 }
 
 // redactErr drops the connection string that pgconn's parse errors quote
