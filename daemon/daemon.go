@@ -125,16 +125,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		return err
 	}
 	defer d.store.Close()
-	// The parts with state of their own (ARCHITECTURE.md, the daemon's parts).
-	d.housekeeper = &housekeeper{db: d.db, dsn: cfg.DSN, node: cfg.NodeName, interval: cfg.HousekeepingInterval,
-		retention: cfg.ConflictRetention, log: log, rule: d.rule, nodeID: d.nodeID, sweepSoon: make(chan struct{}, 1),
-		horizon: func() (time.Time, bool) {
-			g, _ := d.store.Group()
-			return tombstoneHorizon(g, cfg.NodeName, d.streams.statuses(), time.Now())
-		}}
-	d.standbys = &standbyWatch{dsn: cfg.DSN, slots: cfg.StandbySlots, db: d.db, problems: &d.problems}
-	d.promotion = newPromotion(d.db, log, &d.problems, d.repairAll, d.streamsNotBack)
-	d.sequences = &sequences{db: d.db, node: cfg.NodeName, store: d.store, leader: d.leader, problems: &d.problems, tendSoon: make(chan struct{}, 1)}
+	d.makeParts()
 
 	ln, err := listenAPI(cfg.ListenAPI, tlsCfg, log)
 	if err != nil {
@@ -147,19 +138,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	// error that stops the others; the pool and the Raft store they use
 	// are closed (deferred above) only after all have returned.
 	g, ctx := errgroup.WithContext(ctx)
-	g.Go(func() error {
-		if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
-			return fmt.Errorf("api server: %w", err)
-		}
-		return nil
-	})
-	g.Go(func() error {
-		<-ctx.Done()
-		shutCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		_ = srv.Shutdown(shutCtx) // waits for the handlers that are running
-		return nil
-	})
+	g.Go(func() error { return serve(ctx, srv, ln) })
 	g.Go(func() error {
 		d.loop(ctx)
 		d.streams.stopAll()
@@ -174,6 +153,39 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	err = g.Wait()
 	log.Info("pgmesh daemon stopped")
 	return err
+}
+
+// makeParts builds the parts that keep state of their own (ARCHITECTURE.md,
+// the daemon's parts), once the pool and the Raft store are open.
+func (d *Daemon) makeParts() {
+	d.housekeeper = &housekeeper{db: d.db, dsn: d.cfg.DSN, node: d.cfg.NodeName, interval: d.cfg.HousekeepingInterval,
+		retention: d.cfg.ConflictRetention, log: d.log, rule: d.rule, nodeID: d.nodeID, sweepSoon: make(chan struct{}, 1),
+		horizon: func() (time.Time, bool) {
+			g, _ := d.store.Group()
+			return tombstoneHorizon(g, d.cfg.NodeName, d.streams.statuses(), time.Now())
+		}}
+	d.standbys = &standbyWatch{dsn: d.cfg.DSN, slots: d.cfg.StandbySlots, db: d.db, problems: &d.problems}
+	d.promotion = newPromotion(d.db, d.log, &d.problems, d.repairAll, d.streamsNotBack)
+	d.sequences = &sequences{db: d.db, node: d.cfg.NodeName, store: d.store, leader: d.leader, problems: &d.problems, tendSoon: make(chan struct{}, 1)}
+}
+
+// serve runs the API server until ctx ends, then shuts it down, waiting
+// for the handlers that are running.
+func serve(ctx context.Context, srv *http.Server, ln net.Listener) error {
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(ln) }()
+	select {
+	case err := <-done:
+		return fmt.Errorf("api server: %w", err)
+	case <-ctx.Done():
+	}
+	shutCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	_ = srv.Shutdown(shutCtx)
+	if err := <-done; !errors.Is(err, http.ErrServerClosed) {
+		return fmt.Errorf("api server: %w", err)
+	}
+	return nil
 }
 
 // prepareDatabase checks the local Postgres and the role (preflight),
