@@ -93,6 +93,14 @@ func writeErr(w http.ResponseWriter, code int, err error) {
 	writeJSON(w, code, api.ErrorBody{Error: err.Error()})
 }
 
+// withStatus gives err the HTTP status code, unless it carries one.
+func withStatus(code int, err error) error {
+	if _, ok := errors.AsType[*api.Error](err); ok {
+		return err
+	}
+	return &api.Error{Status: code, Message: err.Error()}
+}
+
 func readJSON(r *http.Request, v any) error {
 	dec := json.NewDecoder(http.MaxBytesReader(nil, r.Body, 1<<20))
 	dec.DisallowUnknownFields()

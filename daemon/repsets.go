@@ -12,7 +12,6 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/pgmesh/pgmesh/api"
-	"github.com/pgmesh/pgmesh/compare"
 	"github.com/pgmesh/pgmesh/internal/dsn"
 	"github.com/pgmesh/pgmesh/internal/pgsession"
 	"github.com/pgmesh/pgmesh/internal/poll"
@@ -74,11 +73,23 @@ func (d *Daemon) handleRepset(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, 0, err)
 		return
 	}
-	ctx := r.Context()
+	out, err := d.changeRepset(r.Context(), req)
+	if err != nil {
+		writeErr(w, http.StatusInternalServerError, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+// changeRepset makes the change of replication sets req asks for through
+// Raft, waits for the nodes to publish it, and with req.Sync repairs the
+// existing rows of the tables it added. A mistake in req is an *api.Error
+// with status 400 (409 outside a group).
+func (d *Daemon) changeRepset(ctx context.Context, req api.RepsetRequest) (api.RepsetsResponse, error) {
+	var out api.RepsetsResponse
 	g, _ := d.store.Group()
 	if g == nil {
-		writeErr(w, http.StatusConflict, errors.New("this node is not in a node group: pgmesh group create or pgmesh group join first"))
-		return
+		return out, &api.Error{Status: http.StatusConflict, Message: "this node is not in a node group: pgmesh group create or pgmesh group join first"}
 	}
 	edit := membership.RepsetEdit{Action: req.Action, Set: req.Set, Nodes: req.Nodes,
 		Spec: repset.Table{Where: strings.TrimSpace(req.Where), Columns: req.Columns}}
@@ -98,41 +109,30 @@ func (d *Daemon) handleRepset(w http.ResponseWriter, r *http.Request) {
 		err = d.refuseUnsyncedRows(ctx, g, edit, req.Sync)
 	}
 	if err != nil {
-		writeErr(w, http.StatusBadRequest, err)
-		return
+		return out, withStatus(http.StatusBadRequest, err)
 	}
 	sets, err := d.editRepsets(ctx, edit)
 	if err != nil {
-		var ae *api.Error
-		if errors.As(err, &ae) {
-			writeErr(w, ae.Status, err)
-		} else {
-			writeErr(w, http.StatusBadRequest, err)
-		}
-		return
+		return out, withStatus(http.StatusBadRequest, err)
 	}
 	d.log.Info("changed replication sets", "action", req.Action, "set", req.Set, "tables", edit.Tables)
 	pending := d.waitPublished(ctx, sets.Hash(), 30*time.Second)
-	out, err := d.repsetView(ctx, sets)
+	out, err = d.repsetView(ctx, sets)
 	out.Pending = pending
-	if err == nil && req.Sync && len(edit.Tables) > 0 {
-		if len(pending) > 0 {
-			err = fmt.Errorf("the change is made, but nodes %s have not published it yet, so the existing rows could not be synced: run pgmesh repair %s once they have (pgmesh status shows them)",
-				strings.Join(pending, ", "), strings.Join(edit.Tables, " "))
-		} else {
-			var nodes []compare.Node
-			if nodes, err = d.compareNodes(); err == nil {
-				var res api.CompareResponse
-				res, err = d.compareShares(ctx, nodes, api.CompareRequest{Tables: edit.Tables, Repair: true})
-				out.Synced = &res
-			}
-		}
+	if err != nil || !req.Sync || len(edit.Tables) == 0 {
+		return out, err
 	}
+	if len(pending) > 0 {
+		return out, fmt.Errorf("the change is made, but nodes %s have not published it yet, so the existing rows could not be synced: run pgmesh repair %s once they have (pgmesh status shows them)",
+			strings.Join(pending, ", "), strings.Join(edit.Tables, " "))
+	}
+	nodes, err := d.compareNodes()
 	if err != nil {
-		writeErr(w, http.StatusInternalServerError, err)
-		return
+		return out, err
 	}
-	writeJSON(w, http.StatusOK, out)
+	res, err := d.compareShares(ctx, nodes, api.CompareRequest{Tables: edit.Tables, Repair: true})
+	out.Synced = &res
+	return out, err
 }
 
 // resolveTables turns the tables a user named into the names sets record.
