@@ -166,7 +166,8 @@ func (d *Daemon) makeParts() {
 		}}
 	d.standbys = &standbyWatch{dsn: d.cfg.DSN, slots: d.cfg.StandbySlots, db: d.db, problems: &d.problems}
 	d.promotion = newPromotion(d.db, d.log, &d.problems, d.repairAll, d.streamsNotBack)
-	d.sequences = &sequences{db: d.db, node: d.cfg.NodeName, store: d.store, leader: d.leader, problems: &d.problems, tendSoon: make(chan struct{}, 1)}
+	d.sequences = &sequences{db: d.db, node: d.cfg.NodeName, store: d.store, leader: d.leader, problems: &d.problems,
+		everywhere: d.everywhere, tendSoon: make(chan struct{}, 1)}
 }
 
 // serve runs the API server until ctx ends, then shuts it down, waiting

@@ -27,6 +27,8 @@ type sequences struct {
 	// none).
 	leader   func(noLeader error) (*api.Client, error)
 	problems *problemLog
+	// everywhere makes a setting on every active node (everywhere.go).
+	everywhere func(context.Context, api.Setting) ([]string, error)
 	// tendSoon wakes maintain at once (a sequence was converted).
 	tendSoon chan struct{}
 }
@@ -69,51 +71,57 @@ func (d *Daemon) handleAudit(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, rows)
 }
 
-// handleConvert converts each sequence on every active node, one sequence at
-// a time through the setting fan-out.
+// handleConvert converts each sequence on every active node.
 func (d *Daemon) handleConvert(w http.ResponseWriter, r *http.Request) {
 	var req api.ConvertRequest
 	if err := readJSON(r, &req); err != nil {
 		writeErr(w, 0, err)
 		return
 	}
-	if req.Kind != "timeshard" && req.Kind != "galloc" {
-		writeErr(w, http.StatusBadRequest, fmt.Errorf("--kind %q: choose timeshard or galloc", req.Kind))
+	out, err := d.sequences.convert(r.Context(), req)
+	if err != nil {
+		writeErr(w, http.StatusInternalServerError, err)
 		return
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+// convert converts the sequences req names (every one, if none) on every
+// active node, one sequence at a time through the setting fan-out. A
+// mistake in req is an *api.Error with status 400.
+func (gs *sequences) convert(ctx context.Context, req api.ConvertRequest) (api.SettingResponse, error) {
+	var out api.SettingResponse
+	if req.Kind != "timeshard" && req.Kind != "galloc" {
+		return out, &api.Error{Status: http.StatusBadRequest, Message: fmt.Sprintf("--kind %q: choose timeshard or galloc", req.Kind)}
 	}
 	if req.ChunkSize == 0 {
 		req.ChunkSize = 10000
 	}
-	ctx := r.Context()
 	seqs := req.Sequences
 	if len(seqs) == 0 {
-		rows, err := d.db.Query(ctx, `SELECT format('%I.%I', schemaname, sequencename) FROM pg_sequences
+		rows, err := gs.db.Query(ctx, `SELECT format('%I.%I', schemaname, sequencename) FROM pg_sequences
 			WHERE schemaname NOT IN ('pg_catalog', 'information_schema', 'pgmesh') AND schemaname NOT LIKE 'pg\_%' ORDER BY 1`)
 		if err == nil {
 			seqs, err = pgx.CollectRows(rows, pgx.RowTo[string])
 		}
 		if err != nil {
-			writeErr(w, http.StatusInternalServerError, err)
-			return
+			return out, err
 		}
 	}
-	var done []string
 	for _, seq := range seqs {
 		var name string
 		var minStart int64
 		// Values already handed out anywhere lie below the sequence's value
 		// and its column's largest value (the data is the same everywhere).
-		err := d.db.QueryRow(ctx, `SELECT format('%I.%I', n.nspname, c.relname),
+		err := gs.db.QueryRow(ctx, `SELECT format('%I.%I', n.nspname, c.relname),
 			greatest((SELECT last_value FROM pg_sequences WHERE format('%I.%I', schemaname, sequencename) = format('%I.%I', n.nspname, c.relname)), 0) + 1
 			FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1::regclass AND c.relkind = 'S'`, seq).Scan(&name, &minStart)
 		if err != nil {
-			writeErr(w, http.StatusBadRequest, fmt.Errorf("sequence %q: %w", seq, err))
-			return
+			return out, &api.Error{Status: http.StatusBadRequest, Message: fmt.Sprintf("sequence %q: %v", seq, err)}
 		}
-		highest, err := d.sequences.ownedMax(ctx, name)
+		highest, err := gs.ownedMax(ctx, name)
 		if err != nil {
-			writeErr(w, http.StatusInternalServerError, err)
-			return
+			return out, err
 		}
 		minStart = max(minStart, highest+1)
 		conv := &api.SequenceSetting{Sequence: name, ChunkSize: req.ChunkSize, MinStart: minStart}
@@ -121,13 +129,12 @@ func (d *Daemon) handleConvert(w http.ResponseWriter, r *http.Request) {
 		if req.Kind == "galloc" {
 			s = api.Setting{Galloc: conv}
 		}
-		if _, err := d.everywhere(ctx, s); err != nil {
-			writeErr(w, http.StatusBadGateway, fmt.Errorf("convert %s: %w", name, err))
-			return
+		if _, err := gs.everywhere(ctx, s); err != nil {
+			return out, &api.Error{Status: http.StatusBadGateway, Message: fmt.Sprintf("convert %s: %v", name, err)}
 		}
-		done = append(done, name)
+		out.Nodes = append(out.Nodes, name)
 	}
-	writeJSON(w, http.StatusOK, api.SettingResponse{Nodes: done})
+	return out, nil
 }
 
 // ownedMax is the largest value in the column that owns (or defaults to) seq.
