@@ -1,6 +1,11 @@
 package daemon
 
-import "testing"
+import (
+	"slices"
+	"testing"
+
+	"github.com/pgmesh/pgmesh/membership"
+)
 
 // Slots missing after a promotion are told apart from dropped ones: only
 // those are made again.
@@ -31,5 +36,25 @@ func TestPromotionRepairWaitsForEveryStream(t *testing.T) {
 	}
 	if got, want := joinWaiting([]string{"b", "c"}, []string{"c"}), "the streams of b, c from this node and this node's streams from c"; got != want {
 		t.Errorf("got %q, want %q", got, want)
+	}
+}
+
+// Only active peers count, and only once this node is active itself.
+func TestMissingSlots(t *testing.T) {
+	g := &membership.Group{Nodes: map[string]*membership.Node{
+		"a": {Name: "a", State: membership.Active},
+		"b": {Name: "b", State: membership.Active},
+		"c": {Name: "c", State: membership.Active},
+		"d": {Name: "d", State: membership.Parted},
+		"e": {Name: "e", State: membership.Joining},
+	}}
+	if got := missingSlots(g, "a", map[string]bool{"b": true}); !slices.Equal(got, []string{"c"}) {
+		t.Errorf("missing %v, want [c]", got)
+	}
+	if got := missingSlots(g, "e", nil); got != nil {
+		t.Errorf("a joining node: missing %v", got)
+	}
+	if got := missingSlots(nil, "a", nil); got != nil {
+		t.Errorf("no group: missing %v", got)
 	}
 }

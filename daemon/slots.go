@@ -5,6 +5,9 @@ import (
 	"fmt"
 	"sort"
 
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+
 	"github.com/pgmesh/pgmesh/api"
 	"github.com/pgmesh/pgmesh/internal/bytesize"
 	"github.com/pgmesh/pgmesh/membership"
@@ -16,22 +19,8 @@ import (
 // wal_retention_max, so a region that is gone cannot fill this disk. A peer
 // whose slot is gone must be parted and join again.
 func (d *Daemon) checkSlots(ctx context.Context, g *membership.Group, problems *[]string) error {
-	rows, err := d.db.Query(ctx, `SELECT slot_name, coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn), 0)::bigint, active
-		FROM pg_replication_slots WHERE slot_name LIKE 'pgmesh\_%' AND database = current_database()`)
+	slots, err := readSlots(ctx, d.db)
 	if err != nil {
-		return fmt.Errorf("read replication slots: %w", err)
-	}
-	var slots []api.SlotStatus
-	for rows.Next() {
-		var name string
-		var s api.SlotStatus
-		if err := rows.Scan(&name, &s.RetainedBytes, &s.Active); err != nil {
-			return err
-		}
-		s.Peer, _ = origin.NodeOf(name)
-		slots = append(slots, s)
-	}
-	if err := rows.Err(); err != nil {
 		return err
 	}
 	have := map[string]bool{}
@@ -60,18 +49,8 @@ func (d *Daemon) checkSlots(ctx context.Context, g *membership.Group, problems *
 		}
 		kept = append(kept, s)
 	}
-	var missing []string
-	if g != nil {
-		if me := g.Nodes[d.cfg.NodeName]; me != nil && me.State == membership.Active {
-			for _, n := range g.Sorted() {
-				if n.Name != me.Name && n.State == membership.Active && !have[n.Name] {
-					missing = append(missing, n.Name)
-				}
-			}
-		}
-	}
 	// Slots lost to a promotion are made again; only the others are missing.
-	missing, err = d.promotion.check(ctx, missing)
+	missing, err := d.promotion.check(ctx, missingSlots(g, d.cfg.NodeName, have))
 	if err != nil {
 		return err
 	}
@@ -81,4 +60,40 @@ func (d *Daemon) checkSlots(ctx context.Context, g *membership.Group, problems *
 	sort.Slice(kept, func(i, j int) bool { return kept[i].Peer < kept[j].Peer })
 	d.slots.set(kept)
 	return nil
+}
+
+// readSlots reads the pgmesh slots of this database: whose, how much WAL
+// each retains, and whether a peer is streaming from it.
+func readSlots(ctx context.Context, db *pgxpool.Pool) ([]api.SlotStatus, error) {
+	rows, err := db.Query(ctx, `SELECT slot_name, coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn), 0)::bigint, active
+		FROM pg_replication_slots WHERE slot_name LIKE 'pgmesh\_%' AND database = current_database()`)
+	if err != nil {
+		return nil, fmt.Errorf("read replication slots: %w", err)
+	}
+	return pgx.CollectRows(rows, func(r pgx.CollectableRow) (api.SlotStatus, error) {
+		var name string
+		var s api.SlotStatus
+		err := r.Scan(&name, &s.RetainedBytes, &s.Active)
+		s.Peer, _ = origin.NodeOf(name)
+		return s, err
+	})
+}
+
+// missingSlots lists the active peers with no slot here (have: the peers
+// that have one), once this node is active itself: before, its slots are
+// still being made.
+func missingSlots(g *membership.Group, self string, have map[string]bool) []string {
+	var missing []string
+	if g == nil {
+		return nil
+	}
+	if me := g.Nodes[self]; me == nil || me.State != membership.Active {
+		return nil
+	}
+	for _, n := range g.Sorted() {
+		if n.Name != self && n.State == membership.Active && !have[n.Name] {
+			missing = append(missing, n.Name)
+		}
+	}
+	return missing
 }
