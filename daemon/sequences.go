@@ -250,44 +250,48 @@ func (gs *sequences) convertGalloc(ctx context.Context, seq string, size, minSta
 		default:
 		}
 	}()
-	return pgx.BeginFunc(ctx, gs.db, func(tx pgx.Tx) error {
-		var oid uint32
-		if err := tx.QueryRow(ctx, `SELECT $1::regclass::oid`, seq).Scan(&oid); err != nil {
-			return err
-		}
-		if _, err := tx.Exec(ctx, fmt.Sprintf(`CREATE SEQUENCE IF NOT EXISTS pgmesh.galloc_%d AS bigint`, oid)); err != nil {
-			return err
-		}
-		if _, err := tx.Exec(ctx, `INSERT INTO pgmesh.global_sequence VALUES ($1, 'galloc', $2)
-			ON CONFLICT (seq) DO UPDATE SET kind = 'galloc', chunk_size = EXCLUDED.chunk_size`, seq, size); err != nil {
-			return err
-		}
-		// Columns defaulting to seq now draw through galloc.
-		rows, err := tx.Query(ctx, `SELECT format('ALTER TABLE %I.%I ALTER COLUMN %I SET DEFAULT pgmesh.galloc_nextval(%L::regclass)',
-				n.nspname, c.relname, a.attname, $1::text)
-			FROM pg_attrdef ad JOIN pg_class c ON c.oid = ad.adrelid JOIN pg_namespace n ON n.oid = c.relnamespace
-			JOIN pg_attribute a ON a.attrelid = ad.adrelid AND a.attnum = ad.adnum
-			JOIN pg_depend dep ON dep.classid = 'pg_attrdef'::regclass AND dep.objid = ad.oid
-			     AND dep.refclassid = 'pg_class'::regclass AND dep.refobjid = $1::regclass`, seq)
-		if err != nil {
-			return err
-		}
-		alters, err := pgx.CollectRows(rows, pgx.RowTo[string])
-		if err != nil {
-			return err
-		}
-		for _, a := range alters {
-			if _, err := tx.Exec(ctx, a); err != nil {
-				return err
-			}
-		}
-		// Fence the plain sequence: nextval() on it now fails loudly.
-		_, err = tx.Exec(ctx, fmt.Sprintf(`ALTER SEQUENCE %s MINVALUE -1 MAXVALUE 0 START WITH 0 RESTART WITH 0;
-			SELECT setval(%s, 0, true);
-			COMMENT ON SEQUENCE %s IS 'pgmesh galloc: draw values with pgmesh.galloc_nextval(''%s'')'`,
-			seq, pgquote.Literal(seq), seq, strings.ReplaceAll(seq, "'", "''")))
+	return pgx.BeginFunc(ctx, gs.db, func(tx pgx.Tx) error { return drawThroughGalloc(ctx, tx, seq, size) })
+}
+
+// drawThroughGalloc records seq as a galloc sequence, points the columns
+// that default to it at pgmesh.galloc_nextval, and fences it, in tx.
+func drawThroughGalloc(ctx context.Context, tx pgx.Tx, seq string, size int64) error {
+	var oid uint32
+	if err := tx.QueryRow(ctx, `SELECT $1::regclass::oid`, seq).Scan(&oid); err != nil {
 		return err
-	})
+	}
+	if _, err := tx.Exec(ctx, fmt.Sprintf(`CREATE SEQUENCE IF NOT EXISTS pgmesh.galloc_%d AS bigint`, oid)); err != nil {
+		return err
+	}
+	if _, err := tx.Exec(ctx, `INSERT INTO pgmesh.global_sequence VALUES ($1, 'galloc', $2)
+		ON CONFLICT (seq) DO UPDATE SET kind = 'galloc', chunk_size = EXCLUDED.chunk_size`, seq, size); err != nil {
+		return err
+	}
+	// Columns defaulting to seq now draw through galloc.
+	rows, err := tx.Query(ctx, `SELECT format('ALTER TABLE %I.%I ALTER COLUMN %I SET DEFAULT pgmesh.galloc_nextval(%L::regclass)',
+			n.nspname, c.relname, a.attname, $1::text)
+		FROM pg_attrdef ad JOIN pg_class c ON c.oid = ad.adrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+		JOIN pg_attribute a ON a.attrelid = ad.adrelid AND a.attnum = ad.adnum
+		JOIN pg_depend dep ON dep.classid = 'pg_attrdef'::regclass AND dep.objid = ad.oid
+		     AND dep.refclassid = 'pg_class'::regclass AND dep.refobjid = $1::regclass`, seq)
+	if err != nil {
+		return err
+	}
+	alters, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		return err
+	}
+	for _, a := range alters {
+		if _, err := tx.Exec(ctx, a); err != nil {
+			return err
+		}
+	}
+	// Fence the plain sequence: nextval() on it now fails loudly.
+	_, err = tx.Exec(ctx, fmt.Sprintf(`ALTER SEQUENCE %s MINVALUE -1 MAXVALUE 0 START WITH 0 RESTART WITH 0;
+		SELECT setval(%s, 0, true);
+		COMMENT ON SEQUENCE %s IS 'pgmesh galloc: draw values with pgmesh.galloc_nextval(''%s'')'`,
+		seq, pgquote.Literal(seq), seq, strings.ReplaceAll(seq, "'", "''")))
+	return err
 }
 
 // maintain keeps global sequences going, until ctx ends: galloc
