@@ -53,48 +53,56 @@ func (d *Daemon) handleParked(w http.ResponseWriter, r *http.Request) {
 func (d *Daemon) handleReplay(w http.ResponseWriter, r *http.Request)  { d.serveQueue(w, r, false) }
 func (d *Daemon) handleDiscard(w http.ResponseWriter, r *http.Request) { d.serveQueue(w, r, true) }
 
-// serveQueue replays or discards a table's parked changes from one peer,
-// or from each peer that has some, on that peer's stream.
+// serveQueue replays or discards a table's parked changes (takeParked).
 func (d *Daemon) serveQueue(w http.ResponseWriter, r *http.Request, discard bool) {
 	var req api.QueueRequest
 	if err := readJSON(r, &req); err != nil {
 		writeErr(w, 0, err)
 		return
 	}
-	list, err := d.parked(r.Context())
+	resp, err := d.takeParked(r.Context(), req, discard)
 	if err != nil {
 		writeErr(w, http.StatusInternalServerError, err)
 		return
 	}
+	writeJSON(w, http.StatusOK, resp)
+}
+
+// takeParked replays or discards a table's parked changes from one peer,
+// or from each peer that has some, on that peer's stream. Errors are
+// *api.Error with their status: nothing parked (404), no stream (409), a
+// stream that could not take the request (503).
+func (d *Daemon) takeParked(ctx context.Context, req api.QueueRequest, discard bool) (api.QueueResponse, error) {
+	var resp api.QueueResponse
+	list, err := d.parked(ctx)
+	if err != nil {
+		return resp, err
+	}
 	targets, err := queueTargets(list, req.Table, req.Peer)
 	if err != nil {
-		writeErr(w, http.StatusNotFound, err)
-		return
+		return resp, withStatus(http.StatusNotFound, err)
 	}
-	var resp api.QueueResponse
 	for _, t := range targets {
 		s := d.streams.stream(t.Peer)
 		if s == nil {
-			writeErr(w, http.StatusConflict, fmt.Errorf("there is no stream from peer %q on this node (parted, or not yet active), so its parked changes of %s cannot be replayed: pgmesh discard %s --peer %s drops them, each logged", t.Peer, t.Table, t.Table, t.Peer))
-			return
+			return resp, &api.Error{Status: http.StatusConflict, Message: fmt.Sprintf("there is no stream from peer %q on this node (parted, or not yet active), so its parked changes of %s cannot be replayed: pgmesh discard %s --peer %s drops them, each logged", t.Peer, t.Table, t.Table, t.Peer)}
 		}
 		schema, table, _ := strings.Cut(t.Table, ".")
 		var res replicator.QueueResult
 		if discard {
-			res, err = s.Discard(r.Context(), schema, table)
+			res, err = s.Discard(ctx, schema, table)
 		} else {
-			res, err = s.Replay(r.Context(), schema, table, req.DryRun)
+			res, err = s.Replay(ctx, schema, table, req.DryRun)
 		}
 		if err != nil {
-			writeErr(w, http.StatusServiceUnavailable, err)
-			return
+			return resp, withStatus(http.StatusServiceUnavailable, err)
 		}
 		resp.Results = append(resp.Results, res)
 		if res.Error != "" {
 			break // the later peers' replays wait for the cause to be fixed
 		}
 	}
-	writeJSON(w, http.StatusOK, resp)
+	return resp, nil
 }
 
 // queueTargets picks the parked tables a request names: table as
