@@ -61,24 +61,33 @@ func (d *Daemon) lock(ctx context.Context, name string, release bool, ttl time.D
 	return leader.Lock(ctx, api.LockRequest{Lock: name, Node: d.cfg.NodeName, Release: release, TTLms: ttl.Milliseconds()})
 }
 
-// handleDDL runs pgmesh.replicate_ddl under the global DDL lock, waiting
-// for the lock up to the timeout.
+// handleDDL runs a DDL statement on every node (runDDL).
 func (d *Daemon) handleDDL(w http.ResponseWriter, r *http.Request) {
 	var req api.DDLRequest
 	if err := readJSON(r, &req); err != nil {
 		writeErr(w, 0, err)
 		return
 	}
+	if err := d.runDDL(r.Context(), req); err != nil {
+		writeErr(w, http.StatusInternalServerError, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, struct{}{})
+}
+
+// runDDL runs pgmesh.replicate_ddl under the global DDL lock, waiting for
+// the lock up to the request's timeout. Errors are *api.Error: a bad
+// timeout or statement (400), the lock not taken (409).
+func (d *Daemon) runDDL(ctx context.Context, req api.DDLRequest) error {
 	timeout := 30 * time.Second
 	if req.Timeout != "" {
 		t, err := time.ParseDuration(req.Timeout)
 		if err != nil || t <= 0 {
-			writeErr(w, http.StatusBadRequest, fmt.Errorf("timeout %q is not a positive duration", req.Timeout))
-			return
+			return &api.Error{Status: http.StatusBadRequest, Message: fmt.Sprintf("timeout %q is not a positive duration", req.Timeout)}
 		}
 		timeout = t
 	}
-	ctx, cancel := context.WithTimeout(r.Context(), timeout+10*time.Second)
+	ctx, cancel := context.WithTimeout(ctx, timeout+10*time.Second)
 	defer cancel()
 	deadline := time.Now().Add(timeout)
 	// The lock outlives the wait and the statement by a margin, and expires
@@ -94,21 +103,16 @@ func (d *Daemon) handleDDL(w http.ResponseWriter, r *http.Request) {
 		return err
 	})
 	if err != nil {
-		writeErr(w, http.StatusConflict, fmt.Errorf("take the global DDL lock: %w", err))
-		return
+		return withStatus(http.StatusConflict, fmt.Errorf("take the global DDL lock: %w", err))
 	}
 	defer func() {
 		if err := d.lock(context.Background(), ddlLock, true, 0); err != nil {
 			d.log.Warn("release the global DDL lock (it expires by itself)", "err", err)
 		}
 	}()
-	left := time.Until(deadline)
-	if left < time.Second {
-		left = time.Second
-	}
+	left := max(time.Until(deadline), time.Second)
 	if _, err := d.db.Exec(ctx, `SELECT pgmesh.replicate_ddl($1, make_interval(secs => $2), $3)`, req.SQL, left.Seconds(), req.Proceed); err != nil {
-		writeErr(w, http.StatusBadRequest, err)
-		return
+		return withStatus(http.StatusBadRequest, err)
 	}
-	writeJSON(w, http.StatusOK, struct{}{})
+	return nil
 }

@@ -50,47 +50,53 @@ func (d *Daemon) handleCreate(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, 0, err)
 		return
 	}
-	if !ValidNodeName(req.Name) {
-		writeErr(w, http.StatusBadRequest, fmt.Errorf("group name %q is not valid: use 1 to 40 lowercase letters, digits or underscores, starting with a letter", req.Name))
+	out, err := d.createGroup(r.Context(), req)
+	if err != nil {
+		writeErr(w, http.StatusInternalServerError, err)
 		return
 	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+// createGroup makes a node group with this node as its first member, and
+// its join token. Errors are *api.Error: a bad name (400), a node already
+// in a group (409).
+func (d *Daemon) createGroup(ctx context.Context, req api.CreateRequest) (api.CreateResponse, error) {
+	if !ValidNodeName(req.Name) {
+		return api.CreateResponse{}, &api.Error{Status: http.StatusBadRequest, Message: fmt.Sprintf("group name %q is not valid: use 1 to 40 lowercase letters, digits or underscores, starting with a letter", req.Name)}
+	}
 	if g, _ := d.store.Group(); g != nil {
-		writeErr(w, http.StatusConflict, fmt.Errorf("node %q already belongs to node group %q", d.cfg.NodeName, g.Name))
-		return
+		return api.CreateResponse{}, &api.Error{Status: http.StatusConflict, Message: fmt.Sprintf("node %q already belongs to node group %q", d.cfg.NodeName, g.Name)}
 	}
 	token, err := newToken()
 	if err == nil {
 		err = d.saveToken(token)
 	}
 	if err != nil {
-		writeErr(w, http.StatusInternalServerError, fmt.Errorf("make join token: %w", err))
-		return
+		return api.CreateResponse{}, fmt.Errorf("make join token: %w", err)
 	}
-	if err := d.forgetGroupState(r.Context()); err != nil {
-		writeErr(w, http.StatusInternalServerError, err)
-		return
+	if err := d.forgetGroupState(ctx); err != nil {
+		return api.CreateResponse{}, err
 	}
 	sets := repset.New(true, nil)
 	if d.cfg.NewTablesLocal {
 		// The default set holds the tables there are now; later ones
 		// start local.
-		err = d.withConn(r.Context(), func(conn *pgx.Conn) error {
-			tables, err := repset.UserTables(r.Context(), conn)
+		err = d.withConn(ctx, func(conn *pgx.Conn) error {
+			tables, err := repset.UserTables(ctx, conn)
 			sets = repset.New(false, tables)
 			return err
 		})
 		if err != nil {
-			writeErr(w, http.StatusInternalServerError, err)
-			return
+			return api.CreateResponse{}, err
 		}
 	}
-	n, err := d.store.Create(r.Context(), req.Name, membership.HashToken(token), d.self(), sets)
+	n, err := d.store.Create(ctx, req.Name, membership.HashToken(token), d.self(), sets)
 	if err != nil {
-		writeErr(w, http.StatusInternalServerError, err)
-		return
+		return api.CreateResponse{}, err
 	}
 	d.log.Info("created node group", "group", req.Name, "node_id", n.ID)
-	writeJSON(w, http.StatusOK, api.CreateResponse{Group: req.Name, Node: api.NodeOf(n), Token: token})
+	return api.CreateResponse{Group: req.Name, Node: api.NodeOf(n), Token: token}, nil
 }
 
 // waitForSelf waits until Raft has replicated this node's registration here.
