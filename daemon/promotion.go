@@ -49,7 +49,7 @@ type promotion struct {
 	repair func(ctx context.Context) (rows int, err error)
 	// waiting names the streams, of peers among those given that are
 	// still active members, that are not back yet ("" once all are).
-	waiting func(ctx context.Context, peers []string) string
+	waiting func(peers []string) string
 	// problems receives what keeps a repair from running or ending.
 	problems *problemLog
 
@@ -59,7 +59,7 @@ type promotion struct {
 }
 
 func newPromotion(db *pgxpool.Pool, log *slog.Logger, problems *problemLog,
-	repair func(context.Context) (int, error), waiting func(context.Context, []string) string) *promotion {
+	repair func(context.Context) (int, error), waiting func([]string) string) *promotion {
 	return &promotion{db: db, log: log, problems: problems, repair: repair, waiting: waiting, wake: make(chan struct{}, 1)}
 }
 
@@ -204,7 +204,7 @@ func (p *promotion) repairLast(ctx context.Context) (pending bool, waiting strin
 	if last.RepairedAt != nil {
 		return false, "", nil
 	}
-	if w := p.waiting(ctx, last.Peers); w != "" {
+	if w := p.waiting(last.Peers); w != "" {
 		return true, fmt.Sprintf("after the promotion to timeline %d, the repair of what no stream carried waits for %s", last.Timeline, w), nil
 	}
 	p.log.Info("repairing what the promotion left different: comparing every replicated table with the peers", "timeline", last.Timeline)
@@ -248,15 +248,6 @@ func (p *promotion) status() *api.PromotionStatus {
 	return nil
 }
 
-// idleSlots returns those of peers whose slots here no stream is reading.
-func idleSlots(ctx context.Context, db *pgxpool.Pool, peers []string) ([]string, error) {
-	var idle []string
-	err := db.QueryRow(ctx, `SELECT ARRAY(SELECT p FROM unnest($1::text[]) p
-		WHERE NOT EXISTS (SELECT FROM pg_catalog.pg_replication_slots s
-		                  WHERE s.slot_name = 'pgmesh_' || p AND s.database = current_database() AND s.active))`, peers).Scan(&idle)
-	return idle, err
-}
-
 // joinWaiting says what a repair waits for, from the peers whose slots
 // here are idle and those whose streams to this node are down.
 func joinWaiting(idle, down []string) string {
@@ -273,16 +264,24 @@ func joinWaiting(idle, down []string) string {
 // streamsNotBack says which streams between this node and those of peers
 // still active are not back ("" once all are): compare settles on what
 // each node has applied of the others, which needs every stream.
-func (d *Daemon) streamsNotBack(ctx context.Context, peers []string) string {
+func (d *Daemon) streamsNotBack(peers []string) string {
 	if g, _ := d.store.Group(); g != nil {
 		peers = slices.DeleteFunc(slices.Clone(peers), func(p string) bool {
 			n := g.Nodes[p]
 			return n == nil || n.State != membership.Active
 		})
 	}
-	idle, err := idleSlots(ctx, d.db, peers)
-	if err != nil {
-		return "the peers' slots (" + err.Error() + ")"
+	// The slot check's last reading (every 5 s) says which slots a peer
+	// streams from.
+	active := map[string]bool{}
+	for _, s := range d.slots.get() {
+		active[s.Peer] = s.Active
+	}
+	var idle []string
+	for _, p := range peers {
+		if !active[p] {
+			idle = append(idle, p)
+		}
 	}
 	var down []string
 	for _, s := range d.streams.statuses() {
