@@ -1,6 +1,7 @@
 package replicator
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -32,34 +33,46 @@ func (e *retryCarefully) Error() string {
 	return fmt.Sprintf("large transaction (commit LSN %s) applies carefully after: %v", e.lsn, e.cause)
 }
 
-// toBulk starts applying the transaction in bulk, after everything before
-// it is confirmed.
-func (a *applier) toBulk(ctx context.Context, t *fastTxn) error {
-	a.fast = nil
-	if err := a.drain(ctx); err != nil {
-		return err
-	}
-	if err := a.pc.Exec(ctx, "BEGIN").Close(); err != nil {
-		return fmt.Errorf("begin local transaction: %w", err)
-	}
-	a.bulk = &fastTxn{}
-	a.localOpen = true
-	for _, msg := range t.msgs[1:] { // after Begin
-		if err := a.bulkMsg(ctx, msg); err != nil {
-			return err
-		}
-	}
-	return nil
+// bulk is the bulk mode: one large transaction, applied in one explicit
+// local transaction as it streams.
+type bulk struct {
+	*applier
+	begin pglogrepl.BeginMessage
+	txn   *fastTxn // the changes gathered for the next chunk
+	sent  int      // statements sent
 }
 
-// bulkMsg applies one message of a bulk transaction; data is the caller's
+// startBulk opens the local transaction and applies msgs, the large
+// transaction's messages read so far (after its Begin), in bulk.
+func startBulk(ctx context.Context, a *applier, begin pglogrepl.BeginMessage, msgs [][]byte) (mode, error) {
+	if err := a.s.begin(ctx); err != nil {
+		return a.grouped, err
+	}
+	b := &bulk{applier: a, begin: begin, txn: &fastTxn{}}
+	var next mode = b
+	for _, msg := range msgs {
+		var err error
+		if next, err = b.apply(ctx, msg); err != nil {
+			return next, err
+		}
+	}
+	return next, nil
+}
+
+func (b *bulk) between() bool { return false }
+
+func (b *bulk) handle(ctx context.Context, data []byte) (mode, error) {
+	return b.apply(ctx, bytes.Clone(data))
+}
+
+// apply applies one message of the transaction; data is the caller's
 // copy, which the changes gathered for the next chunk point into.
-func (a *applier) bulkMsg(ctx context.Context, data []byte) error {
+func (b *bulk) apply(ctx context.Context, data []byte) (mode, error) {
 	msg, err := parseFast(data)
 	if err != nil {
-		return fmt.Errorf("decode pgoutput message: %w", err)
+		return b, fmt.Errorf("decode pgoutput message: %w", err)
 	}
-	t := a.bulk
+	t := b.txn
 	t.changes++
 	switch m := msg.(type) {
 	case *pglogrepl.RelationMessage:
@@ -68,76 +81,69 @@ func (a *applier) bulkMsg(ctx context.Context, data []byte) error {
 			err = errNotFast // redefined after changes: the careful path copes
 			break
 		}
-		a.rels[m.RelationID] = newRelation(m, data)
-		return nil
+		b.rels[m.RelationID] = newRelation(m, data)
+		return b, nil
 	case *pglogrepl.InsertMessage, *pglogrepl.UpdateMessage, *pglogrepl.DeleteMessage:
-		err = a.fastChange(ctx, t, msg)
+		err = b.rowChange(ctx, t, msg, b.begin.CommitTime)
 	case *pglogrepl.CommitMessage:
-		return a.bulkCommit(ctx, m)
+		return b.commit(ctx, m)
 	case *pglogrepl.TypeMessage:
 		t.changes--
-		return nil
+		return b, nil
 	case *pglogrepl.LogicalDecodingMessage:
 		if m.Prefix != ddlPrefix || !m.Transactional {
 			t.changes--
-			return nil
+			return b, nil
 		}
 		err = errNotFast // DDL: the careful path runs it in place
 	default:
 		err = errNotFast
 	}
 	if err == nil && len(t.rows) >= bulkChunk {
-		err = a.bulkFlush(ctx)
+		err = b.flush(ctx)
 	}
-	return a.bulkFailed(ctx, err)
+	return b.failed(ctx, err)
 }
 
-// bulkFlush applies the changes gathered so far.
-func (a *applier) bulkFlush(ctx context.Context) error {
-	t := a.bulk
+// flush applies the changes gathered so far.
+func (b *bulk) flush(ctx context.Context) error {
+	t := b.txn
 	if len(t.rows) == 0 {
 		return nil
 	}
-	stmts, _, err := a.statements(ctx, t.rows)
+	stmts, _, err := b.statements(t.rows, true)
 	if err != nil {
 		return err
 	}
 	t.rows = t.rows[:0]
-	b := &pgconn.Batch{}
-	for _, s := range stmts {
-		b.ExecPrepared(s.name, s.params, s.formats, nil)
-	}
-	t.sent += len(stmts)
-	_, err = a.pc.ExecBatch(ctx, b).ReadAll()
+	b.sent += len(stmts)
+	_, err = b.s.batch(ctx, stmts)
 	return err
 }
 
-// bulkFailed turns a failure into a careful retry of the whole transaction.
-func (a *applier) bulkFailed(ctx context.Context, err error) error {
+// failed turns a failure into a careful retry of the whole transaction.
+func (b *bulk) failed(ctx context.Context, err error) (mode, error) {
 	if err == nil {
-		return nil
+		return b, nil
 	}
 	var pe *pgconn.PgError
 	if !errors.Is(err, errNotFast) && !errors.As(err, &pe) {
-		return err // the connection failed: the stream restarts anyway
+		return b, err // the connection failed: the stream restarts anyway
 	}
-	a.rollback(ctx)
-	a.bulk = nil
-	return &retryCarefully{lsn: a.fastBegin.FinalLSN, cause: err}
+	b.rollback(ctx)
+	return b.grouped, &retryCarefully{lsn: b.begin.FinalLSN, cause: err}
 }
 
-func (a *applier) bulkCommit(ctx context.Context, m *pglogrepl.CommitMessage) error {
-	t := a.bulk
-	if err := a.bulkFlush(ctx); err != nil {
-		return a.bulkFailed(ctx, err)
+func (b *bulk) commit(ctx context.Context, m *pglogrepl.CommitMessage) (mode, error) {
+	if err := b.flush(ctx); err != nil {
+		return b.failed(ctx, err)
 	}
-	a.bulk, a.localOpen = nil, false
-	if _, err := a.pc.Exec(ctx, a.commitSQL(m)).ReadAll(); err != nil {
-		return fmt.Errorf("commit transaction from peer %q (remote xid %d): %w", a.cfg.Peer.Name, a.fastBegin.Xid, err)
+	if err := b.commitAlone(ctx, m); err != nil {
+		return b.grouped, fmt.Errorf("commit transaction from peer %q (remote xid %d): %w", b.cfg.Peer.Name, b.begin.Xid, err)
 	}
-	a.stats.committedGroup(t.sent, false)
-	a.stats.applied(m.TransactionEndLSN, m.CommitTime, t.changes-1, nil)
-	a.applied = m.TransactionEndLSN
-	a.confirm(m.TransactionEndLSN)
-	return nil
+	b.stats.committedGroup(b.sent, false)
+	b.stats.applied(m.TransactionEndLSN, m.CommitTime, b.txn.changes-1, nil)
+	b.applied = m.TransactionEndLSN
+	b.confirm(m.TransactionEndLSN)
+	return b.grouped, nil
 }

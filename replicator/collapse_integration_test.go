@@ -5,6 +5,8 @@ package replicator
 import (
 	"context"
 	"encoding/binary"
+	"errors"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -189,4 +191,80 @@ func sameCommitTime(t *testing.T, msgs [][]byte) [][]byte {
 // commitTime reads a Begin message's commit time.
 func commitTime(begin []byte) time.Time {
 	return pgEpoch.Add(time.Duration(int64(binary.BigEndian.Uint64(begin[9:17]))) * time.Microsecond)
+}
+
+// A transaction too large to hold goes in bulk, and its runs of inserts
+// by COPY: every value arrives as the peer has it (NULL, empty, the
+// characters COPY's text format escapes, bytea, numeric scale, an identity
+// column's value). A remembered delete of one of the keys fails the bulk
+// apply, and the transaction, streamed again, goes careful, where the
+// delete wins as it would one by one.
+func TestLargeTransactionCopiesItsInserts(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	rows := fastMaxTxnChanges + 2*bulkChunk + 7
+	// setup returns this node, the peer and the peer's one large
+	// transaction.
+	setup := func(t *testing.T) (local, src *pgx.Conn, msgs [][]byte) {
+		local, src = twoDatabases(t, ctx)
+		const table = `CREATE TABLE big (k int PRIMARY KEY, id int GENERATED ALWAYS AS IDENTITY, s text, b bytea, n numeric(10,2))`
+		mustExec(t, ctx, src, table+"; CREATE PUBLICATION p FOR ALL TABLES")
+		mustExec(t, ctx, local, table)
+		mustExec(t, ctx, src, `SELECT pg_create_logical_replication_slot('s', 'pgoutput')`)
+		mustExec(t, ctx, src, fmt.Sprintf(`INSERT INTO big (k, s, b, n)
+			SELECT i, CASE i %% 4 WHEN 0 THEN NULL WHEN 1 THEN '' WHEN 2 THEN E'a\tb\nc\\d\re \\N' ELSE 'plain ' || i END,
+				CASE WHEN i %% 3 = 0 THEN NULL ELSE decode(md5(i::text), 'hex') END, i / 7.0
+			FROM generate_series(1, %d) i`, rows))
+		return local, src, peerMessages(t, ctx, src, "s", "p")
+	}
+	apply := func(a *applier, msgs [][]byte) error {
+		for _, m := range msgs {
+			if _, err := a.handle(ctx, m); err != nil {
+				return err
+			}
+		}
+		return a.drain(ctx)
+	}
+
+	t.Run("every value arrives", func(t *testing.T) {
+		local, src, msgs := setup(t)
+		a, _ := newTestApplier(t, ctx, local, "peer")
+		if err := apply(a, msgs); err != nil {
+			t.Fatal(err)
+		}
+		const all = `SELECT md5(string_agg(format('%s %s %L %s %s', k, id, s, b, n), E'\n' ORDER BY k)) FROM big`
+		if got, want := queryString(t, ctx, local, all), queryString(t, ctx, src, all); got != want {
+			t.Fatalf("the %d rows differ from the peer's", rows)
+		}
+		if got := queryString(t, ctx, local, `SELECT s FROM big WHERE k = 2`); got != "a\tb\nc\\d\re \\N" {
+			t.Errorf("row 2 holds %q", got)
+		}
+		if st := a.stats.snapshot(); st.LocalCommits != 1 || st.RetriedTxns != 0 {
+			t.Errorf("%d local commits, %d retried: want the transaction applied once, in bulk", st.LocalCommits, st.RetriedTxns)
+		}
+	})
+
+	t.Run("a remembered delete sends it careful", func(t *testing.T) {
+		local, _, msgs := setup(t)
+		mustExec(t, ctx, local, `INSERT INTO pgmesh.tombstone (relation, key, deleted_at, deleted_by)
+			VALUES ('public.big', '{"k": 7}', now() + interval '1 minute', 'peer')`)
+		a, conn := newTestApplier(t, ctx, local, "peer")
+		err := apply(a, msgs)
+		retry, ok := errors.AsType[*retryCarefully](err)
+		if !ok {
+			t.Fatalf("the bulk apply ended with %v, want a careful retry for the remembered delete", err)
+		}
+		if got := queryString(t, ctx, local, `SELECT count(*) FROM big`); got != "0" {
+			t.Fatalf("%s rows stayed from the failed bulk apply", got)
+		}
+		conn.Close(ctx)
+		a, _ = newTestApplier(t, ctx, local, "peer")
+		a.retryLSN = retry.lsn
+		if err := apply(a, msgs); err != nil {
+			t.Fatal(err)
+		}
+		if got := queryString(t, ctx, local, `SELECT count(*) || ' ' || count(*) FILTER (WHERE k = 7) FROM big`); got != fmt.Sprintf("%d 0", rows-1) {
+			t.Errorf("rows, and rows with key 7: %s, want every row but 7", got)
+		}
+	})
 }

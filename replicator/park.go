@@ -140,7 +140,7 @@ func (a *applier) parks(r *relation) bool {
 // park writes one change (raw, its pgoutput message) to the parked queue,
 // in the local transaction applying the rest of its source transaction.
 // The first change parked for a table carries the error that parked it.
-func (a *applier) park(ctx context.Context, r *relation, raw []byte) error {
+func (c *careful) park(ctx context.Context, r *relation, raw []byte) error {
 	msg, err := pglogrepl.Parse(raw)
 	if err != nil {
 		return fmt.Errorf("decode pgoutput message: %w", err)
@@ -159,19 +159,19 @@ func (a *applier) park(ctx context.Context, r *relation, raw []byte) error {
 	}
 	t := r.table()
 	var errText []byte
-	if e := a.parked[t]; e != "" {
+	if e := c.parked[t]; e != "" {
 		errText = []byte(e)
 	}
-	params := [][]byte{[]byte(a.cfg.Peer.Name), []byte(t[0]), []byte(t[1]), []byte(a.begin.FinalLSN.String()),
-		[]byte(strconv.FormatUint(uint64(a.begin.Xid), 10)), []byte(pgquote.Timestamp(a.begin.CommitTime)), []byte(kind),
+	params := [][]byte{[]byte(c.cfg.Peer.Name), []byte(t[0]), []byte(t[1]), []byte(c.begin.FinalLSN.String()),
+		[]byte(strconv.FormatUint(uint64(c.begin.Xid), 10)), []byte(pgquote.Timestamp(c.begin.CommitTime)), []byte(kind),
 		r.tupleJSON(old), r.tupleJSON(cur), errText, byteaText(r.raw), byteaText(raw)}
-	res := a.exec(ctx, `INSERT INTO pgmesh.parked_changes (peer, schema_name, table_name, source_lsn, source_xid,
+	res := c.s.exec(ctx, `INSERT INTO pgmesh.parked_changes (peer, schema_name, table_name, source_lsn, source_xid,
 			commit_time, origin_node, kind, old_key, new_values, error, relation_message, change_message)
 		SELECT $1, $2, $3, $4::pg_lsn, $5::bigint, $6::timestamptz, $1, $7, $8::jsonb, $9::jsonb,
 			CASE WHEN NOT EXISTS (SELECT 1 FROM pgmesh.parked_changes WHERE peer = $1 AND schema_name = $2 AND table_name = $3)
 				THEN $10 END, $11::bytea, $12::bytea`, params)
 	if res.Err != nil {
-		return fmt.Errorf("park a change of %s from peer %q: %w", t, a.cfg.Peer.Name, res.Err)
+		return fmt.Errorf("park a change of %s from peer %q: %w", t, c.cfg.Peer.Name, res.Err)
 	}
 	return nil
 }
@@ -239,30 +239,30 @@ type parkedRow struct {
 // what the row holds now, as if it had arrived late. It stops at the first
 // change that fails; it first does all of that dry (each transaction
 // rolled back), so that a replay that would stop applies nothing.
-func (a *applier) replay(ctx context.Context, t tableName, dry bool) (QueueResult, error) {
+func (c *careful) replay(ctx context.Context, t tableName, dry bool) (QueueResult, error) {
 	if !dry {
 		// All or nothing: a replay that would stop at a change applies none.
-		if res, err := a.replay(ctx, t, true); err != nil || res.Error != "" {
+		if res, err := c.replay(ctx, t, true); err != nil || res.Error != "" {
 			res.DryRun = false
 			return res, err
 		}
 	}
-	res := QueueResult{Peer: a.cfg.Peer.Name, Table: t.String(), DryRun: dry}
-	a.replaying = t
-	defer func() { a.replaying = tableName{} }()
+	res := QueueResult{Peer: c.cfg.Peer.Name, Table: t.String(), DryRun: dry}
+	c.replaying = t
+	defer func() { c.replaying = tableName{} }()
 	for after := int64(0); ; {
-		txn, err := a.parkedTxn(ctx, t, after)
+		txn, err := c.parkedTxn(ctx, t, after)
 		if err != nil {
 			return res, err
 		}
 		if len(txn) == 0 {
 			break
 		}
-		conflicts, err := a.replayTxn(ctx, txn, dry)
+		conflicts, err := c.replayTxn(ctx, txn, dry)
 		if err != nil {
 			res.Error = fmt.Sprintf("replay of %s from peer %q stopped at parked change %d (source LSN %s, xid %d): %v; that change and every later one stay parked: fix the cause and run pgmesh replay again",
-				t, a.cfg.Peer.Name, txn[0].id, txn[0].lsn, txn[0].xid, err)
-			res.Left, err = a.parkedCount(ctx, t)
+				t, c.cfg.Peer.Name, txn[0].id, txn[0].lsn, txn[0].xid, err)
+			res.Left, err = c.parkedCount(ctx, t)
 			return res, err
 		}
 		res.Changes += int64(len(txn))
@@ -272,22 +272,22 @@ func (a *applier) replay(ctx context.Context, t tableName, dry bool) (QueueResul
 	}
 	if dry {
 		var err error
-		res.Left, err = a.parkedCount(ctx, t)
+		res.Left, err = c.parkedCount(ctx, t)
 		return res, err
 	}
-	delete(a.parked, t)
+	delete(c.parked, t)
 	return res, nil
 }
 
 // parkedTxn reads the parked changes of t of the next source transaction
 // after change id after.
-func (a *applier) parkedTxn(ctx context.Context, t tableName, after int64) ([]parkedRow, error) {
-	res := a.pc.ExecParams(ctx, `SELECT id, source_lsn::text, source_xid, (extract(epoch FROM commit_time) * 1000000)::bigint, relation_message, change_message
+func (c *careful) parkedTxn(ctx context.Context, t tableName, after int64) ([]parkedRow, error) {
+	res := c.s.conn().ExecParams(ctx, `SELECT id, source_lsn::text, source_xid, (extract(epoch FROM commit_time) * 1000000)::bigint, relation_message, change_message
 		FROM pgmesh.parked_changes WHERE peer = $1 AND schema_name = $2 AND table_name = $3 AND id > $4
 		AND source_lsn = (SELECT source_lsn FROM pgmesh.parked_changes
 			WHERE peer = $1 AND schema_name = $2 AND table_name = $3 AND id > $4 ORDER BY id LIMIT 1)
 		ORDER BY id`,
-		[][]byte{[]byte(a.cfg.Peer.Name), []byte(t[0]), []byte(t[1]), []byte(strconv.FormatInt(after, 10))},
+		[][]byte{[]byte(c.cfg.Peer.Name), []byte(t[0]), []byte(t[1]), []byte(strconv.FormatInt(after, 10))},
 		nil, nil, []int16{0, 0, 0, 0, 1, 1}).Read() // the messages in binary: as they were
 	if res.Err != nil {
 		return nil, fmt.Errorf("read parked changes of %s: %w", t, res.Err)
@@ -309,21 +309,21 @@ func (a *applier) parkedTxn(ctx context.Context, t tableName, after int64) ([]pa
 // replayTxn applies the parked changes of one source transaction in one
 // local transaction and takes them off the queue; it returns how many
 // conflicts they logged.
-func (a *applier) replayTxn(ctx context.Context, txn []parkedRow, dry bool) (int64, error) {
+func (c *careful) replayTxn(ctx context.Context, txn []parkedRow, dry bool) (int64, error) {
 	commitTime := txn[0].commit
-	a.begin = pglogrepl.BeginMessage{FinalLSN: txn[0].lsn, CommitTime: commitTime, Xid: txn[0].xid}
-	a.filter.Begin()
-	defer a.filter.End()
-	a.rows, a.deletedMissing = 0, false
-	clear(a.conflicts)
+	c.begin = pglogrepl.BeginMessage{FinalLSN: txn[0].lsn, CommitTime: commitTime, Xid: txn[0].xid}
+	c.filter.Begin()
+	defer c.filter.End()
+	c.rows, c.deletedMissing = 0, false
+	clear(c.conflicts)
 	// The stored descriptions replace the live ones for the replay only.
 	saved := map[uint32]*relation{}
 	defer func() {
 		for id, r := range saved {
 			if r == nil {
-				delete(a.rels, id)
+				delete(c.rels, id)
 			} else {
-				a.rels[id] = r
+				c.rels[id] = r
 			}
 		}
 	}()
@@ -338,11 +338,11 @@ func (a *applier) replayTxn(ctx context.Context, txn []parkedRow, dry bool) (int
 			return 0, fmt.Errorf("parked change %d holds a %T, not a relation message", row.id, msg)
 		}
 		if _, ok := saved[rm.RelationID]; !ok {
-			saved[rm.RelationID] = a.rels[rm.RelationID]
+			saved[rm.RelationID] = c.rels[rm.RelationID]
 		}
-		a.rels[rm.RelationID] = newRelation(rm, row.relation)
-		if _, err := a.handleCareful(ctx, row.change); err != nil {
-			a.rollback(ctx)
+		c.rels[rm.RelationID] = newRelation(rm, row.relation)
+		if _, err := c.apply(ctx, row.change); err != nil {
+			c.rollback(ctx)
 			if af, ok := errors.AsType[*applyFailed](err); ok {
 				err = af.err
 			}
@@ -350,38 +350,32 @@ func (a *applier) replayTxn(ctx context.Context, txn []parkedRow, dry bool) (int
 		}
 		ids = append(ids, strconv.FormatInt(row.id, 10))
 	}
-	if err := a.flush(ctx); err != nil {
-		a.rollback(ctx)
+	if err := c.flush(ctx); err != nil {
+		c.rollback(ctx)
 		return 0, err
 	}
-	if res := a.exec(ctx, `DELETE FROM pgmesh.parked_changes WHERE id = ANY($1::bigint[])`,
+	if res := c.s.exec(ctx, `DELETE FROM pgmesh.parked_changes WHERE id = ANY($1::bigint[])`,
 		[][]byte{[]byte("{" + strings.Join(ids, ",") + "}")}); res.Err != nil {
-		a.rollback(ctx)
+		c.rollback(ctx)
 		return 0, fmt.Errorf("take replayed changes off the queue: %w", res.Err)
 	}
 	var conflicts int64
-	for _, n := range a.conflicts {
+	for _, n := range c.conflicts {
 		conflicts += n
 	}
-	end := "COMMIT"
-	if dry {
-		end = "ROLLBACK"
-	}
-	// '0/0' leaves the origin's progress where the stream has it; the
+	// No end leaves the origin's progress where the stream has it; the
 	// commit still carries the origin (so peers do not get it back from
 	// this node) and the source's commit time (the rows' version).
-	sql := fmt.Sprintf(`SELECT pg_catalog.pg_replication_origin_xact_setup('0/0', %s); %s`,
-		pgquote.Literal(pgquote.Timestamp(commitTime)), end)
-	a.wantTxn, a.localOpen = false, false
-	if _, err := a.pc.Exec(ctx, sql).ReadAll(); err != nil {
+	c.wantTxn = false
+	if err := c.s.commit(ctx, stamp{commitTS: commitTime, rollback: dry}); err != nil {
 		return 0, fmt.Errorf("commit replayed changes: %w", err)
 	}
 	return conflicts, nil
 }
 
-func (a *applier) parkedCount(ctx context.Context, t tableName) (int64, error) {
-	res := a.pc.ExecParams(ctx, `SELECT count(*) FROM pgmesh.parked_changes WHERE peer = $1 AND schema_name = $2 AND table_name = $3`,
-		[][]byte{[]byte(a.cfg.Peer.Name), []byte(t[0]), []byte(t[1])}, nil, nil, nil).Read()
+func (c *careful) parkedCount(ctx context.Context, t tableName) (int64, error) {
+	res := c.s.conn().ExecParams(ctx, `SELECT count(*) FROM pgmesh.parked_changes WHERE peer = $1 AND schema_name = $2 AND table_name = $3`,
+		[][]byte{[]byte(c.cfg.Peer.Name), []byte(t[0]), []byte(t[1])}, nil, nil, nil).Read()
 	if res.Err != nil {
 		return 0, fmt.Errorf("count parked changes of %s: %w", t, res.Err)
 	}
@@ -391,22 +385,22 @@ func (a *applier) parkedCount(ctx context.Context, t tableName) (int64, error) {
 // discard takes table t's parked changes from this peer off the queue,
 // each recorded in pgmesh.conflict_history (resolution skip, the change in
 // remote_tuple), and unparks the table.
-func (a *applier) discard(ctx context.Context, t tableName) (QueueResult, error) {
-	res := QueueResult{Peer: a.cfg.Peer.Name, Table: t.String()}
-	r := a.pc.ExecParams(ctx, `WITH gone AS (
+func (c *careful) discard(ctx context.Context, t tableName) (QueueResult, error) {
+	res := QueueResult{Peer: c.cfg.Peer.Name, Table: t.String()}
+	r := c.s.conn().ExecParams(ctx, `WITH gone AS (
 			DELETE FROM pgmesh.parked_changes WHERE peer = $1 AND schema_name = $2 AND table_name = $3 RETURNING *)
 		INSERT INTO pgmesh.conflict_history (local_node, origin_node, relation, conflict_type, resolution,
 			remote_commit_ts, remote_commit_lsn, remote_xid, key_tuple, remote_tuple, reason)
 		SELECT $4, origin_node, schema_name || '.' || table_name, $5, $6, commit_time, source_lsn, source_xid,
 			old_key, new_values, 'parked ' || kind || ' discarded by pgmesh discard' || coalesce(': ' || error, '')
 		FROM gone ORDER BY id`,
-		[][]byte{[]byte(a.cfg.Peer.Name), []byte(t[0]), []byte(t[1]), []byte(a.cfg.LocalNode),
+		[][]byte{[]byte(c.cfg.Peer.Name), []byte(t[0]), []byte(t[1]), []byte(c.cfg.LocalNode),
 			[]byte(conflict.ParkedDiscarded), []byte(conflict.Skip)}, nil, nil, nil).Read()
 	if r.Err != nil {
 		return res, fmt.Errorf("discard parked changes of %s: %w", t, r.Err)
 	}
 	res.Changes = r.CommandTag.RowsAffected()
-	delete(a.parked, t)
+	delete(c.parked, t)
 	return res, nil
 }
 
@@ -465,12 +459,12 @@ func (s *Stream) queue(ctx context.Context, req queueRequest) (QueueResult, erro
 }
 
 // serve runs a queue request between transactions.
-func (a *applier) serve(ctx context.Context, req queueRequest) queueReply {
+func (c *careful) serve(ctx context.Context, req queueRequest) queueReply {
 	var r queueReply
 	if req.discard {
-		r.res, r.err = a.discard(ctx, req.table)
+		r.res, r.err = c.discard(ctx, req.table)
 	} else {
-		r.res, r.err = a.replay(ctx, req.table, req.dry)
+		r.res, r.err = c.replay(ctx, req.table, req.dry)
 	}
 	return r
 }

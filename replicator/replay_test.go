@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -253,12 +254,82 @@ func newTestApplier(t *testing.T, ctx context.Context, local *pgx.Conn, peer str
 	ids := map[string]int{"local": 1, peer: 2}
 	cfg := &Config{LocalNode: "local", Peer: Peer{Name: peer, ID: 2}, NodeID: func(n string) int { return ids[n] },
 		Rule: conflict.Rule{Resolution: time.Millisecond}, Logger: slog.Default()}
-	return newApplier(conn.PgConn(), cfg, progress, roident, newStats(peer), pglogrepl.LSN(0), parkedTables{}, cfg.Logger), conn
+	return newApplier(newPgSession(conn.PgConn()), cfg, progress, roident, newStats(peer), pglogrepl.LSN(0), parkedTables{}, cfg.Logger), conn
 }
 
 func mustExec(t *testing.T, ctx context.Context, conn *pgx.Conn, sql string) {
 	t.Helper()
 	if _, err := conn.Exec(ctx, sql); err != nil {
 		t.Fatalf("%s: %v", sql, err)
+	}
+}
+
+// A statement first sent in a group that fails is skipped by the server
+// (everything after the failure is, up to the group's end): the session
+// must not take it for prepared. Here the group's update meets a row
+// written on this node, so the group goes careful; its insert into w was
+// the first of its kind. Once the careful stretch is over, the next insert
+// into w goes grouped with that statement, and must apply as it is.
+func TestStatementSkippedInAFailedGroupIsPreparedAgain(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	local, src := twoDatabases(t, ctx)
+	const tables = `CREATE TABLE t (k int PRIMARY KEY, v int); CREATE TABLE u (k int PRIMARY KEY); CREATE TABLE w (k int PRIMARY KEY)`
+	mustExec(t, ctx, src, tables+`; INSERT INTO t VALUES (5, 1); CREATE PUBLICATION p FOR ALL TABLES`)
+	mustExec(t, ctx, local, tables+`; INSERT INTO t VALUES (5, 1)`) // written here: the peer's update conflicts
+	mustExec(t, ctx, src, `SELECT pg_create_logical_replication_slot('s', 'pgoutput')`)
+	// w is described (a relation message in the middle of a transaction
+	// would send it careful), but never by a single-row insert.
+	mustExec(t, ctx, src, `INSERT INTO u VALUES (1); INSERT INTO w VALUES (1000), (1001)`)
+	mustExec(t, ctx, src, `BEGIN; UPDATE t SET v = 2 WHERE k = 5; INSERT INTO w VALUES (1); COMMIT`)
+	const later = carefulStretch + 5
+	for i := range later {
+		mustExec(t, ctx, src, fmt.Sprintf(`INSERT INTO w VALUES (%d)`, i+2))
+	}
+	msgs := sameCommitTime(t, peerMessages(t, ctx, src, "s", "p"))
+
+	a, apply := newTestApplier(t, ctx, local, "peer")
+	feed := func(msgs [][]byte) {
+		for _, m := range msgs {
+			if _, err := a.handle(ctx, m); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := a.drain(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The first two transactions (the second alone in its group, which
+	// fails), then the rest: the stretch, and after it grouped again.
+	commits := 0
+	for i, m := range msgs {
+		if msgType(m) == pglogrepl.MessageTypeCommit {
+			if commits++; commits == 2 {
+				feed(msgs[:i+1])
+				feed(msgs[i+1:])
+				break
+			}
+		}
+	}
+	st := a.stats.snapshot()
+	t.Logf("%d transactions in %d local commits, %d applied again carefully", st.AppliedTxns, st.LocalCommits, st.RetriedTxns)
+	if st.RetriedTxns != 1 {
+		t.Errorf("%d transactions applied again carefully, want only the one that conflicted", st.RetriedTxns)
+	}
+	if got := queryString(t, ctx, local, `SELECT count(*) FROM w`); got != fmt.Sprint(later+3) {
+		t.Errorf("w holds %s rows, want %d", got, later+3)
+	}
+	var prepared []string
+	rows, err := apply.Query(ctx, `SELECT name FROM pg_prepared_statements`)
+	if err == nil {
+		prepared, err = pgx.CollectRows(rows, pgx.RowTo[string])
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	for sql, name := range a.s.(*pgSession).names {
+		if !slices.Contains(prepared, name) {
+			t.Errorf("the session takes %s for prepared, but the server does not have it:\n%s", name, sql)
+		}
 	}
 }

@@ -137,6 +137,22 @@ func (r *relation) deleteSetSQL(roident uint32) string {
 		r.rowKey("t"), n+2, n+3) + expectAllRows
 }
 
+// deletedCheckSQL raises when a delete of any of the given keys is
+// remembered: insertSQL's check, for rows copied in (COPY returns no keys).
+// The keys are only built when the table has a tombstone at all.
+// Parameters: the key arrays, then the tombstone relation name.
+func (r *relation) deletedCheckSQL() string {
+	arrays, aliases := r.keyArrays()
+	kv := make([]string, 0, 2*len(r.pk))
+	for i, c := range r.pk {
+		kv = append(kv, pgquote.Literal(r.cols[c]), "u.k"+strconv.Itoa(i)+"::"+r.localType[c])
+	}
+	rel := "$" + strconv.Itoa(len(arrays)+1) + "::text"
+	return fmt.Sprintf(`SELECT pgmesh.raise_if_deleted(%s, ARRAY(SELECT jsonb_build_object(%s) FROM unnest(%s) AS u(%s)))
+	WHERE EXISTS (SELECT 1 FROM pgmesh.tombstone t WHERE t.relation = %s)`,
+		rel, strings.Join(kv, ", "), strings.Join(arrays, ", "), strings.Join(aliases, ", "), rel)
+}
+
 // updateSetSQL sets the columns cols of the rows with the given primary
 // keys, each if its last writer is the peer; it raises unless every key
 // updated a row. Parameters: the key arrays, then one array per column.

@@ -256,7 +256,7 @@ func (s *Stream) runOnce(ctx context.Context) error {
 	if err := s.parked.load(ctx, applyConn.PgConn(), s.cfg.Peer.Name); err != nil {
 		return err
 	}
-	a := newApplier(applyConn.PgConn(), &s.cfg, progress, roident, s.stats, s.retryLSN, s.parked, s.log)
+	a := newApplier(newPgSession(applyConn.PgConn()), &s.cfg, progress, roident, s.stats, s.retryLSN, s.parked, s.log)
 	defer a.rollback(context.Background())
 	err = s.receive(ctx, repl, a, progress, &inside)
 	if failed, ok := errors.AsType[*applyFailed](err); ok && ctx.Err() == nil {
@@ -446,7 +446,7 @@ func (s *Stream) receive(ctx context.Context, repl *pgconn.PgConn, a *applier, f
 					return err
 				}
 				committed(a.takeConfirmed())
-				req.reply <- a.serve(ctx, req)
+				req.reply <- a.careful.serve(ctx, req)
 				lastHeard = time.Now() // replaying is not the peer's silence
 			default:
 			}

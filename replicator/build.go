@@ -1,0 +1,378 @@
+package replicator
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5/pgtype"
+
+	"github.com/pgmesh/pgmesh/internal/pgquote"
+)
+
+// insertRun gathers consecutive inserts into one relation with one column
+// set, applied by a single statement.
+type insertRun struct {
+	r    *relation
+	cols []int
+	rows [][][]byte
+}
+
+// The grouped and bulk modes read each row change into a change (for
+// collapse.go) and turn a group's or a chunk's changes into statements.
+// Building them never waits for the server: statements are prepared when
+// they are sent (session.go).
+
+// rowChange reads an insert, update or delete of a transaction committed
+// at commitTS into t's changes; any other message is errNotFast.
+func (a *applier) rowChange(ctx context.Context, t *fastTxn, msg pglogrepl.Message, commitTS time.Time) error {
+	switch m := msg.(type) {
+	case *pglogrepl.InsertMessage:
+		t.touch(m.RelationID)
+		return a.fastInsert(ctx, t, m, commitTS)
+	case *pglogrepl.UpdateMessage:
+		t.touch(m.RelationID)
+		return a.fastUpdate(ctx, t, m, commitTS)
+	case *pglogrepl.DeleteMessage:
+		t.touch(m.RelationID)
+		return a.fastDelete(ctx, t, m, commitTS)
+	}
+	return errNotFast
+}
+
+// fastRelation returns the relation a change is for, with fresh local
+// catalog facts. Reading them needs the connection out of pipeline mode:
+// the batch in flight is read back first.
+func (a *applier) fastRelation(ctx context.Context, id uint32) (*relation, error) {
+	r, ok := a.rels[id]
+	if !ok || a.parks(r) {
+		return nil, errNotFast // the careful path reports the protocol error, or parks
+	}
+	if r.stale() {
+		if err := a.grouped.collect(ctx); err != nil {
+			return nil, err
+		}
+		if err := r.load(ctx, a.s.conn(), a.cfg.Peer.Name); err != nil {
+			return nil, errNotFast // the careful path reports it
+		}
+	}
+	return r, nil
+}
+
+// fastKey reports whether the change can be matched by the local primary
+// key, which the fast path needs for tombstones and single-row statements.
+func fastKey(r *relation, t *pglogrepl.TupleData) bool {
+	return r.pk != nil && carries(t, r.pk)
+}
+
+func (a *applier) fastInsert(ctx context.Context, t *fastTxn, m *pglogrepl.InsertMessage, commitTS time.Time) error {
+	r, err := a.fastRelation(ctx, m.RelationID)
+	if err != nil {
+		return err
+	}
+	if r.pk != nil && !fastKey(r, m.Tuple) {
+		return errNotFast
+	}
+	cols, vals := values(m.Tuple) // pointing into the message, which the caller copied
+	c := change{r: r, op: pglogrepl.MessageTypeInsert, cols: cols, vals: vals, commitTS: commitTS}
+	if r.pk != nil {
+		c.key = pick(m.Tuple, r.pk)
+	}
+	t.rows = append(t.rows, c)
+	return nil
+}
+
+// continues reports whether rows of r with these columns can join the run.
+func (run *insertRun) continues(r *relation, cols []int) bool {
+	return run.r == r && slices.Equal(run.cols, cols) && len(run.rows) < fastMaxRun
+}
+
+// finishRun turns the pending inserts into one statement, appended to
+// stmts: a plain INSERT, which fails on any unique collision, guarded
+// against remembered deletes. Several rows travel as one text array per
+// column, or with copyRuns (the bulk mode) by COPY, followed by the check
+// for remembered deletes that the INSERT makes itself.
+func (a *applier) finishRun(pending *insertRun, stmts *[]stmt, copyRuns bool) error {
+	run := *pending
+	*pending = insertRun{}
+	if run.r == nil || len(run.rows) == 0 {
+		return nil
+	}
+	r := run.r
+	if copyRuns && len(run.rows) > 1 {
+		*stmts = append(*stmts, stmt{copy: &copyIn{r: r, cols: run.cols, rows: run.rows}})
+		if r.pk == nil {
+			return nil // no tombstones without a primary key
+		}
+		params := make([][]byte, 0, len(r.pk)+1)
+		for _, k := range r.pk {
+			enc, err := a.runColumn(&run, slices.Index(run.cols, k))
+			if err != nil {
+				return err
+			}
+			params = append(params, enc)
+		}
+		*stmts = append(*stmts, stmt{sql: r.deletedCheckSQL(), params: append(params, []byte(r.tombName)), formats: binaryParams})
+		return nil
+	}
+	var p params
+	exprs := make([]string, len(run.cols)) // each column's value, typed
+	from := ""
+	if len(run.rows) == 1 {
+		for i, c := range run.cols {
+			exprs[i] = r.typed(&p, c, run.rows[0][i])
+		}
+	} else {
+		arrays := make([]string, len(run.cols))
+		aliases := make([]string, len(run.cols))
+		for i, c := range run.cols {
+			enc, err := a.runColumn(&run, i)
+			if err != nil {
+				return err
+			}
+			arrays[i] = p.add(enc) + "::text[]"
+			aliases[i] = "c" + strconv.Itoa(i)
+			exprs[i] = "u." + aliases[i] + "::" + r.localType[c]
+		}
+		from = " FROM unnest(" + strings.Join(arrays, ", ") + ") AS u(" + strings.Join(aliases, ", ") + ")"
+	}
+	sql := r.insertSQL(&p, run.cols, exprs, from)
+	if from != "" {
+		// Arrays travel in binary (the relation's name, text, reads the
+		// same either way): no quoting to write or parse.
+		*stmts = append(*stmts, stmt{sql: sql, params: p.vals, formats: binaryParams})
+		return nil
+	}
+	*stmts = append(*stmts, stmt{sql: sql, params: p.vals})
+	return nil
+}
+
+// runColumn encodes the run's values of its i-th column as a text[].
+func (a *applier) runColumn(run *insertRun, i int) ([]byte, error) {
+	col := make([][]byte, len(run.rows))
+	for j, row := range run.rows {
+		col[j] = row[i]
+	}
+	return a.textArray(run.r, col)
+}
+
+// binaryParams marks every parameter of a statement as binary.
+var binaryParams = []int16{pgtype.BinaryFormatCode}
+
+func (a *applier) fastUpdate(ctx context.Context, t *fastTxn, m *pglogrepl.UpdateMessage, commitTS time.Time) error {
+	r, err := a.fastRelation(ctx, m.RelationID)
+	if err != nil {
+		return err
+	}
+	keySrc := m.NewTuple
+	if m.OldTuple != nil {
+		keySrc = m.OldTuple
+	}
+	if !fastKey(r, keySrc) || hasDelta(r) {
+		return errNotFast
+	}
+	cols, vals := values(m.NewTuple)
+	if !slices.ContainsFunc(cols, func(c int) bool { return !r.identityAlways[c] }) {
+		return errNotFast // nothing can be set: the careful path decides
+	}
+	c := change{r: r, op: pglogrepl.MessageTypeUpdate, cols: cols, vals: vals, key: pick(keySrc, r.pk),
+		commitTS: commitTS}
+	for i, k := range r.pk {
+		if v, ok := valueOf(cols, vals, k); ok && !bytes.Equal(v, c.key[i]) {
+			c.newKey = true
+		}
+	}
+	t.rows = append(t.rows, c)
+	return nil
+}
+
+func (a *applier) fastDelete(ctx context.Context, t *fastTxn, m *pglogrepl.DeleteMessage, commitTS time.Time) error {
+	r, err := a.fastRelation(ctx, m.RelationID)
+	if err != nil {
+		return err
+	}
+	if m.OldTuple == nil || !fastKey(r, m.OldTuple) {
+		return errNotFast
+	}
+	t.rows = append(t.rows, change{r: r, op: pglogrepl.MessageTypeDelete, key: pick(m.OldTuple, r.pk),
+		commitTS: commitTS})
+	return nil
+}
+
+// statements builds the statements applying changes, in source order as
+// far as the result can tell: set-based when they collapse exactly and
+// that takes fewer statements (collapsed is then true), else one by one.
+func (a *applier) statements(changes []change, copyRuns bool) (stmts []stmt, collapsed bool, err error) {
+	if sets, ok := collapse(changes); ok && setStatementCount(sets) < oneByOneCount(changes) {
+		stmts, err = a.setStatements(sets, copyRuns)
+		return stmts, true, err
+	}
+	stmts, err = a.oneByOne(changes, copyRuns)
+	return stmts, false, err
+}
+
+// oneByOneCount is the number of statements oneByOne builds.
+func oneByOneCount(changes []change) int {
+	n := 0
+	var run insertRun
+	for _, c := range changes {
+		if c.op == pglogrepl.MessageTypeInsert && run.continues(c.r, c.cols) {
+			run.rows = append(run.rows, nil)
+			continue
+		}
+		n++
+		run = insertRun{}
+		if c.op == pglogrepl.MessageTypeInsert {
+			run = insertRun{r: c.r, cols: c.cols, rows: [][][]byte{nil}}
+		}
+	}
+	return n
+}
+
+// oneByOne builds a statement per update and delete, and one per run of
+// inserts into one table with the same columns.
+func (a *applier) oneByOne(changes []change, copyRuns bool) ([]stmt, error) {
+	var stmts []stmt
+	var run insertRun
+	for _, c := range changes {
+		if c.op == pglogrepl.MessageTypeInsert {
+			if !run.continues(c.r, c.cols) {
+				if err := a.finishRun(&run, &stmts, copyRuns); err != nil {
+					return nil, err
+				}
+				run = insertRun{r: c.r, cols: c.cols}
+			}
+			run.rows = append(run.rows, c.vals)
+			continue
+		}
+		if err := a.finishRun(&run, &stmts, copyRuns); err != nil {
+			return nil, err
+		}
+		var p params
+		var sql string
+		if c.op == pglogrepl.MessageTypeUpdate {
+			var ok bool
+			if sql, ok = c.r.updateSQL(&p, c.cols, c.vals, c.key, a.roident); !ok {
+				return nil, errNotFast
+			}
+		} else {
+			sql = c.r.deleteSQL(&p, c.key, a.roident, c.commitTS, a.cfg.Peer.Name)
+		}
+		stmts = append(stmts, stmt{sql: sql, params: p.vals})
+	}
+	if err := a.finishRun(&run, &stmts, copyRuns); err != nil {
+		return nil, err
+	}
+	return stmts, nil
+}
+
+// setStatementCount is the number of statements setStatements builds.
+func setStatementCount(sets []*tableSet) int {
+	n := 0
+	for _, ts := range sets {
+		n += ts.statementCount()
+	}
+	return n
+}
+
+// setStatements builds each table's set-based statements (collapse.go).
+func (a *applier) setStatements(sets []*tableSet, copyRuns bool) ([]stmt, error) {
+	var stmts []stmt
+	for _, ts := range sets {
+		r := ts.r
+		if err := a.deleteSet(&stmts, r, ts.deletes); err != nil {
+			return nil, err
+		}
+		for _, part := range ts.updates {
+			sql, ok := r.updateSetSQL(part.cols, a.roident)
+			if !ok {
+				return nil, errNotFast
+			}
+			arrays, err := a.keyArrays(r, part.rows)
+			if err != nil {
+				return nil, err
+			}
+			for i := range part.cols {
+				col, err := a.textArray(r, column(part.rows, func(row *finalRow) []byte { return row.vals[i] }))
+				if err != nil {
+					return nil, err
+				}
+				arrays = append(arrays, col)
+			}
+			stmts = append(stmts, stmt{sql: sql, params: arrays, formats: binaryParams})
+		}
+		for _, part := range ts.inserts {
+			run := insertRun{r: r, cols: part.cols, rows: make([][][]byte, len(part.rows))}
+			for i, row := range part.rows {
+				run.rows[i] = row.vals
+			}
+			if err := a.finishRun(&run, &stmts, copyRuns); err != nil {
+				return nil, err
+			}
+		}
+		for _, run := range ts.keyless {
+			if err := a.finishRun(&run, &stmts, copyRuns); err != nil {
+				return nil, err
+			}
+		}
+		if err := a.deleteSet(&stmts, r, ts.deletesOfNew); err != nil {
+			return nil, err
+		}
+	}
+	return stmts, nil
+}
+
+// deleteSet adds the statement deleting rows, if there are any.
+func (a *applier) deleteSet(stmts *[]stmt, r *relation, rows []*finalRow) error {
+	if len(rows) == 0 {
+		return nil
+	}
+	arrays, err := a.keyArrays(r, rows)
+	if err != nil {
+		return err
+	}
+	at, err := a.textArray(r, column(rows, func(row *finalRow) []byte { return []byte(pgquote.Timestamp(row.deletedAt)) }))
+	if err != nil {
+		return err
+	}
+	arrays = append(arrays, at, []byte(r.tombName), []byte(a.cfg.Peer.Name))
+	*stmts = append(*stmts, stmt{sql: r.deleteSetSQL(a.roident), params: arrays, formats: binaryParams})
+	return nil
+}
+
+// keyArrays encodes the rows' primary keys, one array per key column.
+func (a *applier) keyArrays(r *relation, rows []*finalRow) ([][]byte, error) {
+	out := make([][]byte, len(r.pk))
+	for i := range r.pk {
+		arr, err := a.textArray(r, column(rows, func(row *finalRow) []byte { return row.key[i] }))
+		if err != nil {
+			return nil, err
+		}
+		out[i] = arr
+	}
+	return out, nil
+}
+
+// column gathers one value of each row.
+func column(rows []*finalRow, value func(*finalRow) []byte) [][]byte {
+	col := make([][]byte, len(rows))
+	for j, row := range rows {
+		col[j] = value(row)
+	}
+	return col
+}
+
+// textArray encodes values (nil for NULL) as a text[] in binary, straight
+// from the bytes pgoutput sent.
+func (a *applier) textArray(r *relation, vals [][]byte) ([]byte, error) {
+	enc, err := a.types.Encode(pgtype.TextArrayOID, pgtype.BinaryFormatCode, pgtype.FlatArray[[]byte](vals), nil)
+	if err != nil {
+		return nil, fmt.Errorf("encode values of %s: %w", r.qualified, err)
+	}
+	return enc, nil
+}

@@ -1,0 +1,369 @@
+package replicator
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/pgmesh/pgmesh/conflict"
+)
+
+// The applier's modes and the moves between them, driven through a fake
+// session that answers as a database where nothing conflicts, unless a
+// test makes a group or a batch fail. What the statements do to real
+// rows is tested against PostgreSQL (collapse_integration_test.go,
+// replay_test.go, systemtest).
+
+// fakeSession records what the modes ask of the database.
+type fakeSession struct {
+	open     bool
+	calls    []string
+	progress pglogrepl.LSN // the origin's progress: the last commit's end
+	// failGroup fails the group sent with this number (counted from 0 over
+	// every batch); the groups after it in its batch fail at their guard.
+	failGroup int
+	// failBatch fails the next batch (a careful or bulk one).
+	failBatch error
+	inFlight  []*fastGroup
+	sent      int
+	failed    bool // a group of the batch in flight failed
+}
+
+func newFakeSession() *fakeSession { return &fakeSession{failGroup: -1} }
+
+func (f *fakeSession) call(format string, args ...any) {
+	f.calls = append(f.calls, fmt.Sprintf(format, args...))
+}
+
+func (f *fakeSession) conn() *pgconn.PgConn { panic("the fake session has no connection") }
+func (f *fakeSession) inTxn() bool          { return f.open }
+
+func (f *fakeSession) begin(context.Context) error {
+	if !f.open {
+		f.open = true
+		f.call("BEGIN")
+	}
+	return nil
+}
+
+func (f *fakeSession) exec(ctx context.Context, sql string, _ [][]byte) *pgconn.Result {
+	_ = f.begin(ctx)
+	f.call("exec %s", strings.Fields(sql)[0])
+	return &pgconn.Result{CommandTag: pgconn.NewCommandTag("SELECT 0")}
+}
+
+func (f *fakeSession) execOnce(ctx context.Context, sql string, params [][]byte) *pgconn.Result {
+	return f.exec(ctx, sql, params)
+}
+
+func (f *fakeSession) prepare(context.Context, string) error { return nil }
+
+func (f *fakeSession) run(ctx context.Context, sql string) error {
+	_ = f.begin(ctx)
+	f.call("run %s", sql)
+	return nil
+}
+
+func (f *fakeSession) batch(_ context.Context, stmts []stmt) ([]*pgconn.Result, error) {
+	f.open = true
+	if err := f.failBatch; err != nil {
+		f.failBatch = nil
+		f.call("batch of %d failed", len(stmts))
+		return nil, err
+	}
+	f.call("batch of %d", len(stmts))
+	results := make([]*pgconn.Result, len(stmts))
+	for i := range results {
+		results[i] = &pgconn.Result{CommandTag: pgconn.NewCommandTag("INSERT 0 1")}
+	}
+	return results, nil
+}
+
+func (f *fakeSession) commit(_ context.Context, c stamp) error {
+	if c.end != 0 {
+		f.progress = c.end
+	}
+	f.open = false
+	f.call("commit %s", c.end)
+	return nil
+}
+
+func (f *fakeSession) rollback(context.Context) {
+	f.open = false
+	f.call("rollback")
+}
+
+func (f *fakeSession) forget() {}
+
+func (f *fakeSession) sendBatch(_ context.Context, groups []*fastGroup) error {
+	f.inFlight, f.failed = groups, false
+	f.call("send %d groups", len(groups))
+	return nil
+}
+
+func (f *fakeSession) readGroup() (error, error) {
+	g := f.inFlight[0]
+	f.inFlight = f.inFlight[1:]
+	n := f.sent
+	f.sent++
+	if n == f.failGroup || f.failed {
+		f.failed = true
+		return errors.New("the group failed"), nil
+	}
+	f.progress = g.end
+	return nil, nil
+}
+
+func (f *fakeSession) endBatch(bool) error { return nil }
+
+// Messages as pgoutput sends them.
+
+var pgEpochUTC = time.Date(2000, 1, 1, 0, 0, 0, 0, time.UTC)
+
+func pgTime(t time.Time) uint64 { return uint64(t.Sub(pgEpochUTC).Microseconds()) }
+
+func beginMsg(final pglogrepl.LSN, xid uint32, at time.Time) []byte {
+	b := binary.BigEndian.AppendUint64([]byte{'B'}, uint64(final))
+	b = binary.BigEndian.AppendUint64(b, pgTime(at))
+	return binary.BigEndian.AppendUint32(b, xid)
+}
+
+func commitMsg(final, end pglogrepl.LSN, at time.Time) []byte {
+	b := binary.BigEndian.AppendUint64([]byte{'C', 0}, uint64(final))
+	b = binary.BigEndian.AppendUint64(b, uint64(end))
+	return binary.BigEndian.AppendUint64(b, pgTime(at))
+}
+
+func insertMsg(rel uint32, id int) []byte {
+	return message('I', rel, []byte{'N'}, tupleBytes(fmt.Sprint(id), "name", "1"))
+}
+
+func ddlMsg(command string) []byte {
+	b := binary.BigEndian.AppendUint64([]byte{'M', 1}, 0)
+	b = append(append(b, ddlPrefix...), 0)
+	content := fmt.Sprintf(`{"search_path": "public", "command": %q}`, command)
+	b = binary.BigEndian.AppendUint32(b, uint32(len(content)))
+	return append(b, content...)
+}
+
+// txn is a source transaction: its messages, Begin to Commit, and its end.
+func txn(n int, at time.Time, changes ...[]byte) ([][]byte, pglogrepl.LSN) {
+	final := pglogrepl.LSN(0x1000 * n)
+	end := final + 8
+	msgs := [][]byte{beginMsg(final, uint32(n), at)}
+	msgs = append(msgs, changes...)
+	return append(msgs, commitMsg(final, end, at)), end
+}
+
+const testRel = 16384
+
+// testApplier is an applier on a fake session, with the table of
+// testRelation known and loaded as relation testRel.
+func testApplier(t *testing.T, retry pglogrepl.LSN) (*applier, *fakeSession) {
+	t.Helper()
+	f := newFakeSession()
+	cfg := &Config{LocalNode: "local", Peer: Peer{Name: "peer", ID: 2}, NodeID: func(string) int { return 1 },
+		Rule: conflict.Rule{Resolution: 10 * time.Millisecond}, Logger: slog.New(slog.DiscardHandler)}
+	a := newApplier(f, cfg, 0, 7, newStats("peer"), retry, parkedTables{}, cfg.Logger)
+	r := testRelation()
+	r.tombName, r.identityAlways, r.delta, r.loadedAt = `s."T x"`, make([]bool, 3), make([]bool, 3), time.Now()
+	a.rels[testRel] = r
+	return a, f
+}
+
+// feed hands the applier msgs and returns the mode after each, by name.
+func feed(t *testing.T, a *applier, msgs [][]byte) []string {
+	t.Helper()
+	var modes []string
+	for _, m := range msgs {
+		if _, err := a.handle(context.Background(), m); err != nil {
+			t.Fatalf("message %q: %v", m[0], err)
+		}
+		modes = append(modes, modeName(a.mode))
+	}
+	return modes
+}
+
+func modeName(m mode) string {
+	switch m.(type) {
+	case *grouped:
+		return "grouped"
+	case *careful:
+		return "careful"
+	case *bulk:
+		return "bulk"
+	}
+	return fmt.Sprintf("%T", m)
+}
+
+func count(calls []string, prefix string) int {
+	n := 0
+	for _, c := range calls {
+		if strings.HasPrefix(c, prefix) {
+			n++
+		}
+	}
+	return n
+}
+
+func TestPlainTransactionsStayGrouped(t *testing.T) {
+	a, f := testApplier(t, 0)
+	at := time.Now().Add(-time.Second).Truncate(10 * time.Millisecond)
+	var last pglogrepl.LSN
+	for n := 1; n <= 5; n++ {
+		msgs, end := txn(n, at, insertMsg(testRel, n))
+		modes := feed(t, a, msgs[:1])
+		if a.between() {
+			t.Fatal("between transactions while one is read")
+		}
+		if modes = append(modes, feed(t, a, msgs[1:])...); strings.Join(modes, " ") != "grouped grouped grouped" {
+			t.Fatalf("transaction %d went through modes %v, want grouped throughout", n, modes)
+		}
+		last = end
+	}
+	if !a.busy() {
+		t.Fatal("nothing waits, yet four transactions joined a group while the first was in flight")
+	}
+	if err := a.drain(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if got := a.takeConfirmed(); got != last || f.progress != last {
+		t.Errorf("confirmed %s, origin progress %s, want both at the last end %s", got, f.progress, last)
+	}
+	// The first transaction went alone (the server was idle); the other
+	// four, of the same rounded time, as one group.
+	if got := count(f.calls, "send"); got != 2 {
+		t.Errorf("%d batches sent, want 2: %q", got, f.calls)
+	}
+	if st := a.stats.snapshot(); st.LocalCommits != 2 || st.AppliedTxns != 5 {
+		t.Errorf("%d local commits for %d transactions, want 2 for 5", st.LocalCommits, st.AppliedTxns)
+	}
+}
+
+func TestDDLGoesCarefulAndBack(t *testing.T) {
+	a, f := testApplier(t, 0)
+	at := time.Now().Add(-time.Second)
+	msgs, end := txn(1, at, insertMsg(testRel, 1), ddlMsg("ALTER TABLE s.t ADD c int"))
+	modes := feed(t, a, msgs)
+	if got := strings.Join(modes, " "); got != "grouped grouped careful grouped" {
+		t.Errorf("modes %q, want the transaction careful from its DDL and grouped after its commit", got)
+	}
+	if count(f.calls, "run ") != 1 || count(f.calls, "commit") != 1 {
+		t.Errorf("calls %q, want the DDL run and one commit", f.calls)
+	}
+	if f.progress != end || !a.between() {
+		t.Errorf("origin progress %s (want %s), between transactions: %v", f.progress, end, a.between())
+	}
+}
+
+func TestLargeTransactionGoesBulk(t *testing.T) {
+	a, f := testApplier(t, 0)
+	changes := make([][]byte, fastMaxTxnChanges+1)
+	for i := range changes {
+		changes[i] = insertMsg(testRel, i)
+	}
+	msgs, end := txn(1, time.Now(), changes...)
+	modes := feed(t, a, msgs)
+	if modes[len(modes)-3] != "grouped" || modes[len(modes)-2] != "bulk" || modes[len(modes)-1] != "grouped" {
+		t.Errorf("modes end with %q, want grouped until it is large, bulk from there, grouped after its commit", modes[len(modes)-3:])
+	}
+	if got, want := count(f.calls, "batch"), (fastMaxTxnChanges+1+bulkChunk-1)/bulkChunk; got != want {
+		t.Errorf("%d chunks sent, want %d", got, want)
+	}
+	if f.progress != end {
+		t.Errorf("origin progress %s, want %s", f.progress, end)
+	}
+}
+
+func TestFailedBulkTransactionIsRetriedCarefully(t *testing.T) {
+	a, f := testApplier(t, 0)
+	changes := make([][]byte, fastMaxTxnChanges+bulkChunk)
+	for i := range changes {
+		changes[i] = insertMsg(testRel, i)
+	}
+	msgs, _ := txn(1, time.Now(), changes...)
+	f.failBatch = &pgconn.PgError{Code: "23505", Message: "duplicate key"}
+	var err error
+	for _, m := range msgs {
+		if _, err = a.handle(context.Background(), m); err != nil {
+			break
+		}
+	}
+	retry, ok := errors.AsType[*retryCarefully](err)
+	if !ok || retry.lsn != 0x1000 {
+		t.Fatalf("a failed bulk transaction ended with %v, want a careful retry of 0/1000", err)
+	}
+	if modeName(a.mode) != "grouped" || f.open || count(f.calls, "rollback") != 1 {
+		t.Errorf("after the failure: mode %s, transaction open %v, calls %q", modeName(a.mode), f.open, f.calls)
+	}
+
+	// Streamed again, it goes careful instead of bulk.
+	a, f = testApplier(t, retry.lsn)
+	modes := feed(t, a, msgs)
+	if modes[len(modes)-2] != "careful" || modes[len(modes)-1] != "grouped" || count(f.calls, "commit") != 1 {
+		t.Errorf("the retry ended in modes %q with calls %q, want careful, then grouped after one commit", modes[len(modes)-2:], f.calls[len(f.calls)-3:])
+	}
+}
+
+func TestFailedGroupGoesCarefulForAStretch(t *testing.T) {
+	a, f := testApplier(t, 0)
+	at := time.Now().Add(-time.Second).Truncate(10 * time.Millisecond)
+	f.failGroup = 1 // the second group: the four transactions after the first
+	n := 0
+	next := func() ([]string, pglogrepl.LSN) {
+		n++
+		msgs, end := txn(n, at, insertMsg(testRel, n))
+		return feed(t, a, msgs), end
+	}
+	for range 5 {
+		next()
+	}
+	if err := a.drain(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if st := a.stats.snapshot(); st.RetriedTxns != 4 || f.progress != 0x5008 {
+		t.Fatalf("%d transactions retried, origin progress %s: want the failed group's 4 applied carefully, to 0/5008", st.RetriedTxns, f.progress)
+	}
+	if a.careful.stretch != carefulStretch {
+		t.Fatalf("stretch %d after a failure, want %d", a.careful.stretch, carefulStretch)
+	}
+	for i := range carefulStretch {
+		modes, end := next()
+		want := "careful careful careful"
+		if i == carefulStretch-1 {
+			want = "careful careful grouped" // the stretch is over
+		}
+		if got := strings.Join(modes, " "); got != want {
+			t.Fatalf("transaction %d of the stretch: modes %q, want %q", i+1, got, want)
+		}
+		if f.progress != end {
+			t.Fatalf("transaction %d of the stretch: progress %s, want %s", i+1, f.progress, end)
+		}
+	}
+	if modes, _ := next(); modes[0] != "grouped" {
+		t.Errorf("after the stretch, modes %q, want grouped", modes)
+	}
+}
+
+// A TRUNCATE alone in its transaction goes careful, and its transaction
+// commits like any other.
+func TestTruncateCommits(t *testing.T) {
+	a, f := testApplier(t, 0)
+	truncate := binary.BigEndian.AppendUint32([]byte{'T'}, 1)
+	truncate = binary.BigEndian.AppendUint32(append(truncate, 0), testRel)
+	msgs, end := txn(1, time.Now(), truncate)
+	if got := strings.Join(feed(t, a, msgs), " "); got != "grouped careful grouped" {
+		t.Errorf("modes %q, want careful for the TRUNCATE", got)
+	}
+	if count(f.calls, `run TRUNCATE "s"."T x"`) != 1 || f.progress != end || f.open {
+		t.Errorf("calls %q, progress %s (want %s), transaction left open: %v", f.calls, f.progress, end, f.open)
+	}
+}
