@@ -167,7 +167,7 @@ const testRel = 16384
 
 // testApplier is an applier on a fake session, with the table of
 // testRelation known and loaded as relation testRel.
-func testApplier(t *testing.T, retry pglogrepl.LSN) (*applier, *fakeSession) {
+func testApplier(t testing.TB, retry pglogrepl.LSN) (*applier, *fakeSession) {
 	t.Helper()
 	f := newFakeSession()
 	cfg := &Config{LocalNode: "local", Peer: Peer{Name: "peer", ID: 2}, NodeID: func(string) int { return 1 },
