@@ -24,24 +24,24 @@ func (d *Daemon) routes() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /v1/status", d.handleStatus)
 	mux.HandleFunc("GET /v1/conflicts", d.handleConflicts)
-	mux.HandleFunc("POST /v1/group/create", d.handleCreate)
-	mux.HandleFunc("POST /v1/group/join", d.handleJoin)
-	mux.HandleFunc("POST /v1/node/part", d.handlePart)
-	mux.HandleFunc("POST /v1/setting", d.handleSetting)
+	mux.HandleFunc("POST /v1/group/create", post(http.StatusOK, http.StatusInternalServerError, d.createGroup))
+	mux.HandleFunc("POST /v1/group/join", post(http.StatusAccepted, http.StatusBadRequest, d.joining.start))
+	mux.HandleFunc("POST /v1/node/part", post(http.StatusOK, http.StatusBadGateway, d.part))
+	mux.HandleFunc("POST /v1/setting", post(http.StatusOK, http.StatusBadGateway, d.setting))
 	mux.HandleFunc("POST /v1/cluster/setting", d.handleClusterSetting)
-	mux.HandleFunc("POST /v1/wait", d.handleWait)
-	mux.HandleFunc("GET /v1/sequences/audit", d.handleAudit)
-	mux.HandleFunc("POST /v1/sequences/convert", d.handleConvert)
-	mux.HandleFunc("GET /v1/sequences", d.handleSequences)
+	mux.HandleFunc("POST /v1/wait", post(http.StatusOK, http.StatusInternalServerError, d.wait))
+	mux.HandleFunc("GET /v1/sequences/audit", get(d.sequences.audit))
+	mux.HandleFunc("POST /v1/sequences/convert", post(http.StatusOK, http.StatusInternalServerError, d.sequences.convert))
+	mux.HandleFunc("GET /v1/sequences", get(d.sequenceList))
 	mux.HandleFunc("POST /v1/cluster/galloc", d.handleClusterGalloc)
-	mux.HandleFunc("POST /v1/ddl", d.handleDDL)
-	mux.HandleFunc("POST /v1/compare", d.handleCompare)
+	mux.HandleFunc("POST /v1/ddl", post(http.StatusOK, http.StatusInternalServerError, noAnswer(d.runDDL)))
+	mux.HandleFunc("POST /v1/compare", post(http.StatusOK, http.StatusInternalServerError, d.compare))
 	mux.HandleFunc("POST /v1/cluster/lock", d.handleClusterLock)
-	mux.HandleFunc("GET /v1/parked", d.handleParked)
-	mux.HandleFunc("POST /v1/parked/replay", d.handleReplay)
-	mux.HandleFunc("POST /v1/parked/discard", d.handleDiscard)
-	mux.HandleFunc("GET /v1/repsets", d.handleRepsetList)
-	mux.HandleFunc("POST /v1/repset", d.handleRepset)
+	mux.HandleFunc("GET /v1/parked", get(d.parkedList))
+	mux.HandleFunc("POST /v1/parked/replay", post(http.StatusOK, http.StatusInternalServerError, d.replayParked))
+	mux.HandleFunc("POST /v1/parked/discard", post(http.StatusOK, http.StatusInternalServerError, d.discardParked))
+	mux.HandleFunc("GET /v1/repsets", get(d.repsets))
+	mux.HandleFunc("POST /v1/repset", post(http.StatusOK, http.StatusInternalServerError, d.changeRepset))
 	mux.HandleFunc("POST /v1/cluster/repset", d.handleClusterRepset)
 	mux.HandleFunc("GET /status", d.handleStatus)
 	mux.HandleFunc("GET /health", d.handleHealth)
@@ -101,6 +101,44 @@ func withStatus(code int, err error) error {
 	return &api.Error{Status: code, Message: err.Error()}
 }
 
+// post adapts fn to a route whose request is a JSON body: the handler
+// decodes it, calls fn, and answers ok with what fn returns, or the error
+// with its own status (an *api.Error) or failed. Handlers stay this thin:
+// the work is in fn, where it can be called and tested without HTTP.
+func post[Req, Resp any](ok, failed int, fn func(context.Context, Req) (Resp, error)) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		var req Req
+		if err := readJSON(r, &req); err != nil {
+			writeErr(w, 0, err)
+			return
+		}
+		resp, err := fn(r.Context(), req)
+		if err != nil {
+			writeErr(w, failed, err)
+			return
+		}
+		writeJSON(w, ok, resp)
+	}
+}
+
+// noAnswer adapts fn, which answers nothing but its error, to post.
+func noAnswer[Req any](fn func(context.Context, Req) error) func(context.Context, Req) (struct{}, error) {
+	return func(ctx context.Context, req Req) (struct{}, error) { return struct{}{}, fn(ctx, req) }
+}
+
+// get adapts fn to a route that reads nothing but the request's context;
+// an error without its own status answers 500.
+func get[Resp any](fn func(context.Context) (Resp, error)) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		resp, err := fn(r.Context())
+		if err != nil {
+			writeErr(w, http.StatusInternalServerError, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, resp)
+	}
+}
+
 func readJSON(r *http.Request, v any) error {
 	dec := json.NewDecoder(http.MaxBytesReader(nil, r.Body, 1<<20))
 	dec.DisallowUnknownFields()
@@ -156,28 +194,33 @@ func (d *Daemon) handleConflicts(w http.ResponseWriter, r *http.Request) {
 		}
 		limit = n
 	}
-	rows, err := d.db.Query(r.Context(), `SELECT id, occurred_at, local_node, origin_node, relation,
-		conflict_type, resolution, key_tuple, local_tuple, remote_tuple, applied_tuple,
-		local_commit_ts, local_origin, remote_commit_ts, remote_commit_lsn::text, remote_xid, reason
-		FROM pgmesh.conflict_history
-		WHERE ($1 = '' OR relation = $1 OR relation = 'public.' || $1) AND ($2 = '' OR conflict_type = $2)
-		ORDER BY id DESC LIMIT $3`, r.URL.Query().Get("table"), r.URL.Query().Get("type"), limit)
+	out, err := d.conflicts(r.Context(), r.URL.Query().Get("table"), r.URL.Query().Get("type"), limit)
 	if err != nil {
 		writeErr(w, http.StatusInternalServerError, fmt.Errorf("read pgmesh.conflict_history: %w", err))
 		return
 	}
-	out, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (api.Conflict, error) {
+	writeJSON(w, http.StatusOK, out)
+}
+
+// conflicts reads the newest limit rows of pgmesh.conflict_history, of one
+// table and one conflict type when they are given.
+func (d *Daemon) conflicts(ctx context.Context, table, typ string, limit int) ([]api.Conflict, error) {
+	rows, err := d.db.Query(ctx, `SELECT id, occurred_at, local_node, origin_node, relation,
+		conflict_type, resolution, key_tuple, local_tuple, remote_tuple, applied_tuple,
+		local_commit_ts, local_origin, remote_commit_ts, remote_commit_lsn::text, remote_xid, reason
+		FROM pgmesh.conflict_history
+		WHERE ($1 = '' OR relation = $1 OR relation = 'public.' || $1) AND ($2 = '' OR conflict_type = $2)
+		ORDER BY id DESC LIMIT $3`, table, typ, limit)
+	if err != nil {
+		return nil, err
+	}
+	return pgx.CollectRows(rows, func(row pgx.CollectableRow) (api.Conflict, error) {
 		var c api.Conflict
 		err := row.Scan(&c.ID, &c.OccurredAt, &c.LocalNode, &c.OriginNode, &c.Relation, &c.Type, &c.Resolution,
 			&c.KeyTuple, &c.LocalTuple, &c.RemoteTuple, &c.AppliedTuple, &c.LocalCommitTS, &c.LocalOrigin,
 			&c.RemoteCommitTS, &c.RemoteLSN, &c.RemoteXID, &c.Reason)
 		return c, err
 	})
-	if err != nil {
-		writeErr(w, http.StatusInternalServerError, fmt.Errorf("read pgmesh.conflict_history: %w", err))
-		return
-	}
-	writeJSON(w, http.StatusOK, out)
 }
 
 // authorized checks the bearer token of a member-to-member call.

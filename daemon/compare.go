@@ -32,33 +32,21 @@ func (d *Daemon) compareNodes() ([]compare.Node, error) {
 	return nodes, nil
 }
 
-func (d *Daemon) handleCompare(w http.ResponseWriter, r *http.Request) {
-	var req api.CompareRequest
-	if err := readJSON(r, &req); err != nil {
-		writeErr(w, 0, err)
-		return
-	}
+// compare compares (and with req.Repair, repairs) the tables req names on
+// every active node, or with req.ListOnly lists the tables it would.
+func (d *Daemon) compare(ctx context.Context, req api.CompareRequest) (api.CompareResponse, error) {
 	nodes, err := d.compareNodes()
 	if err != nil {
-		writeErr(w, http.StatusConflict, err)
-		return
+		return api.CompareResponse{}, withStatus(http.StatusConflict, err)
 	}
-	ctx := r.Context()
 	if req.ListOnly {
 		names, err := compare.Tables(ctx, nodes[0], req.Tables)
 		if err != nil {
-			writeErr(w, http.StatusBadRequest, err)
-			return
+			return api.CompareResponse{}, withStatus(http.StatusBadRequest, err)
 		}
-		writeJSON(w, http.StatusOK, api.CompareResponse{Names: names})
-		return
+		return api.CompareResponse{Names: names}, nil
 	}
-	out, err := d.compareShares(ctx, nodes, req)
-	if err != nil {
-		writeErr(w, http.StatusInternalServerError, err)
-		return
-	}
-	writeJSON(w, http.StatusOK, out)
+	return d.compareShares(ctx, nodes, req)
 }
 
 // compareShares compares (and with req.Repair repairs) each table among the

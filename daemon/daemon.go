@@ -49,10 +49,8 @@ type Daemon struct {
 	ids atomic.Pointer[map[string]int]
 	// luwNanos is the luw_resolution in use (resolution.go).
 	luwNanos atomic.Int64
-	join     joiner
-	// joins hands a join the API accepted to runJoins, which runs it for
-	// the daemon's lifetime (at most one is running: joiner.running).
-	joins chan api.JoinRequest
+	join     joiner // the join's status
+	joining  *joining
 	// gate holds the streams while a joining node takes its snapshot here.
 	gate   replicator.Gate
 	pauses pauses
@@ -105,7 +103,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		return err
 	}
 	log = log.With("node", cfg.NodeName)
-	d := &Daemon{cfg: cfg, log: log, problems: problemLog{log: log}, joins: make(chan api.JoinRequest, 1)}
+	d := &Daemon{cfg: cfg, log: log, problems: problemLog{log: log}}
 
 	// A joining node's database is read-only for applications, not for us.
 	poolCfg, err := pgsession.Pool(cfg.DSN, "pgmesh admin", 4, pgsession.Writer)
@@ -147,7 +145,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	g.Go(func() error { d.housekeeper.run(ctx); return nil })
 	g.Go(func() error { d.publishProgress(ctx); return nil })
 	g.Go(func() error { d.sequences.maintain(ctx); return nil })
-	g.Go(func() error { d.runJoins(ctx); return nil })
+	g.Go(func() error { d.joining.run(ctx); return nil })
 	g.Go(func() error { d.standbys.run(ctx); return nil })
 	g.Go(func() error { d.promotion.run(ctx); return nil })
 	err = g.Wait()
@@ -168,6 +166,17 @@ func (d *Daemon) makeParts() {
 	d.promotion = newPromotion(d.db, d.log, &d.problems, d.repairAll, d.streamsNotBack)
 	d.sequences = &sequences{db: d.db, node: d.cfg.NodeName, store: d.store, leader: d.leader, problems: &d.problems,
 		everywhere: d.everywhere, tendSoon: make(chan struct{}, 1)}
+	d.joining = &joining{name: d.cfg.NodeName, localDSN: d.cfg.DSN, store: d.store, local: d, status: &d.join,
+		members: func(addr, token string) member { return d.members.Client(addr, token) },
+		queue:   make(chan api.JoinRequest, 1), log: d.log}
+}
+
+// publishHere makes this node's publications for the group's members.
+func (d *Daemon) publishHere(ctx context.Context, g *membership.Group) error {
+	return d.withConn(ctx, func(conn *pgx.Conn) error {
+		_, err := d.publications.sync(ctx, conn, g, d.receivers(g))
+		return err
+	})
 }
 
 // serve runs the API server until ctx ends, then shuts it down, waiting

@@ -61,20 +61,6 @@ func (d *Daemon) lock(ctx context.Context, name string, release bool, ttl time.D
 	return leader.Lock(ctx, api.LockRequest{Lock: name, Node: d.cfg.NodeName, Release: release, TTLms: ttl.Milliseconds()})
 }
 
-// handleDDL runs a DDL statement on every node (runDDL).
-func (d *Daemon) handleDDL(w http.ResponseWriter, r *http.Request) {
-	var req api.DDLRequest
-	if err := readJSON(r, &req); err != nil {
-		writeErr(w, 0, err)
-		return
-	}
-	if err := d.runDDL(r.Context(), req); err != nil {
-		writeErr(w, http.StatusInternalServerError, err)
-		return
-	}
-	writeJSON(w, http.StatusOK, struct{}{})
-}
-
 // runDDL runs pgmesh.replicate_ddl under the global DDL lock, waiting for
 // the lock up to the request's timeout. Errors are *api.Error: a bad
 // timeout or statement (400), the lock not taken (409).

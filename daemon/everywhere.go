@@ -43,25 +43,13 @@ func (d *Daemon) applySetting(ctx context.Context, s api.Setting) error {
 	return nil
 }
 
-// handleSetting applies a per-table setting on every active member: a delta
-// column is only safe once every node sends old values and applies
-// increments, and a home column only guards writes on nodes that check it.
-func (d *Daemon) handleSetting(w http.ResponseWriter, r *http.Request) {
-	var req api.Setting
-	if err := readJSON(r, &req); err != nil {
-		writeErr(w, 0, err)
-		return
-	}
+// setting makes req on every active node (everywhere), after checking it.
+func (d *Daemon) setting(ctx context.Context, req api.Setting) (api.SettingResponse, error) {
 	if err := req.Check(); err != nil {
-		writeErr(w, http.StatusBadRequest, err)
-		return
+		return api.SettingResponse{}, withStatus(http.StatusBadRequest, err)
 	}
-	done, err := d.everywhere(r.Context(), req)
-	if err != nil {
-		writeErr(w, http.StatusBadGateway, err)
-		return
-	}
-	writeJSON(w, http.StatusOK, api.SettingResponse{Nodes: done})
+	done, err := d.everywhere(ctx, req)
+	return api.SettingResponse{Nodes: done}, err
 }
 
 // everywhere applies a setting on every active member (here directly, on

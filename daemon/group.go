@@ -44,20 +44,6 @@ func newToken() (string, error) {
 	return "pgmesh_" + base64.RawURLEncoding.EncodeToString(b), nil
 }
 
-func (d *Daemon) handleCreate(w http.ResponseWriter, r *http.Request) {
-	var req api.CreateRequest
-	if err := readJSON(r, &req); err != nil {
-		writeErr(w, 0, err)
-		return
-	}
-	out, err := d.createGroup(r.Context(), req)
-	if err != nil {
-		writeErr(w, http.StatusInternalServerError, err)
-		return
-	}
-	writeJSON(w, http.StatusOK, out)
-}
-
 // createGroup makes a node group with this node as its first member, and
 // its join token. Errors are *api.Error: a bad name (400), a node already
 // in a group (409).
@@ -186,39 +172,28 @@ func (d *Daemon) handleClusterState(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, api.JoinResponse{Group: g.Name, Node: api.NodeOf(n)})
 }
 
-func (d *Daemon) handlePart(w http.ResponseWriter, r *http.Request) {
-	var req api.PartRequest
-	if err := readJSON(r, &req); err != nil {
-		writeErr(w, 0, err)
-		return
-	}
+// part parts a member: an active one once its changes have reached every
+// other member (drainParting), unless req.Force; the leader then records
+// it as parted (handleClusterPart).
+func (d *Daemon) part(ctx context.Context, req api.PartRequest) (api.JoinResponse, error) {
 	g, _ := d.store.Group()
 	if g == nil {
-		writeErr(w, http.StatusConflict, fmt.Errorf("node %q is not in a node group", d.cfg.NodeName))
-		return
+		return api.JoinResponse{}, withStatus(http.StatusConflict, fmt.Errorf("node %q is not in a node group", d.cfg.NodeName))
 	}
 	n := g.Nodes[req.Name]
 	if n == nil || n.State == membership.Parted {
-		writeErr(w, http.StatusNotFound, fmt.Errorf("node %q is not a member of group %q: 'pgmesh status' lists the members", req.Name, g.Name))
-		return
+		return api.JoinResponse{}, withStatus(http.StatusNotFound, fmt.Errorf("node %q is not a member of group %q: 'pgmesh status' lists the members", req.Name, g.Name))
 	}
 	token, err := d.loadToken()
 	if err != nil {
-		writeErr(w, http.StatusConflict, err)
-		return
+		return api.JoinResponse{}, withStatus(http.StatusConflict, err)
 	}
 	if !req.Force && n.State == membership.Active {
-		if err := d.drainParting(r.Context(), g, n); err != nil {
-			writeErr(w, http.StatusConflict, err)
-			return
+		if err := d.drainParting(ctx, g, n); err != nil {
+			return api.JoinResponse{}, withStatus(http.StatusConflict, err)
 		}
 	}
-	out, err := d.members.Client(d.cfg.AdvertiseAPI, token).ClusterPart(r.Context(), req)
-	if err != nil {
-		writeErr(w, http.StatusBadGateway, err)
-		return
-	}
-	writeJSON(w, http.StatusOK, out)
+	return d.members.Client(d.cfg.AdvertiseAPI, token).ClusterPart(ctx, req)
 }
 
 // partDrainTimeout bounds how long a part waits for the remaining members

@@ -91,18 +91,14 @@ func (d *Daemon) handleHealth(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, code, rep)
 }
 
-func (d *Daemon) handleWait(w http.ResponseWriter, r *http.Request) {
-	var req api.WaitRequest
-	if err := readJSON(r, &req); err != nil {
-		writeErr(w, 0, err)
-		return
-	}
+// wait waits until this node has applied what its peers had committed when
+// it was asked, or the request's timeout passes (pgmesh.wait_for_peers).
+func (d *Daemon) wait(ctx context.Context, req api.WaitRequest) (api.WaitResponse, error) {
 	timeout, err := time.ParseDuration(req.Timeout)
 	if err != nil || timeout <= 0 {
-		writeErr(w, http.StatusBadRequest, fmt.Errorf("timeout %q is not a positive duration", req.Timeout))
-		return
+		return api.WaitResponse{}, withStatus(http.StatusBadRequest, fmt.Errorf("timeout %q is not a positive duration", req.Timeout))
 	}
-	ctx, cancel := context.WithTimeout(r.Context(), timeout+10*time.Second)
+	ctx, cancel := context.WithTimeout(ctx, timeout+10*time.Second)
 	defer cancel()
 	start := time.Now()
 	var peers []string
@@ -111,8 +107,7 @@ func (d *Daemon) handleWait(w http.ResponseWriter, r *http.Request) {
 	}
 	var ok bool
 	if err := d.db.QueryRow(ctx, `SELECT pgmesh.wait_for_peers(make_interval(secs => $1), $2)`, timeout.Seconds(), peers).Scan(&ok); err != nil {
-		writeErr(w, http.StatusInternalServerError, fmt.Errorf("wait_for_peers: %w", err))
-		return
+		return api.WaitResponse{}, fmt.Errorf("wait_for_peers: %w", err)
 	}
-	writeJSON(w, http.StatusOK, api.WaitResponse{Applied: ok, WaitedMS: time.Since(start).Milliseconds()})
+	return api.WaitResponse{Applied: ok, WaitedMS: time.Since(start).Milliseconds()}, nil
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/http"
 	"time"
 
@@ -21,73 +22,104 @@ import (
 	"github.com/pgmesh/pgmesh/repset"
 )
 
-// handleJoin starts joining the group of the daemon at Via in the
-// background; `pgmesh group join` then follows the progress in status.
-func (d *Daemon) handleJoin(w http.ResponseWriter, r *http.Request) {
-	var req api.JoinRequest
-	if err := readJSON(r, &req); err != nil {
-		writeErr(w, 0, err)
-		return
+// joining is this node's join of a group, the protocol between this node
+// and the members (ARCHITECTURE.md, "Joining"): it admits one join at a
+// time (status), registers through a member at once, then copies and
+// activates in the background, for the daemon's lifetime (run). It talks
+// to the members through member and to this node through joinLocal, so
+// that its decisions are tested without HTTP (join_test.go).
+type joining struct {
+	name     string // this node
+	localDSN string
+	store    interface {
+		Group() (*membership.Group, <-chan struct{})
 	}
-	reg, err := d.startJoin(r.Context(), req)
-	if err != nil {
-		writeErr(w, http.StatusBadRequest, err)
-		return
-	}
-	writeJSON(w, http.StatusAccepted, reg)
+	members func(addr, token string) member
+	local   joinLocal
+	status  *joiner
+	// queue hands a join start accepted to run; it holds one, and status
+	// admits one at a time, so start never blocks on it.
+	queue chan api.JoinRequest
+	log   *slog.Logger
 }
 
-// startJoin registers this node with the group as joining and hands the
-// rest of the join to runJoins. A bad token or a non-empty database is
+// member is another member's daemon as a join calls it (*api.Client over
+// HTTP).
+type member interface {
+	statusSource
+	pausable
+	Register(ctx context.Context, req api.RegisterRequest) (api.JoinResponse, error)
+	SetState(ctx context.Context, req api.StateRequest) (api.JoinResponse, error)
+}
+
+// joinLocal is what a join does to this node's own database and daemon
+// (the Daemon's methods).
+type joinLocal interface {
+	self() membership.Node
+	checkEmpty(ctx context.Context) error
+	adoptResolution(ctx context.Context, nodes map[string]*membership.Node) error
+	saveToken(token string) error
+	waitForSelf(ctx context.Context) (*membership.Group, error)
+	setReadOnly(ctx context.Context, on bool) error
+	forgetAll(ctx context.Context) error
+	peerDSN(n *membership.Node) string
+	peerAPI(n *membership.Node) string
+	publishHere(ctx context.Context, g *membership.Group) error
+	syncNodeTable(ctx context.Context, g *membership.Group) error
+	applySetting(ctx context.Context, s api.Setting) error
+}
+
+// start registers this node with the group as joining and hands the
+// rest of the join to run. A bad token or a non-empty database is
 // reported at once.
-func (d *Daemon) startJoin(ctx context.Context, req api.JoinRequest) (*api.JoinResponse, error) {
+func (j *joining) start(ctx context.Context, req api.JoinRequest) (*api.JoinResponse, error) {
 	if req.Via == "" || req.Token == "" {
 		return nil, errors.New("join needs --via HOST:PORT (a member's API address) and --token (printed by 'pgmesh group create')")
 	}
-	if g, _ := d.store.Group(); g != nil {
-		if me := g.Nodes[d.cfg.NodeName]; me != nil && me.State != membership.Joining {
-			return nil, &api.Error{Status: http.StatusConflict, Message: fmt.Sprintf("node %q is already %s in node group %q", d.cfg.NodeName, me.State, g.Name)}
+	if g, _ := j.store.Group(); g != nil {
+		if me := g.Nodes[j.name]; me != nil && me.State != membership.Joining {
+			return nil, &api.Error{Status: http.StatusConflict, Message: fmt.Sprintf("node %q is already %s in node group %q", j.name, me.State, g.Name)}
 		}
 	}
-	if !d.join.start(req.Via) {
+	if !j.status.start(req.Via) {
 		return nil, &api.Error{Status: http.StatusConflict, Message: "a join is already running on this node: follow it with 'pgmesh status'"}
 	}
 
-	reg, err := d.register(ctx, req)
+	reg, err := j.register(ctx, req)
 	if err != nil {
-		d.join.finish(err)
+		j.status.finish(err)
 		return nil, err
 	}
-	d.joins <- req // never blocks: the buffer holds one, and join.start admits one
+	j.queue <- req // never blocks: the buffer holds one, and join.start admits one
 	return reg, nil
 }
 
-// runJoins runs the joins the API accepts for the daemon's lifetime: a
+// run runs the joins the API accepts for the daemon's lifetime: a
 // join outlives the request that started it.
-func (d *Daemon) runJoins(ctx context.Context) {
+func (j *joining) run(ctx context.Context) {
 	for {
 		select {
 		case <-ctx.Done():
 			return
-		case req := <-d.joins:
-			d.join.finish(d.copyAndActivate(ctx, req))
+		case req := <-j.queue:
+			j.status.finish(j.copyAndActivate(ctx, req))
 		}
 	}
 }
 
 // register checks this database and enters the group as joining.
-func (d *Daemon) register(ctx context.Context, req api.JoinRequest) (*api.JoinResponse, error) {
-	g, _ := d.store.Group()
-	retry := g != nil && g.Nodes[d.cfg.NodeName] != nil
+func (j *joining) register(ctx context.Context, req api.JoinRequest) (*api.JoinResponse, error) {
+	g, _ := j.store.Group()
+	retry := g != nil && g.Nodes[j.name] != nil
 	if !retry {
 		// On a retry the tables hold a partial copy, which is replaced.
-		if err := d.checkEmpty(ctx); err != nil {
+		if err := j.local.checkEmpty(ctx); err != nil {
 			return nil, err
 		}
 	}
 	// Without luw_resolution in the config, this node takes the group's.
 	if !retry {
-		st, err := d.members.Client(req.Via, "").Status(ctx)
+		st, err := j.members(req.Via, "").Status(ctx)
 		if err != nil {
 			return nil, fmt.Errorf("ask %s about the group: %w", req.Via, err)
 		}
@@ -95,15 +127,15 @@ func (d *Daemon) register(ctx context.Context, req api.JoinRequest) (*api.JoinRe
 		for _, n := range st.Nodes {
 			nodes[n.Name] = n.Member()
 		}
-		if err := d.adoptResolution(ctx, nodes); err != nil {
+		if err := j.local.adoptResolution(ctx, nodes); err != nil {
 			return nil, err
 		}
 	}
-	reg, err := d.members.Client(req.Via, req.Token).Register(ctx, api.RegisterRequest{Node: *api.NodeOf(new(d.self()))})
+	reg, err := j.members(req.Via, req.Token).Register(ctx, api.RegisterRequest{Node: *api.NodeOf(new(j.local.self()))})
 	if err != nil {
 		return nil, fmt.Errorf("join through %s: %w", req.Via, err)
 	}
-	if err := d.saveToken(req.Token); err != nil {
+	if err := j.local.saveToken(req.Token); err != nil {
 		return nil, fmt.Errorf("save join token: %w", err)
 	}
 	return &reg, nil
@@ -112,71 +144,71 @@ func (d *Daemon) register(ctx context.Context, req api.JoinRequest) (*api.JoinRe
 // copyAndActivate copies schema and data from the source member and makes
 // this node active, so that every change of every member reaches it exactly
 // once (ARCHITECTURE.md, invariants: join loses nothing).
-func (d *Daemon) copyAndActivate(ctx context.Context, req api.JoinRequest) error {
-	g, err := d.waitForSelf(ctx)
+func (j *joining) copyAndActivate(ctx context.Context, req api.JoinRequest) error {
+	g, err := j.local.waitForSelf(ctx)
 	if err != nil {
 		return err
 	}
-	src, err := d.members.Client(req.Via, "").Status(ctx)
+	src, err := j.members(req.Via, "").Status(ctx)
 	if err != nil {
 		return fmt.Errorf("ask %s which node it is: %w", req.Via, err)
 	}
-	source, others, err := planJoin(g, d.cfg.NodeName, src.Node, req.Via)
+	source, others, err := planJoin(g, j.name, src.Node, req.Via)
 	if err != nil {
 		return err
 	}
 
 	// Applications may not write here until the node is active: their
 	// changes would not reach the group.
-	d.join.phase(ctx, "preparing")
-	if err := d.setReadOnly(ctx, true); err != nil {
+	j.status.phase(ctx, "preparing")
+	if err := j.local.setReadOnly(ctx, true); err != nil {
 		return err
 	}
-	if err := d.forgetAll(ctx); err != nil { // leftovers of an earlier attempt
+	if err := j.local.forgetAll(ctx); err != nil { // leftovers of an earlier attempt
 		return err
 	}
-	slot := origin.SlotName(d.cfg.NodeName)
-	starts, err := d.reserveOnMembers(ctx, g, source, others)
+	slot := origin.SlotName(j.name)
+	starts, err := j.reserveOnMembers(ctx, g, source, others)
 	if err != nil {
 		return err
 	}
 	// 3. A slot on the source with an exported snapshot: the copy is taken
 	// under it, and streaming the source starts exactly after it.
-	d.join.phase(ctx, "exporting a snapshot on "+source.Name)
-	repl, err := replicator.ConnectReplication(ctx, d.peerDSN(source), "pgmesh join "+d.cfg.NodeName)
+	j.status.phase(ctx, "exporting a snapshot on "+source.Name)
+	repl, err := replicator.ConnectReplication(ctx, j.local.peerDSN(source), "pgmesh join "+j.name)
 	if err != nil {
 		return fmt.Errorf("connect to source %q for replication: %w", source.Name, err)
 	}
 	defer repl.Close(context.Background())
-	if err := dropSlotAt(ctx, d.peerDSN(source), slot); err != nil {
+	if err := dropSlotAt(ctx, j.local.peerDSN(source), slot); err != nil {
 		return fmt.Errorf("drop old slot on source %q: %w", source.Name, err)
 	}
-	snapshot, progress, err := d.sourceSnapshot(ctx, repl, source, slot, req.Token)
+	snapshot, progress, err := j.sourceSnapshot(ctx, repl, source, slot, req.Token)
 	if err != nil {
 		return err
 	}
 	starts = streamStarts(starts, source.Name, snapshot.Start, progress)
 
-	c := join.Copy{Source: source.Name, SourceDSN: d.peerDSN(source), LocalDSN: d.cfg.DSN, Receiver: d.cfg.NodeName,
-		Snapshot: snapshot, Starts: starts, Report: d.join.progress(ctx)}
+	c := join.Copy{Source: source.Name, SourceDSN: j.local.peerDSN(source), LocalDSN: j.localDSN, Receiver: j.name,
+		Snapshot: snapshot, Starts: starts, Report: j.status.progress(ctx)}
 	if err := c.Run(ctx); err != nil {
 		return err
 	}
 	repl.Close(ctx) // the snapshot is no longer needed
-	if err := d.adoptSettings(ctx, d.peerDSN(source), g); err != nil {
+	if err := j.adoptSettings(ctx, j.local.peerDSN(source), g); err != nil {
 		return err
 	}
-	return d.activate(ctx, g, req, append(others, source))
+	return j.activate(ctx, g, req, append(others, source))
 }
 
 // reserveOnMembers makes this node's publication and slot on every member
 // (steps 0 to 2 of the join), and returns the other members' slots' start
 // positions, which the source has applied once it returns.
-func (d *Daemon) reserveOnMembers(ctx context.Context, g *membership.Group, source *membership.Node, others []*membership.Node) (map[string]pglogrepl.LSN, error) {
+func (j *joining) reserveOnMembers(ctx context.Context, g *membership.Group, source *membership.Node, others []*membership.Node) (map[string]pglogrepl.LSN, error) {
 	// 0. This node's publication on every member, before the slots: a
 	// slot must never meet a change from before its publication existed.
 	for _, m := range append(others, source) {
-		if err := publishOn(ctx, d.peerDSN(m), g, d.cfg.NodeName); err != nil {
+		if err := publishOn(ctx, j.local.peerDSN(m), g, j.name); err != nil {
 			return nil, fmt.Errorf("publish this node's share on member %q: %w", m.Name, err)
 		}
 	}
@@ -184,7 +216,7 @@ func (d *Daemon) reserveOnMembers(ctx context.Context, g *membership.Group, sour
 	// kept for this node.
 	starts := map[string]pglogrepl.LSN{}
 	for _, m := range others {
-		lsn, err := recreateSlot(ctx, d.peerDSN(m), origin.SlotName(d.cfg.NodeName))
+		lsn, err := recreateSlot(ctx, j.local.peerDSN(m), origin.SlotName(j.name))
 		if err != nil {
 			return nil, fmt.Errorf("create this node's slot on member %q: %w", m.Name, err)
 		}
@@ -193,8 +225,8 @@ func (d *Daemon) reserveOnMembers(ctx context.Context, g *membership.Group, sour
 	// 2. The source must have applied those members' changes up to there,
 	// so the copy holds everything before the slots' start.
 	for _, m := range others {
-		d.join.phase(ctx, fmt.Sprintf("waiting for %s to apply %s's changes up to %s", source.Name, m.Name, starts[m.Name]))
-		if err := waitApplied(ctx, d.members.Client(d.peerAPI(source), ""), m.Name, starts[m.Name], 10*time.Minute); err != nil {
+		j.status.phase(ctx, fmt.Sprintf("waiting for %s to apply %s's changes up to %s", source.Name, m.Name, starts[m.Name]))
+		if err := waitApplied(ctx, j.members(j.local.peerAPI(source), ""), m.Name, starts[m.Name], 10*time.Minute); err != nil {
 			return nil, err
 		}
 	}
@@ -204,28 +236,25 @@ func (d *Daemon) reserveOnMembers(ctx context.Context, g *membership.Group, sour
 // activate makes the publications here and a slot for every member (step
 // 4, after the copy: members must not receive the copied rows as new
 // changes), opens the database to applications and goes active.
-func (d *Daemon) activate(ctx context.Context, g *membership.Group, req api.JoinRequest, members []*membership.Node) error {
-	d.join.phase(ctx, "creating slots for the members")
-	if err := d.withConn(ctx, func(conn *pgx.Conn) error {
-		_, err := d.publications.sync(ctx, conn, g, d.receivers(g))
-		return err
-	}); err != nil {
+func (j *joining) activate(ctx context.Context, g *membership.Group, req api.JoinRequest, members []*membership.Node) error {
+	j.status.phase(ctx, "creating slots for the members")
+	if err := j.local.publishHere(ctx, g); err != nil {
 		return err
 	}
 	for _, m := range members {
-		if _, err := recreateSlot(ctx, d.cfg.DSN, origin.SlotName(m.Name)); err != nil {
+		if _, err := recreateSlot(ctx, j.localDSN, origin.SlotName(m.Name)); err != nil {
 			return fmt.Errorf("create slot for member %q here: %w", m.Name, err)
 		}
 	}
-	if err := d.setReadOnly(ctx, false); err != nil {
+	if err := j.local.setReadOnly(ctx, false); err != nil {
 		return err
 	}
-	d.join.phase(ctx, "activating")
-	done, err := d.members.Client(req.Via, req.Token).SetState(ctx, api.StateRequest{Name: d.cfg.NodeName, State: membership.Active})
+	j.status.phase(ctx, "activating")
+	done, err := j.members(req.Via, req.Token).SetState(ctx, api.StateRequest{Name: j.name, State: membership.Active})
 	if err != nil {
 		return fmt.Errorf("activate through %s: %w", req.Via, err)
 	}
-	d.log.Info("joined node group", "group", done.Group, "node_id", done.Node.ID)
+	j.log.Info("joined node group", "group", done.Group, "node_id", done.Node.ID)
 	return nil
 }
 
@@ -264,7 +293,7 @@ func streamStarts(slots map[string]pglogrepl.LSN, source string, snapshot pglogr
 // but not the pgmesh schema's rows, and a node without them would diverge
 // (a delta column applied as a plain value), let through writes its home
 // column forbids, or go on with the source's sequence values.
-func (d *Daemon) adoptSettings(ctx context.Context, sourceDSN string, g *membership.Group) error {
+func (j *joining) adoptSettings(ctx context.Context, sourceDSN string, g *membership.Group) error {
 	conn, err := pgsession.Connect(ctx, sourceDSN, "pgmesh join")
 	if err != nil {
 		return err
@@ -277,13 +306,13 @@ func (d *Daemon) adoptSettings(ctx context.Context, sourceDSN string, g *members
 	if len(settings) == 0 {
 		return nil
 	}
-	d.join.phase(ctx, "adopting the group's settings")
+	j.status.phase(ctx, "adopting the group's settings")
 	// Timeshard values carry the local node id, read from pgmesh.node.
-	if err := d.syncNodeTable(ctx, g); err != nil {
+	if err := j.local.syncNodeTable(ctx, g); err != nil {
 		return err
 	}
 	for _, s := range settings {
-		if err := d.applySetting(ctx, s); err != nil {
+		if err := j.local.applySetting(ctx, s); err != nil {
 			return fmt.Errorf("adopt %s as on the source: %w", s, err)
 		}
 	}
@@ -385,14 +414,14 @@ func waitApplied(ctx context.Context, c statusSource, peer string, lsn pglogrepl
 // sourceSnapshot creates this node's slot on the source with an exported
 // snapshot while the source's streams are paused, and returns the snapshot
 // and how far the source had applied each other member's changes then.
-func (d *Daemon) sourceSnapshot(ctx context.Context, repl *pgconn.PgConn, source *membership.Node, slot, token string) (join.Snapshot, map[string]pglogrepl.LSN, error) {
+func (j *joining) sourceSnapshot(ctx context.Context, repl *pgconn.PgConn, source *membership.Node, slot, token string) (join.Snapshot, map[string]pglogrepl.LSN, error) {
 	var snap join.Snapshot
-	conn, err := pgsession.Connect(ctx, d.peerDSN(source), "pgmesh join")
+	conn, err := pgsession.Connect(ctx, j.local.peerDSN(source), "pgmesh join")
 	if err != nil {
 		return snap, nil, fmt.Errorf("connect to source %q: %w", source.Name, err)
 	}
 	defer conn.Close(context.Background())
-	resume, err := pauseApply(ctx, d.members.Client(d.peerAPI(source), token))
+	resume, err := pauseApply(ctx, j.members(j.local.peerAPI(source), token))
 	if err != nil {
 		return snap, nil, fmt.Errorf("pause applying on source %q for the snapshot: %w", source.Name, err)
 	}

@@ -2,7 +2,10 @@ package daemon
 
 import (
 	"context"
+	"errors"
+	"log/slog"
 	"maps"
+	"net/http"
 	"slices"
 	"strings"
 	"testing"
@@ -59,11 +62,19 @@ type fakeMember struct {
 	calls   int
 	paused  string // the pause ID handed out
 	resumed []string
+	// report, when set, is every Status answer.
+	report      *api.StatusReport
+	registerErr error
+	registered  []api.RegisterRequest
+	asked       []string // the addresses a join called it by
 }
 
 func (f *fakeMember) Addr() string { return "fake:7400" }
 
 func (f *fakeMember) Status(context.Context) (api.StatusReport, error) {
+	if f.report != nil {
+		return *f.report, nil
+	}
 	i := min(f.calls, len(f.applied)-1)
 	f.calls++
 	return api.StatusReport{Peers: []replicator.Status{{Peer: "a", AppliedLSN: f.applied[i]}}}, nil
@@ -77,6 +88,15 @@ func (f *fakeMember) Pause(context.Context) (api.PauseResponse, error) {
 func (f *fakeMember) Resume(_ context.Context, req api.ResumeRequest) (api.ResumeResponse, error) {
 	f.resumed = append(f.resumed, req.ID)
 	return api.ResumeResponse{Held: true}, nil
+}
+
+func (f *fakeMember) Register(_ context.Context, req api.RegisterRequest) (api.JoinResponse, error) {
+	f.registered = append(f.registered, req)
+	return api.JoinResponse{Group: "g", Node: &req.Node}, f.registerErr
+}
+
+func (f *fakeMember) SetState(context.Context, api.StateRequest) (api.JoinResponse, error) {
+	return api.JoinResponse{}, errors.New("not in these tests")
 }
 
 // A join waits until the source has applied a member's changes up to the
@@ -108,5 +128,116 @@ func TestPauseApplyResumesItsPause(t *testing.T) {
 	held, err := resume(ctx)
 	if err != nil || !held || !slices.Equal(m.resumed, []string{"p1"}) {
 		t.Fatalf("resume: held %t, err %v, resumed %v", held, err, m.resumed)
+	}
+}
+
+// fakeLocal is this node as the join changes it; it records what was done.
+type fakeLocal struct {
+	joinLocal // what these tests do not reach panics
+	empty     error
+	token     string
+	adopted   []string
+}
+
+func (l *fakeLocal) self() membership.Node { return membership.Node{Name: "new", API: "new:7400"} }
+func (l *fakeLocal) checkEmpty(context.Context) error {
+	return l.empty
+}
+func (l *fakeLocal) adoptResolution(_ context.Context, nodes map[string]*membership.Node) error {
+	l.adopted = slices.Sorted(maps.Keys(nodes))
+	return nil
+}
+func (l *fakeLocal) saveToken(token string) error { l.token = token; return nil }
+
+type fakeStore struct{ g *membership.Group }
+
+func (s fakeStore) Group() (*membership.Group, <-chan struct{}) { return s.g, nil }
+
+func testJoining(g *membership.Group, m *fakeMember, l *fakeLocal) *joining {
+	log := slog.New(slog.DiscardHandler)
+	return &joining{name: "new", store: fakeStore{g}, local: l, status: &joiner{log: log},
+		members: func(addr, token string) member { m.asked = append(m.asked, addr); return m },
+		queue:   make(chan api.JoinRequest, 1), log: log}
+}
+
+func TestJoinStartRefuses(t *testing.T) {
+	active := &membership.Group{Name: "g", Nodes: map[string]*membership.Node{"new": {Name: "new", State: membership.Active}}}
+	cases := []struct {
+		name   string
+		g      *membership.Group
+		req    api.JoinRequest
+		status int // of the *api.Error, 0 for a plain error (400)
+		want   string
+	}{
+		{"without --via", nil, api.JoinRequest{Token: "t"}, 0, "join needs --via"},
+		{"without --token", nil, api.JoinRequest{Via: "a:7400"}, 0, "join needs --via"},
+		{"a node already active", active, api.JoinRequest{Via: "a:7400", Token: "t"}, http.StatusConflict, `node "new" is already active in node group "g"`},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			j := testJoining(c.g, &fakeMember{}, &fakeLocal{})
+			_, err := j.start(context.Background(), c.req)
+			ae, _ := errors.AsType[*api.Error](err)
+			if err == nil || !strings.Contains(err.Error(), c.want) || (ae != nil) != (c.status != 0) || (ae != nil && ae.Status != c.status) {
+				t.Fatalf("got %v, want %q with status %d", err, c.want, c.status)
+			}
+			if len(j.queue) != 0 {
+				t.Fatal("a refused join was queued")
+			}
+		})
+	}
+}
+
+func TestJoinStartRegistersAndQueues(t *testing.T) {
+	m := &fakeMember{report: &api.StatusReport{Node: "a", Nodes: []*api.Node{{Name: "a", LUWResolution: "10ms"}}}}
+	l := &fakeLocal{}
+	j := testJoining(nil, m, l)
+	req := api.JoinRequest{Via: "a:7400", Token: "secret"}
+	reg, err := j.start(context.Background(), req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if reg.Group != "g" || len(m.registered) != 1 || m.registered[0].Node.Name != "new" {
+		t.Fatalf("registered %+v, answered %+v", m.registered, reg)
+	}
+	if strings.Join(l.adopted, ",") != "a" || l.token != "secret" || !slices.Equal(m.asked, []string{"a:7400", "a:7400"}) {
+		t.Errorf("adopted the resolution of %v, saved token %q, asked %v", l.adopted, l.token, m.asked)
+	}
+	if got := <-j.queue; got != req {
+		t.Errorf("queued %+v, want %+v", got, req)
+	}
+	// One join at a time: a second start is refused while this one runs.
+	if _, err := j.start(context.Background(), req); err == nil || !strings.Contains(err.Error(), "a join is already running") {
+		t.Fatalf("a second join while one runs: %v", err)
+	}
+}
+
+func TestJoinStartReportsAFailedRegistration(t *testing.T) {
+	for _, c := range []struct {
+		name  string
+		m     *fakeMember
+		l     *fakeLocal
+		want  string
+		asked bool // the member was asked to register this node
+	}{
+		{"a database that is not empty", &fakeMember{}, &fakeLocal{empty: errors.New("table t holds rows")}, "table t holds rows", false},
+		{"a registration refused", &fakeMember{report: &api.StatusReport{}, registerErr: errors.New("bad token")}, &fakeLocal{}, "join through a:7400: bad token", true},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			j := testJoining(nil, c.m, c.l)
+			_, err := j.start(context.Background(), api.JoinRequest{Via: "a:7400", Token: "t"})
+			if err == nil || !strings.Contains(err.Error(), c.want) {
+				t.Fatalf("got %v, want %q", err, c.want)
+			}
+			if (len(c.m.registered) > 0) != c.asked || len(j.queue) != 0 || c.l.token != "" {
+				t.Errorf("registered %v, queued %d, token saved %q", c.m.registered, len(j.queue), c.l.token)
+			}
+			if st := j.status.snapshot(); st == nil || st.Phase != "failed" || !strings.Contains(st.Error, c.want) {
+				t.Errorf("status %+v, want failed with the cause", st)
+			}
+			if !j.status.start("a:7400") {
+				t.Error("a failed join still blocks the next")
+			}
+		})
 	}
 }

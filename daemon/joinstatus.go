@@ -97,10 +97,11 @@ func (j *joiner) progress(ctx context.Context) func(join.Progress) {
 	}
 }
 
-// save mirrors the status into pgmesh.join_status.
+// save mirrors the status into pgmesh.join_status (kept in memory only
+// without a database, in unit tests).
 func (j *joiner) save(ctx context.Context) {
 	s := j.snapshot()
-	if s == nil {
+	if s == nil || j.db == nil {
 		return
 	}
 	var errText *string

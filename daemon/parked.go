@@ -38,34 +38,21 @@ func parkedNote(p api.ParkedTable) string {
 	return s + fmt.Sprintf("; fix the cause, then run pgmesh replay %s --peer %s", p.Table, p.Peer)
 }
 
-func (d *Daemon) handleParked(w http.ResponseWriter, r *http.Request) {
-	list, err := d.parked(r.Context())
-	if err != nil {
-		writeErr(w, http.StatusInternalServerError, err)
-		return
-	}
+// parkedList is parked, as an empty list rather than none.
+func (d *Daemon) parkedList(ctx context.Context) ([]api.ParkedTable, error) {
+	list, err := d.parked(ctx)
 	if list == nil {
 		list = []api.ParkedTable{}
 	}
-	writeJSON(w, http.StatusOK, list)
+	return list, err
 }
 
-func (d *Daemon) handleReplay(w http.ResponseWriter, r *http.Request)  { d.serveQueue(w, r, false) }
-func (d *Daemon) handleDiscard(w http.ResponseWriter, r *http.Request) { d.serveQueue(w, r, true) }
+func (d *Daemon) replayParked(ctx context.Context, req api.QueueRequest) (api.QueueResponse, error) {
+	return d.takeParked(ctx, req, false)
+}
 
-// serveQueue replays or discards a table's parked changes (takeParked).
-func (d *Daemon) serveQueue(w http.ResponseWriter, r *http.Request, discard bool) {
-	var req api.QueueRequest
-	if err := readJSON(r, &req); err != nil {
-		writeErr(w, 0, err)
-		return
-	}
-	resp, err := d.takeParked(r.Context(), req, discard)
-	if err != nil {
-		writeErr(w, http.StatusInternalServerError, err)
-		return
-	}
-	writeJSON(w, http.StatusOK, resp)
+func (d *Daemon) discardParked(ctx context.Context, req api.QueueRequest) (api.QueueResponse, error) {
+	return d.takeParked(ctx, req, true)
 }
 
 // takeParked replays or discards a table's parked changes from one peer,

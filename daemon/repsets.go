@@ -19,18 +19,13 @@ import (
 	"github.com/pgmesh/pgmesh/repset"
 )
 
-func (d *Daemon) handleRepsetList(w http.ResponseWriter, r *http.Request) {
+// repsets is the group's replication sets as this node sees them.
+func (d *Daemon) repsets(ctx context.Context) (api.RepsetsResponse, error) {
 	g, _ := d.store.Group()
 	if g == nil {
-		writeErr(w, http.StatusConflict, errors.New("this node is not in a node group: pgmesh group create or pgmesh group join first"))
-		return
+		return api.RepsetsResponse{}, withStatus(http.StatusConflict, errors.New("this node is not in a node group: pgmesh group create or pgmesh group join first"))
 	}
-	out, err := d.repsetView(r.Context(), g.Sets())
-	if err != nil {
-		writeErr(w, http.StatusInternalServerError, err)
-		return
-	}
-	writeJSON(w, http.StatusOK, out)
+	return d.repsetView(ctx, g.Sets())
 }
 
 // repsetView spells the sets out against this node's tables.
@@ -65,20 +60,6 @@ func (d *Daemon) repsetView(ctx context.Context, sets repset.Sets) (api.RepsetsR
 		out.Sets = append(out.Sets, v)
 	}
 	return out, err
-}
-
-func (d *Daemon) handleRepset(w http.ResponseWriter, r *http.Request) {
-	var req api.RepsetRequest
-	if err := readJSON(r, &req); err != nil {
-		writeErr(w, 0, err)
-		return
-	}
-	out, err := d.changeRepset(r.Context(), req)
-	if err != nil {
-		writeErr(w, http.StatusInternalServerError, err)
-		return
-	}
-	writeJSON(w, http.StatusOK, out)
 }
 
 // changeRepset makes the change of replication sets req asks for through

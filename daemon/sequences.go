@@ -62,30 +62,6 @@ func (gs *sequences) applyAudit(ctx context.Context) error {
 	})
 }
 
-func (d *Daemon) handleAudit(w http.ResponseWriter, r *http.Request) {
-	rows, err := d.sequences.audit(r.Context())
-	if err != nil {
-		writeErr(w, http.StatusInternalServerError, err)
-		return
-	}
-	writeJSON(w, http.StatusOK, rows)
-}
-
-// handleConvert converts each sequence on every active node.
-func (d *Daemon) handleConvert(w http.ResponseWriter, r *http.Request) {
-	var req api.ConvertRequest
-	if err := readJSON(r, &req); err != nil {
-		writeErr(w, 0, err)
-		return
-	}
-	out, err := d.sequences.convert(r.Context(), req)
-	if err != nil {
-		writeErr(w, http.StatusInternalServerError, err)
-		return
-	}
-	writeJSON(w, http.StatusOK, out)
-}
-
 // convert converts the sequences req names (every one, if none) on every
 // active node, one sequence at a time through the setting fan-out. A
 // mistake in req is an *api.Error with status 400.
@@ -162,19 +138,19 @@ func (gs *sequences) ownedMax(ctx context.Context, seq string) (int64, error) {
 	return highest, nil
 }
 
-func (d *Daemon) handleSequences(w http.ResponseWriter, r *http.Request) {
-	rows, err := d.db.Query(r.Context(), `SELECT seq, kind, chunk_size FROM pgmesh.global_sequence ORDER BY seq`)
+// sequenceList is every global sequence with its kind and the chunks
+// each node holds.
+func (d *Daemon) sequenceList(ctx context.Context) ([]api.SequenceInfo, error) {
+	rows, err := d.db.Query(ctx, `SELECT seq, kind, chunk_size FROM pgmesh.global_sequence ORDER BY seq`)
 	if err != nil {
-		writeErr(w, http.StatusInternalServerError, err)
-		return
+		return nil, err
 	}
 	out, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (api.SequenceInfo, error) {
 		var s api.SequenceInfo
 		return s, row.Scan(&s.Sequence, &s.Kind, &s.ChunkSize)
 	})
 	if err != nil {
-		writeErr(w, http.StatusInternalServerError, err)
-		return
+		return nil, err
 	}
 	if g, _ := d.store.Group(); g != nil {
 		for i := range out {
@@ -183,7 +159,7 @@ func (d *Daemon) handleSequences(w http.ResponseWriter, r *http.Request) {
 			}
 		}
 	}
-	writeJSON(w, http.StatusOK, out)
+	return out, nil
 }
 
 func (d *Daemon) handleClusterGalloc(w http.ResponseWriter, r *http.Request) {
