@@ -12,9 +12,10 @@ import (
 
 // A transaction too large to hold for a retry (fastMaxTxnBytes) is applied
 // in bulk: in one explicit local transaction, streamed, a chunk of changes
-// at a time, each chunk with the fast path's statements (set-based when it
-// collapses, see collapse.go) sent in one round trip. Collapsing a chunk is
-// as exact as collapsing a group: the chunks run in order. If anything
+// at a time, each chunk with the grouped mode's statements (set-based when
+// it collapses, see collapse.go), except that runs of inserts go by COPY,
+// then the check for remembered deletes. Collapsing a chunk is as exact as
+// collapsing a group: the chunks run in order. If anything
 // fails, the local transaction is rolled back, the stream restarts from the
 // origin's progress, and this transaction, streamed again, takes the
 // careful path.
