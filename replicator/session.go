@@ -296,18 +296,9 @@ func (s *pgSession) batch(ctx context.Context, stmts []stmt) ([]*pgconn.Result, 
 
 // execBatch runs statements in one round trip, in the local transaction.
 func (s *pgSession) execBatch(ctx context.Context, stmts []stmt) ([]*pgconn.Result, error) {
-	b := &pgconn.Batch{}
-	first := 0
-	if !s.open {
-		b.ExecParams("BEGIN", nil, nil, nil, nil)
-		first = 1
-	}
-	for _, st := range stmts {
-		n, err := s.prepared(ctx, st.sql)
-		if err != nil {
-			return nil, err
-		}
-		b.ExecPrepared(n, st.params, st.formats, nil)
+	b, first, err := s.newBatch(ctx, stmts)
+	if err != nil {
+		return nil, err
 	}
 	results, err := s.pc.ExecBatch(ctx, b).ReadAll()
 	s.open = true // by the BEGIN at its head, even if a later statement failed (rollback ends it)
@@ -317,9 +308,28 @@ func (s *pgSession) execBatch(ctx context.Context, stmts []stmt) ([]*pgconn.Resu
 	return results, err
 }
 
+// newBatch is a batch running stmts in the local transaction: BEGIN first
+// unless it is open (first is then 1), each statement prepared once.
+func (s *pgSession) newBatch(ctx context.Context, stmts []stmt) (b *pgconn.Batch, first int, err error) {
+	b = &pgconn.Batch{}
+	if !s.open {
+		b.ExecParams("BEGIN", nil, nil, nil, nil)
+		first = 1
+	}
+	for _, st := range stmts {
+		n, err := s.prepared(ctx, st.sql)
+		if err != nil {
+			return nil, 0, err
+		}
+		b.ExecPrepared(n, st.params, st.formats, nil)
+	}
+	return b, first, nil
+}
+
+// commit stamps the local transaction and ends it in one round trip (a
+// transaction whose changes all were no-ops here is begun first).
 func (s *pgSession) commit(ctx context.Context, c stamp) error {
-	guard := c.guard()
-	n, err := s.prepared(ctx, guard.sql)
+	b, _, err := s.newBatch(ctx, []stmt{c.guard()})
 	if err != nil {
 		return err
 	}
@@ -327,11 +337,6 @@ func (s *pgSession) commit(ctx context.Context, c stamp) error {
 	if c.rollback {
 		end = "ROLLBACK"
 	}
-	b := &pgconn.Batch{}
-	if !s.open { // a transaction whose changes all were no-ops here
-		b.ExecParams("BEGIN", nil, nil, nil, nil)
-	}
-	b.ExecPrepared(n, guard.params, nil, nil)
 	b.ExecParams(end, nil, nil, nil, nil)
 	_, err = s.pc.ExecBatch(ctx, b).ReadAll()
 	s.open = false
