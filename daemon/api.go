@@ -14,8 +14,6 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/pgmesh/pgmesh/api"
-	"github.com/pgmesh/pgmesh/internal/poll"
-	"github.com/pgmesh/pgmesh/membership"
 )
 
 // The API has two parts: /v1/* for the local CLI, and /v1/cluster/* for
@@ -27,31 +25,31 @@ func (d *Daemon) routes() http.Handler {
 	mux.HandleFunc("POST /v1/group/create", post(http.StatusOK, http.StatusInternalServerError, d.createGroup))
 	mux.HandleFunc("POST /v1/group/join", post(http.StatusAccepted, http.StatusBadRequest, d.joining.start))
 	mux.HandleFunc("POST /v1/node/part", post(http.StatusOK, http.StatusBadGateway, d.part))
-	mux.HandleFunc("POST /v1/setting", post(http.StatusOK, http.StatusBadGateway, d.setting))
-	mux.HandleFunc("POST /v1/cluster/setting", d.handleClusterSetting)
+	mux.HandleFunc("POST /v1/setting", post(http.StatusOK, http.StatusBadGateway, d.settings.set))
+	mux.HandleFunc("POST /v1/cluster/setting", fromMember(d.cluster, http.StatusBadRequest, d.settings.here))
 	mux.HandleFunc("POST /v1/wait", post(http.StatusOK, http.StatusInternalServerError, d.wait))
 	mux.HandleFunc("GET /v1/sequences/audit", get(d.sequences.audit))
 	mux.HandleFunc("POST /v1/sequences/convert", post(http.StatusOK, http.StatusInternalServerError, d.sequences.convert))
 	mux.HandleFunc("GET /v1/sequences", get(d.sequenceList))
-	mux.HandleFunc("POST /v1/cluster/galloc", d.handleClusterGalloc)
+	mux.HandleFunc("POST /v1/cluster/galloc", onLeader(d.cluster, http.StatusConflict, d.cluster.galloc))
 	mux.HandleFunc("POST /v1/ddl", post(http.StatusOK, http.StatusInternalServerError, noAnswer(d.runDDL)))
-	mux.HandleFunc("POST /v1/compare", post(http.StatusOK, http.StatusInternalServerError, d.compare))
-	mux.HandleFunc("POST /v1/cluster/lock", d.handleClusterLock)
+	mux.HandleFunc("POST /v1/compare", post(http.StatusOK, http.StatusInternalServerError, d.comparer.compare))
+	mux.HandleFunc("POST /v1/cluster/lock", onLeader(d.cluster, http.StatusConflict, d.cluster.lock))
 	mux.HandleFunc("GET /v1/parked", get(d.parkedList))
 	mux.HandleFunc("POST /v1/parked/replay", post(http.StatusOK, http.StatusInternalServerError, d.replayParked))
 	mux.HandleFunc("POST /v1/parked/discard", post(http.StatusOK, http.StatusInternalServerError, d.discardParked))
-	mux.HandleFunc("GET /v1/repsets", get(d.repsets))
-	mux.HandleFunc("POST /v1/repset", post(http.StatusOK, http.StatusInternalServerError, d.changeRepset))
-	mux.HandleFunc("POST /v1/cluster/repset", d.handleClusterRepset)
+	mux.HandleFunc("GET /v1/repsets", get(d.repsets.list))
+	mux.HandleFunc("POST /v1/repset", post(http.StatusOK, http.StatusInternalServerError, d.repsets.change))
+	mux.HandleFunc("POST /v1/cluster/repset", onLeader(d.cluster, http.StatusBadRequest, d.cluster.editRepsets))
 	mux.HandleFunc("GET /status", d.handleStatus)
 	mux.HandleFunc("GET /health", d.handleHealth)
 	mux.Handle("GET /metrics", d.metricsHandler())
-	mux.HandleFunc("POST /v1/cluster/join", d.handleClusterJoin)
-	mux.HandleFunc("POST /v1/cluster/state", d.handleClusterState)
-	mux.HandleFunc("POST /v1/cluster/part", d.handleClusterPart)
-	mux.HandleFunc("POST /v1/cluster/pause", d.handleClusterPause)
-	mux.HandleFunc("POST /v1/cluster/resume", d.handleClusterResume)
-	return localOnly(mux, func(r *http.Request) error { _, err := d.authorized(r); return err })
+	mux.HandleFunc("POST /v1/cluster/join", onLeader(d.cluster, http.StatusConflict, d.cluster.register))
+	mux.HandleFunc("POST /v1/cluster/state", onLeader(d.cluster, http.StatusConflict, d.cluster.activate))
+	mux.HandleFunc("POST /v1/cluster/part", onLeader(d.cluster, http.StatusConflict, d.cluster.part))
+	mux.HandleFunc("POST /v1/cluster/pause", fromMember(d.cluster, http.StatusServiceUnavailable, d.pauses.pause))
+	mux.HandleFunc("POST /v1/cluster/resume", fromMember(d.cluster, http.StatusInternalServerError, d.pauses.resume))
+	return localOnly(mux, func(r *http.Request) error { _, err := d.cluster.authorized(r); return err })
 }
 
 // localOnly lets requests from other hosts reach only what members need
@@ -152,7 +150,7 @@ func readJSON(r *http.Request, v any) error {
 func (d *Daemon) Status() api.StatusReport {
 	g, _ := d.store.Group()
 	rep := api.StatusReport{Node: d.cfg.NodeName, State: "not in a group", RaftState: d.store.RaftState(),
-		RaftLeader: d.store.Leader(), Nodes: []*api.Node{}, Peers: d.streams.statuses()}
+		RaftLeader: d.store.Leader(), Nodes: []*api.Node{}, Peers: d.reconciler.streams.statuses()}
 	if g != nil {
 		rep.Group = g.Name
 		rep.Nodes = api.NodesOf(g.Sorted())
@@ -162,10 +160,10 @@ func (d *Daemon) Status() api.StatusReport {
 	}
 	rep.Join = d.join.snapshot()
 	rep.Problems = d.problems.all()
-	rep.Slots = d.slots.get()
+	rep.Slots = d.slots.found.get()
 	rep.Standbys = d.standbys.last.get()
 	rep.Promotion = d.promotion.status()
-	rep.LocalTables, rep.RepsetsPublished = d.publications.taken()
+	rep.LocalTables, rep.RepsetsPublished = d.reconciler.publications.taken()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
 	var err error
@@ -221,98 +219,4 @@ func (d *Daemon) conflicts(ctx context.Context, table, typ string, limit int) ([
 			&c.RemoteCommitTS, &c.RemoteLSN, &c.RemoteXID, &c.Reason)
 		return c, err
 	})
-}
-
-// authorized checks the bearer token of a member-to-member call.
-func (d *Daemon) authorized(r *http.Request) (*membership.Group, error) {
-	g, _ := d.store.Group()
-	if g == nil {
-		return nil, &api.Error{Status: http.StatusConflict, Message: fmt.Sprintf("node %q is not in a node group: point --via at a member of the group", d.cfg.NodeName)}
-	}
-	token, _ := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
-	if !g.CheckToken(token) {
-		return nil, &api.Error{Status: http.StatusForbidden, Message: fmt.Sprintf("the join token was refused by group %q: use the token printed by 'pgmesh group create'", g.Name)}
-	}
-	return g, nil
-}
-
-// onLeader starts a member-to-member call that changes the Raft state: it
-// decodes the request into req, checks the caller's token, and forwards the
-// call to the leader when this node is not it. It reports whether the
-// caller should go on handling the request here, on the leader.
-func (d *Daemon) onLeader(w http.ResponseWriter, r *http.Request, req any) (*membership.Group, bool) {
-	if err := readJSON(r, req); err != nil {
-		writeErr(w, 0, err)
-		return nil, false
-	}
-	g, err := d.authorized(r)
-	if err != nil {
-		writeErr(w, 0, err)
-		return nil, false
-	}
-	if d.forward(w, r, req) {
-		return nil, false
-	}
-	return g, true
-}
-
-// leader returns a client of the Raft leader's API, for a node that is not
-// it; noLeader is the error while there is no leader.
-func (d *Daemon) leader(noLeader error) (*api.Client, error) {
-	g, _ := d.store.Group()
-	if g == nil {
-		return nil, errors.New("this node is not in a node group")
-	}
-	leader := g.Nodes[d.store.Leader()]
-	if leader == nil {
-		return nil, noLeader
-	}
-	return d.member(d.peerAPI(leader))
-}
-
-// forward sends a member-to-member call on to the Raft leader when this node
-// is not it. It reports whether it handled the request.
-func (d *Daemon) forward(w http.ResponseWriter, r *http.Request, in any) bool {
-	if d.store.IsLeader() {
-		return false
-	}
-	token, _ := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
-	// Leadership may be changing (the leader just died): re-resolve the
-	// leader and retry transport failures for a while. Answers from the
-	// leader, errors included, are final.
-	var out json.RawMessage
-	becameLeader := false
-	err := poll.Until(r.Context(), 200*time.Millisecond, 15*time.Second, func() error {
-		if d.store.IsLeader() {
-			becameLeader = true
-			return nil
-		}
-		g, _ := d.store.Group()
-		var leader *membership.Node
-		if g != nil {
-			leader = g.Nodes[d.store.Leader()]
-		}
-		if leader == nil {
-			return errors.New("the node group has no Raft leader right now (is a majority of members down?): joins and parts need a majority; try again when it is back")
-		}
-		err := d.members.Client(d.peerAPI(leader), token).Do(r.Context(), r.Method, r.URL.Path, in, &out)
-		if _, final := errors.AsType[*api.Error](err); final {
-			return poll.Stop(err)
-		}
-		return err
-	})
-	if becameLeader {
-		return false
-	}
-	if _, final := errors.AsType[*api.Error](err); final {
-		writeErr(w, http.StatusBadGateway, err)
-		return true
-	}
-	if err != nil {
-		writeErr(w, http.StatusServiceUnavailable, err)
-		return true
-	}
-	w.Header().Set("Content-Type", "application/json")
-	_, _ = w.Write(out)
-	return true
 }

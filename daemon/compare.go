@@ -3,30 +3,42 @@ package daemon
 import (
 	"context"
 	"errors"
+	"log/slog"
 	"net/http"
 	"slices"
 
 	"github.com/pgmesh/pgmesh/api"
 	"github.com/pgmesh/pgmesh/compare"
+	"github.com/pgmesh/pgmesh/conflict"
 	"github.com/pgmesh/pgmesh/membership"
 	"github.com/pgmesh/pgmesh/repset"
 )
 
-// compareNodes lists this node first, then the other active members, each
+// comparer compares (and repairs) tables across the active members, each
+// table among the members that receive the same share of it.
+type comparer struct {
+	self, dsn string
+	store     *membership.Store
+	cluster   *cluster
+	rule      func() conflict.Rule
+	log       *slog.Logger
+}
+
+// nodes lists this node first, then the other active members, each
 // with the connection string this node reaches it by.
-func (d *Daemon) compareNodes() ([]compare.Node, error) {
-	g, _ := d.store.Group()
+func (c *comparer) nodes() ([]compare.Node, error) {
+	g, _ := c.store.Group()
 	var me *membership.Node
 	if g != nil {
-		me = g.Nodes[d.cfg.NodeName]
+		me = g.Nodes[c.self]
 	}
 	if me == nil || me.State != membership.Active {
 		return nil, errors.New("this node is not an active member of a node group, so there is nothing to compare it with: run pgmesh compare on an active member")
 	}
-	nodes := []compare.Node{{Name: me.Name, ID: me.ID, DSN: d.cfg.DSN}}
+	nodes := []compare.Node{{Name: me.Name, ID: me.ID, DSN: c.dsn}}
 	for _, n := range g.Sorted() {
 		if n.Name != me.Name && n.State == membership.Active {
-			nodes = append(nodes, compare.Node{Name: n.Name, ID: n.ID, DSN: d.peerDSN(n)})
+			nodes = append(nodes, compare.Node{Name: n.Name, ID: n.ID, DSN: c.cluster.peerDSN(n)})
 		}
 	}
 	return nodes, nil
@@ -34,8 +46,8 @@ func (d *Daemon) compareNodes() ([]compare.Node, error) {
 
 // compare compares (and with req.Repair, repairs) the tables req names on
 // every active node, or with req.ListOnly lists the tables it would.
-func (d *Daemon) compare(ctx context.Context, req api.CompareRequest) (api.CompareResponse, error) {
-	nodes, err := d.compareNodes()
+func (c *comparer) compare(ctx context.Context, req api.CompareRequest) (api.CompareResponse, error) {
+	nodes, err := c.nodes()
 	if err != nil {
 		return api.CompareResponse{}, withStatus(http.StatusConflict, err)
 	}
@@ -46,12 +58,12 @@ func (d *Daemon) compare(ctx context.Context, req api.CompareRequest) (api.Compa
 		}
 		return api.CompareResponse{Names: names}, nil
 	}
-	return d.compareShares(ctx, nodes, req)
+	return c.shares(ctx, nodes, req)
 }
 
-// compareShares compares (and with req.Repair repairs) each table among the
+// shares compares (and with req.Repair repairs) each table among the
 // nodes that receive the same share of it.
-func (d *Daemon) compareShares(ctx context.Context, nodes []compare.Node, req api.CompareRequest) (api.CompareResponse, error) {
+func (c *comparer) shares(ctx context.Context, nodes []compare.Node, req api.CompareRequest) (api.CompareResponse, error) {
 	out := api.CompareResponse{Tables: []compare.TableResult{}}
 	names, err := compare.Tables(ctx, nodes[0], req.Tables)
 	if err != nil {
@@ -60,7 +72,7 @@ func (d *Daemon) compareShares(ctx context.Context, nodes []compare.Node, req ap
 	for _, n := range nodes {
 		out.Nodes = append(out.Nodes, n.Name)
 	}
-	g, _ := d.store.Group()
+	g, _ := c.store.Group()
 	sets := g.Sets()
 	for _, t := range names {
 		groups := shareGroups(sets, nodes, t)
@@ -69,7 +81,7 @@ func (d *Daemon) compareShares(ctx context.Context, nodes []compare.Node, req ap
 				NotComparable: "no two active nodes receive the same share of it (see pgmesh repset list)"})
 		}
 		for _, sh := range groups {
-			opts := compare.Options{Tables: []string{t}, ChunkRows: req.ChunkRows, Rule: d.rule(),
+			opts := compare.Options{Tables: []string{t}, ChunkRows: req.ChunkRows, Rule: c.rule(),
 				Where: sh.share.Where, Columns: sh.share.Columns}
 			res, err := compare.Compare(ctx, sh.nodes, opts)
 			if err != nil {
@@ -94,19 +106,19 @@ func (d *Daemon) compareShares(ctx context.Context, nodes []compare.Node, req ap
 		}
 	}
 	if req.Repair && !req.DryRun {
-		d.log.Info("repaired differing rows", "writes", len(out.Actions))
+		c.log.Info("repaired differing rows", "writes", len(out.Actions))
 	}
 	return out, nil
 }
 
 // repairAll compares and repairs every replicated table among the active
 // members, and returns how many rows it wrote again.
-func (d *Daemon) repairAll(ctx context.Context) (int, error) {
-	nodes, err := d.compareNodes()
+func (c *comparer) repairAll(ctx context.Context) (int, error) {
+	nodes, err := c.nodes()
 	if err != nil {
 		return 0, err
 	}
-	res, err := d.compareShares(ctx, nodes, api.CompareRequest{Repair: true})
+	res, err := c.shares(ctx, nodes, api.CompareRequest{Repair: true})
 	return len(res.Actions), err
 }
 

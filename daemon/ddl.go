@@ -17,28 +17,6 @@ var errNoQuorum = errors.New("the node group has no Raft leader (is a majority o
 // ddlLock is the group-wide lock that lets one replicated DDL run at a time.
 const ddlLock = "ddl"
 
-func (d *Daemon) handleClusterLock(w http.ResponseWriter, r *http.Request) {
-	var req api.LockRequest
-	if _, ok := d.onLeader(w, r, &req); !ok {
-		return
-	}
-	var err error
-	if req.Release {
-		err = d.store.ReleaseLock(req.Lock, req.Node)
-	} else {
-		err = d.store.AcquireLock(req.Lock, req.Node, time.Duration(req.TTLms)*time.Millisecond)
-	}
-	var held *membership.LockHeld
-	switch {
-	case errors.As(err, &held):
-		writeErr(w, http.StatusLocked, err)
-	case err != nil:
-		writeErr(w, http.StatusConflict, err)
-	default:
-		writeJSON(w, http.StatusOK, struct{}{})
-	}
-}
-
 // lock takes (or, with release, gives up) a group-wide lock through the
 // Raft leader.
 func (d *Daemon) lock(ctx context.Context, name string, release bool, ttl time.Duration) error {
@@ -54,7 +32,7 @@ func (d *Daemon) lock(ctx context.Context, name string, release bool, ttl time.D
 		}
 		return err
 	}
-	leader, err := d.leader(errNoQuorum)
+	leader, err := d.cluster.leader(errNoQuorum)
 	if err != nil {
 		return err
 	}

@@ -7,57 +7,70 @@ import (
 	"net/http"
 	"sort"
 
+	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/pgmesh/pgmesh/api"
 	"github.com/pgmesh/pgmesh/membership"
 )
 
-func (d *Daemon) applySetting(ctx context.Context, s api.Setting) error {
+// settings makes the settings that live in every member's database (delta
+// and home columns, sequence kinds, apply-error policies), on every active
+// member at once.
+type settings struct {
+	self      string
+	db        *pgxpool.Pool
+	store     *membership.Store
+	cluster   *cluster
+	sequences *sequences
+}
+
+// apply makes s in this node's database.
+func (st *settings) apply(ctx context.Context, s api.Setting) error {
 	err := s.Check()
 	switch {
 	case err != nil:
 	case s.DeltaColumn != nil:
 		c := s.DeltaColumn
-		_, err = d.db.Exec(ctx, `SELECT pgmesh.set_delta_column($1::regclass, $2, $3)`, c.Table, c.Column, c.Enabled)
+		_, err = st.db.Exec(ctx, `SELECT pgmesh.set_delta_column($1::regclass, $2, $3)`, c.Table, c.Column, c.Enabled)
 	case s.HomeColumn != nil:
 		var col *string
 		if s.HomeColumn.Enabled {
 			col = &s.HomeColumn.Column
 		}
-		_, err = d.db.Exec(ctx, `SELECT pgmesh.set_home_column($1::regclass, $2)`, s.HomeColumn.Table, col)
+		_, err = st.db.Exec(ctx, `SELECT pgmesh.set_home_column($1::regclass, $2)`, s.HomeColumn.Table, col)
 	case s.Timeshard != nil:
-		_, err = d.db.Exec(ctx, `SELECT pgmesh.convert_timeshard($1::regclass)`, s.Timeshard.Sequence)
+		_, err = st.db.Exec(ctx, `SELECT pgmesh.convert_timeshard($1::regclass)`, s.Timeshard.Sequence)
 	case s.Galloc != nil:
-		err = d.sequences.convertGalloc(ctx, s.Galloc.Sequence, s.Galloc.ChunkSize, s.Galloc.MinStart)
+		err = st.sequences.convertGalloc(ctx, s.Galloc.Sequence, s.Galloc.ChunkSize, s.Galloc.MinStart)
 	case s.BigintAudit:
-		err = d.sequences.applyAudit(ctx)
+		err = st.sequences.applyAudit(ctx)
 	case s.ApplyError != nil:
 		var policy *string
 		if s.ApplyError.Policy != "" {
 			policy = &s.ApplyError.Policy
 		}
-		_, err = d.db.Exec(ctx, `SELECT pgmesh.set_on_apply_error($1::regclass, $2)`, s.ApplyError.Table, policy)
+		_, err = st.db.Exec(ctx, `SELECT pgmesh.set_on_apply_error($1::regclass, $2)`, s.ApplyError.Table, policy)
 	}
 	if err != nil {
-		return fmt.Errorf("on node %q: %w", d.cfg.NodeName, err)
+		return fmt.Errorf("on node %q: %w", st.self, err)
 	}
 	return nil
 }
 
-// setting makes req on every active node (everywhere), after checking it.
-func (d *Daemon) setting(ctx context.Context, req api.Setting) (api.SettingResponse, error) {
+// set makes req on every active node (everywhere), after checking it.
+func (st *settings) set(ctx context.Context, req api.Setting) (api.SettingResponse, error) {
 	if err := req.Check(); err != nil {
 		return api.SettingResponse{}, withStatus(http.StatusBadRequest, err)
 	}
-	done, err := d.everywhere(ctx, req)
+	done, err := st.everywhere(ctx, req)
 	return api.SettingResponse{Nodes: done}, err
 }
 
 // everywhere applies a setting on every active member (here directly, on
 // the others through their daemons) and returns where it was applied.
-func (d *Daemon) everywhere(ctx context.Context, req api.Setting) ([]string, error) {
-	nodes := []*membership.Node{{Name: d.cfg.NodeName}}
+func (st *settings) everywhere(ctx context.Context, req api.Setting) ([]string, error) {
+	nodes := []*membership.Node{{Name: st.self}}
 	var token string
-	if g, _ := d.store.Group(); g != nil {
+	if g, _ := st.store.Group(); g != nil {
 		nodes = nil
 		for _, n := range g.Sorted() {
 			if n.State == membership.Active {
@@ -65,7 +78,7 @@ func (d *Daemon) everywhere(ctx context.Context, req api.Setting) ([]string, err
 			}
 		}
 		var err error
-		if token, err = d.loadToken(); err != nil {
+		if token, err = st.cluster.loadToken(); err != nil {
 			return nil, err
 		}
 	}
@@ -73,10 +86,10 @@ func (d *Daemon) everywhere(ctx context.Context, req api.Setting) ([]string, err
 	var errs []error
 	for _, n := range nodes {
 		var err error
-		if n.Name == d.cfg.NodeName {
-			err = d.applySetting(ctx, req)
+		if n.Name == st.self {
+			err = st.apply(ctx, req)
 		} else {
-			err = d.members.Client(d.peerAPI(n), token).ApplySetting(ctx, req)
+			err = st.cluster.client(st.cluster.peerAPI(n), token).ApplySetting(ctx, req)
 		}
 		if err != nil {
 			errs = append(errs, fmt.Errorf("node %q: %w (run the same command again once it is reachable)", n.Name, err))
@@ -91,19 +104,11 @@ func (d *Daemon) everywhere(ctx context.Context, req api.Setting) ([]string, err
 	return done, nil
 }
 
-func (d *Daemon) handleClusterSetting(w http.ResponseWriter, r *http.Request) {
-	var req api.Setting
-	if err := readJSON(r, &req); err != nil {
-		writeErr(w, 0, err)
-		return
+// here makes a setting another member asks for in this node's database
+// (POST /v1/cluster/setting).
+func (st *settings) here(ctx context.Context, _ *membership.Group, req api.Setting) (api.SettingResponse, error) {
+	if err := st.apply(ctx, req); err != nil {
+		return api.SettingResponse{}, err
 	}
-	if _, err := d.authorized(r); err != nil {
-		writeErr(w, 0, err)
-		return
-	}
-	if err := d.applySetting(r.Context(), req); err != nil {
-		writeErr(w, http.StatusBadRequest, err)
-		return
-	}
-	writeJSON(w, http.StatusOK, api.SettingResponse{Nodes: []string{d.cfg.NodeName}})
+	return api.SettingResponse{Nodes: []string{st.self}}, nil
 }

@@ -20,7 +20,7 @@ import (
 
 func (d *Daemon) self() membership.Node {
 	return membership.Node{Name: d.cfg.NodeName, DSN: d.cfg.PublicDSN, API: d.cfg.AdvertiseAPI, Raft: d.cfg.AdvertiseRaft,
-		LUWResolution: d.luw().String()}
+		LUWResolution: d.resolution.get().String()}
 }
 
 // differingResolution returns a member of g, other than skip, whose
@@ -56,19 +56,19 @@ func (d *Daemon) createGroup(ctx context.Context, req api.CreateRequest) (api.Cr
 	}
 	token, err := newToken()
 	if err == nil {
-		err = d.saveToken(token)
+		err = d.cluster.saveToken(token)
 	}
 	if err != nil {
 		return api.CreateResponse{}, fmt.Errorf("make join token: %w", err)
 	}
-	if err := d.forgetGroupState(ctx); err != nil {
+	if err := forgetGroupState(ctx, d.db); err != nil {
 		return api.CreateResponse{}, err
 	}
 	sets := repset.New(true, nil)
 	if d.cfg.NewTablesLocal {
 		// The default set holds the tables there are now; later ones
 		// start local.
-		err = d.withConn(ctx, func(conn *pgx.Conn) error {
+		err = withConn(ctx, d.db, func(conn *pgx.Conn) error {
 			tables, err := repset.UserTables(ctx, conn)
 			sets = repset.New(false, tables)
 			return err
@@ -129,52 +129,9 @@ func (d *Daemon) checkEmpty(ctx context.Context) error {
 	return nil
 }
 
-func (d *Daemon) handleClusterJoin(w http.ResponseWriter, r *http.Request) {
-	var req api.RegisterRequest
-	g, ok := d.onLeader(w, r, &req)
-	if !ok {
-		return
-	}
-	n := *req.Node.Member()
-	if !ValidNodeName(n.Name) || n.DSN == "" || n.API == "" || n.Raft == "" {
-		writeErr(w, http.StatusBadRequest, fmt.Errorf("join request for node %q lacks a valid name, public_dsn, API or Raft address", n.Name))
-		return
-	}
-	if other := differingResolution(g, n.LUWResolution, n.Name); other != nil && n.LUWResolution != "" {
-		writeErr(w, http.StatusBadRequest, fmt.Errorf("node %s has luw_resolution %s, but member %s uses %s: every node must round commit times the same way, so set luw_resolution: %s on %s and join again",
-			n.Name, n.LUWResolution, other.Name, other.LUWResolution, other.LUWResolution, n.Name))
-		return
-	}
-	added, err := d.store.AddNode(n)
-	if err != nil {
-		writeErr(w, http.StatusConflict, err)
-		return
-	}
-	d.log.Info("registered joining node", "joining", added.Name, "node_id", added.ID)
-	writeJSON(w, http.StatusOK, api.JoinResponse{Group: g.Name, Node: api.NodeOf(added)})
-}
-
-func (d *Daemon) handleClusterState(w http.ResponseWriter, r *http.Request) {
-	var req api.StateRequest
-	g, ok := d.onLeader(w, r, &req)
-	if !ok {
-		return
-	}
-	if req.State != membership.Active {
-		writeErr(w, http.StatusBadRequest, fmt.Errorf("state %q cannot be set this way", req.State))
-		return
-	}
-	n, err := d.store.SetState(req.Name, req.State)
-	if err != nil {
-		writeErr(w, http.StatusConflict, err)
-		return
-	}
-	writeJSON(w, http.StatusOK, api.JoinResponse{Group: g.Name, Node: api.NodeOf(n)})
-}
-
 // part parts a member: an active one once its changes have reached every
 // other member (drainParting), unless req.Force; the leader then records
-// it as parted (handleClusterPart).
+// it as parted (cluster.part).
 func (d *Daemon) part(ctx context.Context, req api.PartRequest) (api.JoinResponse, error) {
 	g, _ := d.store.Group()
 	if g == nil {
@@ -184,7 +141,7 @@ func (d *Daemon) part(ctx context.Context, req api.PartRequest) (api.JoinRespons
 	if n == nil || n.State == membership.Parted {
 		return api.JoinResponse{}, withStatus(http.StatusNotFound, fmt.Errorf("node %q is not a member of group %q: 'pgmesh status' lists the members", req.Name, g.Name))
 	}
-	token, err := d.loadToken()
+	token, err := d.cluster.loadToken()
 	if err != nil {
 		return api.JoinResponse{}, withStatus(http.StatusConflict, err)
 	}
@@ -193,7 +150,7 @@ func (d *Daemon) part(ctx context.Context, req api.PartRequest) (api.JoinRespons
 			return api.JoinResponse{}, withStatus(http.StatusConflict, err)
 		}
 	}
-	return d.members.Client(d.cfg.AdvertiseAPI, token).ClusterPart(ctx, req)
+	return d.cluster.client(d.cfg.AdvertiseAPI, token).ClusterPart(ctx, req)
 }
 
 // partDrainTimeout bounds how long a part waits for the remaining members
@@ -206,7 +163,7 @@ const partDrainTimeout = 2 * time.Minute
 func (d *Daemon) drainParting(ctx context.Context, g *membership.Group, parting *membership.Node) error {
 	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	var target pglogrepl.LSN
-	conn, err := pgsession.Connect(cctx, d.peerDSN(parting), "pgmesh part")
+	conn, err := pgsession.Connect(cctx, d.cluster.peerDSN(parting), "pgmesh part")
 	if err == nil {
 		// The insert position, not pg_current_wal_lsn() (the write
 		// position), which lags commits under synchronous_commit = off.
@@ -231,7 +188,7 @@ func (d *Daemon) drainParting(ctx context.Context, g *membership.Group, parting 
 				}
 				return behind
 			})
-		} else if err = waitApplied(ctx, d.members.Client(d.peerAPI(m), ""), parting.Name, target, time.Until(deadline)); err != nil {
+		} else if err = waitApplied(ctx, d.cluster.client(d.cluster.peerAPI(m), ""), parting.Name, target, time.Until(deadline)); err != nil {
 			err = behind
 		}
 		if err != nil {
@@ -243,26 +200,11 @@ func (d *Daemon) drainParting(ctx context.Context, g *membership.Group, parting 
 
 // appliedFrom reports how far this node has applied peer's changes.
 func (d *Daemon) appliedFrom(peer string) (pglogrepl.LSN, bool) {
-	for _, s := range d.streams.statuses() {
+	for _, s := range d.reconciler.streams.statuses() {
 		if s.Peer == peer {
 			lsn, err := pglogrepl.ParseLSN(s.AppliedLSN)
 			return lsn, err == nil
 		}
 	}
 	return 0, false
-}
-
-func (d *Daemon) handleClusterPart(w http.ResponseWriter, r *http.Request) {
-	var req api.PartRequest
-	g, ok := d.onLeader(w, r, &req)
-	if !ok {
-		return
-	}
-	n, err := d.store.Part(req.Name)
-	if err != nil {
-		writeErr(w, http.StatusConflict, err)
-		return
-	}
-	d.log.Info("parted node", "parted", req.Name)
-	writeJSON(w, http.StatusOK, api.JoinResponse{Group: g.Name, Node: api.NodeOf(n)})
 }

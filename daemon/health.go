@@ -8,6 +8,7 @@ import (
 
 	"github.com/pgmesh/pgmesh/api"
 	"github.com/pgmesh/pgmesh/membership"
+	"github.com/pgmesh/pgmesh/replicator"
 )
 
 // health decides whether this node is ready to serve: its Postgres answers,
@@ -38,30 +39,7 @@ func (d *Daemon) healthWith(pctx context.Context, parked []api.ParkedTable, park
 	case me.State != membership.Active:
 		rep.Reasons = append(rep.Reasons, "this node is "+string(me.State))
 	default:
-		streams := map[string]bool{}
-		max := d.cfg.HealthMaxLag
-		for _, s := range d.streams.statuses() {
-			streams[s.Peer] = true
-			lag := time.Duration(s.LagSeconds * float64(time.Second))
-			if !s.Connected && s.DisconnectedSince != nil {
-				lag = time.Since(*s.DisconnectedSince)
-				if lag > max {
-					rep.Reasons = append(rep.Reasons, fmt.Sprintf("stream from %s has been disconnected for %s", s.Peer, lag.Round(time.Second)))
-				}
-				continue
-			}
-			if lag > max {
-				rep.Reasons = append(rep.Reasons, fmt.Sprintf("stream from %s lags %s (health_max_lag %s)", s.Peer, lag.Round(time.Second), max))
-			}
-			if s.ClockWarning != "" {
-				rep.Reasons = append(rep.Reasons, s.ClockWarning)
-			}
-		}
-		for _, n := range g.Nodes {
-			if n.Name != me.Name && n.State == membership.Active && !streams[n.Name] {
-				rep.Reasons = append(rep.Reasons, "no stream from "+n.Name+" yet")
-			}
-		}
+		rep.Reasons = append(rep.Reasons, streamReasons(g, me.Name, d.reconciler.streams.statuses(), d.cfg.HealthMaxLag, time.Now())...)
 	}
 	// Parked changes wait for an operator, but the node serves its
 	// applications meanwhile: a warning, not a reason.
@@ -110,4 +88,33 @@ func (d *Daemon) wait(ctx context.Context, req api.WaitRequest) (api.WaitRespons
 		return api.WaitResponse{}, fmt.Errorf("wait_for_peers: %w", err)
 	}
 	return api.WaitResponse{Applied: ok, WaitedMS: time.Since(start).Milliseconds()}, nil
+}
+
+// streamReasons are why this node's streams make it unhealthy: an active
+// peer without a stream, a stream disconnected or lagging past max, a
+// clock warning.
+func streamReasons(g *membership.Group, self string, statuses []replicator.Status, max time.Duration, now time.Time) []string {
+	var reasons []string
+	streams := map[string]bool{}
+	for _, s := range statuses {
+		streams[s.Peer] = true
+		if !s.Connected && s.DisconnectedSince != nil {
+			if away := now.Sub(*s.DisconnectedSince); away > max {
+				reasons = append(reasons, fmt.Sprintf("stream from %s has been disconnected for %s", s.Peer, away.Round(time.Second)))
+			}
+			continue
+		}
+		if lag := time.Duration(s.LagSeconds * float64(time.Second)); lag > max {
+			reasons = append(reasons, fmt.Sprintf("stream from %s lags %s (health_max_lag %s)", s.Peer, lag.Round(time.Second), max))
+		}
+		if s.ClockWarning != "" {
+			reasons = append(reasons, s.ClockWarning)
+		}
+	}
+	for _, n := range g.Sorted() {
+		if n.Name != self && n.State == membership.Active && !streams[n.Name] {
+			reasons = append(reasons, "no stream from "+n.Name+" yet")
+		}
+	}
+	return reasons
 }

@@ -53,7 +53,7 @@ type member interface {
 }
 
 // joinLocal is what a join does to this node's own database and daemon
-// (the Daemon's methods).
+// (joinHere, over the daemon's parts).
 type joinLocal interface {
 	self() membership.Node
 	checkEmpty(ctx context.Context) error
@@ -67,6 +67,38 @@ type joinLocal interface {
 	publishHere(ctx context.Context, g *membership.Group) error
 	syncNodeTable(ctx context.Context, g *membership.Group) error
 	applySetting(ctx context.Context, s api.Setting) error
+}
+
+// joinHere is joinLocal over the daemon's parts.
+type joinHere struct {
+	d          *Daemon
+	reconciler *reconciler
+	cluster    *cluster
+	resolution *resolution
+	settings   *settings
+}
+
+func (h joinHere) self() membership.Node                          { return h.d.self() }
+func (h joinHere) checkEmpty(ctx context.Context) error           { return h.d.checkEmpty(ctx) }
+func (h joinHere) setReadOnly(ctx context.Context, on bool) error { return h.d.setReadOnly(ctx, on) }
+func (h joinHere) waitForSelf(ctx context.Context) (*membership.Group, error) {
+	return h.d.waitForSelf(ctx)
+}
+func (h joinHere) adoptResolution(ctx context.Context, nodes map[string]*membership.Node) error {
+	return h.resolution.adopt(ctx, nodes)
+}
+func (h joinHere) saveToken(token string) error        { return h.cluster.saveToken(token) }
+func (h joinHere) peerDSN(n *membership.Node) string   { return h.cluster.peerDSN(n) }
+func (h joinHere) peerAPI(n *membership.Node) string   { return h.cluster.peerAPI(n) }
+func (h joinHere) forgetAll(ctx context.Context) error { return h.reconciler.forgetAll(ctx) }
+func (h joinHere) publishHere(ctx context.Context, g *membership.Group) error {
+	return h.reconciler.publishHere(ctx, g)
+}
+func (h joinHere) syncNodeTable(ctx context.Context, g *membership.Group) error {
+	return h.reconciler.syncNodeTable(ctx, g)
+}
+func (h joinHere) applySetting(ctx context.Context, s api.Setting) error {
+	return h.settings.apply(ctx, s)
 }
 
 // start registers this node with the group as joining and hands the

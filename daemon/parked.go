@@ -70,7 +70,7 @@ func (d *Daemon) takeParked(ctx context.Context, req api.QueueRequest, discard b
 		return resp, withStatus(http.StatusNotFound, err)
 	}
 	for _, t := range targets {
-		s := d.streams.stream(t.Peer)
+		s := d.reconciler.streams.stream(t.Peer)
 		if s == nil {
 			return resp, &api.Error{Status: http.StatusConflict, Message: fmt.Sprintf("there is no stream from peer %q on this node (parted, or not yet active), so its parked changes of %s cannot be replayed: pgmesh discard %s --peer %s drops them, each logged", t.Peer, t.Table, t.Table, t.Peer)}
 		}

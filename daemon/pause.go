@@ -5,11 +5,13 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
-	"net/http"
+	"log/slog"
 	"sync"
 	"time"
 
 	"github.com/pgmesh/pgmesh/api"
+	"github.com/pgmesh/pgmesh/membership"
+	"github.com/pgmesh/pgmesh/replicator"
 )
 
 // A joining node copies a member's data under a snapshot and must know, for
@@ -22,53 +24,47 @@ import (
 // the peers' wal_sender_timeout.
 const pauseLease = 20 * time.Second
 
+// pauses are the pauses other members hold on this node's streams, by id.
 type pauses struct {
+	self string
+	gate *replicator.Gate
+	log  *slog.Logger
 	mu   sync.Mutex
 	open map[string]func() bool
 }
 
-func (d *Daemon) handleClusterPause(w http.ResponseWriter, r *http.Request) {
-	if _, err := d.authorized(r); err != nil {
-		writeErr(w, http.StatusForbidden, err)
-		return
-	}
-	ctx, cancel := context.WithTimeout(r.Context(), pauseLease)
+// pause holds the streams at their next transaction boundary for a joining
+// node's snapshot (POST /v1/cluster/pause).
+func (p *pauses) pause(ctx context.Context, _ *membership.Group, _ struct{}) (api.PauseResponse, error) {
+	ctx, cancel := context.WithTimeout(ctx, pauseLease)
 	defer cancel()
-	open, err := d.gate.Close(ctx, pauseLease)
+	open, err := p.gate.Close(ctx, pauseLease)
 	if err != nil {
-		writeErr(w, http.StatusServiceUnavailable, fmt.Errorf("streams on %q did not reach a transaction boundary within %s: %w", d.cfg.NodeName, pauseLease, err))
-		return
+		return api.PauseResponse{}, fmt.Errorf("streams on %q did not reach a transaction boundary within %s: %w", p.self, pauseLease, err)
 	}
 	b := make([]byte, 8)
 	_, _ = rand.Read(b)
 	id := hex.EncodeToString(b)
-	d.pauses.mu.Lock()
-	if d.pauses.open == nil {
-		d.pauses.open = map[string]func() bool{}
+	p.mu.Lock()
+	if p.open == nil {
+		p.open = map[string]func() bool{}
 	}
-	d.pauses.open[id] = open
-	d.pauses.mu.Unlock()
-	d.log.Info("streams paused for a joining node's snapshot", "lease", pauseLease)
-	writeJSON(w, http.StatusOK, api.PauseResponse{ID: id})
+	p.open[id] = open
+	p.mu.Unlock()
+	p.log.Info("streams paused for a joining node's snapshot", "lease", pauseLease)
+	return api.PauseResponse{ID: id}, nil
 }
 
-func (d *Daemon) handleClusterResume(w http.ResponseWriter, r *http.Request) {
-	if _, err := d.authorized(r); err != nil {
-		writeErr(w, http.StatusForbidden, err)
-		return
-	}
-	var req api.ResumeRequest
-	if err := readJSON(r, &req); err != nil {
-		writeErr(w, http.StatusBadRequest, err)
-		return
-	}
-	d.pauses.mu.Lock()
-	open := d.pauses.open[req.ID]
-	delete(d.pauses.open, req.ID)
-	d.pauses.mu.Unlock()
+// resume ends a pause and reports whether it held throughout (POST
+// /v1/cluster/resume).
+func (p *pauses) resume(_ context.Context, _ *membership.Group, req api.ResumeRequest) (api.ResumeResponse, error) {
+	p.mu.Lock()
+	open := p.open[req.ID]
+	delete(p.open, req.ID)
+	p.mu.Unlock()
 	held := open != nil && open()
-	d.log.Info("streams resumed", "held_throughout", held)
-	writeJSON(w, http.StatusOK, api.ResumeResponse{Held: held})
+	p.log.Info("streams resumed", "held_throughout", held)
+	return api.ResumeResponse{Held: held}, nil
 }
 
 // pausable is another member's daemon, as pauseApply asks it (*api.Client

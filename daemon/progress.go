@@ -45,7 +45,7 @@ func (d *Daemon) publishOnce(ctx context.Context, last map[string]published, see
 	now := time.Now()
 	var names, lsns []string
 	var commits []time.Time
-	for _, s := range d.streams.statuses() {
+	for _, s := range d.reconciler.streams.statuses() {
 		if seen[s.Peer] != s.AppliedLSN {
 			seen[s.Peer], moved = s.AppliedLSN, true
 		}

@@ -274,7 +274,7 @@ func (d *Daemon) streamsNotBack(peers []string) string {
 	// The slot check's last reading (every 5 s) says which slots a peer
 	// streams from.
 	active := map[string]bool{}
-	for _, s := range d.slots.get() {
+	for _, s := range d.slots.found.get() {
 		active[s.Peer] = s.Active
 	}
 	var idle []string
@@ -284,7 +284,7 @@ func (d *Daemon) streamsNotBack(peers []string) string {
 		}
 	}
 	var down []string
-	for _, s := range d.streams.statuses() {
+	for _, s := range d.reconciler.streams.statuses() {
 		if !s.Connected {
 			down = append(down, s.Peer)
 		}

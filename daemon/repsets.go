@@ -4,12 +4,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/http"
 	"slices"
 	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/pgmesh/pgmesh/api"
 	"github.com/pgmesh/pgmesh/internal/dsn"
@@ -19,19 +21,32 @@ import (
 	"github.com/pgmesh/pgmesh/repset"
 )
 
-// repsets is the group's replication sets as this node sees them.
-func (d *Daemon) repsets(ctx context.Context) (api.RepsetsResponse, error) {
-	g, _ := d.store.Group()
+// repsets changes the group's replication sets through Raft and shows them
+// (pgmesh repset); the publications follow them in the reconcile.
+type repsets struct {
+	self, dsn string
+	db        *pgxpool.Pool
+	store     *membership.Store
+	cluster   *cluster
+	comparer  *comparer
+	// status is this node's status, where the sets it publishes show.
+	status func() api.StatusReport
+	log    *slog.Logger
+}
+
+// list is the group's replication sets as this node sees them.
+func (rs *repsets) list(ctx context.Context) (api.RepsetsResponse, error) {
+	g, _ := rs.store.Group()
 	if g == nil {
 		return api.RepsetsResponse{}, withStatus(http.StatusConflict, errors.New("this node is not in a node group: pgmesh group create or pgmesh group join first"))
 	}
-	return d.repsetView(ctx, g.Sets())
+	return rs.view(ctx, g.Sets())
 }
 
-// repsetView spells the sets out against this node's tables.
-func (d *Daemon) repsetView(ctx context.Context, sets repset.Sets) (api.RepsetsResponse, error) {
+// view spells the sets out against this node's tables.
+func (rs *repsets) view(ctx context.Context, sets repset.Sets) (api.RepsetsResponse, error) {
 	var tables []string
-	err := d.withConn(ctx, func(conn *pgx.Conn) error {
+	err := withConn(ctx, rs.db, func(conn *pgx.Conn) error {
 		var err error
 		tables, err = repset.UserTables(ctx, conn)
 		return err
@@ -62,13 +77,13 @@ func (d *Daemon) repsetView(ctx context.Context, sets repset.Sets) (api.RepsetsR
 	return out, err
 }
 
-// changeRepset makes the change of replication sets req asks for through
+// change makes the change of replication sets req asks for through
 // Raft, waits for the nodes to publish it, and with req.Sync repairs the
 // existing rows of the tables it added. A mistake in req is an *api.Error
 // with status 400 (409 outside a group).
-func (d *Daemon) changeRepset(ctx context.Context, req api.RepsetRequest) (api.RepsetsResponse, error) {
+func (rs *repsets) change(ctx context.Context, req api.RepsetRequest) (api.RepsetsResponse, error) {
 	var out api.RepsetsResponse
-	g, _ := d.store.Group()
+	g, _ := rs.store.Group()
 	if g == nil {
 		return out, &api.Error{Status: http.StatusConflict, Message: "this node is not in a node group: pgmesh group create or pgmesh group join first"}
 	}
@@ -82,23 +97,23 @@ func (d *Daemon) changeRepset(ctx context.Context, req api.RepsetRequest) (api.R
 			err = fmt.Errorf("name the tables to %s (pgmesh repset %s SET TABLE ...)", req.Action, req.Action)
 			break
 		}
-		edit.Tables, err = d.resolveTables(ctx, req.Tables, req.Action == "add", edit.Spec)
+		edit.Tables, err = rs.resolveTables(ctx, req.Tables, req.Action == "add", edit.Spec)
 	default:
 		err = fmt.Errorf("unknown replication set action %q: use create, add, remove or drop", req.Action)
 	}
 	if err == nil && req.Action == "add" {
-		err = d.refuseUnsyncedRows(ctx, g, edit, req.Sync)
+		err = rs.refuseUnsyncedRows(ctx, g, edit, req.Sync)
 	}
 	if err != nil {
 		return out, withStatus(http.StatusBadRequest, err)
 	}
-	sets, err := d.editRepsets(ctx, edit)
+	sets, err := rs.edit(ctx, edit)
 	if err != nil {
 		return out, withStatus(http.StatusBadRequest, err)
 	}
-	d.log.Info("changed replication sets", "action", req.Action, "set", req.Set, "tables", edit.Tables)
-	pending := d.waitPublished(ctx, sets.Hash(), 30*time.Second)
-	out, err = d.repsetView(ctx, sets)
+	rs.log.Info("changed replication sets", "action", req.Action, "set", req.Set, "tables", edit.Tables)
+	pending := rs.waitPublished(ctx, sets.Hash(), 30*time.Second)
+	out, err = rs.view(ctx, sets)
 	out.Pending = pending
 	if err != nil || !req.Sync || len(edit.Tables) == 0 {
 		return out, err
@@ -107,11 +122,11 @@ func (d *Daemon) changeRepset(ctx context.Context, req api.RepsetRequest) (api.R
 		return out, fmt.Errorf("the change is made, but nodes %s have not published it yet, so the existing rows could not be synced: run pgmesh repair %s once they have (pgmesh status shows them)",
 			strings.Join(pending, ", "), strings.Join(edit.Tables, " "))
 	}
-	nodes, err := d.compareNodes()
+	nodes, err := rs.comparer.nodes()
 	if err != nil {
 		return out, err
 	}
-	res, err := d.compareShares(ctx, nodes, api.CompareRequest{Tables: edit.Tables, Repair: true})
+	res, err := rs.comparer.shares(ctx, nodes, api.CompareRequest{Tables: edit.Tables, Repair: true})
 	out.Synced = &res
 	return out, err
 }
@@ -119,9 +134,9 @@ func (d *Daemon) changeRepset(ctx context.Context, req api.RepsetRequest) (api.R
 // resolveTables turns the tables a user named into the names sets record.
 // Tables being added are checked against the set's filter and columns here,
 // on this node's schema (the same on every node).
-func (d *Daemon) resolveTables(ctx context.Context, names []string, adding bool, spec repset.Table) ([]string, error) {
+func (rs *repsets) resolveTables(ctx context.Context, names []string, adding bool, spec repset.Table) ([]string, error) {
 	var out []string
-	err := d.withConn(ctx, func(conn *pgx.Conn) error {
+	err := withConn(ctx, rs.db, func(conn *pgx.Conn) error {
 		for _, name := range names {
 			if adding {
 				t, err := repset.Check(ctx, conn, name, spec)
@@ -154,7 +169,7 @@ func (d *Daemon) resolveTables(ctx context.Context, names []string, adding bool,
 // refuseUnsyncedRows refuses an add that would give some member rows it
 // does not hold (a table it did not receive, or rows its filter left out)
 // while the table holds rows, unless sync asks for them to be copied.
-func (d *Daemon) refuseUnsyncedRows(ctx context.Context, g *membership.Group, edit membership.RepsetEdit, sync bool) error {
+func (rs *repsets) refuseUnsyncedRows(ctx context.Context, g *membership.Group, edit membership.RepsetEdit, sync bool) error {
 	if sync {
 		return nil
 	}
@@ -178,7 +193,7 @@ func (d *Daemon) refuseUnsyncedRows(ctx context.Context, g *membership.Group, ed
 		if len(gain) == 0 {
 			continue
 		}
-		rows, err := d.rowsAnywhere(ctx, g, t)
+		rows, err := rs.rowsAnywhere(ctx, g, t)
 		if err != nil {
 			return err
 		}
@@ -191,14 +206,14 @@ func (d *Daemon) refuseUnsyncedRows(ctx context.Context, g *membership.Group, ed
 }
 
 // rowsAnywhere names an active member whose table t holds rows ("" if none).
-func (d *Daemon) rowsAnywhere(ctx context.Context, g *membership.Group, t string) (string, error) {
+func (rs *repsets) rowsAnywhere(ctx context.Context, g *membership.Group, t string) (string, error) {
 	for _, n := range g.Sorted() {
 		if n.State != membership.Active {
 			continue
 		}
-		target := d.cfg.DSN
-		if n.Name != d.cfg.NodeName {
-			target = d.peerDSN(n)
+		target := rs.dsn
+		if n.Name != rs.self {
+			target = rs.cluster.peerDSN(n)
 		}
 		conn, err := pgsession.Connect(ctx, target, "pgmesh repset")
 		if err != nil {
@@ -217,41 +232,28 @@ func (d *Daemon) rowsAnywhere(ctx context.Context, g *membership.Group, t string
 	return "", nil
 }
 
-// editRepsets applies an edit through the Raft leader and returns the sets
-// as changed.
-func (d *Daemon) editRepsets(ctx context.Context, edit membership.RepsetEdit) (repset.Sets, error) {
-	if d.store.IsLeader() {
-		sets, err := d.store.EditRepsets(edit)
+// edit applies an edit through the Raft leader and returns the sets as
+// changed.
+func (rs *repsets) edit(ctx context.Context, edit membership.RepsetEdit) (repset.Sets, error) {
+	if rs.store.IsLeader() {
+		sets, err := rs.store.EditRepsets(edit)
 		if !errors.Is(err, membership.ErrNotLeader) {
 			return sets, err
 		}
 	}
-	leader, err := d.leader(errors.New("the node group has no Raft leader (is a majority of members down?), and replication sets change only with a majority: try again when it is back"))
+	leader, err := rs.cluster.leader(errors.New("the node group has no Raft leader (is a majority of members down?), and replication sets change only with a majority: try again when it is back"))
 	if err != nil {
 		return nil, err
 	}
 	return leader.EditRepsets(ctx, edit)
 }
 
-func (d *Daemon) handleClusterRepset(w http.ResponseWriter, r *http.Request) {
-	var edit membership.RepsetEdit
-	if _, ok := d.onLeader(w, r, &edit); !ok {
-		return
-	}
-	sets, err := d.store.EditRepsets(edit)
-	if err != nil {
-		writeErr(w, http.StatusBadRequest, err)
-		return
-	}
-	writeJSON(w, http.StatusOK, sets)
-}
-
 // waitPublished waits until every active member's publications hold the
 // sets with this hash, and returns those that did not in time.
-func (d *Daemon) waitPublished(ctx context.Context, hash string, timeout time.Duration) []string {
+func (rs *repsets) waitPublished(ctx context.Context, hash string, timeout time.Duration) []string {
 	var pending []string
 	_ = poll.Until(ctx, 100*time.Millisecond, timeout, func() error {
-		g, _ := d.store.Group()
+		g, _ := rs.store.Group()
 		pending = nil
 		for _, n := range g.Sorted() {
 			if n.State != membership.Active {
@@ -259,10 +261,10 @@ func (d *Daemon) waitPublished(ctx context.Context, hash string, timeout time.Du
 			}
 			var rep api.StatusReport
 			var err error
-			if n.Name == d.cfg.NodeName {
-				rep = d.Status()
+			if n.Name == rs.self {
+				rep = rs.status()
 			} else {
-				rep, err = d.members.Client(d.peerAPI(n), "").Status(ctx)
+				rep, err = rs.cluster.client(rs.cluster.peerAPI(n), "").Status(ctx)
 			}
 			if err != nil {
 				pending = append(pending, n.Name)

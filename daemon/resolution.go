@@ -3,13 +3,17 @@ package daemon
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"maps"
 	"slices"
 	"strconv"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
 
+	"github.com/pgmesh/pgmesh/conflict"
 	"github.com/pgmesh/pgmesh/membership"
 )
 
@@ -22,14 +26,30 @@ import (
 // DefaultLUWResolution. Streams start only once the value agrees with every
 // member's recorded one (reconcile), so nothing is applied under another.
 
-// luw is the resolution in use.
-func (d *Daemon) luw() time.Duration { return time.Duration(d.luwNanos.Load()) }
+// resolution is the luw_resolution in use here.
+type resolution struct {
+	self string
+	// configured is the config's value, if set.
+	configured    time.Duration
+	configuredSet bool
+	// db is the daemon's pool, once open (init runs before).
+	db    *pgxpool.Pool
+	log   *slog.Logger
+	nanos atomic.Int64
+}
 
-// initResolution settles the resolution at startup and records it in
-// pgmesh.setting, where the SQL copy of the rule reads it.
-func (d *Daemon) initResolution(ctx context.Context, conn *pgx.Conn) error {
-	v := d.cfg.LUWResolution
-	if !d.cfg.LUWResolutionSet {
+// get is the resolution in use.
+func (r *resolution) get() time.Duration { return time.Duration(r.nanos.Load()) }
+
+// rule is the group's last-update-wins rule, as this node applies it (the
+// reconcile refuses to stream while members disagree on luw_resolution).
+func (r *resolution) rule() conflict.Rule { return conflict.Rule{Resolution: r.get()} }
+
+// init settles the resolution at startup and records it in pgmesh.setting,
+// where the SQL copy of the rule reads it.
+func (r *resolution) init(ctx context.Context, conn *pgx.Conn) error {
+	v := r.configured
+	if !r.configuredSet {
 		v = DefaultLUWResolution
 		var us string
 		err := conn.QueryRow(ctx, `SELECT value FROM pgmesh.setting WHERE name = 'luw_resolution_us'`).Scan(&us)
@@ -44,17 +64,17 @@ func (d *Daemon) initResolution(ctx context.Context, conn *pgx.Conn) error {
 			return fmt.Errorf("read luw_resolution_us: %w", err)
 		}
 	}
-	return d.recordResolution(ctx, conn, v)
+	return r.record(ctx, conn, v)
 }
 
-// adoptResolution takes the resolution members recorded, when the config
-// sets none: this node's own record first, then any member's.
-func (d *Daemon) adoptResolution(ctx context.Context, nodes map[string]*membership.Node) error {
-	if d.cfg.LUWResolutionSet {
+// adopt takes the resolution members recorded, when the config sets none:
+// this node's own record first, then any member's.
+func (r *resolution) adopt(ctx context.Context, nodes map[string]*membership.Node) error {
+	if r.configuredSet {
 		return nil
 	}
 	recorded := ""
-	if me := nodes[d.cfg.NodeName]; me != nil && me.LUWResolution != "" {
+	if me := nodes[r.self]; me != nil && me.LUWResolution != "" {
 		recorded = me.LUWResolution
 	} else {
 		for _, name := range slices.Sorted(maps.Keys(nodes)) {
@@ -71,21 +91,21 @@ func (d *Daemon) adoptResolution(ctx context.Context, nodes map[string]*membersh
 	if err != nil {
 		return fmt.Errorf("the group records luw_resolution %q, which is not a duration: set luw_resolution in this node's config", recorded)
 	}
-	if v == d.luw() {
+	if v == r.get() {
 		return nil
 	}
-	if err := d.withConn(ctx, func(conn *pgx.Conn) error { return d.recordResolution(ctx, conn, v) }); err != nil {
+	if err := withConn(ctx, r.db, func(conn *pgx.Conn) error { return r.record(ctx, conn, v) }); err != nil {
 		return err
 	}
-	d.log.Info("using the group's luw_resolution (this node's config sets none)", "luw_resolution", v)
+	r.log.Info("using the group's luw_resolution (this node's config sets none)", "luw_resolution", v)
 	return nil
 }
 
-func (d *Daemon) recordResolution(ctx context.Context, conn *pgx.Conn, v time.Duration) error {
+func (r *resolution) record(ctx context.Context, conn *pgx.Conn, v time.Duration) error {
 	if _, err := conn.Exec(ctx, `INSERT INTO pgmesh.setting VALUES ('luw_resolution_us', $1)
 		ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value`, strconv.FormatInt(v.Microseconds(), 10)); err != nil {
 		return fmt.Errorf("record luw_resolution: %w", err)
 	}
-	d.luwNanos.Store(int64(v))
+	r.nanos.Store(int64(v))
 	return nil
 }

@@ -162,19 +162,6 @@ func (d *Daemon) sequenceList(ctx context.Context) ([]api.SequenceInfo, error) {
 	return out, nil
 }
 
-func (d *Daemon) handleClusterGalloc(w http.ResponseWriter, r *http.Request) {
-	var req api.GallocRequest
-	if _, ok := d.onLeader(w, r, &req); !ok {
-		return
-	}
-	ch, err := d.store.AllocChunk(req.Seq, req.Node, req.Size, req.MinStart)
-	if err != nil {
-		writeErr(w, http.StatusConflict, err)
-		return
-	}
-	writeJSON(w, http.StatusOK, ch)
-}
-
 // allocChunk draws a chunk through the Raft leader.
 func (gs *sequences) allocChunk(ctx context.Context, seq string, size, minStart int64) (*membership.Chunk, error) {
 	if gs.store.IsLeader() {

@@ -3,6 +3,7 @@ package daemon
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"sort"
 
 	"github.com/jackc/pgx/v5"
@@ -14,12 +15,23 @@ import (
 	"github.com/pgmesh/pgmesh/origin"
 )
 
-// checkSlots reports the WAL each peer's slot retains here, warns past
+// slotCheck watches the slots peers consume here.
+type slotCheck struct {
+	self      string
+	db        *pgxpool.Pool
+	max, warn int64 // wal_retention_max, wal_retention_warn
+	log       *slog.Logger
+	promotion *promotion
+	// found is what the last check found, for status.
+	found latest[api.SlotStatus]
+}
+
+// check reports the WAL each peer's slot retains here, warns past
 // wal_retention_warn, and drops a slot whose peer is away past
 // wal_retention_max, so a region that is gone cannot fill this disk. A peer
 // whose slot is gone must be parted and join again.
-func (d *Daemon) checkSlots(ctx context.Context, g *membership.Group, problems *[]string) error {
-	slots, err := readSlots(ctx, d.db)
+func (sc *slotCheck) check(ctx context.Context, g *membership.Group, problems *[]string) error {
+	slots, err := readSlots(ctx, sc.db)
 	if err != nil {
 		return err
 	}
@@ -27,10 +39,10 @@ func (d *Daemon) checkSlots(ctx context.Context, g *membership.Group, problems *
 	kept := slots[:0]
 	for _, s := range slots {
 		have[s.Peer] = true
-		max, warn := d.cfg.WALRetentionMax, d.cfg.WALRetentionWarn
+		max, warn := sc.max, sc.warn
 		switch {
 		case max > 0 && s.RetainedBytes > max && !s.Active:
-			conn, err := d.db.Acquire(ctx)
+			conn, err := sc.db.Acquire(ctx)
 			if err != nil {
 				return err
 			}
@@ -40,7 +52,7 @@ func (d *Daemon) checkSlots(ctx context.Context, g *membership.Group, problems *
 				return err
 			}
 			msg := fmt.Sprintf("dropped the slot of peer %s: it held %s of WAL here, past wal_retention_max (%s); %s must be parted and join again", s.Peer, bytesize.Format(s.RetainedBytes), bytesize.Format(max), s.Peer)
-			d.log.Error(msg)
+			sc.log.Error(msg)
 			delete(have, s.Peer)
 			continue
 		case warn > 0 && s.RetainedBytes > warn:
@@ -50,7 +62,7 @@ func (d *Daemon) checkSlots(ctx context.Context, g *membership.Group, problems *
 		kept = append(kept, s)
 	}
 	// Slots lost to a promotion are made again; only the others are missing.
-	missing, err := d.promotion.check(ctx, missingSlots(g, d.cfg.NodeName, have))
+	missing, err := sc.promotion.check(ctx, missingSlots(g, sc.self, have))
 	if err != nil {
 		return err
 	}
@@ -58,7 +70,7 @@ func (d *Daemon) checkSlots(ctx context.Context, g *membership.Group, problems *
 		*problems = append(*problems, fmt.Sprintf("peer %s has no slot here (dropped?), so it cannot receive this node's changes: part it and join it again", peer))
 	}
 	sort.Slice(kept, func(i, j int) bool { return kept[i].Peer < kept[j].Peer })
-	d.slots.set(kept)
+	sc.found.set(kept)
 	return nil
 }
 
