@@ -572,8 +572,8 @@ func chunkBounds(ctx context.Context, c *pgx.Conn, t *table, lo, hi bound, chunk
 func (t *table) versionQuery(cond string) string {
 	return fmt.Sprintf(`SELECT %s::text, %s::text, (extract(epoch FROM c.timestamp) * 1000000)::bigint,
 		CASE WHEN coalesce(c.roident, 0) = 0 THEN NULL ELSE (SELECT o.roname FROM pg_replication_origin o WHERE o.roident = c.roident) END
-		FROM %s t LEFT JOIN LATERAL pg_catalog.pg_xact_commit_timestamp_origin(t.xmin) c ON true WHERE %s`,
-		t.keyJSON(), t.rowHash(), t.qualified, cond)
+		FROM %s t LEFT JOIN LATERAL %s c ON true WHERE %s`,
+		t.keyJSON(), t.rowHash(), t.qualified, conflict.RowVersion("t", t.qualified), cond)
 }
 
 // readChunk reads every node's versions of the rows in [lo, hi).

@@ -104,6 +104,6 @@ func afterInstall(ctx context.Context, conn *pgx.Conn, cfg *Config, log *slog.Lo
 		log.Warn("capture_ddl is off on this node: its role is not a superuser, and only a superuser can create the event trigger that captures DDL; run DDL through 'pgmesh ddl' (or connect as a superuser)")
 		cfg.CaptureDDL = false
 	}
-	log.Warn("no event triggers on this node (its role is not a superuser): a table made by a plain CREATE TABLE joins replication sets only at the daemon's next pass, and rows written to it before then are not sent; create tables with 'pgmesh ddl', which adds them in the creating transaction on every node, or add them afterwards with 'pgmesh repset add SET TABLE --sync'")
+	log.Warn("no event triggers on this node (its role is not a superuser): a table made by a plain CREATE TABLE joins replication sets only at the daemon's next pass, and rows written to it before then are not sent; create tables with 'pgmesh ddl', which adds them in the creating transaction on every node, or add them afterwards with 'pgmesh repset add SET TABLE --sync'; and run DDL that rewrites a table (ALTER COLUMN ... TYPE) through 'pgmesh ddl', which notes the rewrite, or that table's rows look newly written here (docs/conflicts.md, table rewrites)")
 	return nil
 }

@@ -52,13 +52,19 @@ func (gs *sequences) applyAudit(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	// The statements rewrite tables: noted (pgmesh.after_ddl), so the rows
+	// they write keep an unknown version rather than this moment's.
 	return pgx.BeginFunc(ctx, gs.db, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, `SELECT pgmesh.before_ddl()`); err != nil {
+			return err
+		}
 		for _, r := range rows {
 			if _, err := tx.Exec(ctx, r.Statement); err != nil {
 				return fmt.Errorf("%s: %w", r.Statement, err)
 			}
 		}
-		return nil
+		_, err := tx.Exec(ctx, `SELECT pgmesh.after_ddl()`)
+		return err
 	})
 }
 

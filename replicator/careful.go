@@ -293,7 +293,7 @@ func (c *careful) versions(ctx context.Context, sql string, params [][]byte) ([]
 // lookup finds and locks the local row with the given identity.
 func (c *careful) lookup(ctx context.Context, r *relation, match []int, nullSafe bool, keyVals [][]byte) (*localRow, error) {
 	var p params
-	sql := lockedVersions(fmt.Sprintf("SELECT t.ctid, t.xmin FROM %s t WHERE %s LIMIT 1 FOR UPDATE",
+	sql := lockedVersions(r.qualified, fmt.Sprintf("SELECT t.ctid, t.xmin FROM %s t WHERE %s LIMIT 1 FOR UPDATE",
 		r.qualified, r.where(&p, match, keyVals, nullSafe)))
 	rows, err := c.versions(ctx, sql, p.vals)
 	if err != nil || len(rows) == 0 {
@@ -476,7 +476,7 @@ func (c *careful) settleUnique(ctx context.Context, r *relation, change conflict
 	if self != nil {
 		where = "(" + where + ") AND t.ctid <> " + p.add(self) + "::tid"
 	}
-	blockers, err := c.versions(ctx, lockedVersions(fmt.Sprintf("SELECT t.ctid, t.xmin FROM %s t WHERE %s ORDER BY t.ctid FOR UPDATE", r.qualified, where)), p.vals)
+	blockers, err := c.versions(ctx, lockedVersions(r.qualified, fmt.Sprintf("SELECT t.ctid, t.xmin FROM %s t WHERE %s ORDER BY t.ctid FOR UPDATE", r.qualified, where)), p.vals)
 	if err != nil || len(blockers) == 0 {
 		return true, err
 	}
@@ -745,8 +745,9 @@ func (c *careful) ddl(ctx context.Context, content []byte) error {
 	}
 	c.wantTxn = true
 	// A table the DDL creates joins the sets that take all tables here too,
-	// in this transaction (pgmesh.new_tables_join_sets, migration 11).
-	sql := fmt.Sprintf("SELECT pg_catalog.set_config('search_path', %s, true);\n%s;\nSELECT pg_catalog.set_config('search_path', '', true); SELECT pgmesh.new_tables_join_sets(); DEALLOCATE ALL",
+	// in this transaction (pgmesh.new_tables_join_sets, migration 11); a
+	// table it rewrites is noted (pgmesh.after_ddl, migration 14).
+	sql := fmt.Sprintf("SELECT pgmesh.before_ddl(); SELECT pg_catalog.set_config('search_path', %s, true);\n%s;\nSELECT pg_catalog.set_config('search_path', '', true); SELECT pgmesh.after_ddl(); SELECT pgmesh.new_tables_join_sets(); DEALLOCATE ALL",
 		pgquote.Literal(msg.SearchPath), msg.Command)
 	if err := c.s.run(ctx, sql); err != nil {
 		return fmt.Errorf("run DDL from peer %q (remote xid %d) %q: %w; fix the cause on this node and the stream resumes from this DDL", c.cfg.Peer.Name, c.begin.Xid, msg.Command, err)

@@ -170,7 +170,7 @@ func TestSetStatementsSQL(t *testing.T) {
 	up, ok := r.updateSetSQL([]int{0, 2}, 7)
 	for _, want := range []string{
 		`UPDATE "s"."T x" t SET "id" = u.c0::integer, "n" = u.c1::bigint FROM unnest($1::text[], $2::text[], $3::text[]) AS u(k0, c0, c1)`,
-		`WHERE t."id" = u.k0::integer AND CASE WHEN NOT (t."id" = u.k0::integer) THEN false ELSE CASE WHEN (pg_catalog.pg_xact_commit_timestamp_origin(t.xmin)).roident = 7`,
+		`WHERE t."id" = u.k0::integer AND CASE WHEN NOT (t."id" = u.k0::integer) THEN false ELSE CASE WHEN (SELECT v.roident FROM pgmesh.row_version('"s"."T x"'::regclass, t.xmin) v) = 7`,
 		`count(*) = cardinality($1::text[])`} {
 		if !ok || !strings.Contains(up, want) {
 			t.Errorf("update set lacks %q:\n%s", want, up)

@@ -62,6 +62,31 @@ func TestFastPathGuardMatchesSequential(t *testing.T) {
 		t.Fatal(err)
 	}
 
+	// rewriteAs rewrites g (ALTER TABLE ... TYPE) in a transaction of
+	// node's, as replicated DDL applies it, or locally (""): every row's
+	// xmin is then the rewrite's, and its version unknown.
+	types := []string{"bigint", "int"}
+	rewriteAs := func(node string) {
+		t.Helper()
+		if node != "" {
+			exec(`SELECT pg_replication_origin_session_setup($1)`, origin.Name(node))
+			defer exec(`SELECT pg_replication_origin_session_reset()`)
+		}
+		err := pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
+			if node != "" {
+				if _, err := tx.Exec(ctx, `SET LOCAL session_replication_role = replica; SELECT pg_replication_origin_xact_setup('0/1', now())`); err != nil {
+					return err
+				}
+			}
+			_, err := tx.Exec(ctx, `ALTER TABLE g ALTER COLUMN v TYPE `+types[0])
+			return err
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		types[0], types[1] = types[1], types[0]
+	}
+
 	cases := []struct {
 		name    string
 		id      int
@@ -73,6 +98,9 @@ func TestFastPathGuardMatchesSequential(t *testing.T) {
 		{"last written here", 3, func() { writeAs(3, "") }, false},
 		{"written by the peer, then updated here", 4, func() { writeAs(4, peer); exec(`UPDATE g SET v = 1 WHERE id = 4`) }, false},
 		{"written here earlier in this transaction", 5, func() { writeAs(5, other) }, true},
+		// Last: a rewrite writes every row of g again.
+		{"written by the peer, then the table rewritten here", 6, func() { writeAs(6, peer); rewriteAs("") }, false},
+		{"written by the peer, then the table rewritten by the peer's DDL", 7, func() { writeAs(7, peer); rewriteAs(peer) }, false},
 	}
 	remote := conflict.Version{Node: peer, CommitTS: time.Now().Add(time.Hour)}
 	for _, c := range cases {
@@ -88,7 +116,7 @@ func TestFastPathGuardMatchesSequential(t *testing.T) {
 			// The careful path's view of the row.
 			var us *int64
 			var ro uint32
-			if err := tx.QueryRow(ctx, lockedVersions(`SELECT t.ctid, t.xmin FROM g t WHERE t.id = $1 FOR UPDATE`), c.id).
+			if err := tx.QueryRow(ctx, lockedVersions(`g`, `SELECT t.ctid, t.xmin FROM g t WHERE t.id = $1 FOR UPDATE`), c.id).
 				Scan(new(pgtype.TID), &us, &ro, &l.OwnTxn); err != nil {
 				return err
 			}
@@ -107,7 +135,7 @@ func TestFastPathGuardMatchesSequential(t *testing.T) {
 			// The fast path's guard on the same row.
 			_, err := tx.Exec(ctx, `SAVEPOINT guard`)
 			if err == nil {
-				_, err = tx.Exec(ctx, `SELECT `+lastWriterIs(roident)+` FROM g t WHERE t.id = $1`, c.id)
+				_, err = tx.Exec(ctx, `SELECT `+(&relation{qualified: `g`}).lastWriterIs(roident)+` FROM g t WHERE t.id = $1`, c.id)
 			}
 			var pe *pgconn.PgError
 			switch {

@@ -136,9 +136,9 @@ func (s *sweep) table(ctx context.Context, rel, qualified string) (int, error) {
 FROM pgmesh.tombstone t
 CROSS JOIN LATERAL pg_catalog.jsonb_populate_record(NULL::%[1]s, t.key) k
 JOIN %[1]s r ON %[2]s
-LEFT JOIN LATERAL pg_catalog.pg_xact_commit_timestamp_origin(r.xmin) v ON true
+LEFT JOIN LATERAL %[4]s v ON true
 WHERE t.relation = $1
-FOR UPDATE OF r SKIP LOCKED`, qualified, strings.Join(match, " AND "), conflict.TombstoneAtMicros("t"))
+FOR UPDATE OF r SKIP LOCKED`, qualified, strings.Join(match, " AND "), conflict.TombstoneAtMicros("t"), conflict.RowVersion("r", qualified))
 	tx, err := s.conn.Begin(ctx)
 	if err != nil {
 		return 0, err

@@ -11,6 +11,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 
+	"github.com/pgmesh/pgmesh/conflict"
 	"github.com/pgmesh/pgmesh/internal/pgquote"
 )
 
@@ -295,11 +296,11 @@ func (r *relation) where(p *params, cols []int, vals [][]byte, nullSafe bool) st
 // locks the newest version, and only a separate step sees that version's
 // xmin (a function joined in the locking query can pair the new row with
 // the old version's commit time).
-func lockedVersions(lockQuery string) string {
+func lockedVersions(table, lockQuery string) string {
 	return `WITH l AS (` + lockQuery + `)
 SELECT l.ctid,
 	(extract(epoch FROM c.timestamp) * 1000000)::bigint,
 	coalesce(c.roident, 0),
 	coalesce(l.xmin = (pg_catalog.pg_current_xact_id_if_assigned()::text::numeric % 4294967296)::text::xid, false)
-FROM l LEFT JOIN LATERAL pg_catalog.pg_xact_commit_timestamp_origin(l.xmin) c ON true`
+FROM l LEFT JOIN LATERAL ` + conflict.RowVersion("l", table) + ` c ON true`
 }

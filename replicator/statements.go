@@ -56,7 +56,7 @@ func (r *relation) updateSQL(p *params, cols []int, vals, keyVals [][]byte, roid
 		return "", false
 	}
 	return fmt.Sprintf("WITH c AS (UPDATE %s t SET %s WHERE %s AND %s RETURNING 1)", r.qualified,
-		strings.Join(sets, ", "), r.where(p, r.pk, keyVals, false), lastWriterIs(roident)) + expectOneRow, true
+		strings.Join(sets, ", "), r.where(p, r.pk, keyVals, false), r.lastWriterIs(roident)) + expectOneRow, true
 }
 
 // deleteSQL deletes the row with the primary key keyVals if its last writer
@@ -67,18 +67,19 @@ func (r *relation) deleteSQL(p *params, keyVals [][]byte, roident uint32, commit
 	return fmt.Sprintf(`WITH c AS (DELETE FROM %s t WHERE %s AND %s RETURNING %s AS k),
 	s AS (`+conflict.TombstoneInsert+`
 	      SELECT %s, c.k, %s::timestamptz, %s FROM c`+conflict.TombstoneUpsert+`)`,
-		r.qualified, r.where(p, r.pk, keyVals, false), lastWriterIs(roident), r.rowKey("t"),
+		r.qualified, r.where(p, r.pk, keyVals, false), r.lastWriterIs(roident), r.rowKey("t"),
 		p.add([]byte(r.tombName)), p.add([]byte(pgquote.Timestamp(commitTS))), p.add([]byte(peer))) + expectOneRow
 }
 
 // lastWriterIs is true for a row (alias t) whose last change came from the
 // origin roident or from the transaction applying this one: an ordinary
 // sequential change, which last-update-wins applies without a conflict.
-// Anything else raises, and is settled on the careful path.
-func lastWriterIs(roident uint32) string {
-	return fmt.Sprintf(`CASE WHEN (pg_catalog.pg_xact_commit_timestamp_origin(t.xmin)).roident = %d THEN true
+// Anything else raises, and is settled on the careful path (a row a table
+// rewrite wrote too: its version is unknown).
+func (r *relation) lastWriterIs(roident uint32) string {
+	return fmt.Sprintf(`CASE WHEN (SELECT v.roident FROM %s v) = %d THEN true
 	WHEN t.xmin = (pg_catalog.pg_current_xact_id_if_assigned()::text::numeric %% 4294967296)::text::xid THEN true
-	ELSE pgmesh.apply_conflict('the row was last written elsewhere') END`, roident)
+	ELSE pgmesh.apply_conflict('the row was last written elsewhere') END`, conflict.RowVersion("t", r.qualified), roident)
 }
 
 // expectOneRow ends a statement whose CTE c returns one row per row changed.
@@ -113,7 +114,7 @@ func (r *relation) keyMatch() string {
 // for any pairing that does not match, so that it never raises for a row
 // the statement does not change, wherever the planner evaluates it.
 func (r *relation) lastWriterIsFor(roident uint32) string {
-	return "CASE WHEN NOT (" + r.keyMatch() + ") THEN false ELSE " + lastWriterIs(roident) + " END"
+	return "CASE WHEN NOT (" + r.keyMatch() + ") THEN false ELSE " + r.lastWriterIs(roident) + " END"
 }
 
 // expectAllRows ends a set statement whose CTE c returns one row per row

@@ -14,6 +14,21 @@
 CREATE SCHEMA pgmesh;
 
 --
+-- Name: after_ddl(); Type: FUNCTION; Schema: pgmesh; Owner: -
+--
+
+CREATE FUNCTION pgmesh.after_ddl() RETURNS void
+    LANGUAGE sql
+    AS $$
+    INSERT INTO pgmesh.table_rewrite (relid)
+    SELECT c.oid FROM pg_catalog.jsonb_each_text(pg_catalog.current_setting('pgmesh.table_files')::jsonb) f
+    JOIN pg_catalog.pg_class c ON c.oid = f.key::oid
+    WHERE c.relfilenode::text <> f.value
+      AND NOT EXISTS (SELECT 1 FROM pgmesh.table_rewrite r
+                      WHERE r.relid = c.oid AND r.xid = pg_catalog.pg_current_xact_id());
+$$;
+
+--
 -- Name: apply_conflict(text); Type: FUNCTION; Schema: pgmesh; Owner: -
 --
 
@@ -25,6 +40,18 @@ BEGIN
         MESSAGE = 'pgmesh fast apply stopped: ' || reason,
         HINT = 'the transaction is applied again on the careful path';
 END
+$$;
+
+--
+-- Name: before_ddl(); Type: FUNCTION; Schema: pgmesh; Owner: -
+--
+
+CREATE FUNCTION pgmesh.before_ddl() RETURNS void
+    LANGUAGE sql
+    AS $$
+    SELECT pg_catalog.set_config('pgmesh.table_files',
+        (SELECT coalesce(pg_catalog.jsonb_object_agg(c.oid::text, c.relfilenode), '{}')::text
+         FROM pgmesh.user_tables u JOIN pg_catalog.pg_class c ON c.oid = u.relid), true);
 $$;
 
 --
@@ -176,8 +203,9 @@ CREATE FUNCTION pgmesh.install_event_triggers() RETURNS boolean
     AS $$
 BEGIN
     IF NOT (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user) THEN
-        RETURN (SELECT count(*) = 3 FROM pg_catalog.pg_event_trigger
-                WHERE evtname IN ('pgmesh_note_dropped_temp', 'pgmesh_capture_ddl', 'pgmesh_new_table_joins_sets'));
+        RETURN (SELECT count(*) = 4 FROM pg_catalog.pg_event_trigger
+                WHERE evtname IN ('pgmesh_note_dropped_temp', 'pgmesh_capture_ddl', 'pgmesh_new_table_joins_sets',
+                                  'pgmesh_note_table_rewrite'));
     END IF;
     IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger WHERE evtname = 'pgmesh_note_dropped_temp') THEN
         CREATE EVENT TRIGGER pgmesh_note_dropped_temp ON sql_drop EXECUTE FUNCTION pgmesh.note_dropped_temp();
@@ -192,6 +220,10 @@ BEGIN
             WHEN TAG IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO')
             EXECUTE FUNCTION pgmesh.new_table_joins_sets();
         ALTER EVENT TRIGGER pgmesh_new_table_joins_sets ENABLE ALWAYS;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger WHERE evtname = 'pgmesh_note_table_rewrite') THEN
+        CREATE EVENT TRIGGER pgmesh_note_table_rewrite ON table_rewrite EXECUTE FUNCTION pgmesh.note_table_rewrite();
+        ALTER EVENT TRIGGER pgmesh_note_table_rewrite ENABLE ALWAYS;
     END IF;
     RETURN true;
 END
@@ -308,6 +340,19 @@ END
 $$;
 
 --
+-- Name: note_table_rewrite(); Type: FUNCTION; Schema: pgmesh; Owner: -
+--
+
+CREATE FUNCTION pgmesh.note_table_rewrite() RETURNS event_trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+BEGIN
+    INSERT INTO pgmesh.table_rewrite (relid) VALUES (pg_catalog.pg_event_trigger_table_rewrite_oid());
+END
+$$;
+
+--
 -- Name: raise_if_deleted(text, jsonb[]); Type: FUNCTION; Schema: pgmesh; Owner: -
 --
 
@@ -360,12 +405,29 @@ BEGIN
     PERFORM set_config('search_path', coalesce((SELECT string_agg(quote_ident(s), ', ')
         FROM unnest(current_schemas(false)) s WHERE s <> 'pgmesh'), ''), true);
     PERFORM set_config('pgmesh.replicating_ddl', 'on', true);
+    PERFORM pgmesh.before_ddl();
     EXECUTE command;
+    PERFORM pgmesh.after_ddl();
     PERFORM pgmesh.new_tables_join_sets();
     PERFORM pgmesh.emit_ddl(command);
     PERFORM set_config('pgmesh.replicating_ddl', 'off', true);
 END
 $_$;
+
+--
+-- Name: row_version(oid, xid); Type: FUNCTION; Schema: pgmesh; Owner: -
+--
+
+CREATE FUNCTION pgmesh.row_version(rel oid, x xid, OUT "timestamp" timestamp with time zone, OUT roident oid) RETURNS SETOF record
+    LANGUAGE sql STABLE
+    AS $$
+    SELECT CASE WHEN w.rewritten THEN NULL ELSE c.timestamp END,
+           CASE WHEN w.rewritten THEN 0 ELSE c.roident END
+    FROM pg_catalog.pg_xact_commit_timestamp_origin(x) c,
+         LATERAL (SELECT coalesce(c.timestamp = ANY (ARRAY(
+                      SELECT pg_catalog.pg_xact_commit_timestamp(r.xid::xid) FROM pgmesh.table_rewrite r
+                      WHERE r.relid = rel)), false)) w(rewritten)
+$$;
 
 --
 -- Name: set_delta_column(regclass, name, boolean); Type: FUNCTION; Schema: pgmesh; Owner: -
@@ -959,6 +1021,16 @@ CREATE TABLE pgmesh.setting (
 );
 
 --
+-- Name: table_rewrite; Type: TABLE; Schema: pgmesh; Owner: -
+--
+
+CREATE TABLE pgmesh.table_rewrite (
+    relid oid NOT NULL,
+    xid xid8 DEFAULT pg_current_xact_id() NOT NULL,
+    noted_at timestamp with time zone DEFAULT now() NOT NULL
+);
+
+--
 -- Name: tombstone; Type: TABLE; Schema: pgmesh; Owner: -
 --
 
@@ -1098,6 +1170,12 @@ CREATE INDEX conflict_history_relation_type ON pgmesh.conflict_history USING btr
 --
 
 CREATE INDEX parked_changes_table ON pgmesh.parked_changes USING btree (peer, schema_name, table_name, id);
+
+--
+-- Name: table_rewrite_relid_idx; Type: INDEX; Schema: pgmesh; Owner: -
+--
+
+CREATE INDEX table_rewrite_relid_idx ON pgmesh.table_rewrite USING btree (relid);
 
 --
 -- Name: repset_table repset_table_set_name_fkey; Type: FK CONSTRAINT; Schema: pgmesh; Owner: -
