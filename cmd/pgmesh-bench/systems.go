@@ -103,7 +103,7 @@ func (p *meshPair) settle(ctx context.Context) error {
 }
 
 func (p *meshPair) close() {
-	// A clean stop, so that a daemon's CPU profile (-profile) is written.
+	// A clean stop, so that a daemon's CPU profile (PGMESH_CPUPROFILE) is written.
 	_ = p.a.Stop()
 	if p.b != nil {
 		_ = p.b.Stop()

@@ -268,7 +268,8 @@ func cmdRun(ctx context.Context, args []string) error {
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: lvl}))
 	// For developers: PGMESH_CPUPROFILE=/tmp/p writes /tmp/p.<node> (a Go
-	// CPU profile) from start to shutdown; make bench uses it with -profile.
+	// CPU profile) from start to shutdown, also for the daemons make bench
+	// starts (PGMESH_CPUPROFILE=/tmp/p make bench).
 	if dir := os.Getenv("PGMESH_CPUPROFILE"); dir != "" {
 		stop, err := cpuProfile(dir + "." + cfg.NodeName)
 		if err != nil {
