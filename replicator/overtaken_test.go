@@ -39,8 +39,24 @@ func TestOvertakenInsertIsRemoved(t *testing.T) {
 	}
 	mustExec(t, ctx, peers["pa"], `INSERT INTO t VALUES (11, 'a')`)
 	mustExec(t, ctx, peers["pa"], `SELECT pg_replication_slot_advance('pa', pg_current_wal_lsn())`) // a had the row
-	mustExec(t, ctx, peers["pc"], `INSERT INTO t VALUES (11, 'c')`)                                 // older...
-	mustExec(t, ctx, peers["pa"], `DELETE FROM t WHERE k = 11`)                                     // ...than this delete
+	mustExec(t, ctx, peers["pc"], `INSERT INTO t VALUES (11, 'c')`) // older...
+	// ...than this delete, at the rule's 1 ms resolution: in the same
+	// millisecond the insert would win the tie (pc has the higher id) and
+	// rightly stay, as the test once found.
+	var insertedAt time.Time
+	if err := peers["pc"].QueryRow(ctx, `SELECT pg_xact_commit_timestamp(xmin) FROM t WHERE k = 11`).Scan(&insertedAt); err != nil {
+		t.Fatal(err)
+	}
+	if err := poll.Until(ctx, time.Millisecond, time.Minute, func() error {
+		var past bool
+		if err := peers["pa"].QueryRow(ctx, `SELECT clock_timestamp() > $1::timestamptz + interval '1 ms'`, insertedAt).Scan(&past); err != nil || past {
+			return err
+		}
+		return errTryAgain
+	}); err != nil {
+		t.Fatal(err)
+	}
+	mustExec(t, ctx, peers["pa"], `DELETE FROM t WHERE k = 11`)
 	mustExec(t, ctx, local, schema+`;
 		CREATE FUNCTION hold() RETURNS trigger LANGUAGE plpgsql AS $$
 		BEGIN PERFORM pg_advisory_xact_lock_shared(4242); RETURN NULL; END $$;
