@@ -92,11 +92,11 @@ func (run *insertRun) continues(r *relation, cols []int) bool {
 	return run.r == r && slices.Equal(run.cols, cols) && len(run.rows) < fastMaxRun
 }
 
-// finishRun turns the pending inserts into one statement, appended to
-// stmts: a plain INSERT, which fails on any unique collision, guarded
-// against remembered deletes. Several rows travel as one text array per
-// column, or with copyRuns (the bulk mode) by COPY, followed by the check
-// for remembered deletes that the INSERT makes itself.
+// finishRun turns the pending inserts into statements appended to stmts:
+// a plain INSERT, which fails on any unique collision, guarded against
+// remembered deletes. One row is one INSERT that checks its key itself;
+// several travel as one text array per column, or with copyRuns (the bulk
+// mode) by COPY, each followed by the check of their keys.
 func (a *applier) finishRun(pending *insertRun, stmts *[]stmt, copyRuns bool) error {
 	run := *pending
 	*pending = insertRun{}
@@ -106,49 +106,59 @@ func (a *applier) finishRun(pending *insertRun, stmts *[]stmt, copyRuns bool) er
 	r := run.r
 	if copyRuns && len(run.rows) > 1 {
 		*stmts = append(*stmts, stmt{copy: &copyIn{r: r, cols: run.cols, rows: run.rows}})
-		if r.pk == nil {
-			return nil // no tombstones without a primary key
-		}
-		params := make([][]byte, 0, len(r.pk)+1)
-		for _, k := range r.pk {
-			enc, err := a.runColumn(&run, slices.Index(run.cols, k))
-			if err != nil {
-				return err
-			}
-			params = append(params, enc)
-		}
-		*stmts = append(*stmts, stmt{sql: r.deletedCheckSQL(), params: append(params, []byte(r.tombName)), formats: binaryParams})
-		return nil
+		return a.deletedCheck(&run, nil, stmts)
 	}
 	var p params
 	exprs := make([]string, len(run.cols)) // each column's value, typed
-	from := ""
 	if len(run.rows) == 1 {
 		for i, c := range run.cols {
 			exprs[i] = r.typed(&p, c, run.rows[0][i])
 		}
-	} else {
-		arrays := make([]string, len(run.cols))
-		aliases := make([]string, len(run.cols))
-		for i, c := range run.cols {
-			enc, err := a.runColumn(&run, i)
-			if err != nil {
-				return err
-			}
-			arrays[i] = p.add(enc) + "::text[]"
-			aliases[i] = "c" + strconv.Itoa(i)
-			exprs[i] = "u." + aliases[i] + "::" + r.localType[c]
-		}
-		from = " FROM unnest(" + strings.Join(arrays, ", ") + ") AS u(" + strings.Join(aliases, ", ") + ")"
-	}
-	sql := r.insertSQL(&p, run.cols, exprs, from)
-	if from != "" {
-		// Arrays travel in binary (the relation's name, text, reads the
-		// same either way): no quoting to write or parse.
-		*stmts = append(*stmts, stmt{sql: sql, params: p.vals, formats: binaryParams})
+		*stmts = append(*stmts, stmt{sql: r.insertSQL(&p, run.cols, exprs, ""), params: p.vals})
 		return nil
 	}
-	*stmts = append(*stmts, stmt{sql: sql, params: p.vals})
+	arrays := make([]string, len(run.cols))
+	aliases := make([]string, len(run.cols))
+	for i, c := range run.cols {
+		enc, err := a.runColumn(&run, i)
+		if err != nil {
+			return err
+		}
+		arrays[i] = p.add(enc) + "::text[]"
+		aliases[i] = "c" + strconv.Itoa(i)
+		exprs[i] = "u." + aliases[i] + "::" + r.localType[c]
+	}
+	from := " FROM unnest(" + strings.Join(arrays, ", ") + ") AS u(" + strings.Join(aliases, ", ") + ")"
+	// Arrays travel in binary (the relation's name, text, reads the same
+	// either way): no quoting to write or parse. The check for remembered
+	// deletes is a statement of its own, as after COPY: an INSERT that
+	// returned its keys for it took half as long again.
+	*stmts = append(*stmts, stmt{sql: r.plainInsertSQL(run.cols, exprs, from), params: p.vals, formats: binaryParams})
+	return a.deletedCheck(&run, p.vals, stmts)
+}
+
+// deletedCheck appends the check for remembered deletes of the run's keys
+// (deletedCheckSQL), after its rows went in without one. encoded are the
+// run's columns as runColumn encoded them, if it did.
+func (a *applier) deletedCheck(run *insertRun, encoded [][]byte, stmts *[]stmt) error {
+	r := run.r
+	if r.pk == nil {
+		return nil // no tombstones without a primary key
+	}
+	params := make([][]byte, 0, len(r.pk)+1)
+	for _, k := range r.pk {
+		i := slices.Index(run.cols, k)
+		if encoded != nil {
+			params = append(params, encoded[i])
+			continue
+		}
+		enc, err := a.runColumn(run, i)
+		if err != nil {
+			return err
+		}
+		params = append(params, enc)
+	}
+	*stmts = append(*stmts, stmt{sql: r.deletedCheckSQL(), params: append(params, []byte(r.tombName)), formats: binaryParams})
 	return nil
 }
 

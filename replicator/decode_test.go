@@ -3,6 +3,7 @@ package replicator
 import (
 	"encoding/binary"
 	"reflect"
+	"strings"
 	"testing"
 
 	"github.com/jackc/pglogrepl"
@@ -75,6 +76,11 @@ func TestParseFastRefusesMalformedMessages(t *testing.T) {
 		if _, err := parseFast(full[:n]); err == nil {
 			t.Errorf("a message cut to %d of %d bytes decoded without an error", n, len(full))
 		}
+	}
+	// A value cut short names its length.
+	cut := message('I', 1, []byte{'N'}, tupleBytes("abcdefghij"))
+	if _, err := parseFast(cut[:len(cut)-3]); err == nil || !strings.Contains(err.Error(), "want a value of 10 bytes") {
+		t.Errorf("a value cut short: %v", err)
 	}
 	bad := map[string][]byte{
 		"insert without N":      message('I', 1, []byte{'X'}, tupleBytes("1")),

@@ -24,16 +24,7 @@ import (
 // That is checked after the rows are in (pgmesh.raise_if_deleted), so that
 // it also sees a delete committed here while the insert waited for it.
 func (r *relation) insertSQL(p *params, cols []int, exprs []string, from string) string {
-	names := make([]string, len(cols))
-	for i, c := range cols {
-		names[i] = quote(r.cols[c])
-	}
-	override := ""
-	if r.anyIdentity {
-		override = " OVERRIDING SYSTEM VALUE"
-	}
-	insert := fmt.Sprintf("INSERT INTO %s (%s)%s SELECT %s%s", r.qualified, strings.Join(names, ", "), override,
-		strings.Join(exprs, ", "), from)
+	insert := r.plainInsertSQL(cols, exprs, from)
 	if r.pk == nil {
 		return insert // no tombstones without a primary key
 	}
@@ -138,8 +129,24 @@ func (r *relation) deleteSetSQL(roident uint32) string {
 		r.rowKey("t"), n+2, n+3) + expectAllRows
 }
 
+// plainInsertSQL is insertSQL without the check for remembered deletes:
+// deletedCheckSQL follows it.
+func (r *relation) plainInsertSQL(cols []int, exprs []string, from string) string {
+	names := make([]string, len(cols))
+	for i, c := range cols {
+		names[i] = quote(r.cols[c])
+	}
+	override := ""
+	if r.anyIdentity {
+		override = " OVERRIDING SYSTEM VALUE"
+	}
+	return fmt.Sprintf("INSERT INTO %s (%s)%s SELECT %s%s", r.qualified, strings.Join(names, ", "), override,
+		strings.Join(exprs, ", "), from)
+}
+
 // deletedCheckSQL raises when a delete of any of the given keys is
-// remembered: insertSQL's check, for rows copied in (COPY returns no keys).
+// remembered: insertSQL's check, for rows inserted without it (by COPY,
+// which returns no keys, or from arrays).
 // The keys are only built when the table has a tombstone at all.
 // Parameters: the key arrays, then the tombstone relation name.
 func (r *relation) deletedCheckSQL() string {
