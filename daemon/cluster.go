@@ -116,30 +116,17 @@ func (c *cluster) leader(noLeader error) (*api.Client, error) {
 // answers what fn returns, or the error with its own status (an
 // *api.Error) or failed.
 func fromMember[Req, Resp any](c *cluster, failed int, fn func(context.Context, *membership.Group, Req) (Resp, error)) http.HandlerFunc {
-	return func(w http.ResponseWriter, r *http.Request) {
-		var req Req
-		if err := readJSON(r, &req); err != nil {
-			writeErr(w, 0, err)
-			return
-		}
-		g, err := c.authorized(r)
-		if err != nil {
-			writeErr(w, 0, err)
-			return
-		}
-		resp, err := fn(r.Context(), g, req)
-		if err != nil {
-			writeErr(w, failed, err)
-			return
-		}
-		writeJSON(w, http.StatusOK, resp)
-	}
+	return memberRoute(c, false, failed, fn)
 }
 
 // onLeader is fromMember for a route that changes the Raft state: a member
 // that is not the leader forwards the call to the leader, and fn runs
 // there.
 func onLeader[Req, Resp any](c *cluster, failed int, fn func(context.Context, *membership.Group, Req) (Resp, error)) http.HandlerFunc {
+	return memberRoute(c, true, failed, fn)
+}
+
+func memberRoute[Req, Resp any](c *cluster, leaderOnly bool, failed int, fn func(context.Context, *membership.Group, Req) (Resp, error)) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		var req Req
 		if err := readJSON(r, &req); err != nil {
@@ -151,7 +138,7 @@ func onLeader[Req, Resp any](c *cluster, failed int, fn func(context.Context, *m
 			writeErr(w, 0, err)
 			return
 		}
-		if c.forward(w, r, req) {
+		if leaderOnly && c.forward(w, r, req) {
 			return
 		}
 		resp, err := fn(r.Context(), g, req)
