@@ -39,7 +39,7 @@ func TestOvertakenInsertIsRemoved(t *testing.T) {
 	}
 	mustExec(t, ctx, peers["pa"], `INSERT INTO t VALUES (11, 'a')`)
 	mustExec(t, ctx, peers["pa"], `SELECT pg_replication_slot_advance('pa', pg_current_wal_lsn())`) // a had the row
-	mustExec(t, ctx, peers["pc"], `INSERT INTO t VALUES (11, 'c')`) // older...
+	mustExec(t, ctx, peers["pc"], `INSERT INTO t VALUES (11, 'c')`)                                 // older...
 	// ...than this delete, at the rule's 1 ms resolution: in the same
 	// millisecond the insert would win the tie (pc has the higher id) and
 	// rightly stay, as the test once found.
