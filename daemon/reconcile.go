@@ -72,7 +72,7 @@ func (rc *reconciler) reconcile(ctx context.Context, g *membership.Group) {
 		rc.problems.set("reconcile", problems)
 		return
 	}
-	if err := rc.nodeTable.sync(ctx, rc.db, g, rc.self); err != nil {
+	if err := rc.syncNodeTable(ctx, g); err != nil {
 		rc.log.Warn("update pgmesh.node", "err", err)
 	}
 	if err := rc.slots.check(ctx, g, &problems); err != nil {
