@@ -82,8 +82,22 @@ func (r Rule) Round(t time.Time) int64 {
 	return q * res
 }
 
-// RoundTime is Round as a time.Time (UTC).
-func (r Rule) RoundTime(t time.Time) time.Time { return time.UnixMicro(r.Round(t)).UTC() }
+// VisibleAfter is the local clock reading a change committed at commit by
+// node from must wait for before it commits on node here (the causality
+// guard): once the local clock has passed it, every later local write to
+// the change's rows wins over it, as a write that saw it must. A later
+// write wins with a later rounded time, or with the same one when here has
+// the higher node id: then the clock only has to enter the change's
+// interval, not leave it, and a change from a lower id waits for nothing
+// but skew. An unknown id (0) waits for the whole interval.
+func (r Rule) VisibleAfter(commit time.Time, from, here int) time.Time {
+	at := r.Round(commit)
+	if from > 0 && here > from {
+		// Every time after the interval's start rounds to at or later.
+		at -= max(r.Resolution.Microseconds(), 1)
+	}
+	return time.UnixMicro(at).UTC()
+}
 
 // Newer reports whether a wins over b: the later rounded commit time wins;
 // equal rounded times go to the higher node id. A version whose time is

@@ -1,6 +1,7 @@
 package conflict
 
 import (
+	"math/rand/v2"
 	"strconv"
 	"strings"
 	"testing"
@@ -160,6 +161,43 @@ func TestNewerAtResolution(t *testing.T) {
 		alone, grouped := v(member, 1), v(time.Millisecond, 1)
 		if ms.Newer(alone, third) != ms.Newer(grouped, third) || ms.Newer(third, alone) != ms.Newer(third, grouped) {
 			t.Errorf("member at %s decides differently once stamped with the group's time", member)
+		}
+	}
+}
+
+// Once the local clock has passed VisibleAfter, every later local write
+// wins over the change, whichever node ids and resolution; a lower id
+// waits for the whole interval, a higher one only for its start.
+func TestVisibleAfterLetsEveryLaterWriteWin(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	for i := range 100000 {
+		rule := Rule{Resolution: []time.Duration{0, time.Microsecond, time.Millisecond, 10 * time.Millisecond, 100 * time.Millisecond}[i%5]}
+		commit := t0.Add(time.Duration(rng.Int64N(int64(time.Second))) / time.Microsecond * time.Microsecond)
+		from, here := 1+rng.IntN(4), 1+rng.IntN(4)
+		if from == here {
+			continue
+		}
+		after := rule.VisibleAfter(commit, from, here)
+		later := after.Add(time.Duration(1+rng.Int64N(int64(2*rule.Resolution/time.Microsecond)+2)) * time.Microsecond)
+		if !rule.Newer(Version{CommitTS: later, NodeID: here}, Version{CommitTS: commit, NodeID: from}) {
+			t.Fatalf("%v: a write at %s on node %d, after VisibleAfter %s, loses to node %d's change at %s",
+				rule.Resolution, later.Format(time.StampMicro), here, after.Format(time.StampMicro), from, commit.Format(time.StampMicro))
+		}
+	}
+	ten := Rule{Resolution: 10 * time.Millisecond}
+	commit := t0.Add(3 * time.Millisecond)
+	for _, c := range []struct {
+		from, here int
+		want       time.Duration
+	}{
+		{2, 1, 10 * time.Millisecond}, // a lower id waits for the interval's end
+		{1, 2, 0},                     // a higher one for its start
+		{0, 2, 10 * time.Millisecond}, // an unknown sender: the whole interval
+		{1, 0, 10 * time.Millisecond}, // an unknown local id, too
+	} {
+		if got := ten.VisibleAfter(commit, c.from, c.here); !got.Equal(t0.Add(c.want)) {
+			t.Errorf("from %d to %d: VisibleAfter %s, want %s", c.from, c.here, got.Sub(t0), c.want)
 		}
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"strconv"
+	"time"
 
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5/pgtype"
@@ -118,9 +119,19 @@ func (a *applier) drain(ctx context.Context) error { return a.grouped.drain(ctx)
 // (ARCHITECTURE.md, invariants: exactly once, origin time is the row's
 // time).
 func (a *applier) commitAlone(ctx context.Context, m *pglogrepl.CommitMessage) error {
-	at := a.cfg.Rule.RoundTime(m.CommitTime)
+	at := a.visibleAfter(m.CommitTime)
 	a.stats.clockAhead(at)
 	return a.s.commit(ctx, stamp{end: m.TransactionEndLSN, commitTS: m.CommitTime, at: at})
+}
+
+// visibleAfter is the local clock reading a peer's change committed at
+// commit waits for before it commits here (conflict.Rule.VisibleAfter).
+func (a *applier) visibleAfter(commit time.Time) time.Time {
+	here := 0
+	if a.cfg.NodeID != nil {
+		here = a.cfg.NodeID(a.cfg.LocalNode)
+	}
+	return a.cfg.Rule.VisibleAfter(commit, a.cfg.Peer.ID, here)
 }
 
 // rollback abandons an open local transaction after an error.

@@ -162,8 +162,9 @@ func TestGroupsCollapseExactly(t *testing.T) {
 // pgEpoch is where pgoutput's timestamps count from.
 var pgEpoch = time.Date(2000, 1, 1, 0, 0, 0, 0, time.UTC)
 
-// sameCommitTime gives every transaction the first one's commit time, in
-// its Begin (byte 9 on) and Commit (byte 18 on) messages.
+// sameCommitTime gives every transaction one commit time, a second before
+// the first one's, in its Begin (byte 9 on) and Commit (byte 18 on)
+// messages.
 func sameCommitTime(t *testing.T, msgs [][]byte) [][]byte {
 	t.Helper()
 	var ts []byte
@@ -178,7 +179,9 @@ func sameCommitTime(t *testing.T, msgs [][]byte) [][]byte {
 			continue
 		}
 		if ts == nil {
-			ts = append([]byte(nil), at...)
+			// A second back: a backlog, which groups absorb (fresh
+			// transactions are applied as they come).
+			ts = binary.BigEndian.AppendUint64(nil, binary.BigEndian.Uint64(at)-uint64(time.Second/time.Microsecond))
 		}
 		copy(at, ts)
 	}

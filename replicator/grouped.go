@@ -49,6 +49,12 @@ const (
 	fastMaxQueueBytes = 16 << 20
 )
 
+// freshTxn is how recent a transaction's commit must be for it to be sent
+// without waiting for more to join its group: a stream that keeps up
+// applies each transaction as it comes, as native replication does. Older
+// ones are a backlog, which groups absorb.
+const freshTxn = 50 * time.Millisecond
+
 // fastTxn is one source transaction on the fast path, held until its local
 // commit is confirmed so that it can be applied again carefully.
 type fastTxn struct {
@@ -288,9 +294,13 @@ func (g *grouped) commit(ctx context.Context, t *fastTxn, m *pglogrepl.CommitMes
 	grp.txns = append(grp.txns, t)
 	grp.end, grp.commitTS = t.end, t.commitTS
 	grp.size += t.size
-	// Close and send at once when the server is idle (latency); else let
-	// the group grow while the server works on the batch in flight.
-	if !g.pipe.inFlight() {
+	// Close and send at once when the server is idle, or when the
+	// transaction is fresh and need not wait for the clock: the stream
+	// keeps up, and latency comes first. Else let the group grow while the
+	// server works on the batch in flight: a backlog, where throughput
+	// comes first, or transactions that commit at their interval's end
+	// anyway (causality).
+	if !g.pipe.inFlight() || (time.Since(t.commitTS) < freshTxn && !g.stats.ahead(g.visibleAfter(t.commitTS))) {
 		if err := g.closeGroup(ctx); err != nil {
 			return err
 		}
@@ -322,9 +332,10 @@ func (g *grouped) closeGroup(ctx context.Context) error {
 	if grp.applies() {
 		// The guard comes last: the group's end is known only now. It
 		// checks that every group before it committed, waits for the local
-		// clock to pass the group's rounded time (causality), and stamps
-		// the commit with the origin's progress and commit time.
-		at := time.UnixMicro(grp.rounded).UTC()
+		// clock to reach the group's interval (causality,
+		// visibleAfter), and stamps the commit with the origin's progress
+		// and commit time.
+		at := g.visibleAfter(grp.commitTS)
 		g.stats.clockAhead(at)
 		expect := g.applied
 		grp.stmts = append(grp.stmts, stamp{end: grp.end, commitTS: grp.commitTS, at: at, expect: &expect}.guard())

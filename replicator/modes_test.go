@@ -248,6 +248,37 @@ func TestPlainTransactionsStayGrouped(t *testing.T) {
 	}
 }
 
+// A stream that keeps up sends each fresh transaction at once, though the
+// previous one is still in flight, unless it would wait for the clock: a
+// change from a higher node id commits at its interval's end anyway, so
+// the others of that interval join its group.
+func TestFreshTransactionsGoAtOnce(t *testing.T) {
+	for _, c := range []struct {
+		name    string
+		localID int
+		at      time.Time
+		sends   int
+	}{
+		{"from a lower id, no wait: one commit each", 3, time.Now().Add(-15 * time.Millisecond), 5},
+		{"from a higher id, a wait for the clock: the rest as one group", 1, time.Now().Add(time.Second), 2},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			a, f := testApplier(t, 0)
+			a.cfg.NodeID = func(string) int { return c.localID }
+			for n := 1; n <= 5; n++ {
+				msgs, _ := txn(n, c.at, insertMsg(testRel, n))
+				feed(t, a, msgs)
+			}
+			if err := a.drain(context.Background()); err != nil {
+				t.Fatal(err)
+			}
+			if got := count(f.calls, "send"); got != c.sends {
+				t.Errorf("%d batches sent, want %d: %q", got, c.sends, f.calls)
+			}
+		})
+	}
+}
+
 func TestDDLGoesCarefulAndBack(t *testing.T) {
 	a, f := testApplier(t, 0)
 	at := time.Now().Add(-time.Second)

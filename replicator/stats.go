@@ -192,14 +192,23 @@ func (s *stats) committedGroup(stmts int, collapsed bool) {
 	s.mu.Unlock()
 }
 
-// clockAhead counts a commit whose rounded time at is ahead of the local
-// Postgres clock (as last measured), so the causality guard waits for it.
+// clockAhead counts a commit whose guard time at (visibleAfter) is ahead of
+// the local Postgres clock (as last measured), so the causality guard waits
+// for it.
 func (s *stats) clockAhead(at time.Time) {
-	s.mu.Lock()
-	if at.After(time.Now().Add(s.localOffset)) {
+	if s.ahead(at) {
+		s.mu.Lock()
 		s.st.ClockWaits++
+		s.mu.Unlock()
 	}
-	s.mu.Unlock()
+}
+
+// ahead reports whether at is ahead of the local Postgres clock (as last
+// measured).
+func (s *stats) ahead(at time.Time) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return at.After(time.Now().Add(s.localOffset))
 }
 
 // setClocks records the measured offsets and the skew between the two

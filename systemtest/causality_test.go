@@ -11,6 +11,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
+
+	"github.com/pgmesh/pgmesh/conflict"
+	"github.com/pgmesh/pgmesh/internal/poll"
 	"github.com/pgmesh/pgmesh/internal/testing/localmesh"
 	"github.com/pgmesh/pgmesh/internal/testing/pgtest"
 	"github.com/pgmesh/pgmesh/replicator"
@@ -214,4 +218,72 @@ func catchUpBacklog(t *testing.T, ctx context.Context, b *localmesh.Node, table 
 		return nil
 	})
 	return st
+}
+
+// Inside one luw_resolution interval (100ms here), a write that follows a
+// peer's write it saw wins everywhere, in both directions. Towards the
+// higher node id the peer's write becomes visible as soon as it arrives, so
+// the following write often shares its interval and wins the tie by node
+// id; towards the lower id it waits for the interval's end, so the
+// following write is always in a later interval (conflict.Rule.VisibleAfter).
+func TestFollowingWriteWinsInsideOneInterval(t *testing.T) {
+	ctx := ctxFor(t)
+	nodes := meshWith(t, ctx, `CREATE TABLE kv (k int PRIMARY KEY, v text NOT NULL)`,
+		[]string{"--luw-resolution", "100ms"}, "a", "b")
+	a, b := nodes[0], nodes[1]
+	id := func(n *localmesh.Node) int64 {
+		return count(t, ctx, a, `SELECT node_id FROM pgmesh.node WHERE node_name = $1`, n.Name)
+	}
+	if id(a) >= id(b) {
+		t.Fatalf("node ids a %d, b %d: the test expects the node that formed the group to have the lower", id(a), id(b))
+	}
+	rule := conflict.Rule{Resolution: 100 * time.Millisecond}
+	const keys = 20
+	shared := map[string]int{}
+	for dir, pair := range [][2]*localmesh.Node{{a, b}, {b, a}} {
+		first, then := connect(t, ctx, pair[0]), connect(t, ctx, pair[1])
+		way := pair[0].Name + " to " + pair[1].Name
+		// Flushed at once: the clusters run synchronous_commit off, and the
+		// walsender would see the insert only at the WAL writer's next
+		// round, 200 ms on.
+		if _, err := first.Exec(ctx, `SET synchronous_commit = on`); err != nil {
+			t.Fatal(err)
+		}
+		for i := range keys {
+			k := dir*keys + i
+			var xid string
+			if err := first.QueryRow(ctx, `INSERT INTO kv VALUES ($1, 'first') RETURNING xmin::text`, k).Scan(&xid); err != nil {
+				t.Fatal(err)
+			}
+			// The update runs as soon as the insert is visible on then.
+			var uxid string
+			if err := poll.Until(ctx, time.Millisecond, 30*time.Second, func() error {
+				return then.QueryRow(ctx, `UPDATE kv SET v = 'then' WHERE k = $1
+					RETURNING xmin::text`, k).Scan(&uxid)
+			}); err != nil {
+				t.Fatalf("%s: key %d never arrived: %v", way, k, err)
+			}
+			committed := func(c *pgx.Conn, xid string) (ts time.Time) {
+				if err := c.QueryRow(ctx, `SELECT pg_xact_commit_timestamp($1::xid)`, xid).Scan(&ts); err != nil {
+					t.Fatal(err)
+				}
+				return ts
+			}
+			inserted, updated := committed(first, xid), committed(then, uxid)
+			if rule.Round(inserted) == rule.Round(updated) {
+				shared[way]++
+			}
+		}
+	}
+	want := converged(t, ctx, time.Minute, "kv", a, b)
+	if n := strings.Count(want, "then"); n != 2*keys {
+		t.Fatalf("the nodes agree, but on %d of %d rows holding the following update:\n%s", n, 2*keys, want)
+	}
+	t.Logf("updates in the interval of the insert they followed: %v of %d each way", shared, keys)
+	if shared["b to a"] != 0 {
+		t.Errorf("%d of a's updates shared the interval of b's insert: a (the lower id) applied it before the interval ended", shared["b to a"])
+	}
+	if shared["a to b"] == 0 {
+		t.Errorf("none of b's updates shared the interval of a's insert: b (the higher id) still waits for the interval's end")
+	}
 }

@@ -55,7 +55,7 @@ CREATE TABLE big (id bigint PRIMARY KEY, payload text NOT NULL);
 CREATE TABLE lat (id bigint PRIMARY KEY, sent timestamptz NOT NULL, arrived timestamptz);
 CREATE TABLE sentinel (id int PRIMARY KEY)`
 
-// The receiver stamps arrival (ENABLE ALWAYS: it fires for applied rows too).
+// Each node stamps arrival (ENABLE ALWAYS: it fires for applied rows too).
 const stampArrival = `CREATE FUNCTION stamp() RETURNS trigger LANGUAGE plpgsql AS
 $$ BEGIN NEW.arrived := clock_timestamp(); RETURN NEW; END $$;
 CREATE TRIGGER stamp BEFORE INSERT ON lat FOR EACH ROW EXECUTE FUNCTION stamp();
@@ -112,6 +112,14 @@ func (a applyCounts) minus(b applyCounts) applyCounts {
 }
 
 // appliedCounter is a system whose receiver counts how it applied: pgmesh.
+// twoWay is a system that replicates both ways; latency is measured both
+// ways, since pgmesh's causality guard waits longer towards the lower node
+// id (conflict.Rule.VisibleAfter).
+type twoWay interface {
+	// back returns the sender and receiver of the other direction.
+	back() (sender, receiver *pgtest.Cluster)
+}
+
 type appliedCounter interface {
 	daemonPid() int
 	applied(ctx context.Context) (applyCounts, error)
@@ -197,7 +205,7 @@ func medians(runs [][]float64) []float64 {
 
 // latency writes at a fixed rate on the sender and reads the arrival times
 // the receiver stamped.
-func latency(ctx context.Context, s system) (p50, p99 float64, err error) {
+func latency(ctx context.Context, sender, receiver *pgtest.Cluster) (p50, p99 float64, err error) {
 	workers := 4
 	per := time.Second * time.Duration(workers) / time.Duration(*rate)
 	var wg sync.WaitGroup
@@ -211,7 +219,7 @@ func latency(ctx context.Context, s system) (p50, p99 float64, err error) {
 			// synchronous_commit=off, walsenders would see it only at the
 			// WAL writer's next round (200 ms), and every system's latency
 			// would be mostly that wait.
-			cfg, err := pgx.ParseConfig(s.sender().DSN())
+			cfg, err := pgx.ParseConfig(sender.DSN())
 			if err != nil {
 				errs[w] = err
 				return
@@ -241,17 +249,17 @@ func latency(ctx context.Context, s system) (p50, p99 float64, err error) {
 		}
 	}
 	var n int64
-	if err := queryRow(ctx, s.sender(), `SELECT count(*) FROM lat`, &n); err != nil {
+	if err := queryRow(ctx, sender, `SELECT count(*) FROM lat`, &n); err != nil {
 		return 0, 0, err
 	}
-	if err := waitFor(ctx, s.receiver(), `SELECT count(*) = $1 FROM lat`, n); err != nil {
+	if err := waitFor(ctx, receiver, `SELECT count(*) = $1 FROM lat`, n); err != nil {
 		return 0, 0, err
 	}
-	err = queryRow(ctx, s.receiver(), `SELECT
+	err = queryRow(ctx, receiver, `SELECT
 		percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM arrived - sent) * 1000),
 		percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM arrived - sent) * 1000) FROM lat`, &p50, &p99)
 	if err == nil {
-		err = s.sender().Exec(ctx, `TRUNCATE lat`)
+		err = sender.Exec(ctx, `TRUNCATE lat`)
 	}
 	return p50, p99, err
 }

@@ -75,9 +75,11 @@ func newMesh(ctx context.Context, bin string) (*meshPair, error) {
 		p.close()
 		return nil, err
 	}
-	if err := p.b.PG.Exec(ctx, stampArrival); err != nil {
-		p.close()
-		return nil, err
+	for _, n := range []*localmesh.Node{p.a, p.b} {
+		if err := n.PG.Exec(ctx, stampArrival); err != nil {
+			p.close()
+			return nil, err
+		}
 	}
 	return p, localmesh.WaitConnected(ctx, 30*time.Second, p.a, p.b)
 }
@@ -85,6 +87,9 @@ func newMesh(ctx context.Context, bin string) (*meshPair, error) {
 func (p *meshPair) name() string              { return "pgmesh" }
 func (p *meshPair) sender() *pgtest.Cluster   { return p.a.PG }
 func (p *meshPair) receiver() *pgtest.Cluster { return p.b.PG }
+func (p *meshPair) back() (sender, receiver *pgtest.Cluster) {
+	return p.b.PG, p.a.PG
+}
 func (p *meshPair) hold(context.Context) error {
 	return p.b.Stop()
 }
@@ -245,6 +250,7 @@ func newPglogical(ctx context.Context) (*pglogicalPair, error) {
 		func() error { return p.b.Exec(ctx, schema) },
 		func() error { return pgbench(ctx, p.a, "-i", "-q", "-s", "1") },
 		func() error { return pgbench(ctx, p.b, "-i", "-q", "-s", "1") }, // same rows on both
+		func() error { return p.a.Exec(ctx, stampArrival) },
 		func() error { return p.b.Exec(ctx, stampArrival) },
 		func() error { return node(p.a, "a") },
 		func() error { return node(p.b, "b") },
@@ -273,6 +279,9 @@ func (p *pglogicalPair) waitReplicating(ctx context.Context) error {
 func (p *pglogicalPair) name() string              { return "pglogical" }
 func (p *pglogicalPair) sender() *pgtest.Cluster   { return p.a }
 func (p *pglogicalPair) receiver() *pgtest.Cluster { return p.b }
+func (p *pglogicalPair) back() (sender, receiver *pgtest.Cluster) {
+	return p.b, p.a
+}
 
 func (p *pglogicalPair) hold(ctx context.Context) error {
 	return p.b.Exec(ctx, `SELECT pglogical.alter_subscription_disable('b_from_a', immediate := true)`)

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"math"
 	"strconv"
 	"strings"
 	"time"
@@ -80,6 +81,10 @@ func (b *bench) add(what string, vals []float64, unit string, higherIsBetter boo
 	r := result{what: what}
 	best := 0.0
 	for i, v := range vals {
+		if math.IsNaN(v) { // not measured for this system
+			r.vals = append(r.vals, "-")
+			continue
+		}
 		r.vals = append(r.vals, fmt.Sprintf(format, v)+unit)
 		if i > 0 && v > 0 && (best == 0 || (higherIsBetter && v > best) || (!higherIsBetter && v < best)) {
 			best = v
@@ -227,19 +232,33 @@ func (b *bench) pgbenchFourClients() error {
 
 func (b *bench) latency() error {
 	fmt.Printf("4. commit-to-visible latency at %d transactions/s for %s\n", *rate, *latencyDur)
-	p50, p99 := make([]float64, len(b.systems)), make([]float64, len(b.systems))
+	n := len(b.systems)
+	p50, p99, back50, back99 := make([]float64, n), make([]float64, n), make([]float64, n), make([]float64, n)
 	for i, s := range b.systems {
 		if err := s.settle(b.ctx); err != nil {
 			return err
 		}
-		a, c, err := latency(b.ctx, s)
-		if err != nil {
+		var err error
+		if p50[i], p99[i], err = latency(b.ctx, s.sender(), s.receiver()); err != nil {
 			return err
 		}
-		p50[i], p99[i] = a, c
+		back50[i], back99[i] = math.NaN(), math.NaN()
+		if tw, ok := s.(twoWay); ok {
+			if err := s.settle(b.ctx); err != nil {
+				return err
+			}
+			sender, receiver := tw.back()
+			if back50[i], back99[i], err = latency(b.ctx, sender, receiver); err != nil {
+				return err
+			}
+		}
 	}
+	// pgmesh's receiver b has the higher node id: there a peer's change
+	// waits only for skew; a, the lower, waits for its interval's end.
 	b.add("4. latency p50", p50, " ms", false, "%.2f")
 	b.add("4. latency p99", p99, " ms", false, "%.2f")
+	b.add("4. latency p50, b to a", back50, " ms", false, "%.2f")
+	b.add("4. latency p99, b to a", back99, " ms", false, "%.2f")
 	return nil
 }
 
