@@ -295,12 +295,13 @@ func (g *grouped) commit(ctx context.Context, t *fastTxn, m *pglogrepl.CommitMes
 	grp.end, grp.commitTS = t.end, t.commitTS
 	grp.size += t.size
 	// Close and send at once when the server is idle, or when the
-	// transaction is fresh and need not wait for the clock: the stream
-	// keeps up, and latency comes first. Else let the group grow while the
-	// server works on the batch in flight: a backlog, where throughput
-	// comes first, or transactions that commit at their interval's end
-	// anyway (causality).
-	if !g.pipe.inFlight() || (time.Since(t.commitTS) < freshTxn && !g.stats.ahead(g.visibleAfter(t.commitTS))) {
+	// transaction is fresh and its guard waits for no more than its own
+	// commit time (only skew): the stream keeps up, and latency comes
+	// first. Else let the group grow while the server works on the batch
+	// in flight: a backlog, where throughput comes first, or transactions
+	// that commit at their interval's end anyway (causality).
+	fresh := time.Since(t.commitTS) < freshTxn && !g.visibleAfter(t.commitTS).After(t.commitTS)
+	if !g.pipe.inFlight() || fresh {
 		if err := g.closeGroup(ctx); err != nil {
 			return err
 		}

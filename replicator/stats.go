@@ -196,19 +196,11 @@ func (s *stats) committedGroup(stmts int, collapsed bool) {
 // the local Postgres clock (as last measured), so the causality guard waits
 // for it.
 func (s *stats) clockAhead(at time.Time) {
-	if s.ahead(at) {
-		s.mu.Lock()
-		s.st.ClockWaits++
-		s.mu.Unlock()
-	}
-}
-
-// ahead reports whether at is ahead of the local Postgres clock (as last
-// measured).
-func (s *stats) ahead(at time.Time) bool {
 	s.mu.Lock()
-	defer s.mu.Unlock()
-	return at.After(time.Now().Add(s.localOffset))
+	if at.After(time.Now().Add(s.localOffset)) {
+		s.st.ClockWaits++
+	}
+	s.mu.Unlock()
 }
 
 // setClocks records the measured offsets and the skew between the two
