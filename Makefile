@@ -25,16 +25,16 @@ SKIP = $(if $(SKIP_$(or $(PG),15)),-skip '$(SKIP_$(or $(PG),15))',)
 
 # Unit tests and the system tests against real throwaway Postgres clusters.
 # Fails loudly when no PostgreSQL 15+ server is installed. The system tests
-# that mostly wait on slow links (t.Parallel) run together at the end.
+# run three at a time (t.Parallel): they mostly wait on their clusters.
 test: fmt-check vet
-	$(WITH_PG) $(GO) test -tags integration -count=1 -timeout 40m -parallel 8 $(SKIP) ./...
+	$(WITH_PG) $(GO) test -tags integration -count=1 -timeout 40m -parallel 3 $(SKIP) ./...
 
 # The core of the system tests (write everywhere, every conflict type,
 # randomized convergence, kill -9 during apply, clocks, version behaviour),
 # for the other versions in CI: make test-core PG=16
 CORE_TESTS = TestThreeNodesWriteEverywhere|TestResidencySet|TestConflictTypes|TestInsertWaitingForLocalDelete|TestRandomizedConvergence|TestKillDuringBacklogAppliesExactlyOnce|TestClockSkewConverges|TestFollowingWriteWinsInsideOneInterval|TestGroupedCommitsForm|TestVersionSpecificStreaming|TestSQLRuleMatchesGo|TestFastPathGuardMatchesSequential
 test-core:
-	$(WITH_PG) $(GO) test -tags integration -count=1 -timeout 15m -run '$(CORE_TESTS)' ./systemtest/ ./sql/ ./replicator/
+	$(WITH_PG) $(GO) test -tags integration -count=1 -timeout 15m -parallel 3 -run '$(CORE_TESTS)' ./systemtest/ ./sql/ ./replicator/
 
 unit:
 	$(GO) test -count=1 ./...

@@ -27,6 +27,7 @@ CREATE TABLE "Order Items" ("select" int PRIMARY KEY, "Quantity Ordered" int, "w
 // Every common type round-trips identically; quoted names replicate;
 // unchanged TOAST values survive updates of other columns; TRUNCATE replicates.
 func TestTypesNamesToastTruncate(t *testing.T) {
+	t.Parallel()
 	ctx := ctxFor(t)
 	nodes := mesh(t, ctx, typesSchema, "a", "b")
 	a := nodes[0]
@@ -66,6 +67,7 @@ func TestTypesNamesToastTruncate(t *testing.T) {
 // A table without a primary key or replica identity is named, with the fix,
 // in the daemon's status; Postgres itself refuses updates of it.
 func TestTableWithoutKeyIsReported(t *testing.T) {
+	t.Parallel()
 	ctx := ctxFor(t)
 	nodes := mesh(t, ctx, `CREATE TABLE "no key" (x int)`, "a", "b")
 	want := `table public."no key" has no primary key or replica identity`
@@ -91,6 +93,7 @@ func TestTableWithoutKeyIsReported(t *testing.T) {
 // A peer's Postgres restarting (cleanly, then crash-stopped) while its
 // changes stream: the stream reconnects and catches up, nothing lost.
 func TestPeerPostgresRestart(t *testing.T) {
+	t.Parallel()
 	ctx := ctxFor(t)
 	nodes := mesh(t, ctx, itemsSchema, "a", "b")
 	a, b := nodes[0], nodes[1]
@@ -154,6 +157,7 @@ func assertNoConflicts(t *testing.T, ctx context.Context, nodes ...*localmesh.No
 // one of its rows collides with a local row, the whole transaction is
 // applied again on the careful path, which settles and logs the conflict.
 func TestLargeTransactionWithConflict(t *testing.T) {
+	t.Parallel()
 	ctx := ctxFor(t)
 	nodes := mesh(t, ctx, `CREATE TABLE big (id int PRIMARY KEY, who text NOT NULL)`, "a", "b")
 	a, b := nodes[0], nodes[1]
@@ -197,6 +201,7 @@ func TestLargeTransactionWithConflict(t *testing.T) {
 // the same transaction inserted, updates and deletes of rows the peer wrote
 // earlier. None is retried carefully, and none is a conflict.
 func TestPlainChangesStayFast(t *testing.T) {
+	t.Parallel()
 	ctx := ctxFor(t)
 	nodes := mesh(t, ctx, `CREATE TABLE acct (id int PRIMARY KEY, balance int NOT NULL, note text)`, "a", "b")
 	a, b := nodes[0], nodes[1]

@@ -33,6 +33,7 @@ func statusSays(t *testing.T, n *localmesh.Node, want ...string) {
 // schema is fixed the stream resumes from the same change and nothing is
 // lost (ARCHITECTURE.md, invariants: nothing lost on bad input).
 func TestBadInputStopsAndResumes(t *testing.T) {
+	t.Parallel()
 	ctx := ctxFor(t)
 	nodes := mesh(t, ctx, `CREATE TABLE items (id int PRIMARY KEY, name varchar(50), extra text);
 		CREATE TABLE notes (id int PRIMARY KEY, body text);
@@ -82,6 +83,7 @@ func TestBadInputStopsAndResumes(t *testing.T) {
 // Table, schema and column names built to break naive quoting replicate
 // like any other.
 func TestHostileIdentifiers(t *testing.T) {
+	t.Parallel()
 	ctx := ctxFor(t)
 	const schema = `CREATE SCHEMA "x""; DROP SCHEMA public; --";
 		CREATE TABLE "x""; DROP SCHEMA public; --"."t' OR '1'='1" ("id""" int PRIMARY KEY, "$1" text, "a.b" text, "ünï côdé" text)`

@@ -27,6 +27,7 @@ import (
 // overwrote, a and c would keep a's value and b its own, for good. b also
 // reports a's clock as ahead, in status and /health.
 func TestClockSkewConverges(t *testing.T) {
+	t.Parallel()
 	ctx := ctxFor(t)
 	env, err := pgtest.FakeClock(-2)
 	if err != nil {
@@ -121,6 +122,7 @@ func TestClockSkewConverges(t *testing.T) {
 // rounded commit time share a local commit: far fewer local transactions
 // than source transactions, read from status counters.
 func TestGroupedCommitsForm(t *testing.T) {
+	t.Parallel()
 	ctx := ctxFor(t)
 	nodes := mesh(t, ctx, `CREATE TABLE ledger (id int PRIMARY KEY, note text)`, "a", "b")
 	a, b := nodes[0], nodes[1]
@@ -145,6 +147,7 @@ func TestGroupedCommitsForm(t *testing.T) {
 // per table, so far fewer statements run than source transactions, and the
 // nodes agree.
 func TestPgbenchLikeBacklogCollapses(t *testing.T) {
+	t.Parallel()
 	ctx := ctxFor(t)
 	nodes := mesh(t, ctx, `CREATE TABLE accounts (aid int PRIMARY KEY, abalance int, filler text);
 		CREATE TABLE tellers (tid int PRIMARY KEY, tbalance int);
@@ -227,6 +230,7 @@ func catchUpBacklog(t *testing.T, ctx context.Context, b *localmesh.Node, table 
 // id; towards the lower id it waits for the interval's end, so the
 // following write is always in a later interval (conflict.Rule.VisibleAfter).
 func TestFollowingWriteWinsInsideOneInterval(t *testing.T) {
+	t.Parallel()
 	ctx := ctxFor(t)
 	nodes := meshWith(t, ctx, `CREATE TABLE kv (k int PRIMARY KEY, v text NOT NULL)`,
 		[]string{"--luw-resolution", "100ms"}, "a", "b")

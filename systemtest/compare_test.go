@@ -48,6 +48,7 @@ func compareJSON(t *testing.T, ctx context.Context, n *localmesh.Node, args ...s
 // compare, which names exactly those keys and the version last-update-wins
 // keeps; repair writes the winners again, and the nodes agree after it.
 func TestCompareFindsAndRepairsDrift(t *testing.T) {
+	t.Parallel()
 	ctx := ctxFor(t)
 	nodes := mesh(t, ctx, `CREATE TABLE kv (k int PRIMARY KEY, v text NOT NULL, n int NOT NULL DEFAULT 0);
 		CREATE TABLE nokey (x int)`, "a", "b", "c")
@@ -122,6 +123,7 @@ func TestCompareFindsAndRepairsDrift(t *testing.T) {
 
 // Writes in flight on every node while compare runs are not drift.
 func TestCompareUnderWriteLoadReportsNoDrift(t *testing.T) {
+	t.Parallel()
 	ctx := ctxFor(t)
 	nodes := mesh(t, ctx, `CREATE TABLE kv (k int PRIMARY KEY, v text NOT NULL, n int NOT NULL DEFAULT 0)`, "a", "b", "c")
 	mustExec(t, ctx, nodes[0], `INSERT INTO kv SELECT g, 'row ' || g FROM generate_series(1, 20000) g`)

@@ -15,6 +15,7 @@ import (
 // needs: Postgres with logical WAL and commit timestamps, and a sidecar per
 // node with its own name, DSN without password, and advertised addresses.
 func TestComposeFile(t *testing.T) {
+	t.Parallel()
 	path, err := exec.LookPath("docker-compose")
 	if err != nil {
 		t.Fatal("docker-compose is not installed (apt-get install docker-compose); .ci/run installs it")

@@ -35,6 +35,7 @@ func runDaemon(t *testing.T, ctx context.Context, args ...string) string {
 // The daemon refuses a Postgres that cannot do logical replication or
 // last-update-wins, naming every problem and its fix in one line each.
 func TestDaemonRefusesMisconfiguredPostgres(t *testing.T) {
+	t.Parallel()
 	ctx := ctxFor(t)
 	pg, err := pgtest.Start(ctx, pgtest.Options{Settings: map[string]string{
 		"wal_level": "replica", "track_commit_timestamp": "off"}})
@@ -60,6 +61,7 @@ func TestDaemonRefusesMisconfiguredPostgres(t *testing.T) {
 // one line per missing privilege with the statement that grants it (package
 // privilege tests each one); so is half a TLS setup.
 func TestDaemonRefusesRoleAndHalfTLS(t *testing.T) {
+	t.Parallel()
 	ctx := ctxFor(t)
 	pg, err := pgtest.Start(ctx, pgtest.Options{})
 	if err != nil {
@@ -94,6 +96,7 @@ func TestDaemonRefusesRoleAndHalfTLS(t *testing.T) {
 }
 
 func TestDaemonConfigErrors(t *testing.T) {
+	t.Parallel()
 	ctx := ctxFor(t)
 	port, _ := pgtest.FreePort()
 	// Nothing listens on port: the error names the server, not the password.

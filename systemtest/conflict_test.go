@@ -20,6 +20,7 @@ func updateAll(ctx context.Context, n *localmesh.Node, tag string) error {
 // node's two apply streams then contend for the same row locks. Every node
 // must settle on the same winner per row (the later commit).
 func TestConcurrentAppliesOnThirdNodeConverge(t *testing.T) {
+	t.Parallel()
 	ctx := ctxFor(t)
 	nodes := mesh(t, ctx, itemsSchema, "a", "b", "c")
 	mustExec(t, ctx, nodes[0], `INSERT INTO items SELECT g, 'seed', 0 FROM generate_series(1, 2000) g`)

@@ -19,6 +19,7 @@ CREATE TABLE people (id int PRIMARY KEY, email text UNIQUE, phone text UNIQUE)`
 // a writes first and b second (so b's commit is newer), then they heal.
 // Node a has id 1 and b id 2.
 func TestConflictTypes(t *testing.T) {
+	t.Parallel()
 	ctx := ctxFor(t)
 	nodes := mesh(t, ctx, kvSchema, "a", "b")
 	a := nodes[0]
@@ -50,6 +51,7 @@ func TestConflictTypes(t *testing.T) {
 // An insert whose key a newer delete already removed here is skipped: c
 // receives b's delete of a row before a's insert of it.
 func TestInsertOvertakenByDelete(t *testing.T) {
+	t.Parallel()
 	ctx := ctxFor(t)
 	nodes := mesh(t, ctx, kvSchema, "a", "b", "c")
 	a, b, c := nodes[0], nodes[1], nodes[2]
@@ -84,6 +86,7 @@ func TestInsertOvertakenByDelete(t *testing.T) {
 // BDR's lost-update example: Sydney and Tokyo each add 50 to a balance of
 // 100 at the same time. With a delta column, every node ends at 200.
 func TestDeltaColumnsKeepEveryIncrement(t *testing.T) {
+	t.Parallel()
 	ctx := ctxFor(t)
 	nodes := mesh(t, ctx, `CREATE TABLE accounts (id int PRIMARY KEY, balance numeric NOT NULL, note text)`, "sydney", "tokyo", "dallas")
 	sydney, tokyo := nodes[0], nodes[1]
@@ -124,6 +127,7 @@ func TestDeltaColumnsKeepEveryIncrement(t *testing.T) {
 // Tombstones from a delete-heavy workload are pruned once every peer's
 // changes up to them are applied; old conflicts are pruned by retention.
 func TestTombstonesAndConflictsArePruned(t *testing.T) {
+	t.Parallel()
 	ctx := ctxFor(t)
 	nodes := meshWith(t, ctx, kvSchema, []string{"--housekeeping-interval", "1s", "--conflict-retention", "3s"}, "a", "b")
 	a, b := nodes[0], nodes[1]
@@ -168,6 +172,7 @@ func TestTombstonesAndConflictsArePruned(t *testing.T) {
 // must win on both nodes, on the fast path and on the careful one (taken
 // here because the source transaction first updates a row b wrote).
 func TestInsertWaitingForLocalDelete(t *testing.T) {
+	t.Parallel()
 	ctx := ctxFor(t)
 	nodes := mesh(t, ctx, kvSchema, "a", "b")
 	a, b := nodes[0], nodes[1]

@@ -48,6 +48,7 @@ func soakSettings(t *testing.T) (seed uint64, ops int, soak time.Duration) {
 // cut off and healed and another's daemon is killed and restarted. Once
 // writes stop every node holds identical rows.
 func TestRandomizedConvergence(t *testing.T) {
+	t.Parallel()
 	ctx := ctxFor(t)
 	seed, ops, soak := soakSettings(t)
 	t.Logf("seed %d (rerun with PGMESH_SEED=%d)", seed, seed)

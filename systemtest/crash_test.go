@@ -13,6 +13,7 @@ import (
 // the ledger has no primary key, so a change applied twice would show as a
 // duplicate row, and one lost as a missing row.
 func TestKillDuringBacklogAppliesExactlyOnce(t *testing.T) {
+	t.Parallel()
 	ctx := ctxFor(t)
 	const schema = `CREATE TABLE ledger (seq int NOT NULL, note text);
 		ALTER TABLE ledger REPLICA IDENTITY FULL`

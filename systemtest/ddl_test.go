@@ -32,6 +32,7 @@ func waitColumn(t *testing.T, table, column string, nodes ...*localmesh.Node) {
 // DDL run through pgmesh.replicate_ddl (or pgmesh ddl) reaches every node in
 // order with the data: rows written with a new column arrive everywhere.
 func TestReplicatedDDL(t *testing.T) {
+	t.Parallel()
 	ctx := ctxFor(t)
 	nodes := mesh(t, ctx, `CREATE TABLE orders (id int PRIMARY KEY, item text)`, "a", "b", "c")
 	a, b, c := nodes[0], nodes[1], nodes[2]
@@ -95,6 +96,7 @@ func TestReplicatedDDL(t *testing.T) {
 // Two nodes issue DDL at the same moment: the global lock runs them one
 // after the other.
 func TestConcurrentDDLIsSerialized(t *testing.T) {
+	t.Parallel()
 	ctx := ctxFor(t)
 	nodes := mesh(t, ctx, `CREATE TABLE t (id int PRIMARY KEY)`, "a", "b")
 	start := time.Now()
@@ -120,6 +122,7 @@ func TestConcurrentDDLIsSerialized(t *testing.T) {
 // DDL while a peer is cut off times out with the documented error; with
 // --proceed it runs, and the peer applies it in order when it returns.
 func TestDDLWithPeerCutOff(t *testing.T) {
+	t.Parallel()
 	ctx := ctxFor(t)
 	// Three nodes: with b cut off, a and c still hold the Raft majority
 	// the DDL lock needs.
@@ -150,6 +153,7 @@ func TestDDLWithPeerCutOff(t *testing.T) {
 // With capture_ddl on, a plain ALTER TABLE replicates; a temporary table
 // and CREATE INDEX CONCURRENTLY stay local.
 func TestDDLCapture(t *testing.T) {
+	t.Parallel()
 	ctx := ctxFor(t)
 	nodes := meshWith(t, ctx, `CREATE TABLE t (id int PRIMARY KEY)`, []string{"--capture-ddl", "true"}, "a", "b")
 	a, b := nodes[0], nodes[1]

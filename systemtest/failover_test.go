@@ -32,6 +32,7 @@ import (
 // everything first) loses nothing at all, and a's daemon killed with its
 // primary and started after the promotion changes nothing.
 func TestFailoverToStandby(t *testing.T) {
+	t.Parallel()
 	t.Run("failover", func(t *testing.T) { failover(t, false, false) })
 	t.Run("switchover", func(t *testing.T) { failover(t, true, false) })
 	t.Run("daemon killed meanwhile", func(t *testing.T) { failover(t, false, true) })

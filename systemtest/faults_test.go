@@ -107,7 +107,7 @@ func faultTime(t *testing.T, short time.Duration) time.Duration {
 // A region is cut off (every link to and from it) under writes everywhere,
 // then healed.
 func TestRegionCutOffAndHealed(t *testing.T) {
-	t.Parallel() // waits on slow links, not on the CPU: overlaps with the others like it
+	t.Parallel()
 	ctx := ctxFor(t)
 	nodes, links := proxiedMesh(t, ctx, joinSchema, "a", "b", "c")
 	alone := faultTime(t, 3*time.Second)
@@ -128,7 +128,7 @@ func TestRegionCutOffAndHealed(t *testing.T) {
 
 // A link that keeps dropping its connections.
 func TestFlappingLink(t *testing.T) {
-	t.Parallel() // waits on slow links, not on the CPU: overlaps with the others like it
+	t.Parallel()
 	ctx := ctxFor(t)
 	nodes, links := proxiedMesh(t, ctx, joinSchema, "a", "b")
 	flaps := int(faultTime(t, 3*time.Second) / (200 * time.Millisecond))
@@ -145,7 +145,7 @@ func TestFlappingLink(t *testing.T) {
 // way): the peer's changes stop arriving at a while a's feedback still
 // reaches b; then the route comes back.
 func TestOneWayStall(t *testing.T) {
-	t.Parallel() // waits on slow links, not on the CPU: overlaps with the others like it
+	t.Parallel()
 	ctx := ctxFor(t)
 	nodes, links := proxiedMesh(t, ctx, joinSchema, "a", "b")
 	underLoad(t, ctx, nodes, func() {
@@ -160,7 +160,7 @@ func TestOneWayStall(t *testing.T) {
 // A thin pipe between two regions (128 kB/s each way, with latency): the
 // stream falls behind under load and catches up once the load stops.
 func TestThinLink(t *testing.T) {
-	t.Parallel() // waits on slow links, not on the CPU: overlaps with the others like it
+	t.Parallel()
 	ctx := ctxFor(t)
 	nodes, links := proxiedMesh(t, ctx, joinSchema, "a", "b")
 	for _, p := range links {
@@ -172,7 +172,7 @@ func TestThinLink(t *testing.T) {
 
 // BDR's four regions with their round-trip times, scaled down tenfold.
 func TestFourRegionsWANLatency(t *testing.T) {
-	t.Parallel() // waits on slow links, not on the CPU: overlaps with the others like it
+	t.Parallel()
 	ctx := ctxFor(t)
 	rtt := map[[2]string]time.Duration{
 		{"dallas", "dubai"}: 230, {"dallas", "sydney"}: 205, {"dallas", "tokyo"}: 145,

@@ -61,6 +61,7 @@ func writeLoad(ctx context.Context, n *localmesh.Node, base int64, pause time.Du
 // same rows, every ledger row exactly once, and the new node's writes reach
 // the others.
 func TestJoinUnderWriteLoad(t *testing.T) {
+	t.Parallel()
 	ctx := ctxFor(t)
 	members := mesh(t, ctx, joinSchema, "a", "b")
 	a, b := members[0], members[1]
@@ -136,6 +137,7 @@ func joinToken(t *testing.T, ctx context.Context, n *localmesh.Node) string {
 // A database that already has the tables, empty and alike, may join; a
 // differing definition is named.
 func TestJoinChecksExistingSchema(t *testing.T) {
+	t.Parallel()
 	ctx := ctxFor(t)
 	members := mesh(t, ctx, joinSchema, "a")
 	a := members[0]
@@ -158,6 +160,7 @@ func TestJoinChecksExistingSchema(t *testing.T) {
 // The joining daemon is killed in the middle of the copy; the same command
 // run again completes the join, and no stray slot or origin is left.
 func TestJoinInterruptedAndRetried(t *testing.T) {
+	t.Parallel()
 	ctx := ctxFor(t)
 	members := mesh(t, ctx, joinSchema, "a", "b")
 	a, b := members[0], members[1]
@@ -230,6 +233,7 @@ func TestJoinInterruptedAndRetried(t *testing.T) {
 // (Raft elects another leader; the leader's Postgres keeps serving its
 // changes), or fails clearly and succeeds when retried.
 func TestJoinSurvivesLeaderKill(t *testing.T) {
+	t.Parallel()
 	ctx := ctxFor(t)
 	members := mesh(t, ctx, joinSchema, "a", "b", "c")
 	a, b, c := members[0], members[1], members[2]
@@ -288,6 +292,7 @@ func TestJoinSurvivesLeaderKill(t *testing.T) {
 // the source's origin and the snapshot's time, so the source's later
 // changes are plain sequential changes, with no conflict.
 func TestJoinKeepsSourceUpdatesMadeDuringCopy(t *testing.T) {
+	t.Parallel()
 	ctx := ctxFor(t)
 	members := mesh(t, ctx, joinSchema, "a", "b")
 	a, b := members[0], members[1]
@@ -342,6 +347,7 @@ func copying(t *testing.T, n *localmesh.Node) {
 // a plain value and keep a different balance for good, and without its
 // home column it would let through writes to rows another node owns.
 func TestJoinAdoptsGroupSettings(t *testing.T) {
+	t.Parallel()
 	ctx := ctxFor(t)
 	const schema = `CREATE TABLE accounts (id int PRIMARY KEY, balance numeric NOT NULL);
 		CREATE TABLE orders (id int PRIMARY KEY, home text NOT NULL, status text NOT NULL)`

@@ -15,6 +15,7 @@ import (
 // stream has to stop meanwhile (a peer parted), the member's API keeps
 // answering: /health, /v1/status and /metrics never wait for the streams.
 func TestHealthAnswersWhileStreamsAreHeld(t *testing.T) {
+	t.Parallel()
 	ctx := ctxFor(t)
 	nodes := mesh(t, ctx, `CREATE TABLE kv (k int PRIMARY KEY, v text)`, "a", "b", "c")
 	a, b := nodes[0], nodes[1]

@@ -2,6 +2,12 @@
 
 // Package systemtest runs whole pgmesh nodes (real Postgres clusters and
 // daemon processes) and checks the invariants ARCHITECTURE.md lists, end to end.
+//
+// Every test runs in parallel with the others (t.Parallel), bounded by go
+// test's -parallel (make test: 3): each has its own clusters, ports,
+// daemons and directories, and most of a test's time is spent waiting on
+// them, not on the CPU. A test that changes the process's environment
+// (t.Setenv) cannot, and runs first, alone.
 package systemtest
 
 import (

@@ -13,6 +13,7 @@ import (
 
 // Joining needs the group's token and empty replicated tables, and says so.
 func TestJoinRefusals(t *testing.T) {
+	t.Parallel()
 	ctx := ctxFor(t)
 	nodes := startNodes(t, ctx, itemsSchema, "a", "b")
 	a, b := nodes[0], nodes[1]
@@ -48,6 +49,7 @@ func TestJoinRefusals(t *testing.T) {
 // progress; a parted node is dropped from every member with its slots and
 // origins, and writes keep flowing between the rest.
 func TestRestartAndPart(t *testing.T) {
+	t.Parallel()
 	ctx := ctxFor(t)
 	nodes := mesh(t, ctx, itemsSchema, "a", "b", "c")
 	a, b, c := nodes[0], nodes[1], nodes[2]

@@ -16,6 +16,7 @@ const itemsSchema = `CREATE TABLE items (id bigint PRIMARY KEY, origin text NOT 
 // Writes on every node reach every other node exactly once, and once writes
 // stop, replication goes quiet (a loop would keep applying).
 func TestThreeNodesWriteEverywhere(t *testing.T) {
+	t.Parallel()
 	ctx := ctxFor(t)
 	nodes := mesh(t, ctx, itemsSchema, "a", "b", "c")
 	const perNode = 200

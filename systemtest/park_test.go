@@ -39,6 +39,7 @@ func parkedOn(t *testing.T, ctx context.Context, n *localmesh.Node) []api.Parked
 // after the fix it brings c level with a and b while a keeps writing t,
 // each parked change settled by last-update-wins against what c holds now.
 func TestParkAndReplay(t *testing.T) {
+	t.Parallel()
 	ctx := ctxFor(t)
 	nodes := meshWith(t, ctx, parkSchema, []string{"--housekeeping-interval", "1s"}, "a", "b", "c")
 	a, b, c := nodes[0], nodes[1], nodes[2]
@@ -190,6 +191,7 @@ func TestParkAndReplay(t *testing.T) {
 // as always, and parks nothing; discard drops parked changes, each logged;
 // bad input to the new commands gets one sentence and changes nothing.
 func TestStopDiscardAndBadInput(t *testing.T) {
+	t.Parallel()
 	ctx := ctxFor(t)
 	nodes := mesh(t, ctx, parkSchema, "a", "b")
 	a, b := nodes[0], nodes[1]
@@ -259,6 +261,7 @@ func TestStopDiscardAndBadInput(t *testing.T) {
 // failed change is parked exactly once, and after the replay (resumed by a
 // second pgmesh replay) the nodes agree and nothing is left parked.
 func TestParkAndReplaySurviveKill(t *testing.T) {
+	t.Parallel()
 	ctx := ctxFor(t)
 	nodes := meshWith(t, ctx, parkSchema, []string{"--on-apply-error", "park"}, "a", "b")
 	a, b := nodes[0], nodes[1]

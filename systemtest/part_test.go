@@ -16,6 +16,7 @@ import (
 // parting node wrote: right after `node part` returns, they hold all of it.
 // A stopped node needs --force; a parted node can join again once cleared.
 func TestPartDrainForceAndRejoin(t *testing.T) {
+	t.Parallel()
 	ctx := ctxFor(t)
 	nodes := mesh(t, ctx, joinSchema, "a", "b", "c")
 	a, b, c := nodes[0], nodes[1], nodes[2]
@@ -89,6 +90,7 @@ func TestPartDrainForceAndRejoin(t *testing.T) {
 // and then wal_retention_max (its slot is dropped, status says so, and the
 // peer is told to rejoin).
 func TestWALRetentionLimits(t *testing.T) {
+	t.Parallel()
 	ctx := ctxFor(t)
 	nodes := meshWith(t, ctx, joinSchema, []string{"--wal-retention-warn", "512kB", "--wal-retention-max", "8MB"}, "a", "b")
 	a, b := nodes[0], nodes[1]
@@ -138,6 +140,7 @@ func TestWALRetentionLimits(t *testing.T) {
 // A node whose daemon and Postgres were down while a peer committed a
 // backlog of 200k changes catches up completely when it returns.
 func TestLongAbsenceCatchUp(t *testing.T) {
+	t.Parallel()
 	ctx := ctxFor(t)
 	nodes := mesh(t, ctx, joinSchema, "a", "b")
 	a, b := nodes[0], nodes[1]
@@ -172,6 +175,7 @@ func TestLongAbsenceCatchUp(t *testing.T) {
 // come back (it must have the parting node's changes too), then commits
 // through the new leader, and nothing the parted node wrote is lost.
 func TestPartSurvivesLeaderKill(t *testing.T) {
+	t.Parallel()
 	ctx := ctxFor(t)
 	nodes := mesh(t, ctx, joinSchema, "a", "b", "c", "d")
 	a, b, c, d := nodes[0], nodes[1], nodes[2], nodes[3]

@@ -39,6 +39,7 @@ func asApp(t *testing.T, ctx context.Context, n *localmesh.Node, sql string) {
 // with a row filter, global sequences, a join with data, compare and
 // repair, and a part.
 func TestLeastPrivilegeRole(t *testing.T) {
+	t.Parallel()
 	ctx := ctxFor(t)
 	nodes := newNodes(t, ctx, "", "a", "b", "c")
 	a, b, c := nodes[0], nodes[1], nodes[2]

@@ -38,6 +38,7 @@ func getHealth(ctx context.Context, n *localmesh.Node) (int, api.HealthReport, e
 // health_max_lag and 200 again when it heals; /metrics exposes the
 // documented series with sane values.
 func TestHealthAndMetrics(t *testing.T) {
+	t.Parallel()
 	ctx := ctxFor(t)
 	nodes := meshWith(t, ctx, kvSchema, []string{"--health-max-lag", "2s"}, "a", "b")
 	a, b := nodes[0], nodes[1]
@@ -160,6 +161,7 @@ func scrape(ctx context.Context, n *localmesh.Node) (map[string]float64, error) 
 // moment it returns) and times out cleanly when a peer is cut off;
 // wait_for_origin does the same from the reading side.
 func TestReadYourWrites(t *testing.T) {
+	t.Parallel()
 	ctx := ctxFor(t)
 	nodes := mesh(t, ctx, kvSchema, "a", "b", "c")
 	a, b, c := nodes[0], nodes[1], nodes[2]
@@ -232,6 +234,7 @@ func TestReadYourWrites(t *testing.T) {
 // fails with SQLSTATE PM001 naming the home node, and the middleware turns
 // that into 409 + fly-replay to the home region.
 func TestHomeRegionWrites(t *testing.T) {
+	t.Parallel()
 	ctx := ctxFor(t)
 	nodes := mesh(t, ctx, `CREATE TABLE orders (id int PRIMARY KEY, home text NOT NULL, status text NOT NULL)`, "tokyo", "sydney")
 	tokyo, sydney := nodes[0], nodes[1]

@@ -99,7 +99,7 @@ func leaderSeen(ctx context.Context, n *localmesh.Node) string {
 // leader stays the same while the group is idle, and when the leader's
 // daemon dies another is elected within the documented failover time.
 func TestGuideLatenciesOnEveryLink(t *testing.T) {
-	t.Parallel() // waits on slow links, not on the CPU: overlaps with the others like it
+	t.Parallel()
 	ctx := ctxFor(t)
 	idle := 20 * time.Second
 	if os.Getenv("PGMESH_SOAK") != "" {

@@ -64,6 +64,7 @@ func onEachNode(ctx context.Context, nodes []*localmesh.Node, fn func(i int, n *
 // the others replicate under writes on every node; a table created later
 // joins the default set in the very transaction that creates it.
 func TestLocalTableStaysLocal(t *testing.T) {
+	t.Parallel()
 	ctx := ctxFor(t)
 	nodes := mesh(t, ctx, `CREATE TABLE kv (id int PRIMARY KEY, v text);
 		CREATE TABLE sessions (id int PRIMARY KEY, node text NOT NULL, n serial)`, "a", "b", "c")
@@ -139,6 +140,7 @@ func TestLocalTableStaysLocal(t *testing.T) {
 // members converge, c never holds a European row, and rows that move into
 // or out of the filter by UPDATE arrive at c as inserts and deletes.
 func TestResidencySet(t *testing.T) {
+	t.Parallel()
 	ctx := ctxFor(t)
 	nodes := mesh(t, ctx, `CREATE TABLE customers (region text, id int, name text, PRIMARY KEY (region, id))`, "a", "b", "c")
 	a, b, c := nodes[0], nodes[1], nodes[2]
@@ -213,6 +215,7 @@ func TestResidencySet(t *testing.T) {
 // A column list sends only some columns; adding a table that holds rows
 // needs --sync, which copies them; a joining node copies only its share.
 func TestColumnListSyncAndJoinShare(t *testing.T) {
+	t.Parallel()
 	ctx := ctxFor(t)
 	const schema = `CREATE TABLE profiles (id int PRIMARY KEY, email text, secret text);
 		CREATE TABLE scratch (id int PRIMARY KEY, v int);
@@ -286,6 +289,7 @@ func TestColumnListSyncAndJoinShare(t *testing.T) {
 // (with --sync) and on again, and other sets come and go. No row is lost:
 // once the filter is off for good and synced, every node holds every row.
 func TestRepsetChangesUnderLoad(t *testing.T) {
+	t.Parallel()
 	ctx := ctxFor(t)
 	nodes := mesh(t, ctx, `CREATE TABLE events (id bigint PRIMARY KEY, node text NOT NULL);
 		CREATE TABLE other (id int PRIMARY KEY)`, "a", "b", "c")
@@ -342,6 +346,7 @@ func TestRepsetChangesUnderLoad(t *testing.T) {
 // With repset_new_tables off, tables created later start local until they
 // are added to a set.
 func TestNewTablesStartLocalWhenConfigured(t *testing.T) {
+	t.Parallel()
 	ctx := ctxFor(t)
 	nodes := meshWith(t, ctx, `CREATE TABLE kv (id int PRIMARY KEY)`, []string{"--repset-new-tables", "false"}, "a", "b")
 	a, b := nodes[0], nodes[1]
@@ -373,6 +378,7 @@ func TestNewTablesStartLocalWhenConfigured(t *testing.T) {
 // entry after the other): a receiver's publication dropped and made again
 // would leave its stream unable to decode the WAL written in between.
 func TestRestartKeepsPublications(t *testing.T) {
+	t.Parallel()
 	ctx := ctxFor(t)
 	nodes := startNodes(t, ctx, `CREATE TABLE kv (id int PRIMARY KEY)`, "a", "b", "c")
 	a := nodes[0]

@@ -32,6 +32,7 @@ func recordedResolutions(t *testing.T, ctx context.Context, n *localmesh.Node) m
 // own. A node configured with another value is refused with the fix, and a
 // new group gets 10ms.
 func TestResolutionOfAnOlderGroup(t *testing.T) {
+	t.Parallel()
 	ctx := ctxFor(t)
 	nodes := newNodes(t, ctx, `CREATE TABLE t (k int PRIMARY KEY, v text)`, "a", "b", "c", "d")
 	a, b, c, d := nodes[0], nodes[1], nodes[2], nodes[3]

@@ -17,6 +17,7 @@ import (
 // TestParkAndReplay: its first update from a can share a luw_resolution
 // interval with c's ALTER, which then won the tie by node id.)
 func TestTableRewriteKeepsRowVersions(t *testing.T) {
+	t.Parallel()
 	ctx := ctxFor(t)
 	nodes := mesh(t, ctx, `CREATE TABLE t (id int PRIMARY KEY, n int NOT NULL, v text NOT NULL)`, "a", "b")
 	a, b := nodes[0], nodes[1]

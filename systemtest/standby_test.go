@@ -22,6 +22,7 @@ import (
 // daemon finds its primary through a DSN that names the standby first,
 // and refuses to run on the standby alone.
 func TestConfirmationsWaitForTheStandby(t *testing.T) {
+	t.Parallel()
 	ctx := ctxFor(t)
 	nodes := mesh(t, ctx, kvSchema, "a", "b")
 	a, b := nodes[0], nodes[1]

@@ -26,6 +26,7 @@ func serverMajor(t *testing.T, ctx context.Context, n *localmesh.Node) int {
 // that PostgreSQL 18's own conflict statistics, kept for subscriptions,
 // neither count nor hide pgmesh's conflicts.
 func TestVersionSpecificStreaming(t *testing.T) {
+	t.Parallel()
 	ctx := ctxFor(t)
 	nodes := mesh(t, ctx, `CREATE TABLE kv (k int PRIMARY KEY, v text NOT NULL)`, "a", "b")
 	a, b := nodes[0], nodes[1]
