@@ -49,11 +49,15 @@ const (
 	fastMaxQueueBytes = 16 << 20
 )
 
-// freshTxn is how recent a transaction's commit must be for it to be sent
-// without waiting for more to join its group: a stream that keeps up
-// applies each transaction as it comes, as native replication does. Older
-// ones are a backlog, which groups absorb.
-const freshTxn = 50 * time.Millisecond
+// freshTxn is how recent a transaction's commit must be for its group to
+// be fresh: the stream keeps up, and the group is sent after freshPause,
+// not when the batch in flight is read back or the next interval begins.
+// Older transactions are a backlog, which large groups absorb. A fresh
+// group waits a little rather than none: a burst still shares commits.
+const (
+	freshTxn   = 50 * time.Millisecond
+	freshPause = 200 * time.Microsecond
+)
 
 // fastTxn is one source transaction on the fast path, held until its local
 // commit is confirmed so that it can be applied again carefully.
@@ -86,6 +90,8 @@ type fastGroup struct {
 	txns      []*fastTxn
 	stmts     []stmt
 	collapsed bool          // its statements are set-based (collapse.go)
+	fresh     bool          // it holds a fresh transaction (freshTxn)
+	opened    time.Time     // when its first transaction joined
 	rounded   int64         // the members' rounded commit time (conflict.Rule.Round)
 	end       pglogrepl.LSN // the last member's end
 	commitTS  time.Time     // the last applying member's commit time
@@ -288,20 +294,22 @@ func (g *grouped) commit(ctx context.Context, t *fastTxn, m *pglogrepl.CommitMes
 	}
 	grp := g.group
 	if grp == nil {
-		grp = &fastGroup{rounded: rounded}
+		grp = &fastGroup{rounded: rounded, opened: time.Now()}
 		g.group = grp
 	}
 	grp.txns = append(grp.txns, t)
 	grp.end, grp.commitTS = t.end, t.commitTS
 	grp.size += t.size
-	// Close and send at once when the server is idle, or when the
-	// transaction is fresh and its guard waits for no more than its own
-	// commit time (only skew): the stream keeps up, and latency comes
-	// first. Else let the group grow while the server works on the batch
-	// in flight: a backlog, where throughput comes first, or transactions
-	// that commit at their interval's end anyway (causality).
-	fresh := time.Since(t.commitTS) < freshTxn && !g.visibleAfter(t.commitTS).After(t.commitTS)
-	if !g.pipe.inFlight() || fresh {
+	// A fresh transaction whose guard waits for no more than its own
+	// commit time (only skew) makes the group fresh: the stream keeps up,
+	// and the group is sent as soon as the stream pauses (freshPause).
+	if time.Since(t.commitTS) < freshTxn && !g.visibleAfter(t.commitTS).After(t.commitTS) {
+		grp.fresh = true
+	}
+	// Close and send at once when the server is idle, or when the group
+	// is fresh and has waited for the stream to pause long enough; else
+	// let the group grow while the server works on the batch in flight.
+	if !g.pipe.inFlight() || (grp.fresh && time.Since(grp.opened) >= freshPause) {
 		if err := g.closeGroup(ctx); err != nil {
 			return err
 		}
@@ -365,6 +373,16 @@ func (g *grouped) groupFailed(ctx context.Context, err error) error {
 
 // busy reports whether transactions wait to be sent or confirmed.
 func (g *grouped) busy() bool { return g.group != nil || g.pipe.busy() }
+
+// pause is how long the stream may be silent before what waits is sent
+// and confirmed (idle): briefly for a fresh group, longer for a backlog,
+// whose next transactions are on their way.
+func (g *grouped) pause() time.Duration {
+	if g.group != nil && g.group.fresh {
+		return freshPause
+	}
+	return time.Millisecond
+}
 
 // idle is called when the stream has nothing more to read for now: it
 // closes the open group, confirms the batch in flight and sends what is

@@ -248,19 +248,21 @@ func TestPlainTransactionsStayGrouped(t *testing.T) {
 	}
 }
 
-// A stream that keeps up sends each fresh transaction at once, though the
-// previous one is still in flight, unless it would wait for the clock: a
-// change from a higher node id commits at its interval's end anyway, so
-// the others of that interval join its group.
-func TestFreshTransactionsGoAtOnce(t *testing.T) {
+// A stream that keeps up sends a fresh group once it has waited freshPause
+// for more, though the previous one is still in flight, and the stream
+// waits only that long for more before sending it. Not so for a change
+// from a higher node id: it commits at its interval's end anyway, so the
+// others of that interval join its group.
+func TestFreshGroupsGoSoon(t *testing.T) {
 	for _, c := range []struct {
 		name    string
 		localID int
 		at      time.Time
 		sends   int
+		pause   time.Duration
 	}{
-		{"from a lower id, no wait: one commit each", 3, time.Now().Add(-15 * time.Millisecond), 5},
-		{"from a higher id, a wait for the clock: the rest as one group", 1, time.Now().Add(time.Second), 2},
+		{"from a lower id, no wait: a group per pause", 3, time.Now().Add(-15 * time.Millisecond), 3, freshPause},
+		{"from a higher id, a wait for the clock: the rest as one group", 1, time.Now().Add(time.Second), 2, time.Millisecond},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			a, f := testApplier(t, 0)
@@ -268,6 +270,15 @@ func TestFreshTransactionsGoAtOnce(t *testing.T) {
 			for n := 1; n <= 5; n++ {
 				msgs, _ := txn(n, c.at, insertMsg(testRel, n))
 				feed(t, a, msgs)
+				if n == 2 {
+					if got := a.grouped.pause(); got != c.pause {
+						t.Errorf("the stream waits %s for more, want %s", got, c.pause)
+					}
+				}
+				// The time a group waits is the input here: the second
+				// transaction opens a group, the third finds it waited
+				// long enough.
+				time.Sleep(freshPause)
 			}
 			if err := a.drain(context.Background()); err != nil {
 				t.Fatal(err)

@@ -41,7 +41,7 @@ var (
 	latencyDur  = flag.Duration("latency-for", 10*time.Second, "workload 4: how long")
 	bigRows     = flag.Int("big", 1000000, "workload 5: rows in one transaction")
 	nextvals    = flag.Int("nextvals", 200000, "workload 6: values drawn per sequence kind")
-	repeat      = flag.Int("repeat", 3, "workloads 1, 2 and 3: runs per system (the median is reported)")
+	repeat      = flag.Int("repeat", 3, "workloads 1, 2, 3 and 4: runs per system (the median is reported)")
 	compareRows = flag.Int("compare-rows", 1000000, "workload 8: rows of the table compared on three nodes")
 	idleWindow  = flag.Duration("idle-for", 10*time.Second, "workload 9: how long each idle group is measured")
 	luw         = flag.String("luw-resolution", "", "luw_resolution of the pgmesh pair (default: pgmesh's default)")
