@@ -98,6 +98,9 @@ func (a *applier) between() bool { return a.mode.between() }
 // busy reports whether transactions wait to be sent or confirmed.
 func (a *applier) busy() bool { return a.grouped.busy() }
 
+// pause is how long the stream may be silent before idle is called.
+func (a *applier) pause() time.Duration { return a.grouped.pause() }
+
 // quiet reports whether no transaction is open or unconfirmed.
 func (a *applier) quiet() bool { return !a.busy() && a.between() }
 

@@ -179,8 +179,8 @@ func sameCommitTime(t *testing.T, msgs [][]byte) [][]byte {
 			continue
 		}
 		if ts == nil {
-			// A second back: a backlog, which groups absorb (fresh
-			// transactions are applied as they come).
+			// A second back: a backlog, which groups absorb (a fresh
+			// group is sent after freshPause).
 			ts = binary.BigEndian.AppendUint64(nil, binary.BigEndian.Uint64(at)-uint64(time.Second/time.Microsecond))
 		}
 		copy(at, ts)

@@ -484,7 +484,7 @@ func (s *Stream) receive(ctx context.Context, repl *pgconn.PgConn, a *applier, f
 		if a.busy() {
 			// Transactions wait in the pipeline: confirm them as soon as
 			// the peer pauses.
-			if soon := time.Now().Add(a.grouped.pause()); soon.Before(deadline) {
+			if soon := time.Now().Add(a.pause()); soon.Before(deadline) {
 				deadline = soon
 			}
 		}

@@ -111,7 +111,6 @@ func (a applyCounts) minus(b applyCounts) applyCounts {
 	return applyCounts{a.txns - b.txns, a.localCommits - b.localCommits, a.statements - b.statements}
 }
 
-// appliedCounter is a system whose receiver counts how it applied: pgmesh.
 // twoWay is a system that replicates both ways; latency is measured both
 // ways, since pgmesh's causality guard waits longer towards the lower node
 // id (conflict.Rule.VisibleAfter).
@@ -120,6 +119,7 @@ type twoWay interface {
 	back() (sender, receiver *pgtest.Cluster)
 }
 
+// appliedCounter is a system whose receiver counts how it applied: pgmesh.
 type appliedCounter interface {
 	daemonPid() int
 	applied(ctx context.Context) (applyCounts, error)
