@@ -12,11 +12,11 @@ import (
 func TestStreamReasons(t *testing.T) {
 	now := time.Date(2026, 12, 2, 12, 0, 0, 0, time.UTC)
 	g := &membership.Group{Nodes: map[string]*membership.Node{
-		"a": {Name: "a", State: membership.Active},
-		"b": {Name: "b", State: membership.Active},
-		"c": {Name: "c", State: membership.Active},
-		"d": {Name: "d", State: membership.Active},
-		"e": {Name: "e", State: membership.Joining},
+		"a": {Name: "a", ID: 1, State: membership.Active},
+		"b": {Name: "b", ID: 2, State: membership.Active},
+		"c": {Name: "c", ID: 3, State: membership.Active},
+		"d": {Name: "d", ID: 4, State: membership.Active},
+		"e": {Name: "e", ID: 5, State: membership.Joining},
 	}}
 	briefly, long := now.Add(-5*time.Second), now.Add(-time.Minute)
 	cases := []struct {

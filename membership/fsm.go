@@ -125,13 +125,20 @@ func (g *Group) Clone() *Group {
 	return &c
 }
 
-// Sorted returns the nodes ordered by id.
+// Sorted returns the nodes ordered by id, then name.
 func (g *Group) Sorted() []*Node {
 	var ns []*Node
 	for _, n := range g.Nodes {
 		ns = append(ns, n)
 	}
-	sort.Slice(ns, func(i, j int) bool { return ns[i].ID < ns[j].ID })
+	// Ids are unique once assigned; the name orders nodes not yet given one,
+	// so the order never depends on map iteration.
+	sort.Slice(ns, func(i, j int) bool {
+		if ns[i].ID != ns[j].ID {
+			return ns[i].ID < ns[j].ID
+		}
+		return ns[i].Name < ns[j].Name
+	})
 	return ns
 }
 
