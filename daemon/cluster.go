@@ -84,9 +84,29 @@ func (c *cluster) loadToken() (string, error) {
 	return strings.TrimSpace(string(b)), err
 }
 
+// loadWait bounds how long a call waits for a restarted node to load the
+// group's state: a leader commits its log within a few round trips.
+const loadWait = 15 * time.Second
+
+// group is the group this node is in (nil when it is in none). On a node
+// that restarted and has not applied its Raft log yet, it waits up to
+// loadWait for it (membership.Store.Loaded), then answers 503.
+func (c *cluster) group(ctx context.Context) (*membership.Group, error) {
+	ctx, cancel := context.WithTimeout(ctx, loadWait)
+	defer cancel()
+	g, err := c.store.Loaded(ctx)
+	if err != nil {
+		return nil, &api.Error{Status: http.StatusServiceUnavailable, Message: fmt.Sprintf("node %q: %v", c.self, err)}
+	}
+	return g, nil
+}
+
 // authorized checks the bearer token of a member-to-member call.
 func (c *cluster) authorized(r *http.Request) (*membership.Group, error) {
-	g, _ := c.store.Group()
+	g, err := c.group(r.Context())
+	if err != nil {
+		return nil, err
+	}
 	if g == nil {
 		return nil, &api.Error{Status: http.StatusConflict, Message: fmt.Sprintf("node %q is not in a node group: point --via at a member of the group", c.self)}
 	}
@@ -99,8 +119,11 @@ func (c *cluster) authorized(r *http.Request) (*membership.Group, error) {
 
 // leader returns a client of the Raft leader's API, for a node that is not
 // it; noLeader is the error while there is no leader.
-func (c *cluster) leader(noLeader error) (*api.Client, error) {
-	g, _ := c.store.Group()
+func (c *cluster) leader(ctx context.Context, noLeader error) (*api.Client, error) {
+	g, err := c.group(ctx)
+	if err != nil {
+		return nil, err
+	}
 	if g == nil {
 		return nil, errors.New("this node is not in a node group")
 	}

@@ -32,7 +32,7 @@ func (d *Daemon) lock(ctx context.Context, name string, release bool, ttl time.D
 		}
 		return err
 	}
-	leader, err := d.cluster.leader(errNoQuorum)
+	leader, err := d.cluster.leader(ctx, errNoQuorum)
 	if err != nil {
 		return err
 	}

@@ -133,7 +133,10 @@ func (d *Daemon) checkEmpty(ctx context.Context) error {
 // other member (drainParting), unless req.Force; the leader then records
 // it as parted (cluster.part).
 func (d *Daemon) part(ctx context.Context, req api.PartRequest) (api.JoinResponse, error) {
-	g, _ := d.store.Group()
+	g, err := d.cluster.group(ctx)
+	if err != nil {
+		return api.JoinResponse{}, err
+	}
 	if g == nil {
 		return api.JoinResponse{}, withStatus(http.StatusConflict, fmt.Errorf("node %q is not in a node group", d.cfg.NodeName))
 	}

@@ -34,6 +34,8 @@ func (d *Daemon) healthWith(pctx context.Context, parked []api.ParkedTable, park
 		me = g.Nodes[d.cfg.NodeName]
 	}
 	switch {
+	case me == nil && d.store.Loading():
+		rep.Reasons = append(rep.Reasons, membership.ErrNotLoaded.Error())
 	case me == nil:
 		rep.Reasons = append(rep.Reasons, "this node is not in a node group")
 	case me.State != membership.Active:

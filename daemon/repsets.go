@@ -36,7 +36,10 @@ type repsets struct {
 
 // list is the group's replication sets as this node sees them.
 func (rs *repsets) list(ctx context.Context) (api.RepsetsResponse, error) {
-	g, _ := rs.store.Group()
+	g, err := rs.cluster.group(ctx)
+	if err != nil {
+		return api.RepsetsResponse{}, err
+	}
 	if g == nil {
 		return api.RepsetsResponse{}, withStatus(http.StatusConflict, errors.New("this node is not in a node group: pgmesh group create or pgmesh group join first"))
 	}
@@ -83,13 +86,15 @@ func (rs *repsets) view(ctx context.Context, sets repset.Sets) (api.RepsetsRespo
 // with status 400 (409 outside a group).
 func (rs *repsets) change(ctx context.Context, req api.RepsetRequest) (api.RepsetsResponse, error) {
 	var out api.RepsetsResponse
-	g, _ := rs.store.Group()
+	g, err := rs.cluster.group(ctx)
+	if err != nil {
+		return out, err
+	}
 	if g == nil {
 		return out, &api.Error{Status: http.StatusConflict, Message: "this node is not in a node group: pgmesh group create or pgmesh group join first"}
 	}
 	edit := membership.RepsetEdit{Action: req.Action, Set: req.Set, Nodes: req.Nodes,
 		Spec: repset.Table{Where: strings.TrimSpace(req.Where), Columns: req.Columns}}
-	var err error
 	switch req.Action {
 	case "create", "drop":
 	case "add", "remove":
@@ -241,7 +246,7 @@ func (rs *repsets) edit(ctx context.Context, edit membership.RepsetEdit) (repset
 			return sets, err
 		}
 	}
-	leader, err := rs.cluster.leader(errors.New("the node group has no Raft leader (is a majority of members down?), and replication sets change only with a majority: try again when it is back"))
+	leader, err := rs.cluster.leader(ctx, errors.New("the node group has no Raft leader (is a majority of members down?), and replication sets change only with a majority: try again when it is back"))
 	if err != nil {
 		return nil, err
 	}

@@ -25,7 +25,7 @@ type sequences struct {
 	store *membership.Store
 	// leader is a client of the Raft leader's API (noLeader when there is
 	// none).
-	leader   func(noLeader error) (*api.Client, error)
+	leader   func(ctx context.Context, noLeader error) (*api.Client, error)
 	problems *problemLog
 	// everywhere makes a setting on every active node (everywhere.go).
 	everywhere func(context.Context, api.Setting) ([]string, error)
@@ -175,7 +175,7 @@ func (gs *sequences) allocChunk(ctx context.Context, seq string, size, minStart 
 	}
 	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	leader, err := gs.leader(errors.New("the node group has no Raft leader (no quorum?), so no new chunk can be drawn"))
+	leader, err := gs.leader(ctx, errors.New("the node group has no Raft leader (no quorum?), so no new chunk can be drawn"))
 	if err != nil {
 		return nil, err
 	}

@@ -59,6 +59,9 @@ type Store struct {
 	committed chan struct{}
 	done      chan struct{}
 	announcer sync.WaitGroup
+	// restarted is set when the node opened Raft state of an earlier run:
+	// it is in a group, even while its state is not applied yet.
+	restarted bool
 }
 
 // idleCommitTimeout is how often an idle leader sends followers its commit
@@ -116,6 +119,12 @@ func Open(cfg Config) (*Store, error) {
 	rc := cfg.Timing.raftConfig()
 	rc.LocalID = raft.ServerID(cfg.NodeName)
 	rc.Logger = logger
+	restarted, err := raft.HasExistingState(logs, logs, snaps)
+	if err != nil {
+		transport.Close()
+		logs.Close()
+		return nil, fmt.Errorf("read raft state in %s: %w", dir, err)
+	}
 	f := newFSM()
 	r, err := raft.NewRaft(rc, f, logs, logs, snaps, transport)
 	if err != nil {
@@ -123,7 +132,7 @@ func Open(cfg Config) (*Store, error) {
 		logs.Close()
 		return nil, fmt.Errorf("start raft: %w", err)
 	}
-	s := &Store{cfg: cfg, raft: r, fsm: f, transport: transport, logs: logs,
+	s := &Store{cfg: cfg, raft: r, fsm: f, transport: transport, logs: logs, restarted: restarted,
 		committed: make(chan struct{}, 1), done: make(chan struct{})}
 	s.announcer.Go(s.announce)
 	return s, nil
@@ -196,6 +205,36 @@ func (s *Store) wrote() {
 // and a channel closed at the next change.
 func (s *Store) Group() (*Group, <-chan struct{}) { return s.fsm.snapshotState() }
 
+// ErrNotLoaded is Loaded's error when the state did not arrive in time.
+var ErrNotLoaded = errors.New("this node restarted and has not yet applied the group's Raft log: " +
+	"a leader commits it, which needs a majority of the members up; try again in a moment")
+
+// Loaded returns the current state like Group, but on a node that restarted
+// before its log is applied (a leader must commit it first: until then the
+// state is empty, unless a snapshot restored it) it waits for the state,
+// until ctx ends (ErrNotLoaded). A node that never was in a group gets nil
+// at once.
+func (s *Store) Loaded(ctx context.Context) (*Group, error) {
+	for {
+		g, changed := s.Group()
+		if g != nil || !s.restarted {
+			return g, nil
+		}
+		select {
+		case <-changed:
+		case <-ctx.Done():
+			return nil, ErrNotLoaded
+		}
+	}
+}
+
+// Loading reports whether this node restarted and has not yet applied the
+// group's state (see Loaded).
+func (s *Store) Loading() bool {
+	g, _ := s.Group()
+	return g == nil && s.restarted
+}
+
 // IsLeader reports whether this node leads the Raft group.
 func (s *Store) IsLeader() bool { return s.raft.State() == raft.Leader }
 
@@ -228,6 +267,9 @@ func (g *Group) CheckToken(token string) bool {
 func (s *Store) Create(ctx context.Context, group, tokenHash string, self Node, sets repset.Sets) (*Node, error) {
 	if g, _ := s.Group(); g != nil {
 		return nil, fmt.Errorf("this node already belongs to node group %q", g.Name)
+	}
+	if s.Loading() {
+		return nil, fmt.Errorf("this node already belongs to a node group: %w", ErrNotLoaded)
 	}
 	cfg := raft.Configuration{Servers: []raft.Server{{ID: raft.ServerID(self.Name), Address: raft.ServerAddress(s.cfg.AdvertiseRaft)}}}
 	if err := s.raft.BootstrapCluster(cfg).Error(); err != nil && !errors.Is(err, raft.ErrCantBootstrap) {

@@ -1,0 +1,69 @@
+package membership
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"testing"
+	"time"
+)
+
+// A member that restarts before its group took a snapshot has an empty
+// state until a leader commits its log. CI saw a call reach such a node
+// (just elected leader) and be told it was in no group; Loaded waits for
+// the state instead, and the node cannot create a second group meanwhile.
+func TestRestartedMemberWaitsForItsState(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	dir := t.TempDir()
+	open := func() *Store {
+		t.Helper()
+		s, err := Open(Config{NodeName: "a", DataDir: dir, ListenRaft: addr, AdvertiseRaft: addr, Timing: LAN, LogOutput: io.Discard})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return s
+	}
+
+	s := open()
+	if g, err := s.Loaded(ctx); g != nil || err != nil || s.Loading() {
+		t.Fatalf("a node that never was in a group: Loaded = %v, %v; Loading = %v; want nil, nil, false", g, err, s.Loading())
+	}
+	if _, err := s.Create(ctx, "g", HashToken("secret"), Node{Name: "a", Raft: addr}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	s = open()
+	defer s.Close()
+	// Its only member elects itself after an election timeout (hundreds
+	// of milliseconds), and only then applies the log.
+	if !s.Loading() {
+		t.Fatal("the restarted node has its state at once: this test no longer shows the wait it is about")
+	}
+	if _, err := s.Create(ctx, "other", HashToken("x"), Node{Name: "a", Raft: addr}, nil); !errors.Is(err, ErrNotLoaded) {
+		t.Fatalf("create on a restarted node: %v, want ErrNotLoaded", err)
+	}
+	g, err := s.Loaded(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if g == nil || g.Name != "g" || g.Nodes["a"] == nil || s.Loading() {
+		t.Fatalf("loaded %+v (loading %v), want group g with node a", g, s.Loading())
+	}
+
+	short, stop := context.WithTimeout(ctx, time.Millisecond)
+	defer stop()
+	if g, err := s.Loaded(short); g == nil || err != nil {
+		t.Fatalf("a loaded node answers at once: %v, %v", g, err)
+	}
+}
