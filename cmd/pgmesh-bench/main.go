@@ -98,7 +98,8 @@ type result struct {
 // system's processes used meanwhile; for pgmesh also its daemon's CPU time
 // and how the receiver applied the source's transactions.
 type catchUpRun struct {
-	took, cpu time.Duration
+	took      time.Duration
+	cpu       cpuSplit
 	daemonCPU time.Duration
 	applied   applyCounts
 }

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"os"
@@ -335,7 +336,19 @@ func postmasterPID(c *pgtest.Cluster) int {
 
 // cpuTime is the CPU time used so far by the processes rooted at roots and
 // all their descendants, plus what their exited children used.
-func cpuTime(roots []int) time.Duration {
+func cpuTime(roots []int) time.Duration { return cpuUse(roots).total }
+
+// cpuSplit is CPU time used so far: in all, and by walsenders alone (the
+// sender's decoding, and on PostgreSQL 15 the echo of every applied change
+// back to the peer it came from).
+type cpuSplit struct{ total, walsenders time.Duration }
+
+func (c cpuSplit) minus(d cpuSplit) cpuSplit {
+	return cpuSplit{total: c.total - d.total, walsenders: c.walsenders - d.walsenders}
+}
+
+// cpuUse is cpuTime with the walsenders' share.
+func cpuUse(roots []int) cpuSplit {
 	type proc struct{ ppid, ticks, childTicks int64 }
 	procs := map[int]proc{}
 	dirs, _ := os.ReadDir("/proc")
@@ -362,7 +375,6 @@ func cpuTime(roots []int) time.Duration {
 	for _, r := range roots {
 		in[r] = r != 0
 	}
-	var ticks int64
 	for changed := true; changed; {
 		changed = false
 		for pid, p := range procs {
@@ -371,13 +383,26 @@ func cpuTime(roots []int) time.Duration {
 			}
 		}
 	}
+	var ticks, senderTicks int64
 	for pid := range in {
-		if p, ok := procs[pid]; ok && in[pid] {
-			ticks += p.ticks
-			if slices.Contains(roots, pid) {
-				ticks += p.childTicks
-			}
+		p, ok := procs[pid]
+		if !ok || !in[pid] {
+			continue
+		}
+		ticks += p.ticks
+		if slices.Contains(roots, pid) {
+			ticks += p.childTicks
+		} else if isWalsender(pid) {
+			senderTicks += p.ticks
 		}
 	}
-	return time.Duration(ticks) * time.Second / 100 // USER_HZ
+	const hz = 100 // USER_HZ
+	return cpuSplit{total: time.Duration(ticks) * time.Second / hz, walsenders: time.Duration(senderTicks) * time.Second / hz}
+}
+
+// isWalsender reports whether a postmaster's child is a walsender, from the
+// title PostgreSQL gives it ("postgres: walsender ...").
+func isWalsender(pid int) bool {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cmdline")
+	return err == nil && bytes.HasPrefix(b, []byte("postgres: walsender "))
 }

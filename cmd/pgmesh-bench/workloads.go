@@ -137,11 +137,11 @@ func (b *bench) catchUp(s system, build func(*pgtest.Cluster) error) (catchUpRun
 		}
 		daemonCPU = cpuTime([]int{counter.daemonPid()})
 	}
-	start, cpu := time.Now(), cpuTime(s.roots())
+	start, cpu := time.Now(), cpuUse(s.roots())
 	if err := waitFor(ctx, s.receiver(), `SELECT EXISTS (SELECT FROM sentinel WHERE id = $1)`, b.sentinel); err != nil {
 		return catchUpRun{}, fmt.Errorf("%s: %w", s.name(), err)
 	}
-	r := catchUpRun{took: time.Since(start), cpu: cpuTime(s.roots()) - cpu}
+	r := catchUpRun{took: time.Since(start), cpu: cpuUse(s.roots()).minus(cpu)}
 	if counts {
 		after, err := counter.applied(ctx)
 		if err != nil {
@@ -161,6 +161,7 @@ func (b *bench) catchUp(s system, build func(*pgtest.Cluster) error) (catchUpRun
 func (b *bench) catchUps(what, unit string, units, repeat int, build func(*pgtest.Cluster) error) error {
 	rates := make([][]float64, len(b.systems))
 	cpus := make([][]float64, len(b.systems))
+	senders := make([][]float64, len(b.systems))
 	var daemonCPUs, perCommit, stmtsPerTxn []float64
 	for range max(repeat, 1) {
 		for i, s := range b.systems {
@@ -169,7 +170,8 @@ func (b *bench) catchUps(what, unit string, units, repeat int, build func(*pgtes
 				return err
 			}
 			rates[i] = append(rates[i], float64(units)/r.took.Seconds())
-			cpus[i] = append(cpus[i], r.cpu.Seconds()*100000/float64(units))
+			cpus[i] = append(cpus[i], r.cpu.total.Seconds()*100000/float64(units))
+			senders[i] = append(senders[i], r.cpu.walsenders.Seconds()*100000/float64(units))
 			if _, ok := s.(appliedCounter); ok {
 				daemonCPUs = append(daemonCPUs, r.daemonCPU.Seconds()*100000/float64(units))
 				perCommit = append(perCommit, float64(r.applied.txns)/float64(max(r.applied.localCommits, 1)))
@@ -184,6 +186,7 @@ func (b *bench) catchUps(what, unit string, units, repeat int, build func(*pgtes
 	}
 	b.add(what, medians(rates), " "+unit, true, "%.0f")
 	b.add(what+", CPU s per 100k "+strings.TrimSuffix(unit, "/s"), medians(cpus), " s", false, "%.2f")
+	b.add(what+", of which walsenders", medians(senders), " s", false, "%.2f")
 	if len(daemonCPUs) > 0 {
 		m := medians([][]float64{daemonCPUs, perCommit, stmtsPerTxn})
 		b.addPgmesh(what+", of which pgmesh daemon", fmt.Sprintf("%.2f s", m[0]))
