@@ -150,6 +150,7 @@ func (a *applier) rollback(ctx context.Context) {
 // values returns the indexes and values of the tuple's columns, leaving out
 // unchanged TOAST values ('u'), which must never be overwritten.
 func values(t *pglogrepl.TupleData) (cols []int, vals [][]byte) {
+	cols, vals = make([]int, 0, len(t.Columns)), make([][]byte, 0, len(t.Columns))
 	for i, c := range t.Columns {
 		switch c.DataType {
 		case pglogrepl.TupleDataTypeNull:

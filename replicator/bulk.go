@@ -78,7 +78,7 @@ func (b *bulk) apply(ctx context.Context, data []byte) (mode, error) {
 	switch m := msg.(type) {
 	case *pglogrepl.RelationMessage:
 		t.changes--
-		if t.touched[m.RelationID] {
+		if t.changed(m.RelationID) {
 			err = errNotFast // redefined after changes: the careful path copes
 			break
 		}

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/jackc/pglogrepl"
@@ -68,16 +69,18 @@ type fastTxn struct {
 	end      pglogrepl.LSN
 	commitTS time.Time
 	changes  int64
-	skip     bool            // forwarded, or applied before: nothing to do here
-	touched  map[uint32]bool // relations this transaction changed
+	skip     bool     // forwarded, or applied before: nothing to do here
+	touched  []uint32 // relations this transaction changed (a few: a slice, not a map)
 }
 
 func (t *fastTxn) touch(rel uint32) {
-	if t.touched == nil {
-		t.touched = map[uint32]bool{}
+	if !t.changed(rel) {
+		t.touched = append(t.touched, rel)
 	}
-	t.touched[rel] = true
 }
+
+// changed reports whether the transaction changed relation rel.
+func (t *fastTxn) changed(rel uint32) bool { return slices.Contains(t.touched, rel) }
 
 // empty reports whether the transaction has nothing to apply here.
 func (t *fastTxn) empty() bool { return len(t.rows) == 0 }
@@ -154,7 +157,10 @@ func (g *grouped) handle(ctx context.Context, data []byte) (mode, error) {
 	}
 	switch m := msg.(type) {
 	case *pglogrepl.BeginMessage:
-		g.txn = &fastTxn{msgs: [][]byte{data}, skip: m.FinalLSN < g.progress}
+		// Room for Begin, one change and Commit: the usual small transaction.
+		msgs := make([][]byte, 1, 3)
+		msgs[0] = data
+		g.txn = &fastTxn{msgs: msgs, skip: m.FinalLSN < g.progress}
 		g.begin = *m
 		return g, nil
 	case *pglogrepl.CommitMessage:
@@ -180,7 +186,7 @@ func (g *grouped) handle(ctx context.Context, data []byte) (mode, error) {
 		t.msgs = append(t.msgs, data)
 		return g, nil
 	}
-	if rm, ok := msg.(*pglogrepl.RelationMessage); ok && !t.touched[rm.RelationID] {
+	if rm, ok := msg.(*pglogrepl.RelationMessage); ok && !t.changed(rm.RelationID) {
 		// A table's (new) description, before this transaction changes it:
 		// transactions in flight must not be replayed with it, so they are
 		// confirmed first; this one, if it changed other tables already,
@@ -326,7 +332,11 @@ func (g *grouped) closeGroup(ctx context.Context) error {
 		return nil
 	}
 	g.group = nil
-	var changes []change
+	n := 0
+	for _, t := range grp.txns {
+		n += len(t.rows)
+	}
+	changes := make([]change, 0, n)
 	for _, t := range grp.txns {
 		changes = append(changes, t.rows...)
 		t.rows = nil

@@ -92,7 +92,9 @@ type stats struct {
 	mu         sync.Mutex
 	st         Status
 	appliedLSN pglogrepl.LSN
-	samples    []sample // peer WAL positions not yet applied here, oldest first
+	// lastCommitTS is Status.LastCommitTS, kept as a value.
+	lastCommitTS time.Time
+	samples      []sample // peer WAL positions not yet applied here, oldest first
 	// localOffset is the local Postgres clock minus the daemon's.
 	localOffset   time.Duration
 	receivedBytes atomic.Int64
@@ -166,8 +168,7 @@ func (s *stats) applied(end pglogrepl.LSN, commitTS time.Time, rows int64, confl
 		s.st.ConflictsByResolution[kind] += n
 		s.st.Conflicts += n
 	}
-	ts := commitTS
-	s.st.LastCommitTS = &ts
+	s.lastCommitTS = commitTS // a pointer only in snapshots: this runs per transaction
 	s.through(commitTS)
 	if end > s.appliedLSN {
 		s.appliedLSN = end
@@ -265,6 +266,10 @@ func (s *stats) snapshot() Status {
 	if s.st.ClockSkew != nil {
 		sec := *s.st.ClockSkew
 		st.ClockSkew = &sec
+	}
+	if !s.lastCommitTS.IsZero() {
+		ts := s.lastCommitTS
+		st.LastCommitTS = &ts
 	}
 	st.AppliedLSN = s.appliedLSN.String()
 	st.ReceivedBytes = s.receivedBytes.Load()
