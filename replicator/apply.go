@@ -101,6 +101,10 @@ func (a *applier) busy() bool { return a.grouped.busy() }
 // pause is how long the stream may be silent before idle is called.
 func (a *applier) pause() time.Duration { return a.grouped.pause() }
 
+// behind reports whether the stream works through a backlog: the last
+// transaction read committed a while ago.
+func (a *applier) behind() bool { return a.grouped.behind }
+
 // quiet reports whether no transaction is open or unconfirmed.
 func (a *applier) quiet() bool { return !a.busy() && a.between() }
 

@@ -124,6 +124,9 @@ type grouped struct {
 	begin pglogrepl.BeginMessage // its Begin
 	group *fastGroup             // the open group, collecting transactions
 	pipe  pipeline
+	// behind is set when the last transaction read committed freshTxn
+	// or more ago: the stream works through a backlog.
+	behind bool
 }
 
 func newGrouped(a *applier) *grouped { return &grouped{applier: a, pipe: pipeline{s: a.s}} }
@@ -273,6 +276,7 @@ func (g *grouped) replayCarefully(ctx context.Context, txns []*fastTxn) error {
 func (g *grouped) commit(ctx context.Context, t *fastTxn, m *pglogrepl.CommitMessage) error {
 	g.txn = nil
 	t.end, t.commitTS = m.TransactionEndLSN, m.CommitTime
+	g.behind = time.Since(t.commitTS) >= freshTxn
 	if t.skip {
 		t.rows = nil
 		g.stats.skipped(true, m.CommitTime)

@@ -418,6 +418,7 @@ func (s *Stream) startOver(ctx context.Context, conn *pgx.Conn, r remadeSlot) er
 func (s *Stream) receive(ctx context.Context, repl *pgconn.PgConn, a *applier, flushed pglogrepl.LSN, inside *bool) error {
 	received := flushed
 	lastHeard, lastData := time.Now(), time.Now()
+	wake := newWakeThreshold(repl.Conn())
 	silence := max(15*time.Second, 10*idleStatusInterval)
 	nextStatus := time.Now()
 	// committed records that everything up to end is committed here, and
@@ -479,6 +480,14 @@ func (s *Stream) receive(ctx context.Context, repl *pgconn.PgConn, a *applier, f
 				interval = max(interval, idleStatusInterval)
 			}
 			nextStatus = now.Add(interval)
+		}
+		// Through a backlog, be woken by a few kilobytes at once, never
+		// waiting longer than the pause below (wake.go); otherwise by
+		// every byte.
+		if a.behind() && a.busy() {
+			wake.set(backlogWake)
+		} else {
+			wake.set(1)
 		}
 		deadline := nextStatus
 		if a.busy() {

@@ -1,0 +1,5 @@
+//go:build !unix
+
+package replicator
+
+func setRcvLowat(uintptr, int) {}
