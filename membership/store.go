@@ -152,10 +152,12 @@ func (p peerAddrs) ServerAddr(id raft.ServerID) (raft.ServerAddress, error) {
 	return "", errNoOverride
 }
 
-// Close shuts the Raft member down.
+// Close shuts the Raft member down, after a snapshot of what changed since
+// the last (best effort): restarted, it has its state without a leader.
 func (s *Store) Close() error {
 	close(s.done)
 	s.announcer.Wait()
+	_ = s.raft.Snapshot().Error() // ErrNothingNewToSnapshot, or a member that never joined
 	err := s.raft.Shutdown().Error()
 	s.transport.Close()
 	s.logs.Close()

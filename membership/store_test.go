@@ -5,6 +5,8 @@ import (
 	"errors"
 	"io"
 	"net"
+	"os"
+	"path/filepath"
 	"testing"
 	"time"
 )
@@ -42,6 +44,10 @@ func TestRestartedMemberWaitsForItsState(t *testing.T) {
 	if err := s.Close(); err != nil {
 		t.Fatal(err)
 	}
+	// As after a crash before any snapshot: Close takes one.
+	if err := os.RemoveAll(filepath.Join(dir, "raft", "snapshots")); err != nil {
+		t.Fatal(err)
+	}
 
 	s = open()
 	defer s.Close()
@@ -65,5 +71,49 @@ func TestRestartedMemberWaitsForItsState(t *testing.T) {
 	defer stop()
 	if g, err := s.Loaded(short); g == nil || err != nil {
 		t.Fatalf("a loaded node answers at once: %v, %v", g, err)
+	}
+}
+
+// A member restarted from a snapshot has the group's state at once,
+// without a leader: its streams need no majority (ARCHITECTURE.md, Raft
+// is the control plane only).
+func TestRestartedMemberStartsFromItsSnapshot(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	dir := t.TempDir()
+	cfg := Config{NodeName: "a", DataDir: dir, ListenRaft: addr, AdvertiseRaft: addr, Timing: LAN, LogOutput: io.Discard}
+	s, err := Open(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Create(ctx, "g", HashToken("secret"), Node{Name: "a", Raft: addr}, nil); err != nil {
+		t.Fatal(err)
+	}
+	// Close takes a snapshot, as Raft does by itself after
+	// snapshotThreshold entries.
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if got := cfg.Timing.raftConfig().SnapshotThreshold; got != snapshotThreshold {
+		t.Fatalf("raft config snapshots after %d entries, want %d", got, snapshotThreshold)
+	}
+
+	s, err = Open(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	g, _ := s.Group()
+	if g == nil || g.Name != "g" || g.Nodes["a"] == nil || s.Loading() {
+		t.Fatalf("state right after the restart: %+v (loading %v), want group g with node a", g, s.Loading())
+	}
+	if s.IsLeader() {
+		t.Fatal("the node leads already: the test no longer shows a state without a leader")
 	}
 }

@@ -96,11 +96,21 @@ func (t Timing) MaxRoundTrip() time.Duration { return time.Duration(t) * unitRou
 func (t Timing) Failover() time.Duration { return 8 * t.Timeout() }
 
 // raftConfig is Raft's configuration at this timing.
+// snapshotThreshold is how many entries since the last snapshot make the
+// next one (checked every SnapshotInterval, two minutes by default).
+const snapshotThreshold = 64
+
 func (t Timing) raftConfig() *raft.Config {
 	rc := raft.DefaultConfig()
 	rc.HeartbeatTimeout = t.Timeout()
 	rc.ElectionTimeout = t.Timeout()
 	rc.LeaderLeaseTimeout = t.Timeout()
 	rc.CommitTimeout = idleCommitTimeout
+	// A restarted member has the state of its last snapshot at once, and
+	// the rest only once a leader commits its log, which needs a majority:
+	// its streams run from that state meanwhile. The state is a few
+	// kilobytes, so it is snapshotted after every few dozen entries (each
+	// write's barrier is one), not Raft's default 8,192.
+	rc.SnapshotThreshold = snapshotThreshold
 	return rc
 }

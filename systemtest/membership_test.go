@@ -101,3 +101,46 @@ func TestRestartAndPart(t *testing.T) {
 		t.Fatal("a write on the parted node reached a member")
 	}
 }
+
+// Raft is the control plane only: a daemon restarted while a majority of
+// the group's daemons are down (their Postgres up and written to) streams
+// from its last state, without a leader. Before Close took a snapshot, a
+// young group's restarted member had no state until a leader committed
+// its log, so no streams.
+func TestRestartWithoutQuorumKeepsReplicating(t *testing.T) {
+	t.Parallel()
+	ctx := ctxFor(t)
+	nodes := mesh(t, ctx, itemsSchema, "a", "b", "c")
+	a, b, c := nodes[0], nodes[1], nodes[2]
+
+	for _, n := range []*localmesh.Node{a, b, c} {
+		if err := n.Stop(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := c.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	mustExec(t, ctx, a, `INSERT INTO items VALUES (1, 'a, no quorum', 0)`)
+	mustExec(t, ctx, b, `INSERT INTO items VALUES (2, 'b, no quorum', 0)`)
+	eventually(t, 30*time.Second, "a's and b's writes on c, without a Raft leader", func() error {
+		if n := count(t, ctx, c, `SELECT count(*) FROM items WHERE id IN (1, 2)`); n != 2 {
+			return fmt.Errorf("c has %d of the 2 rows", n)
+		}
+		return nil
+	})
+	rep, err := c.Status(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rep.RaftLeader != "" {
+		t.Fatalf("c sees leader %q with two of three daemons down: the test no longer shows replication without quorum", rep.RaftLeader)
+	}
+
+	for _, n := range []*localmesh.Node{a, b} {
+		if err := n.Start(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	converged(t, ctx, 30*time.Second, "items", nodes...)
+}
