@@ -11,6 +11,34 @@ import (
 	"time"
 )
 
+// oneMember is a single member's configuration on a free port, and how to
+// open it (again) as a restart would.
+type oneMember struct {
+	t    *testing.T
+	cfg  Config
+	addr string
+}
+
+func newOneMember(t *testing.T) *oneMember {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	return &oneMember{t: t, addr: addr, cfg: Config{NodeName: "a", DataDir: t.TempDir(), ListenRaft: addr,
+		AdvertiseRaft: addr, Timing: LAN, LogOutput: io.Discard}}
+}
+
+func (m *oneMember) open() *Store {
+	m.t.Helper()
+	s, err := Open(m.cfg)
+	if err != nil {
+		m.t.Fatal(err)
+	}
+	return s
+}
+
 // A member that restarts before its group took a snapshot has an empty
 // state until a leader commits its log. CI saw a call reach such a node
 // (just elected leader) and be told it was in no group; Loaded waits for
@@ -18,21 +46,8 @@ import (
 func TestRestartedMemberWaitsForItsState(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
-	dir := t.TempDir()
-	open := func() *Store {
-		t.Helper()
-		s, err := Open(Config{NodeName: "a", DataDir: dir, ListenRaft: addr, AdvertiseRaft: addr, Timing: LAN, LogOutput: io.Discard})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return s
-	}
+	m := newOneMember(t)
+	open, addr, dir := m.open, m.addr, m.cfg.DataDir
 
 	s := open()
 	if g, err := s.Loaded(ctx); g != nil || err != nil || s.Loading() {
@@ -80,19 +95,9 @@ func TestRestartedMemberWaitsForItsState(t *testing.T) {
 func TestRestartedMemberStartsFromItsSnapshot(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
-	dir := t.TempDir()
-	cfg := Config{NodeName: "a", DataDir: dir, ListenRaft: addr, AdvertiseRaft: addr, Timing: LAN, LogOutput: io.Discard}
-	s, err := Open(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := s.Create(ctx, "g", HashToken("secret"), Node{Name: "a", Raft: addr}, nil); err != nil {
+	m := newOneMember(t)
+	s := m.open()
+	if _, err := s.Create(ctx, "g", HashToken("secret"), Node{Name: "a", Raft: m.addr}, nil); err != nil {
 		t.Fatal(err)
 	}
 	// Close takes a snapshot, as Raft does by itself after
@@ -100,14 +105,11 @@ func TestRestartedMemberStartsFromItsSnapshot(t *testing.T) {
 	if err := s.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if got := cfg.Timing.raftConfig().SnapshotThreshold; got != snapshotThreshold {
+	if got := m.cfg.Timing.raftConfig().SnapshotThreshold; got != snapshotThreshold {
 		t.Fatalf("raft config snapshots after %d entries, want %d", got, snapshotThreshold)
 	}
 
-	s, err = Open(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s = m.open()
 	defer s.Close()
 	g, _ := s.Group()
 	if g == nil || g.Name != "g" || g.Nodes["a"] == nil || s.Loading() {

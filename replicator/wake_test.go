@@ -29,19 +29,27 @@ func rcvLowat(t *testing.T, c net.Conn) int {
 	return n
 }
 
+// dialed is a client connection to a listener on network and address,
+// both closed when the test ends.
+func dialed(t *testing.T, network, address string) net.Conn {
+	t.Helper()
+	ln, err := net.Listen(network, address)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	c, err := net.Dial(network, ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
 // The wake threshold reaches the TCP socket under a stream, TLS or not,
 // and goes back to one byte; on a Unix socket it does nothing.
 func TestWakeThresholdSetsTheSocket(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	c, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	c := dialed(t, "tcp", "127.0.0.1:0")
 
 	for _, conn := range []net.Conn{c, tls.Client(c, &tls.Config{})} {
 		w := newWakeThreshold(conn)
@@ -55,16 +63,7 @@ func TestWakeThresholdSetsTheSocket(t *testing.T) {
 		}
 	}
 
-	uln, err := net.Listen("unix", filepath.Join(t.TempDir(), "s"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer uln.Close()
-	u, err := net.Dial("unix", uln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer u.Close()
+	u := dialed(t, "unix", filepath.Join(t.TempDir(), "s"))
 	w := newWakeThreshold(u)
 	w.set(backlogWake) // must not fail or panic
 	if w.raw != nil {
