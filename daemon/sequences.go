@@ -175,7 +175,7 @@ func (gs *sequences) allocChunk(ctx context.Context, seq string, size, minStart 
 	}
 	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	leader, err := gs.leader(ctx, errors.New("the node group has no Raft leader (no quorum?), so no new chunk can be drawn"))
+	leader, err := gs.leader(cctx, errors.New("the node group has no Raft leader (no quorum?), so no new chunk can be drawn"))
 	if err != nil {
 		return nil, err
 	}

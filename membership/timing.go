@@ -95,11 +95,11 @@ func (t Timing) MaxRoundTrip() time.Duration { return time.Duration(t) * unitRou
 // chunks wait that long; replication does not wait at all.
 func (t Timing) Failover() time.Duration { return 8 * t.Timeout() }
 
-// raftConfig is Raft's configuration at this timing.
 // snapshotThreshold is how many entries since the last snapshot make the
 // next one (checked every SnapshotInterval, two minutes by default).
 const snapshotThreshold = 64
 
+// raftConfig is Raft's configuration at this timing.
 func (t Timing) raftConfig() *raft.Config {
 	rc := raft.DefaultConfig()
 	rc.HeartbeatTimeout = t.Timeout()
