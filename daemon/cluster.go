@@ -118,7 +118,8 @@ func (c *cluster) authorized(r *http.Request) (*membership.Group, error) {
 }
 
 // leader returns a client of the Raft leader's API, for a node that is not
-// it; noLeader is the error while there is no leader.
+// it. An election (members restarted, say) takes a few timeouts: it waits
+// up to loadWait for a leader, then returns noLeader.
 func (c *cluster) leader(ctx context.Context, noLeader error) (*api.Client, error) {
 	g, err := c.group(ctx)
 	if err != nil {
@@ -127,8 +128,14 @@ func (c *cluster) leader(ctx context.Context, noLeader error) (*api.Client, erro
 	if g == nil {
 		return nil, errors.New("this node is not in a node group")
 	}
-	leader := g.Nodes[c.store.Leader()]
-	if leader == nil {
+	var leader *membership.Node
+	if err := poll.Until(ctx, 100*time.Millisecond, loadWait, func() error {
+		g, _ := c.store.Group()
+		if leader = g.Nodes[c.store.Leader()]; leader == nil {
+			return noLeader
+		}
+		return nil
+	}); err != nil {
 		return nil, noLeader
 	}
 	return c.member(c.peerAPI(leader))

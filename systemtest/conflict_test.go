@@ -4,16 +4,29 @@ package systemtest
 
 import (
 	"context"
+	"errors"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgconn"
+
 	"github.com/pgmesh/pgmesh/internal/testing/localmesh"
 )
 
-// updateAll runs one transaction on n that updates every row of items.
+// updateAll runs one transaction on n that updates every row of items,
+// again when it was chosen as a deadlock's victim: it locks rows in table
+// order, and an apply stream updating the same rows in the peer's order
+// may lock them in another (as with any two concurrent writers; the
+// applier retries the same way).
 func updateAll(ctx context.Context, n *localmesh.Node, tag string) error {
-	return n.PG.Exec(ctx, `UPDATE items SET origin = $1, n = n + 1`, tag)
+	for {
+		err := n.PG.Exec(ctx, `UPDATE items SET origin = $1, n = n + 1`, tag)
+		var pe *pgconn.PgError
+		if !errors.As(err, &pe) || pe.Code != "40P01" {
+			return err
+		}
+	}
 }
 
 // Two nodes update the same rows in large concurrent transactions; the third
