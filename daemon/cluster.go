@@ -130,8 +130,7 @@ func (c *cluster) leader(ctx context.Context, noLeader error) (*api.Client, erro
 	}
 	var leader *membership.Node
 	if err := poll.Until(ctx, 100*time.Millisecond, loadWait, func() error {
-		g, _ := c.store.Group()
-		if leader = g.Nodes[c.store.Leader()]; leader == nil {
+		if leader = c.leaderNode(); leader == nil {
 			return noLeader
 		}
 		return nil
@@ -139,6 +138,15 @@ func (c *cluster) leader(ctx context.Context, noLeader error) (*api.Client, erro
 		return nil, noLeader
 	}
 	return c.member(c.peerAPI(leader))
+}
+
+// leaderNode is the Raft leader as a member, or nil while there is none.
+func (c *cluster) leaderNode() *membership.Node {
+	g, _ := c.store.Group()
+	if g == nil {
+		return nil
+	}
+	return g.Nodes[c.store.Leader()]
 }
 
 // fromMember adapts fn to a route other members call: the handler decodes
@@ -197,11 +205,7 @@ func (c *cluster) forward(w http.ResponseWriter, r *http.Request, in any) bool {
 			becameLeader = true
 			return nil
 		}
-		g, _ := c.store.Group()
-		var leader *membership.Node
-		if g != nil {
-			leader = g.Nodes[c.store.Leader()]
-		}
+		leader := c.leaderNode()
 		if leader == nil {
 			return errors.New("the node group has no Raft leader right now (is a majority of members down?): joins and parts need a majority; try again when it is back")
 		}
