@@ -105,6 +105,10 @@ func (a *applier) pause() time.Duration { return a.grouped.pause() }
 // transaction read committed a while ago.
 func (a *applier) behind() bool { return a.grouped.behind }
 
+// passingOver reports whether the stream reads a large transaction it
+// skips (grouped.passingOver).
+func (a *applier) passingOver() bool { return a.grouped.passingOver() }
+
 // quiet reports whether no transaction is open or unconfirmed.
 func (a *applier) quiet() bool { return !a.busy() && a.between() }
 

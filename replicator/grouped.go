@@ -70,6 +70,7 @@ type fastTxn struct {
 	commitTS time.Time
 	changes  int64
 	skip     bool     // forwarded, or applied before: nothing to do here
+	passed   int      // rows of a skipped transaction passed over so far
 	touched  []uint32 // relations this transaction changed (a few: a slice, not a map)
 }
 
@@ -147,6 +148,7 @@ func (g *grouped) handle(ctx context.Context, data []byte) (mode, error) {
 	if t != nil && t.skip {
 		switch msgType(data) {
 		case pglogrepl.MessageTypeInsert, pglogrepl.MessageTypeUpdate, pglogrepl.MessageTypeDelete:
+			t.passed++
 			return g, nil // a forwarded transaction's rows: not even decoded
 		}
 	}
@@ -387,6 +389,18 @@ func (g *grouped) groupFailed(ctx context.Context, err error) error {
 
 // busy reports whether transactions wait to be sent or confirmed.
 func (g *grouped) busy() bool { return g.group != nil || g.pipe.busy() }
+
+// largeSkip is how many rows a skipped transaction shows before the stream
+// treats it as large (passingOver).
+const largeSkip = 8
+
+// passingOver reports whether the stream is inside a large transaction it
+// skips. On PostgreSQL 15 every transaction this node applies comes back
+// from the peer (it cannot filter by origin), and a group applied here
+// comes back as one transaction of dozens or hundreds of rows: read a
+// message at a time, it cost the other node's daemon as much CPU as
+// applying it cost this one. A small one is read as it comes.
+func (g *grouped) passingOver() bool { return g.txn != nil && g.txn.passed >= largeSkip }
 
 // pause is how long the stream may be silent before what waits is sent
 // and confirmed (idle): briefly for a fresh group, longer for a backlog,

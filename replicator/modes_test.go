@@ -146,6 +146,11 @@ func insertMsg(rel uint32, id int) []byte {
 	return message('I', rel, []byte{'N'}, tupleBytes(fmt.Sprint(id), "name", "1"))
 }
 
+func originMsg(name string) []byte {
+	b := binary.BigEndian.AppendUint64([]byte{'O'}, 0x10)
+	return append(append(b, name...), 0)
+}
+
 func ddlMsg(command string) []byte {
 	b := binary.BigEndian.AppendUint64([]byte{'M', 1}, 0)
 	b = append(append(b, ddlPrefix...), 0)
@@ -287,6 +292,43 @@ func TestFreshGroupsGoSoon(t *testing.T) {
 				t.Errorf("%d batches sent, want %d: %q", got, c.sends, f.calls)
 			}
 		})
+	}
+}
+
+// A forwarded transaction is skipped; once it shows itself large, the
+// stream reads the rest of it in batches (passingOver), and a small one not
+// at all.
+func TestLargeSkippedTransactionIsPassedOver(t *testing.T) {
+	a, f := testApplier(t, 0)
+	for _, rows := range []int{largeSkip - 1, 3 * largeSkip} {
+		changes := [][]byte{originMsg("pgmesh_c")}
+		for i := range rows {
+			changes = append(changes, insertMsg(testRel, i))
+		}
+		msgs, end := txn(rows, time.Now(), changes...)
+		var passed int
+		var confirmed pglogrepl.LSN
+		for i, m := range msgs {
+			end, err := a.handle(context.Background(), m)
+			if err != nil {
+				t.Fatal(err)
+			}
+			confirmed = max(confirmed, end)
+			if a.passingOver() {
+				passed++
+			} else if passed > 0 && i < len(msgs)-1 {
+				t.Fatalf("%d rows: no longer passing over after message %d of %d", rows, i, len(msgs))
+			}
+		}
+		if want := max(0, rows-largeSkip+1); passed != want {
+			t.Errorf("%d rows: passing over after %d messages, want %d", rows, passed, want)
+		}
+		if a.passingOver() || !a.between() {
+			t.Errorf("%d rows: after its commit, passing over %v, between transactions %v", rows, a.passingOver(), a.between())
+		}
+		if confirmed != end || len(f.calls) != 0 {
+			t.Errorf("%d rows: confirmed %s (want %s) with calls %q, want none", rows, confirmed, end, f.calls)
+		}
 	}
 }
 

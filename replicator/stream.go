@@ -464,7 +464,8 @@ func (s *Stream) receive(ctx context.Context, repl *pgconn.PgConn, a *applier, f
 				return err
 			}
 		}
-		if now := time.Now(); !now.Before(nextStatus) {
+		now := time.Now()
+		if !now.Before(nextStatus) {
 			if now.Sub(lastHeard) > silence {
 				return fmt.Errorf("peer %q sent nothing for %s: connection presumed dead", s.cfg.Peer.Name, silence.Round(time.Second))
 			}
@@ -481,21 +482,29 @@ func (s *Stream) receive(ctx context.Context, repl *pgconn.PgConn, a *applier, f
 			}
 			nextStatus = now.Add(interval)
 		}
-		// Through a backlog, be woken by a few kilobytes at once, never
-		// waiting longer than the pause below (wake.go); otherwise by
-		// every byte.
-		if a.behind() && a.busy() {
+		// Through a backlog or a large skipped transaction, be woken by a
+		// few kilobytes at once, never waiting longer than the pause below
+		// (wake.go); otherwise by every byte.
+		batched := a.behind() && a.busy() || a.passingOver()
+		if batched {
 			wake.set(backlogWake)
 		} else {
 			wake.set(1)
 		}
 		deadline := nextStatus
-		if a.busy() {
+		var soon time.Time
+		switch {
+		case a.busy():
 			// Transactions wait in the pipeline: confirm them as soon as
 			// the peer pauses.
-			if soon := time.Now().Add(a.pause()); soon.Before(deadline) {
-				deadline = soon
-			}
+			soon = now.Add(a.pause())
+		case batched:
+			// Skipping: what follows may be for us, so wait no longer
+			// than a fresh group would.
+			soon = now.Add(freshPause)
+		}
+		if !soon.IsZero() && soon.Before(deadline) {
+			deadline = soon
 		}
 		// A deadline on the socket, not a context per message: receiving is
 		// the hot loop, and every wait is short, so shutdown is prompt. It is
@@ -521,7 +530,7 @@ func (s *Stream) receive(ctx context.Context, repl *pgconn.PgConn, a *applier, f
 			}
 			return fmt.Errorf("receive from peer %q: %w", s.cfg.Peer.Name, err)
 		}
-		lastHeard = time.Now()
+		data := false
 		switch msg := raw.(type) {
 		case *pgproto3.CopyData:
 			if len(msg.Data) == 0 {
@@ -553,21 +562,24 @@ func (s *Stream) receive(ctx context.Context, repl *pgconn.PgConn, a *applier, f
 					return fmt.Errorf("parse XLogData: %w", err)
 				}
 				received = max(received, xld.WALStart)
-				lastData = lastHeard
 				s.stats.received(len(msg.Data))
 				end, err := a.handle(ctx, xld.WALData)
 				if err != nil {
 					return err
 				}
 				committed(end)
-				// Time spent applying (waiting for locks, for the clock) is
-				// not the peer's silence.
-				lastHeard = time.Now()
+				data = true
 			}
 		case *pgproto3.ErrorResponse:
 			return fmt.Errorf("peer %q: %w", s.cfg.Peer.Name, pgconn.ErrorResponseToPgError(msg))
 		case *pgproto3.CopyDone:
 			return fmt.Errorf("peer %q ended the stream", s.cfg.Peer.Name)
+		}
+		// Time spent applying (waiting for locks, for the clock) is not the
+		// peer's silence: lastHeard is when the message is done with.
+		lastHeard = time.Now()
+		if data {
+			lastData = lastHeard
 		}
 	}
 }
