@@ -78,13 +78,49 @@ func (a *applier) fastInsert(ctx context.Context, t *fastTxn, m *pglogrepl.Inser
 	if r.pk != nil && !fastKey(r, m.Tuple) {
 		return errNotFast
 	}
-	cols, vals := values(m.Tuple) // pointing into the message, which the caller copied
+	cols, vals := r.rowValues(m.Tuple) // pointing into the message, which the caller copied
 	c := change{r: r, op: pglogrepl.MessageTypeInsert, cols: cols, vals: vals, commitTS: commitTS}
 	if r.pk != nil {
-		c.key = pick(m.Tuple, r.pk)
+		c.key = r.keyOf(m.Tuple, cols, vals)
 	}
 	t.rows = append(t.rows, c)
 	return nil
+}
+
+// rowValues is values for a change the grouped or bulk mode keeps. When
+// the tuple sends every column (no unchanged TOAST value), cols is
+// r.allCols, shared: a row then costs one allocation instead of two.
+func (r *relation) rowValues(t *pglogrepl.TupleData) (cols []int, vals [][]byte) {
+	if len(t.Columns) != len(r.allCols) {
+		return values(t)
+	}
+	vals = make([][]byte, len(t.Columns))
+	for i, c := range t.Columns {
+		switch c.DataType {
+		case pglogrepl.TupleDataTypeText, pglogrepl.TupleDataTypeBinary:
+			vals[i] = c.Data
+		case pglogrepl.TupleDataTypeNull:
+		default: // an unchanged TOAST value: not every column is sent
+			return values(t)
+		}
+	}
+	return r.allCols, vals
+}
+
+// keyOf is pick(t, r.pk) for the tuple rowValues read as cols and vals:
+// when every column was sent and the primary key is the leading columns
+// (as it most often is), the key is the start of vals, not a copy.
+func (r *relation) keyOf(t *pglogrepl.TupleData, cols []int, vals [][]byte) [][]byte {
+	n := len(r.pk)
+	if len(cols) != len(r.allCols) || len(vals) < n {
+		return pick(t, r.pk)
+	}
+	for i, c := range r.pk {
+		if c != i {
+			return pick(t, r.pk)
+		}
+	}
+	return vals[:n:n]
 }
 
 // continues reports whether rows of r with these columns can join the run.
@@ -186,12 +222,15 @@ func (a *applier) fastUpdate(ctx context.Context, t *fastTxn, m *pglogrepl.Updat
 	if !fastKey(r, keySrc) || hasDelta(r) {
 		return errNotFast
 	}
-	cols, vals := values(m.NewTuple)
+	cols, vals := r.rowValues(m.NewTuple)
 	if !slices.ContainsFunc(cols, func(c int) bool { return !r.identityAlways[c] }) {
 		return errNotFast // nothing can be set: the careful path decides
 	}
-	c := change{r: r, op: pglogrepl.MessageTypeUpdate, cols: cols, vals: vals, key: pick(keySrc, r.pk),
-		commitTS: commitTS}
+	key := pick(keySrc, r.pk)
+	if keySrc == m.NewTuple {
+		key = r.keyOf(keySrc, cols, vals)
+	}
+	c := change{r: r, op: pglogrepl.MessageTypeUpdate, cols: cols, vals: vals, key: key, commitTS: commitTS}
 	for i, k := range r.pk {
 		if v, ok := valueOf(cols, vals, k); ok && !bytes.Equal(v, c.key[i]) {
 			c.newKey = true
@@ -218,9 +257,13 @@ func (a *applier) fastDelete(ctx context.Context, t *fastTxn, m *pglogrepl.Delet
 // far as the result can tell: set-based when they collapse exactly and
 // that takes fewer statements (collapsed is then true), else one by one.
 func (a *applier) statements(changes []change, copyRuns bool) (stmts []stmt, collapsed bool, err error) {
-	if sets, ok := collapse(changes); ok && setStatementCount(sets) < oneByOneCount(changes) {
-		stmts, err = a.setStatements(sets, copyRuns)
-		return stmts, true, err
+	// One statement one by one (a run of inserts) cannot be bettered:
+	// collapsing is not even tried.
+	if n := oneByOneCount(changes); n > 1 {
+		if sets, ok := collapse(changes); ok && setStatementCount(sets) < n {
+			stmts, err = a.setStatements(sets, copyRuns)
+			return stmts, true, err
+		}
 	}
 	stmts, err = a.oneByOne(changes, copyRuns)
 	return stmts, false, err
@@ -236,9 +279,10 @@ func oneByOneCount(changes []change) int {
 			continue
 		}
 		n++
-		run = insertRun{}
+		rows := run.rows[:0] // only lengths count here: one array serves every run
+		run = insertRun{rows: rows}
 		if c.op == pglogrepl.MessageTypeInsert {
-			run = insertRun{r: c.r, cols: c.cols, rows: [][][]byte{nil}}
+			run = insertRun{r: c.r, cols: c.cols, rows: append(rows, nil)}
 		}
 	}
 	return n

@@ -75,6 +75,9 @@ type tableSet struct {
 func collapse(changes []change) (sets []*tableSet, ok bool) {
 	byRel := map[*relation]*tableSet{}
 	byKey := map[*relation]map[string]*finalRow{}
+	// Every row in one array: there are at most as many rows as changes,
+	// so it never grows and the pointers into it stay valid.
+	rows := make([]finalRow, 0, len(changes))
 	for _, c := range changes {
 		if c.r.orderedTriggers || c.newKey {
 			return nil, false
@@ -82,7 +85,7 @@ func collapse(changes []change) (sets []*tableSet, ok bool) {
 		ts := byRel[c.r]
 		if ts == nil {
 			ts = &tableSet{r: c.r}
-			byRel[c.r], byKey[c.r] = ts, map[string]*finalRow{}
+			byRel[c.r], byKey[c.r] = ts, make(map[string]*finalRow, len(changes))
 			sets = append(sets, ts)
 		}
 		if c.key == nil {
@@ -98,7 +101,8 @@ func collapse(changes []change) (sets []*tableSet, ok bool) {
 		k := keyString(c.key)
 		row := byKey[c.r][k]
 		if row == nil {
-			row = &finalRow{key: c.key, existed: c.op != pglogrepl.MessageTypeInsert}
+			rows = append(rows, finalRow{key: c.key, existed: c.op != pglogrepl.MessageTypeInsert})
+			row = &rows[len(rows)-1]
 			byKey[c.r][k] = row
 			ts.rows = append(ts.rows, row)
 		} else if row.deleted || c.op == pglogrepl.MessageTypeInsert {

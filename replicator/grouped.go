@@ -128,6 +128,9 @@ type grouped struct {
 	// behind is set when the last transaction read committed freshTxn
 	// or more ago: the stream works through a backlog.
 	behind bool
+	// rowsHint is how many row changes the last applying transaction had:
+	// the next one's room, since a stream's transactions tend to be alike.
+	rowsHint int
 }
 
 func newGrouped(a *applier) *grouped { return &grouped{applier: a, pipe: pipeline{s: a.s}} }
@@ -166,6 +169,9 @@ func (g *grouped) handle(ctx context.Context, data []byte) (mode, error) {
 		msgs := make([][]byte, 1, 3)
 		msgs[0] = data
 		g.txn = &fastTxn{msgs: msgs, skip: m.FinalLSN < g.progress}
+		if g.rowsHint > 1 {
+			g.txn.rows = make([]change, 0, g.rowsHint)
+		}
 		g.begin = *m
 		return g, nil
 	case *pglogrepl.CommitMessage:
@@ -284,6 +290,8 @@ func (g *grouped) commit(ctx context.Context, t *fastTxn, m *pglogrepl.CommitMes
 		g.stats.skipped(true, m.CommitTime)
 	} else if t.empty() {
 		g.stats.skipped(false, m.CommitTime)
+	} else {
+		g.rowsHint = min(len(t.rows), fastMaxRun)
 	}
 	if t.empty() {
 		t.msgs = nil

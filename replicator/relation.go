@@ -41,6 +41,9 @@ type relation struct {
 	orderedTriggers bool
 	loadedAt        time.Time
 	raw             []byte // the Relation message as the peer sent it
+	// allCols lists every column the peer sends, 0 to n-1: the cols of
+	// each change that sent them all, shared, never modified (rowValues).
+	allCols []int
 }
 
 // metadataTTL bounds how long local catalog facts are trusted (delta
@@ -54,7 +57,7 @@ func newRelation(m *pglogrepl.RelationMessage, raw []byte) *relation {
 		name: m.Namespace + "." + m.RelationName}
 	r.full = m.ReplicaIdentity == 'f'
 	for i, c := range m.Columns {
-		r.cols = append(r.cols, c.Name)
+		r.cols, r.allCols = append(r.cols, c.Name), append(r.allCols, i)
 		if c.Flags&1 != 0 {
 			r.keys = append(r.keys, i)
 		}
