@@ -128,9 +128,11 @@ type grouped struct {
 	// behind is set when the last transaction read committed freshTxn
 	// or more ago: the stream works through a backlog.
 	behind bool
-	// rowsHint is how many row changes the last applying transaction had:
-	// the next one's room, since a stream's transactions tend to be alike.
-	rowsHint int
+	// rowsHint is the room the next transaction's changes start with: the
+	// smaller of the last two applying transactions' counts (lastRows is
+	// the last one's), since a stream's transactions tend to be alike, and
+	// a small one after a large one must not hold the large one's room.
+	rowsHint, lastRows int
 }
 
 func newGrouped(a *applier) *grouped { return &grouped{applier: a, pipe: pipeline{s: a.s}} }
@@ -291,7 +293,7 @@ func (g *grouped) commit(ctx context.Context, t *fastTxn, m *pglogrepl.CommitMes
 	} else if t.empty() {
 		g.stats.skipped(false, m.CommitTime)
 	} else {
-		g.rowsHint = min(len(t.rows), fastMaxRun)
+		g.rowsHint, g.lastRows = min(len(t.rows), g.lastRows, maxRowsHint), len(t.rows)
 	}
 	if t.empty() {
 		t.msgs = nil
@@ -397,6 +399,9 @@ func (g *grouped) groupFailed(ctx context.Context, err error) error {
 
 // busy reports whether transactions wait to be sent or confirmed.
 func (g *grouped) busy() bool { return g.group != nil || g.pipe.busy() }
+
+// maxRowsHint bounds rowsHint: larger transactions grow their room.
+const maxRowsHint = 256
 
 // largeSkip is how many rows a skipped transaction shows before the stream
 // treats it as large (passingOver).

@@ -332,6 +332,36 @@ func TestLargeSkippedTransactionIsPassedOver(t *testing.T) {
 	}
 }
 
+// A transaction's changes start with the room the last two needed, the
+// smaller of them: a one-row transaction after a large one must not hold
+// the large one's room while its group waits.
+func TestRoomForChangesFollowsTheStream(t *testing.T) {
+	a, _ := testApplier(t, 0)
+	at := time.Now().Add(-time.Second)
+	rows := func(n int) [][]byte {
+		changes := make([][]byte, n)
+		for i := range changes {
+			changes[i] = insertMsg(testRel, 1000*n+i)
+		}
+		return changes
+	}
+	for i, c := range []struct{ rows, wantRoom int }{
+		{100, 0},   // the first: nothing known
+		{100, 0},   // the smaller of 100 and nothing
+		{1, 100},   // after two of 100
+		{100, 0},   // after 100 and 1: one row needs no room ahead
+		{100, 0},   // after 1 and 100
+		{100, 100}, // after two of 100 again
+	} {
+		msgs, _ := txn(i+1, at, rows(c.rows)...)
+		feed(t, a, msgs[:1])
+		if got := cap(a.grouped.txn.rows); got != c.wantRoom {
+			t.Errorf("transaction %d (%d rows) starts with room for %d changes, want %d", i+1, c.rows, got, c.wantRoom)
+		}
+		feed(t, a, msgs[1:])
+	}
+}
+
 func TestDDLGoesCarefulAndBack(t *testing.T) {
 	a, f := testApplier(t, 0)
 	at := time.Now().Add(-time.Second)
