@@ -183,6 +183,9 @@ func (b *bench) catchUps(what, unit string, units, repeat int, build func(*pgtes
 		for i, s := range b.systems {
 			fmt.Printf("  runs, %s: %.0f %s\n", s.name(), rates[i], unit)
 		}
+		if len(daemonCPUs) > 0 {
+			fmt.Printf("  runs, pgmesh daemon CPU s per 100k: %.2f, source txns per local commit: %.1f\n", daemonCPUs, perCommit)
+		}
 	}
 	b.add(what, medians(rates), " "+unit, true, "%.0f")
 	b.add(what+", CPU s per 100k "+strings.TrimSuffix(unit, "/s"), medians(cpus), " s", false, "%.2f")
