@@ -226,9 +226,11 @@ func (a *applier) fastUpdate(ctx context.Context, t *fastTxn, m *pglogrepl.Updat
 	if !slices.ContainsFunc(cols, func(c int) bool { return !r.identityAlways[c] }) {
 		return errNotFast // nothing can be set: the careful path decides
 	}
-	key := pick(keySrc, r.pk)
+	var key [][]byte
 	if keySrc == m.NewTuple {
 		key = r.keyOf(keySrc, cols, vals)
+	} else {
+		key = pick(keySrc, r.pk)
 	}
 	c := change{r: r, op: pglogrepl.MessageTypeUpdate, cols: cols, vals: vals, key: key, commitTS: commitTS}
 	for i, k := range r.pk {
