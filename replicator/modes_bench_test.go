@@ -24,11 +24,7 @@ func benchmarkGroupedInserts(b *testing.B, rows int) {
 	const n = 1000
 	var msgs [][]byte
 	for i := 1; i <= n; i++ {
-		changes := make([][]byte, rows)
-		for j := range changes {
-			changes[j] = insertMsg(testRel, i*rows+j)
-		}
-		txn, _ := txn(i, at, changes...)
+		txn, _ := txn(i, at, insertMsgs(i*rows, rows)...)
 		msgs = append(msgs, txn...)
 	}
 	ctx := context.Background()

@@ -146,6 +146,15 @@ func insertMsg(rel uint32, id int) []byte {
 	return message('I', rel, []byte{'N'}, tupleBytes(fmt.Sprint(id), "name", "1"))
 }
 
+// insertMsgs is n inserts into testRel, of ids first to first+n-1.
+func insertMsgs(first, n int) [][]byte {
+	msgs := make([][]byte, n)
+	for i := range msgs {
+		msgs[i] = insertMsg(testRel, first+i)
+	}
+	return msgs
+}
+
 func originMsg(name string) []byte {
 	b := binary.BigEndian.AppendUint64([]byte{'O'}, 0x10)
 	return append(append(b, name...), 0)
@@ -301,10 +310,7 @@ func TestFreshGroupsGoSoon(t *testing.T) {
 func TestLargeSkippedTransactionIsPassedOver(t *testing.T) {
 	a, f := testApplier(t, 0)
 	for _, rows := range []int{largeSkip - 1, 3 * largeSkip} {
-		changes := [][]byte{originMsg("pgmesh_c")}
-		for i := range rows {
-			changes = append(changes, insertMsg(testRel, i))
-		}
+		changes := append([][]byte{originMsg("pgmesh_c")}, insertMsgs(0, rows)...)
 		msgs, end := txn(rows, time.Now(), changes...)
 		var passed int
 		var confirmed pglogrepl.LSN
@@ -338,13 +344,6 @@ func TestLargeSkippedTransactionIsPassedOver(t *testing.T) {
 func TestRoomForChangesFollowsTheStream(t *testing.T) {
 	a, _ := testApplier(t, 0)
 	at := time.Now().Add(-time.Second)
-	rows := func(n int) [][]byte {
-		changes := make([][]byte, n)
-		for i := range changes {
-			changes[i] = insertMsg(testRel, 1000*n+i)
-		}
-		return changes
-	}
 	for i, c := range []struct{ rows, wantRoom int }{
 		{100, 0},   // the first: nothing known
 		{100, 0},   // the smaller of 100 and nothing
@@ -353,7 +352,7 @@ func TestRoomForChangesFollowsTheStream(t *testing.T) {
 		{100, 0},   // after 1 and 100
 		{100, 100}, // after two of 100 again
 	} {
-		msgs, _ := txn(i+1, at, rows(c.rows)...)
+		msgs, _ := txn(i+1, at, insertMsgs(1000*(i+1), c.rows)...)
 		feed(t, a, msgs[:1])
 		if got := cap(a.grouped.txn.rows); got != c.wantRoom {
 			t.Errorf("transaction %d (%d rows) starts with room for %d changes, want %d", i+1, c.rows, got, c.wantRoom)
@@ -380,11 +379,7 @@ func TestDDLGoesCarefulAndBack(t *testing.T) {
 
 func TestLargeTransactionGoesBulk(t *testing.T) {
 	a, f := testApplier(t, 0)
-	changes := make([][]byte, fastMaxTxnChanges+1)
-	for i := range changes {
-		changes[i] = insertMsg(testRel, i)
-	}
-	msgs, end := txn(1, time.Now(), changes...)
+	msgs, end := txn(1, time.Now(), insertMsgs(0, fastMaxTxnChanges+1)...)
 	modes := feed(t, a, msgs)
 	if modes[len(modes)-3] != "grouped" || modes[len(modes)-2] != "bulk" || modes[len(modes)-1] != "grouped" {
 		t.Errorf("modes end with %q, want grouped until it is large, bulk from there, grouped after its commit", modes[len(modes)-3:])
@@ -399,11 +394,7 @@ func TestLargeTransactionGoesBulk(t *testing.T) {
 
 func TestFailedBulkTransactionIsRetriedCarefully(t *testing.T) {
 	a, f := testApplier(t, 0)
-	changes := make([][]byte, fastMaxTxnChanges+bulkChunk)
-	for i := range changes {
-		changes[i] = insertMsg(testRel, i)
-	}
-	msgs, _ := txn(1, time.Now(), changes...)
+	msgs, _ := txn(1, time.Now(), insertMsgs(0, fastMaxTxnChanges+bulkChunk)...)
 	f.failBatch = &pgconn.PgError{Code: "23505", Message: "duplicate key"}
 	var err error
 	for _, m := range msgs {
