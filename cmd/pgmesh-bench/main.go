@@ -14,6 +14,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"math"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -47,6 +48,7 @@ var (
 	luw         = flag.String("luw-resolution", "", "luw_resolution of the pgmesh pair (default: pgmesh's default)")
 	raftTiming  = flag.String("raft-timing", "", "workload 9: raft_timing of the idle groups (default: pgmesh's default, wan)")
 	only        = flag.String("only", "", "comma-separated workloads to run, by name or number (see -h); default all")
+	against     = flag.String("against", "", "another pgmesh binary, run as a system of its own beside this build's in workloads 1-4 (an A/B of two builds in one run; left out of the ratio)")
 )
 
 const schema = `CREATE TABLE single (id bigint PRIMARY KEY, payload text NOT NULL);
@@ -151,7 +153,17 @@ func run(ctx context.Context) error {
 		return err
 	}
 	defer nat.close()
-	systems := []system{pm, nat}
+	systems := []system{pm}
+	if *against != "" {
+		other, err := newMesh(ctx, *against)
+		if err != nil {
+			return fmt.Errorf("pgmesh from %s: %w", *against, err)
+		}
+		defer other.close()
+		other.label = "pgmesh@" + filepath.Base(*against)
+		systems = append(systems, other)
+	}
+	systems = append(systems, nat)
 	if why := pglogicalMissing(); why != "" {
 		fmt.Println("pglogical left out:", why)
 	} else {
@@ -193,10 +205,15 @@ func one(what, val string, systems int) result {
 	return r
 }
 
-// medians returns the median of each system's runs.
+// medians returns the median of each system's runs (NaN for a system
+// without any).
 func medians(runs [][]float64) []float64 {
 	out := make([]float64, len(runs))
 	for i, r := range runs {
+		if len(r) == 0 {
+			out[i] = math.NaN()
+			continue
+		}
 		r = slices.Clone(r)
 		slices.Sort(r)
 		out[i] = r[len(r)/2]

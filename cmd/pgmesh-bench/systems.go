@@ -15,8 +15,12 @@ import (
 	"github.com/pgmesh/pgmesh/internal/testing/pgtest"
 )
 
-// meshPair is a two-node pgmesh group; b receives.
-type meshPair struct{ a, b *localmesh.Node }
+// meshPair is a two-node pgmesh group; b receives. label names a second
+// build run beside this one (-against).
+type meshPair struct {
+	a, b  *localmesh.Node
+	label string
+}
 
 func (p *meshPair) daemonPid() int { return p.b.Pid() }
 
@@ -85,7 +89,12 @@ func newMesh(ctx context.Context, bin string) (*meshPair, error) {
 	return p, localmesh.WaitConnected(ctx, 30*time.Second, p.a, p.b)
 }
 
-func (p *meshPair) name() string              { return "pgmesh" }
+func (p *meshPair) name() string {
+	if p.label != "" {
+		return p.label
+	}
+	return "pgmesh"
+}
 func (p *meshPair) sender() *pgtest.Cluster   { return p.a.PG }
 func (p *meshPair) receiver() *pgtest.Cluster { return p.b.PG }
 func (p *meshPair) back() (sender, receiver *pgtest.Cluster) {
