@@ -28,7 +28,7 @@ import (
 // A group that fails (a conflict, a missing row, a remembered delete, a
 // lock timeout, bad data) is applied again on the careful path, one source
 // transaction at a time, which settles, logs or reports it. Every later
-// group in the same batch failed too: each one's last statement checks that
+// group in flight failed too: each one's last statement checks that
 // the origin's progress is where the previous one left it, so commits never
 // run ahead of a failure.
 //
@@ -38,16 +38,16 @@ import (
 // them is confirmed.
 
 // Bounds of the fast path: a transaction larger than this is applied in
-// bulk (it is streamed, not held), a group closes at these sizes, and a
-// batch is sent once this much is waiting.
+// bulk (it is streamed, not held), a group closes at these sizes, and
+// groups waiting or in flight are sent or read back once this many are.
 const (
-	fastMaxTxnBytes   = 4 << 20
-	fastMaxTxnChanges = 20000
-	fastMaxRun        = 1000
-	fastMaxGroupTxns  = 1000
-	fastMaxGroupBytes = 4 << 20
-	fastMaxQueued     = 500
-	fastMaxQueueBytes = 16 << 20
+	fastMaxTxnBytes      = 4 << 20
+	fastMaxTxnChanges    = 20000
+	fastMaxRun           = 1000
+	fastMaxGroupTxns     = 1000
+	fastMaxGroupBytes    = 4 << 20
+	fastMaxInFlight      = 500
+	fastMaxInFlightBytes = 16 << 20
 )
 
 // freshTxn is how recent a transaction's commit must be for its group to
@@ -58,6 +58,20 @@ const (
 const (
 	freshTxn   = 50 * time.Millisecond
 	freshPause = 200 * time.Microsecond
+)
+
+// A backlog of transactions of at least heavyTxnRows rows each streams its
+// groups (streaming): each is sent as it closes, behind those in flight,
+// and the stream may be silent for backlogPause before the open group is
+// sent, because the walsender decodes such a transaction whole before
+// sending any of it, which can take milliseconds. Groups then hold a whole
+// interval, and the server never waits for the stream to pause. Smaller
+// transactions keep batches, sent once the batch in flight is read back:
+// streamed, a pgbench backlog (4 rows per transaction) applied at two
+// thirds of the rate, for reasons not found (ARCHITECTURE.md).
+const (
+	heavyTxnRows = 16
+	backlogPause = 5 * time.Millisecond
 )
 
 // fastTxn is one source transaction on the fast path, held until its local
@@ -282,7 +296,8 @@ func (g *grouped) replayCarefully(ctx context.Context, txns []*fastTxn) error {
 // commit ends a source transaction: it joins the open group when its
 // commit time rounds to the group's, else it closes that group and opens
 // the next. A group closes too when the server is idle (latency) and at its
-// size bounds; closed groups wait in the queue for the next batch.
+// size bounds; a closed group waits for the next batch, or when streaming
+// is sent at once, behind those in flight.
 func (g *grouped) commit(ctx context.Context, t *fastTxn, m *pglogrepl.CommitMessage) error {
 	g.txn = nil
 	t.end, t.commitTS = m.TransactionEndLSN, m.CommitTime
@@ -330,8 +345,11 @@ func (g *grouped) commit(ctx context.Context, t *fastTxn, m *pglogrepl.CommitMes
 	}
 	// Close and send at once when the server is idle, or when the group
 	// is fresh and has waited for the stream to pause long enough; else
-	// let the group grow while the server works on the batch in flight.
-	if !g.pipe.inFlight() || (grp.fresh && time.Since(grp.opened) >= freshPause) {
+	// let the group grow while the server works on what is in flight. A
+	// streaming backlog's group grows to its interval's end, or until the
+	// stream pauses: its transactions are late anyway, and small groups are
+	// what makes a backlog slow.
+	if (!g.pipe.inFlight() && !g.streaming()) || (grp.fresh && time.Since(grp.opened) >= freshPause) {
 		if err := g.closeGroup(ctx); err != nil {
 			return err
 		}
@@ -341,7 +359,8 @@ func (g *grouped) commit(ctx context.Context, t *fastTxn, m *pglogrepl.CommitMes
 }
 
 // closeGroup builds the open group's statements, ends them with its commit
-// guard and queues it; the queue is sent once it is large.
+// guard and queues it; the queue is sent when streaming, or once it is
+// large.
 func (g *grouped) closeGroup(ctx context.Context) error {
 	grp := g.group
 	if grp == nil {
@@ -376,7 +395,7 @@ func (g *grouped) closeGroup(ctx context.Context) error {
 		grp.stmts = append(grp.stmts, stamp{end: grp.end, commitTS: grp.commitTS, at: at, expect: &expect}.guard())
 		g.applied = grp.end
 	}
-	if g.pipe.enqueue(grp) {
+	if g.pipe.enqueue(grp) || g.streaming() {
 		return g.send(ctx)
 	}
 	return nil
@@ -415,20 +434,30 @@ const largeSkip = 8
 // applying it cost this one. A small one is read as it comes.
 func (g *grouped) passingOver() bool { return g.txn != nil && g.txn.passed >= largeSkip }
 
+// streaming reports whether closed groups are sent as they close, behind
+// those in flight, rather than in batches (heavyTxnRows).
+func (g *grouped) streaming() bool { return g.behind && g.lastRows >= heavyTxnRows }
+
 // pause is how long the stream may be silent before what waits is sent
 // and confirmed (idle): briefly for a fresh group, longer for a backlog,
 // whose next transactions are on their way.
 func (g *grouped) pause() time.Duration {
-	if g.group != nil && g.group.fresh {
+	switch {
+	case g.group != nil && g.group.fresh:
 		return freshPause
+	case g.streaming():
+		return backlogPause
 	}
 	return time.Millisecond
 }
 
 // idle is called when the stream has nothing more to read for now: it
-// closes the open group, confirms the batch in flight and sends what is
-// queued.
+// closes the open group and sends what is queued; streaming, it reads
+// back and confirms what is in flight only once nothing is left to send.
 func (g *grouped) idle(ctx context.Context) error {
+	if g.streaming() && g.group == nil && len(g.pipe.queued) == 0 {
+		return g.collect(ctx)
+	}
 	if err := g.closeGroup(ctx); err != nil {
 		return err
 	}
@@ -442,11 +471,15 @@ func (g *grouped) abandon() {
 	g.pipe.abandon()
 }
 
-// send confirms the batch in flight, then sends the queued groups as the
-// next batch, without waiting.
+// send sends the queued groups as the next batch, after the batch in
+// flight is read back and confirmed. Streaming, it sends them after those
+// in flight without waiting for the server, unless too much is in flight:
+// the server then always has the next group, while the stream reads on.
 func (g *grouped) send(ctx context.Context) error {
-	if err := g.collect(ctx); err != nil {
-		return err
+	if !g.streaming() || g.pipe.full() {
+		if err := g.collect(ctx); err != nil {
+			return err
+		}
 	}
 	done, err := g.pipe.flush(ctx)
 	for _, grp := range done {

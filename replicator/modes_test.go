@@ -104,7 +104,10 @@ func (f *fakeSession) rollback(context.Context) {
 func (f *fakeSession) forget() {}
 
 func (f *fakeSession) sendBatch(_ context.Context, groups []*fastGroup) error {
-	f.inFlight, f.failed = groups, false
+	if len(f.inFlight) == 0 {
+		f.failed = false
+	}
+	f.inFlight = append(f.inFlight, groups...)
 	f.call("send %d groups", len(groups))
 	return nil
 }
@@ -415,6 +418,71 @@ func TestFailedBulkTransactionIsRetriedCarefully(t *testing.T) {
 	modes := feed(t, a, msgs)
 	if modes[len(modes)-2] != "careful" || modes[len(modes)-1] != "grouped" || count(f.calls, "commit") != 1 {
 		t.Errorf("the retry ended in modes %q with calls %q, want careful, then grouped after one commit", modes[len(modes)-2:], f.calls[len(f.calls)-3:])
+	}
+}
+
+// A backlog of large transactions streams its groups: each is sent as it
+// closes, behind those in flight, and nothing is read back until the
+// stream pauses with nothing left to send. The server always has the next
+// group, and the stream never waits for it. (Small transactions keep
+// batches: TestPlainTransactionsStayGrouped.)
+func TestHeavyBacklogStreamsItsGroups(t *testing.T) {
+	a, f := testApplier(t, 0)
+	at := time.Now().Add(-time.Second).Truncate(10 * time.Millisecond)
+	var last pglogrepl.LSN
+	for n := range 3 {
+		// Each in an interval of its own: three groups.
+		msgs, end := txn(n+1, at.Add(time.Duration(n)*10*time.Millisecond), insertMsgs(n*heavyTxnRows, heavyTxnRows)...)
+		feed(t, a, msgs)
+		last = end
+	}
+	if got := count(f.calls, "send"); got != 2 || f.progress != 0 {
+		t.Fatalf("after three intervals: %d sends, progress %s; want the first two groups sent, none alone, and none read back: %q", got, f.progress, f.calls)
+	}
+	if got := a.pause(); got != backlogPause {
+		t.Errorf("pause %s, want %s", got, backlogPause)
+	}
+	ctx := context.Background()
+	if _, err := a.idle(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if got := count(f.calls, "send"); got != 3 || f.progress != 0 || !a.busy() {
+		t.Fatalf("after a pause: %d sends, progress %s, busy %v; want the last group sent behind the others, none read back", got, f.progress, a.busy())
+	}
+	confirmed, err := a.idle(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if f.progress != last || a.busy() || confirmed != last {
+		t.Errorf("after a second pause: progress %s, busy %v, confirmed %s; want everything read back and confirmed to %s", f.progress, a.busy(), confirmed, last)
+	}
+	if st := a.stats.snapshot(); st.LocalCommits != 3 || st.AppliedTxns != 3 {
+		t.Errorf("%d local commits for %d transactions, want 3 for 3", st.LocalCommits, st.AppliedTxns)
+	}
+}
+
+// A streamed group that fails takes every group sent behind it to the
+// careful mode with it, in order: none of them committed, because each
+// checks that the one before it did.
+func TestFailedStreamedGroupTakesThoseBehindIt(t *testing.T) {
+	a, f := testApplier(t, 0)
+	at := time.Now().Add(-time.Second).Truncate(10 * time.Millisecond)
+	f.failGroup = 1 // the second of four groups
+	var ends []pglogrepl.LSN
+	for n := range 4 {
+		msgs, end := txn(n+1, at.Add(time.Duration(n)*10*time.Millisecond), insertMsgs(n*heavyTxnRows, heavyTxnRows)...)
+		feed(t, a, msgs)
+		ends = append(ends, end)
+	}
+	if err := a.drain(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if got := count(f.calls, "send"); got != 4 {
+		t.Errorf("%d sends, want each of the 4 groups streamed: %q", got, f.calls)
+	}
+	if st := a.stats.snapshot(); st.RetriedTxns != 3 || st.LocalCommits != 4 || f.progress != ends[3] {
+		t.Errorf("%d transactions retried, %d local commits, origin progress %s: want the last 3 applied carefully after the first group, to %s",
+			st.RetriedTxns, st.LocalCommits, f.progress, ends[3])
 	}
 }
 

@@ -50,9 +50,9 @@ type session interface {
 	// forget drops the prepared statements: DDL ran, their plans may not fit.
 	forget()
 
-	// The pipeline's transport: send a batch of groups (each its
-	// statements and a Sync), read back each group's outcome in order, end
-	// the batch.
+	// The pipeline's transport: send groups (each its statements and a
+	// Sync), after any still in flight, read back each group's outcome in
+	// order, end the batch once everything sent is read back.
 	sendBatch(ctx context.Context, groups []*fastGroup) error
 	readGroup() (failure error, err error)
 	endBatch(failed bool) error
@@ -361,7 +361,9 @@ func (s *pgSession) forget() {
 }
 
 func (s *pgSession) sendBatch(ctx context.Context, groups []*fastGroup) error {
-	s.pl = s.pc.StartPipeline(ctx)
+	if s.pl == nil {
+		s.pl = s.pc.StartPipeline(ctx)
+	}
 	for _, g := range groups {
 		for _, st := range g.stmts {
 			n, fresh := s.name(st.sql)
