@@ -428,14 +428,7 @@ func TestFailedBulkTransactionIsRetriedCarefully(t *testing.T) {
 // batches: TestPlainTransactionsStayGrouped.)
 func TestHeavyBacklogStreamsItsGroups(t *testing.T) {
 	a, f := testApplier(t, 0)
-	at := time.Now().Add(-time.Second).Truncate(10 * time.Millisecond)
-	var last pglogrepl.LSN
-	for n := range 3 {
-		// Each in an interval of its own: three groups.
-		msgs, end := txn(n+1, at.Add(time.Duration(n)*10*time.Millisecond), insertMsgs(n*heavyTxnRows, heavyTxnRows)...)
-		feed(t, a, msgs)
-		last = end
-	}
+	last := feedHeavyBacklog(t, a, 3)[2]
 	if got := count(f.calls, "send"); got != 2 || f.progress != 0 {
 		t.Fatalf("after three intervals: %d sends, progress %s; want the first two groups sent, none alone, and none read back: %q", got, f.progress, f.calls)
 	}
@@ -466,14 +459,8 @@ func TestHeavyBacklogStreamsItsGroups(t *testing.T) {
 // checks that the one before it did.
 func TestFailedStreamedGroupTakesThoseBehindIt(t *testing.T) {
 	a, f := testApplier(t, 0)
-	at := time.Now().Add(-time.Second).Truncate(10 * time.Millisecond)
 	f.failGroup = 1 // the second of four groups
-	var ends []pglogrepl.LSN
-	for n := range 4 {
-		msgs, end := txn(n+1, at.Add(time.Duration(n)*10*time.Millisecond), insertMsgs(n*heavyTxnRows, heavyTxnRows)...)
-		feed(t, a, msgs)
-		ends = append(ends, end)
-	}
+	ends := feedHeavyBacklog(t, a, 4)
 	if err := a.drain(context.Background()); err != nil {
 		t.Fatal(err)
 	}
@@ -484,6 +471,21 @@ func TestFailedStreamedGroupTakesThoseBehindIt(t *testing.T) {
 		t.Errorf("%d transactions retried, %d local commits, origin progress %s: want the last 3 applied carefully after the first group, to %s",
 			st.RetriedTxns, st.LocalCommits, f.progress, ends[3])
 	}
+}
+
+// feedHeavyBacklog feeds a a backlog of n transactions of heavyTxnRows
+// inserts each, every one in an interval of its own (n groups), and
+// returns their ends.
+func feedHeavyBacklog(t *testing.T, a *applier, n int) []pglogrepl.LSN {
+	t.Helper()
+	at := time.Now().Add(-time.Second).Truncate(10 * time.Millisecond)
+	var ends []pglogrepl.LSN
+	for i := range n {
+		msgs, end := txn(i+1, at.Add(time.Duration(i)*10*time.Millisecond), insertMsgs(i*heavyTxnRows, heavyTxnRows)...)
+		feed(t, a, msgs)
+		ends = append(ends, end)
+	}
+	return ends
 }
 
 func TestFailedGroupGoesCarefulForAStretch(t *testing.T) {
