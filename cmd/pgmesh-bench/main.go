@@ -48,7 +48,7 @@ var (
 	luw         = flag.String("luw-resolution", "", "luw_resolution of the pgmesh pair (default: pgmesh's default)")
 	raftTiming  = flag.String("raft-timing", "", "workload 9: raft_timing of the idle groups (default: pgmesh's default, wan)")
 	only        = flag.String("only", "", "comma-separated workloads to run, by name or number (see -h); default all")
-	against     = flag.String("against", "", "other pgmesh binaries, comma-separated, each run as a system of its own beside this build's in workloads 1-4 (an A/B of builds in one run; left out of the ratio)")
+	against     = flag.String("against", "", "other pgmesh binaries, comma-separated, each run as a system of its own beside this build's in workloads 1-5 (an A/B of builds in one run; left out of the ratio)")
 )
 
 const schema = `CREATE TABLE single (id bigint PRIMARY KEY, payload text NOT NULL);

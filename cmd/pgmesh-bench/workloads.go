@@ -113,21 +113,6 @@ func (b *bench) isMesh(i int) bool {
 	return ok
 }
 
-// addMeshes records a row with a figure for each pgmesh build; vals holds
-// one per system, NaN for the others.
-func (b *bench) addMeshes(what string, vals []float64, format string) {
-	r := result{what: what}
-	for _, v := range vals {
-		if math.IsNaN(v) {
-			r.vals = append(r.vals, "-")
-			continue
-		}
-		r.vals = append(r.vals, fmt.Sprintf(format, v))
-	}
-	b.results = append(b.results, r)
-	fmt.Printf("  %s: %s\n", what, strings.Join(r.vals, " | "))
-}
-
 // catchUp builds a backlog on s's sender while its receiver is held, then
 // times the receiver's catch-up from its release.
 func (b *bench) catchUp(s system, build func(*pgtest.Cluster) error) (catchUpRun, error) {
@@ -212,9 +197,10 @@ func (b *bench) catchUps(what, unit string, units, repeat int, build func(*pgtes
 	b.add(what, medians(rates), " "+unit, true, "%.0f")
 	b.add(what+", CPU s per 100k "+strings.TrimSuffix(unit, "/s"), medians(cpus), " s", false, "%.2f")
 	b.add(what+", of which walsenders", medians(senders), " s", false, "%.2f")
-	b.addMeshes(what+", of which pgmesh daemon", medians(daemonCPUs), "%.2f s")
-	b.addMeshes(what+", source txns per local commit", medians(perCommit), "%.1f")
-	b.addMeshes(what+", statements per source txn", medians(stmtsPerTxn), "%.2f")
+	// Figures of the pgmesh builds alone: NaN for the others, so no ratio.
+	b.add(what+", of which pgmesh daemon", medians(daemonCPUs), " s", false, "%.2f")
+	b.add(what+", source txns per local commit", medians(perCommit), "", true, "%.1f")
+	b.add(what+", statements per source txn", medians(stmtsPerTxn), "", false, "%.2f")
 	return nil
 }
 
