@@ -32,7 +32,7 @@ test: fmt-check vet
 # The core of the system tests (write everywhere, every conflict type,
 # randomized convergence, kill -9 during apply, clocks, version behaviour),
 # for the other versions in CI: make test-core PG=16
-CORE_TESTS = TestThreeNodesWriteEverywhere|TestResidencySet|TestConflictTypes|TestInsertWaitingForLocalDelete|TestRandomizedConvergence|TestKillDuringBacklogAppliesExactlyOnce|TestKillDuringGroupedBacklogAppliesExactlyOnce|TestClockSkewConverges|TestFollowingWriteWinsInsideOneInterval|TestGroupedCommitsForm|TestVersionSpecificStreaming|TestSQLRuleMatchesGo|TestFastPathGuardMatchesSequential
+CORE_TESTS = TestThreeNodesWriteEverywhere|TestResidencySet|TestConflictTypes|TestInsertWaitingForLocalDelete|TestRandomizedConvergence|TestKillDuringBacklogAppliesExactlyOnce|TestKillDuringGroupedBacklogAppliesExactlyOnce|TestReceiverCrashLosesNothingConfirmed|TestClockSkewConverges|TestFollowingWriteWinsInsideOneInterval|TestGroupedCommitsForm|TestVersionSpecificStreaming|TestSQLRuleMatchesGo|TestFastPathGuardMatchesSequential
 test-core:
 	$(WITH_PG) $(GO) test -tags integration -count=1 -timeout 15m -parallel 3 -run '$(CORE_TESTS)' ./systemtest/ ./sql/ ./replicator/
 

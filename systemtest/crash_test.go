@@ -130,3 +130,63 @@ func killDuringBacklog(t *testing.T, ctx context.Context, b *localmesh.Node, tot
 	})
 	return kills
 }
+
+// The receiver's Postgres commits asynchronously (synchronous_commit =
+// off, as many run it, and as these clusters do) and crashes right after
+// its daemon confirmed a peer's transactions to the peer's slot. Those
+// commits may not have reached its WAL on disk: the crash loses them with
+// their origin progress, and the peer, whose slot has moved past them,
+// would never send them again. The apply must therefore commit durably
+// before it confirms. A WAL writer held to 10 s makes the loss near
+// certain where the apply commits asynchronously.
+func TestReceiverCrashLosesNothingConfirmed(t *testing.T) {
+	t.Parallel()
+	ctx := ctxFor(t)
+	nodes := mesh(t, ctx, itemsSchema, "a", "b")
+	a, b := nodes[0], nodes[1]
+	for _, set := range []string{"synchronous_commit = off", "wal_writer_delay = '10s'", "bgwriter_lru_maxpages = 0"} {
+		mustExec(t, ctx, b, `ALTER SYSTEM SET `+set)
+	}
+	if err := b.PG.Restart(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := localmesh.WaitConnected(ctx, 30*time.Second, a, b); err != nil {
+		t.Fatal(err)
+	}
+	ac := connect(t, ctx, a)
+	const total = 200
+	for round := range 3 {
+		from := round*total/3 + 1
+		to := (round + 1) * total / 3
+		if round == 2 {
+			to = total
+		}
+		mustExec(t, ctx, a, fmt.Sprintf(`DO $$ BEGIN FOR i IN %d..%d LOOP
+			INSERT INTO items VALUES (i, 'a', 0); COMMIT; END LOOP; END $$`, from, to))
+		var end string
+		if err := ac.QueryRow(ctx, `SELECT pg_current_wal_insert_lsn()::text`).Scan(&end); err != nil {
+			t.Fatal(err)
+		}
+		// The crash comes as soon as b's daemon has confirmed all of it.
+		eventually(t, 30*time.Second, "b confirms a's writes", func() error {
+			if n := count(t, ctx, a, `SELECT count(*) FROM pg_replication_slots
+				WHERE slot_name = 'pgmesh_b' AND confirmed_flush_lsn >= $1::pg_lsn`, end); n != 1 {
+				return fmt.Errorf("a's slot for b is not confirmed up to %s", end)
+			}
+			return nil
+		})
+		if err := b.PG.Crash(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if err := b.PG.Start(ctx); err != nil {
+			t.Fatal(err)
+		}
+		eventually(t, 30*time.Second, fmt.Sprintf("b has rows 1..%d after its crash", to), func() error {
+			if n := count(t, ctx, b, `SELECT count(*) FROM items`); n != int64(to) {
+				return fmt.Errorf("b has %d of %d rows", n, to)
+			}
+			return nil
+		})
+	}
+	assertNoConflicts(t, ctx, b)
+}

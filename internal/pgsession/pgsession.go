@@ -22,8 +22,20 @@ type Settings map[string]string
 // database's own defaults say. Apply relies on READ COMMITTED: each
 // statement, and each query of a VOLATILE function, sees every transaction
 // committed before it began (a delete an insert waited for, for one).
+//
+// Its commits are also durable before they return (see durableCommits).
 var Applier = Settings{"session_replication_role": "replica", "default_transaction_read_only": "off",
 	"default_transaction_isolation": "read committed"}
+
+// durableCommits raises a session's synchronous_commit from off to local.
+// pgmesh confirms a peer's transaction to the peer's slot once its local
+// commit returns, and the peer never sends it again: an asynchronous
+// commit, lost in a crash before the WAL writer wrote it, would be lost for
+// good. Stronger settings (on, remote_write, remote_apply) flush locally
+// too and are kept, so a commit that waits for a synchronous standby still
+// does.
+const durableCommits = `SELECT pg_catalog.set_config('synchronous_commit', 'local', false)
+	WHERE pg_catalog.current_setting('synchronous_commit') = 'off'`
 
 // Writer may write even while the database is read-only for applications
 // (a joining node).
@@ -56,6 +68,21 @@ func name(cfg *pgx.ConnConfig, app string, sets []Settings) {
 	for _, s := range sets {
 		for k, v := range s {
 			cfg.RuntimeParams[k] = v
+		}
+	}
+	// Every session that writes replicated changes commits them durably.
+	if cfg.RuntimeParams["session_replication_role"] == "replica" {
+		after := cfg.AfterConnect
+		cfg.AfterConnect = func(ctx context.Context, pc *pgconn.PgConn) error {
+			if after != nil {
+				if err := after(ctx, pc); err != nil {
+					return err
+				}
+			}
+			if _, err := pc.Exec(ctx, durableCommits).ReadAll(); err != nil {
+				return fmt.Errorf("make the session's commits durable (synchronous_commit): %w", err)
+			}
+			return nil
 		}
 	}
 	// A session read-only by its own settings fails the check of
