@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"iter"
 	"math"
 	"strconv"
 	"strings"
@@ -130,6 +131,9 @@ func (b *bench) catchUp(s system, build func(*pgtest.Cluster) error) (catchUpRun
 	if err := s.sender().Exec(ctx, `INSERT INTO sentinel VALUES ($1)`, b.sentinel); err != nil {
 		return catchUpRun{}, err
 	}
+	if err := quiesce(ctx, s.sender(), s.receiver()); err != nil {
+		return catchUpRun{}, err
+	}
 	if err := s.release(ctx); err != nil {
 		return catchUpRun{}, err
 	}
@@ -159,6 +163,21 @@ func (b *bench) catchUp(s system, build func(*pgtest.Cluster) error) (catchUpRun
 	return r, nil
 }
 
+// turns yields the systems, with their index, in the order they run in a
+// round: each round starts one system later, so that none is always first
+// (in earlier runs, the first of a round fared worst).
+func (b *bench) turns(round int) iter.Seq2[int, system] {
+	return func(yield func(int, system) bool) {
+		n := len(b.systems)
+		for k := range n {
+			i := (round + k) % n
+			if !yield(i, b.systems[i]) {
+				return
+			}
+		}
+	}
+}
+
 // catchUps runs a catch-up repeat times, the systems taking turns, and
 // reports the medians (a shared 2-core machine is noisy): the rate, CPU
 // seconds per 100k units (every process of the pair: daemons, backends,
@@ -170,8 +189,8 @@ func (b *bench) catchUps(what, unit string, units, repeat int, build func(*pgtes
 	// For each pgmesh build: its daemon's CPU, source transactions per
 	// local commit, statements per source transaction.
 	daemonCPUs, perCommit, stmtsPerTxn := make([][]float64, n), make([][]float64, n), make([][]float64, n)
-	for range max(repeat, 1) {
-		for i, s := range b.systems {
+	for round := range max(repeat, 1) {
+		for i, s := range b.turns(round) {
 			r, err := b.catchUp(s, build)
 			if err != nil {
 				return err
@@ -250,8 +269,8 @@ func (b *bench) latency() error {
 	for i := range runs {
 		runs[i] = make([][]float64, n)
 	}
-	for range max(*repeat, 1) {
-		for i, s := range b.systems {
+	for round := range max(*repeat, 1) {
+		for i, s := range b.turns(round) {
 			if err := s.settle(b.ctx); err != nil {
 				return err
 			}
