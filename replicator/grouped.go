@@ -51,10 +51,11 @@ const (
 )
 
 // freshTxn is how recent a transaction's commit must be for its group to
-// be fresh: the stream keeps up, and the group is sent after freshPause,
-// not when the batch in flight is read back or the next interval begins.
-// Older transactions are a backlog, which large groups absorb. A fresh
-// group waits a little rather than none: a burst still shares commits.
+// be fresh: the stream keeps up, and the group is sent as soon as nothing
+// more has arrived, or once it is freshPause old, not when the batch in
+// flight is read back or the next interval begins. Older transactions are
+// a backlog, which large groups absorb. A burst of fresh transactions that
+// arrive together still shares a commit.
 const (
 	freshTxn   = 50 * time.Millisecond
 	freshPause = 200 * time.Microsecond
@@ -439,12 +440,15 @@ func (g *grouped) passingOver() bool { return g.txn != nil && g.txn.passed >= la
 func (g *grouped) streaming() bool { return g.behind && g.lastRows >= heavyTxnRows }
 
 // pause is how long the stream may be silent before what waits is sent
-// and confirmed (idle): briefly for a fresh group, longer for a backlog,
-// whose next transactions are on their way.
+// and confirmed (idle): not at all for a fresh group, which goes once
+// nothing more has arrived; longer for a backlog, whose next transactions
+// are on their way. No wait is shorter than a millisecond: Go's poller
+// sleeps in whole milliseconds, so a 200 µs pause for a fresh group cost
+// up to a millisecond of latency (TestFreshGroupsGoSoon).
 func (g *grouped) pause() time.Duration {
 	switch {
 	case g.group != nil && g.group.fresh:
-		return freshPause
+		return 0
 	case g.streaming():
 		return backlogPause
 	}

@@ -265,11 +265,11 @@ func TestPlainTransactionsStayGrouped(t *testing.T) {
 	}
 }
 
-// A stream that keeps up sends a fresh group once it has waited freshPause
-// for more, though the previous one is still in flight, and the stream
-// waits only that long for more before sending it. Not so for a change
-// from a higher node id: it commits at its interval's end anyway, so the
-// others of that interval join its group.
+// A stream that keeps up sends a fresh group once it is freshPause old,
+// though the previous one is still in flight, and the stream does not wait
+// at all for more before sending it: only what has already arrived joins
+// it. Not so for a change from a higher node id: it commits at its
+// interval's end anyway, so the others of that interval join its group.
 func TestFreshGroupsGoSoon(t *testing.T) {
 	for _, c := range []struct {
 		name    string
@@ -278,7 +278,7 @@ func TestFreshGroupsGoSoon(t *testing.T) {
 		sends   int
 		pause   time.Duration
 	}{
-		{"from a lower id, no wait: a group per pause", 3, time.Now().Add(-15 * time.Millisecond), 3, freshPause},
+		{"from a lower id, no wait: a group per pause", 3, time.Now().Add(-15 * time.Millisecond), 3, 0},
 		{"from a higher id, a wait for the clock: the rest as one group", 1, time.Now().Add(time.Second), 2, time.Millisecond},
 	} {
 		t.Run(c.name, func(t *testing.T) {

@@ -499,8 +499,8 @@ func (s *Stream) receive(ctx context.Context, repl *pgconn.PgConn, a *applier, f
 			// the peer pauses.
 			soon = now.Add(a.pause())
 		case batched:
-			// Skipping: what follows may be for us, so wait no longer
-			// than a fresh group would.
+			// Skipping: what follows may be for us, so wait briefly
+			// (with the poller's rounding, a millisecond).
 			soon = now.Add(freshPause)
 		}
 		if !soon.IsZero() && soon.Before(deadline) {
