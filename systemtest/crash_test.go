@@ -154,13 +154,9 @@ func TestReceiverCrashLosesNothingConfirmed(t *testing.T) {
 		t.Fatal(err)
 	}
 	ac := connect(t, ctx, a)
-	const total = 200
-	for round := range 3 {
-		from := round*total/3 + 1
-		to := (round + 1) * total / 3
-		if round == 2 {
-			to = total
-		}
+	const rounds, perRound = 3, 70
+	for round := range rounds {
+		from, to := round*perRound+1, (round+1)*perRound
 		mustExec(t, ctx, a, fmt.Sprintf(`DO $$ BEGIN FOR i IN %d..%d LOOP
 			INSERT INTO items VALUES (i, 'a', 0); COMMIT; END LOOP; END $$`, from, to))
 		var end string
