@@ -442,9 +442,9 @@ func (g *grouped) streaming() bool { return g.behind && g.lastRows >= heavyTxnRo
 // pause is how long the stream may be silent before what waits is sent
 // and confirmed (idle): not at all for a fresh group, which goes once
 // nothing more has arrived; longer for a backlog, whose next transactions
-// are on their way. No wait is shorter than a millisecond: Go's poller
-// sleeps in whole milliseconds, so a 200 µs pause for a fresh group cost
-// up to a millisecond of latency (TestFreshGroupsGoSoon).
+// are on their way. A wait on the socket lasts a millisecond at least
+// (Go's poller sleeps in whole milliseconds), so the 200 µs pause a fresh
+// group once had cost up to a millisecond of latency (TestFreshGroupsGoSoon).
 func (g *grouped) pause() time.Duration {
 	switch {
 	case g.group != nil && g.group.fresh:
