@@ -110,11 +110,18 @@ func mesh(t *testing.T, ctx context.Context, schema string, names ...string) []*
 	return meshWith(t, ctx, schema, nil, names...)
 }
 
-// meshWith is mesh with extra `pgmesh run` arguments.
-// keepLogs removes n after the test, keeping its daemon log if it failed.
+// keepLogs removes n after the test. If the test failed, it first logs
+// the node's status (what each stream had applied when it gave up) and
+// keeps its daemon log.
 func keepLogs(t *testing.T, n *localmesh.Node) {
 	t.Cleanup(func() {
 		if t.Failed() {
+			if n.Running() {
+				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+				out, stderr, err := n.CLI(ctx, "status")
+				cancel()
+				t.Logf("pgmesh status on %s (err %v):\n%s%s", n.Name, err, out, stderr)
+			}
 			t.Logf("daemon log of %s:\n%s", n.Name, n.LogTail(3000))
 			if b, err := os.ReadFile(n.LogPath); err == nil {
 				keep := filepath.Join(os.TempDir(), fmt.Sprintf("pgmesh-%s-%s.log", t.Name(), n.Name))
@@ -127,6 +134,7 @@ func keepLogs(t *testing.T, n *localmesh.Node) {
 	})
 }
 
+// meshWith is mesh with extra `pgmesh run` arguments.
 func meshWith(t *testing.T, ctx context.Context, schema string, args []string, names ...string) []*localmesh.Node {
 	t.Helper()
 	nodes := startNodesWith(t, ctx, schema, args, names...)

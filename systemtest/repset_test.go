@@ -312,7 +312,7 @@ func TestRepsetChangesUnderLoad(t *testing.T) {
 					return err
 				}
 				written.Add(1)
-				time.Sleep(time.Millisecond)
+				time.Sleep(4 * time.Millisecond)
 			}
 		})
 	}()
