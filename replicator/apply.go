@@ -8,7 +8,6 @@ import (
 	"time"
 
 	"github.com/jackc/pglogrepl"
-	"github.com/jackc/pgx/v5/pgtype"
 
 	"github.com/pgmesh/pgmesh/origin"
 )
@@ -32,9 +31,8 @@ type applier struct {
 	cfg      *Config
 	rels     map[uint32]*relation
 	origins  map[uint32]string // roident -> node name
-	types    *pgtype.Map
-	roident  uint32        // this peer's replication origin here
-	progress pglogrepl.LSN // origin progress when the stream started
+	roident  uint32            // this peer's replication origin here
+	progress pglogrepl.LSN     // origin progress when the stream started
 	// retryLSN is a large transaction (FinalLSN) whose bulk apply failed:
 	// streamed again, it takes the careful path.
 	retryLSN pglogrepl.LSN
@@ -66,7 +64,7 @@ type mode interface {
 }
 
 func newApplier(s session, cfg *Config, progress pglogrepl.LSN, roident uint32, st *stats, retryLSN pglogrepl.LSN, parked parkedTables, log *slog.Logger) *applier {
-	a := &applier{s: s, cfg: cfg, progress: progress, applied: progress, roident: roident, stats: st, types: pgtype.NewMap(),
+	a := &applier{s: s, cfg: cfg, progress: progress, applied: progress, roident: roident, stats: st,
 		retryLSN: retryLSN, parked: parked, log: log, rels: map[uint32]*relation{}, origins: map[uint32]string{}}
 	a.grouped = newGrouped(a)
 	a.careful = newCareful(a)

@@ -3,7 +3,6 @@ package replicator
 import (
 	"slices"
 	"strconv"
-	"strings"
 	"time"
 
 	"github.com/jackc/pglogrepl"
@@ -78,6 +77,7 @@ func collapse(changes []change) (sets []*tableSet, ok bool) {
 	// Every row in one array: there are at most as many rows as changes,
 	// so it never grows and the pointers into it stay valid.
 	rows := make([]finalRow, 0, len(changes))
+	var k []byte
 	for _, c := range changes {
 		if c.r.orderedTriggers || c.newKey {
 			return nil, false
@@ -98,12 +98,12 @@ func collapse(changes []change) (sets []*tableSet, ok bool) {
 			ts.keyless[len(ts.keyless)-1].rows = append(ts.keyless[len(ts.keyless)-1].rows, c.vals)
 			continue
 		}
-		k := keyString(c.key)
-		row := byKey[c.r][k]
+		k = appendKey(k[:0], c.key)
+		row := byKey[c.r][string(k)] // looked up without a copy of k
 		if row == nil {
 			rows = append(rows, finalRow{key: c.key, existed: c.op != pglogrepl.MessageTypeInsert})
 			row = &rows[len(rows)-1]
-			byKey[c.r][k] = row
+			byKey[c.r][string(k)] = row
 			ts.rows = append(ts.rows, row)
 		} else if row.deleted || c.op == pglogrepl.MessageTypeInsert {
 			// A change after a delete, or an insert of a key already
@@ -126,8 +126,8 @@ func collapse(changes []change) (sets []*tableSet, ok bool) {
 // mergeImage lays a change's columns over an image; both list columns in
 // increasing order, as values returns them.
 func mergeImage(cols []int, vals [][]byte, newCols []int, newVals [][]byte) ([]int, [][]byte) {
-	if len(cols) == 0 {
-		return newCols, newVals
+	if len(cols) == 0 || slices.Equal(cols, newCols) {
+		return newCols, newVals // the usual update: every column sent again
 	}
 	outCols := make([]int, 0, len(cols)+len(newCols))
 	outVals := make([][]byte, 0, len(cols)+len(newCols))
@@ -149,19 +149,19 @@ func mergeImage(cols []int, vals [][]byte, newCols []int, newVals [][]byte) ([]i
 	return outCols, outVals
 }
 
-// keyString is a map key for a primary key's values (NULL and empty apart).
-func keyString(vals [][]byte) string {
-	var b strings.Builder
+// appendKey appends a map key for a primary key's values (NULL and empty
+// apart) to b.
+func appendKey(b []byte, vals [][]byte) []byte {
 	for _, v := range vals {
 		if v == nil {
-			b.WriteString("n;")
+			b = append(b, "n;"...)
 			continue
 		}
-		b.WriteString(strconv.Itoa(len(v)))
-		b.WriteByte(':')
-		b.Write(v)
+		b = strconv.AppendInt(b, int64(len(v)), 10)
+		b = append(b, ':')
+		b = append(b, v...)
 	}
-	return b.String()
+	return b
 }
 
 // setPart is the rows of one statement of a table's set: the same kind of

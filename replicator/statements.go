@@ -119,6 +119,10 @@ const expectAllRows = ` SELECT CASE WHEN count(*) = cardinality($1::text[]) THEN
 // Parameters: the key arrays, the times, the tombstone relation name, the
 // peer.
 func (r *relation) deleteSetSQL(roident uint32) string {
+	return r.memo('d', nil, func() string { return r.buildDeleteSetSQL(roident) })
+}
+
+func (r *relation) buildDeleteSetSQL(roident uint32) string {
 	arrays, aliases := r.keyArrays()
 	n := len(arrays)
 	arrays, aliases = append(arrays, "$"+strconv.Itoa(n+1)+"::text[]"), append(aliases, "at")
@@ -150,6 +154,10 @@ func (r *relation) plainInsertSQL(cols []int, exprs []string, from string) strin
 // The keys are only built when the table has a tombstone at all.
 // Parameters: the key arrays, then the tombstone relation name.
 func (r *relation) deletedCheckSQL() string {
+	return r.memo('c', nil, r.buildDeletedCheckSQL)
+}
+
+func (r *relation) buildDeletedCheckSQL() string {
 	arrays, aliases := r.keyArrays()
 	kv := make([]string, 0, 2*len(r.pk))
 	for i, c := range r.pk {
@@ -161,11 +169,36 @@ func (r *relation) deletedCheckSQL() string {
 		rel, strings.Join(kv, ", "), strings.Join(arrays, ", "), strings.Join(aliases, ", "), rel)
 }
 
+// insertSetSQL inserts rows of the columns cols, given as one array per
+// column, without the check for remembered deletes (deletedCheckSQL).
+func (r *relation) insertSetSQL(cols []int) string {
+	return r.memo('i', cols, func() string {
+		arrays := make([]string, len(cols))
+		aliases := make([]string, len(cols))
+		exprs := make([]string, len(cols))
+		for i, c := range cols {
+			arrays[i] = "$" + strconv.Itoa(i+1) + "::text[]"
+			aliases[i] = "c" + strconv.Itoa(i)
+			exprs[i] = "u." + aliases[i] + "::" + r.localType[c]
+		}
+		from := " FROM unnest(" + strings.Join(arrays, ", ") + ") AS u(" + strings.Join(aliases, ", ") + ")"
+		return r.plainInsertSQL(cols, exprs, from)
+	})
+}
+
 // updateSetSQL sets the columns cols of the rows with the given primary
 // keys, each if its last writer is the peer; it raises unless every key
 // updated a row. Parameters: the key arrays, then one array per column.
 // ok is false when none of cols can be set.
 func (r *relation) updateSetSQL(cols []int, roident uint32) (sql string, ok bool) {
+	sql = r.memo('u', cols, func() string {
+		sql, _ := r.buildUpdateSetSQL(cols, roident)
+		return sql
+	})
+	return sql, sql != ""
+}
+
+func (r *relation) buildUpdateSetSQL(cols []int, roident uint32) (sql string, ok bool) {
 	arrays, aliases := r.keyArrays()
 	var sets []string
 	for i, c := range cols {
