@@ -53,6 +53,11 @@ type applier struct {
 	mode    mode
 	grouped *grouped
 	careful *careful
+	// scratch is where the grouped and bulk modes decode row changes
+	// (parseFast): they keep only each change's values, which point into
+	// the copies of the messages.
+	scratch parseScratch
+	copies  copies
 }
 
 // mode is what the applier does with the next message.

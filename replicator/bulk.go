@@ -1,7 +1,6 @@
 package replicator
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -63,13 +62,13 @@ func startBulk(ctx context.Context, a *applier, begin pglogrepl.BeginMessage, ms
 func (b *bulk) between() bool { return false }
 
 func (b *bulk) handle(ctx context.Context, data []byte) (mode, error) {
-	return b.apply(ctx, bytes.Clone(data))
+	return b.apply(ctx, b.copies.of(data))
 }
 
 // apply applies one message of the transaction; data is the caller's
 // copy, which the changes gathered for the next chunk point into.
 func (b *bulk) apply(ctx context.Context, data []byte) (mode, error) {
-	msg, err := parseFast(data)
+	msg, err := parseFast(data, &b.scratch)
 	if err != nil {
 		return b, fmt.Errorf("decode pgoutput message: %w", err)
 	}

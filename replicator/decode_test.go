@@ -1,7 +1,9 @@
 package replicator
 
 import (
+	"bytes"
 	"encoding/binary"
+	"fmt"
 	"reflect"
 	"strings"
 	"testing"
@@ -49,7 +51,7 @@ func TestParseFastMatchesPglogrepl(t *testing.T) {
 		if err != nil {
 			t.Fatalf("%s: pglogrepl: %v", name, err)
 		}
-		got, err := parseFast(data)
+		got, err := parseFast(data, nil)
 		if err != nil {
 			t.Fatalf("%s: %v", name, err)
 		}
@@ -57,9 +59,25 @@ func TestParseFastMatchesPglogrepl(t *testing.T) {
 			t.Errorf("%s:\n got %#v\nwant %#v", name, got, want)
 		}
 	}
+	// Decoded into reused room, one after the other in varying orders
+	// (wider rows before narrower, values where NULLs were before), each
+	// message still reads as pglogrepl reads it.
+	var sc parseScratch
+	for range 5 {
+		for name, data := range msgs {
+			want, _ := pglogrepl.Parse(data)
+			got, err := parseFast(data, &sc)
+			if err != nil {
+				t.Fatalf("%s: %v", name, err)
+			}
+			if !reflect.DeepEqual(got, want) {
+				t.Errorf("%s, reusing room:\n got %#v\nwant %#v", name, got, want)
+			}
+		}
+	}
 	// An empty value is empty, not NULL; values point into the message.
 	data := msgs["insert"]
-	m, _ := parseFast(data)
+	m, _ := parseFast(data, nil)
 	cols := m.(*pglogrepl.InsertMessage).Tuple.Columns
 	if cols[1].Data == nil || len(cols[1].Data) != 0 || cols[2].Data != nil {
 		t.Errorf("empty %q, NULL %q", cols[1].Data, cols[2].Data)
@@ -73,13 +91,13 @@ func TestParseFastMatchesPglogrepl(t *testing.T) {
 func TestParseFastRefusesMalformedMessages(t *testing.T) {
 	full := message('U', 7, []byte{'K'}, tupleBytes("1", "two"), []byte{'N'}, tupleBytes("1", "three"))
 	for n := 1; n < len(full); n++ {
-		if _, err := parseFast(full[:n]); err == nil {
+		if _, err := parseFast(full[:n], nil); err == nil {
 			t.Errorf("a message cut to %d of %d bytes decoded without an error", n, len(full))
 		}
 	}
 	// A value cut short names its length.
 	cut := message('I', 1, []byte{'N'}, tupleBytes("abcdefghij"))
-	if _, err := parseFast(cut[:len(cut)-3]); err == nil || !strings.Contains(err.Error(), "want a value of 10 bytes") {
+	if _, err := parseFast(cut[:len(cut)-3], nil); err == nil || !strings.Contains(err.Error(), "want a value of 10 bytes") {
 		t.Errorf("a value cut short: %v", err)
 	}
 	bad := map[string][]byte{
@@ -88,8 +106,30 @@ func TestParseFastRefusesMalformedMessages(t *testing.T) {
 		"unknown column kind":   message('I', 1, []byte{'N'}, []byte{0, 1, 'z'}),
 	}
 	for name, data := range bad {
-		if _, err := parseFast(data); err == nil {
+		if _, err := parseFast(data, nil); err == nil {
 			t.Errorf("%s: decoded without an error", name)
+		}
+	}
+}
+
+// Copies carved from one block stay as they were copied, however many
+// follow, and appending to one never reaches the next.
+func TestCopiesKeepTheirBytes(t *testing.T) {
+	var c copies
+	var kept [][]byte
+	var want []string
+	for i := range 5000 {
+		msg := []byte(strings.Repeat(fmt.Sprint(i%10), 1+i%97))
+		if i%1000 == 999 {
+			msg = bytes.Repeat([]byte{'L'}, copyBlock) // larger than a block
+		}
+		kept, want = append(kept, c.of(msg)), append(want, string(msg))
+		msg[0] = '!' // the caller's buffer is reused
+	}
+	_ = append(kept[0], 'x') // a copy has no room to grow into the next
+	for i := range kept {
+		if string(kept[i]) != want[i] {
+			t.Fatalf("copy %d reads %q, want %q", i, kept[i], want[i])
 		}
 	}
 }

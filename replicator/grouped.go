@@ -1,7 +1,6 @@
 package replicator
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -175,8 +174,8 @@ func (g *grouped) handle(ctx context.Context, data []byte) (mode, error) {
 	// The next receive reuses data's buffer. The copy is kept until the
 	// transaction is confirmed (it may be applied again carefully), and
 	// the decoded values point into it.
-	data = bytes.Clone(data)
-	msg, err := parseFast(data)
+	data = g.copies.of(data)
+	msg, err := parseFast(data, &g.scratch)
 	if err != nil {
 		return g, fmt.Errorf("decode pgoutput message: %w", err)
 	}
