@@ -418,6 +418,10 @@ func (s *Stream) startOver(ctx context.Context, conn *pgx.Conn, r remadeSlot) er
 func (s *Stream) receive(ctx context.Context, repl *pgconn.PgConn, a *applier, flushed pglogrepl.LSN, inside *bool) error {
 	received := flushed
 	lastHeard, lastData := time.Now(), time.Now()
+	// heard and heardData are set when a message is done with: the next
+	// turn's clock reading stands for when, one reading per message.
+	heard, heardData := false, false
+	var deadlineSet time.Time // the socket's read deadline, as last set here
 	wake := newWakeThreshold(repl.Conn())
 	silence := max(15*time.Second, 10*idleStatusInterval)
 	nextStatus := time.Now()
@@ -465,6 +469,12 @@ func (s *Stream) receive(ctx context.Context, repl *pgconn.PgConn, a *applier, f
 			}
 		}
 		now := time.Now()
+		if heard {
+			lastHeard, heard = now, false
+		}
+		if heardData {
+			lastData, heardData = now, false
+		}
 		if !now.Before(nextStatus) {
 			if now.Sub(lastHeard) > silence {
 				return fmt.Errorf("peer %q sent nothing for %s: connection presumed dead", s.cfg.Peer.Name, silence.Round(time.Second))
@@ -472,6 +482,7 @@ func (s *Stream) receive(ctx context.Context, repl *pgconn.PgConn, a *applier, f
 			if err := s.sendStatus(ctx, repl, received, flushed, true); err != nil {
 				return err
 			}
+			deadlineSet = time.Time{} // a call with a context may have changed it
 			// An idle stream asks less often: the replies only tell that
 			// the peer wrote WAL with nothing for us (PostgreSQL sends no
 			// keepalive for that unasked), and each is confirmed as it
@@ -507,10 +518,12 @@ func (s *Stream) receive(ctx context.Context, repl *pgconn.PgConn, a *applier, f
 			deadline = soon
 		}
 		// A deadline on the socket, not a context per message: receiving is
-		// the hot loop, and every wait is short, so shutdown is prompt. It is
-		// set every time: calls with a context clear it when they finish.
-		if err := repl.Conn().SetReadDeadline(deadline); err != nil {
-			return fmt.Errorf("receive from peer %q: %w", s.cfg.Peer.Name, err)
+		// the hot loop, and every wait is short, so shutdown is prompt.
+		if !closeEnough(deadlineSet, deadline, now) {
+			if err := repl.Conn().SetReadDeadline(deadline); err != nil {
+				return fmt.Errorf("receive from peer %q: %w", s.cfg.Peer.Name, err)
+			}
+			deadlineSet = deadline
 		}
 		raw, err := repl.ReceiveMessage(context.Background())
 		if err != nil {
@@ -577,11 +590,29 @@ func (s *Stream) receive(ctx context.Context, repl *pgconn.PgConn, a *applier, f
 		}
 		// Time spent applying (waiting for locks, for the clock) is not the
 		// peer's silence: lastHeard is when the message is done with.
-		lastHeard = time.Now()
-		if data {
-			lastData = lastHeard
-		}
+		heard, heardData = true, heardData || data
 	}
+}
+
+// deadlineSlack is how far the socket's read deadline may be from the
+// one wanted before it is set again. Through a backlog the wanted one
+// moves by microseconds with every message, and setting it for each cost
+// a twentieth of the daemon's CPU; the poller wakes in whole milliseconds
+// anyway.
+const deadlineSlack = 100 * time.Microsecond
+
+// closeEnough reports whether the read deadline set serves for the one
+// wanted: within deadlineSlack of it, or both already passed (a read
+// then returns at once either way).
+func closeEnough(set, want, now time.Time) bool {
+	if set.IsZero() {
+		return false
+	}
+	if !set.After(now) && !want.After(now) {
+		return true
+	}
+	d := set.Sub(want)
+	return d >= -deadlineSlack && d <= deadlineSlack
 }
 
 // pollPeer samples the peer's WAL position and both Postgres clocks over
