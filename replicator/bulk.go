@@ -1,6 +1,7 @@
 package replicator
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -81,7 +82,7 @@ func (b *bulk) apply(ctx context.Context, data []byte) (mode, error) {
 			err = errNotFast // redefined after changes: the careful path copes
 			break
 		}
-		b.rels[m.RelationID] = newRelation(m, data)
+		b.rels[m.RelationID] = newRelation(m, bytes.Clone(data)) // it outlives data's block
 		return b, nil
 	case *pglogrepl.InsertMessage, *pglogrepl.UpdateMessage, *pglogrepl.DeleteMessage:
 		err = b.rowChange(ctx, t, msg, b.begin.CommitTime)

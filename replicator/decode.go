@@ -179,10 +179,11 @@ func (d *decoder) tuple(st *scratchTuple) *pglogrepl.TupleData {
 }
 
 // copies holds the copies of messages the grouped and bulk modes keep
-// (the next receive reuses the stream's buffer), carved out of 64 KB
-// blocks: a copy costs no allocation of its own. A block lives as long as
-// any copy in it, so what is kept beyond the copies still needed is less
-// than a block.
+// until their transactions are confirmed (the next receive reuses the
+// stream's buffer), carved out of 64 KB blocks: a copy costs no
+// allocation of its own. A block lives as long as any copy in it, so what
+// is kept beyond the copies still needed is less than a block; anything
+// kept longer (a relation's message) is copied out of it.
 type copies struct {
 	block []byte
 }

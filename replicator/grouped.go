@@ -1,6 +1,7 @@
 package replicator
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -225,7 +226,8 @@ func (g *grouped) handle(ctx context.Context, data []byte) (mode, error) {
 		if err := g.drain(ctx); err != nil {
 			return g, err
 		}
-		g.rels[rm.RelationID] = newRelation(rm, data)
+		// A copy of its own: the relation outlives the block data is in.
+		g.rels[rm.RelationID] = newRelation(rm, bytes.Clone(data))
 		return g, nil
 	}
 	if _, ok := msg.(*pglogrepl.RelationMessage); !ok && t.skip {
