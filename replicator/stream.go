@@ -602,14 +602,17 @@ func (s *Stream) receive(ctx context.Context, repl *pgconn.PgConn, a *applier, f
 const deadlineSlack = 100 * time.Microsecond
 
 // closeEnough reports whether the read deadline set serves for the one
-// wanted: within deadlineSlack of it, or both already passed (a read
-// then returns at once either way).
+// wanted: both already passed (a read then returns at once either way),
+// or both ahead and within deadlineSlack of each other. A wanted deadline
+// that has passed (a fresh group goes once nothing more has arrived) is
+// never served by one ahead, however close: the poller would round that
+// wait up to a whole millisecond.
 func closeEnough(set, want, now time.Time) bool {
 	if set.IsZero() {
 		return false
 	}
-	if !set.After(now) && !want.After(now) {
-		return true
+	if !want.After(now) || !set.After(now) {
+		return !want.After(now) && !set.After(now)
 	}
 	d := set.Sub(want)
 	return d >= -deadlineSlack && d <= deadlineSlack

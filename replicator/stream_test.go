@@ -19,6 +19,8 @@ func TestReadDeadlineIsSetAgainOnlyWhenItMatters(t *testing.T) {
 		{"wanted much sooner", now.Add(time.Second), now.Add(time.Millisecond), false},
 		{"both passed", now.Add(-time.Second), now, true},
 		{"passed, wanted later", now.Add(-time.Second), now.Add(time.Millisecond), false},
+		{"wanted now, set a little later", now.Add(50 * time.Microsecond), now, false},
+		{"wanted a little later, passed", now.Add(-time.Microsecond), now.Add(50 * time.Microsecond), false},
 	} {
 		if got := closeEnough(c.set, c.want, now); got != c.keep {
 			t.Errorf("%s: closeEnough = %v, want %v", c.name, got, c.keep)
