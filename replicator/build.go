@@ -144,9 +144,9 @@ func finishRun(pending *insertRun, stmts *[]stmt, copyRuns bool) {
 		deletedCheck(&run, nil, stmts)
 		return
 	}
-	var p params
-	exprs := make([]string, len(run.cols)) // each column's value, typed
 	if len(run.rows) == 1 {
+		var p params
+		exprs := make([]string, len(run.cols)) // each column's value, typed
 		for i, c := range run.cols {
 			exprs[i] = r.typed(&p, c, run.rows[0][i])
 		}
