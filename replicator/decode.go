@@ -16,17 +16,14 @@ import (
 // callers keep a copy of each message until its transaction is confirmed).
 // Every other message goes to pglogrepl.Parse.
 //
-// With sc, a row change is decoded into sc's room, which the next call
-// reuses: for callers that keep nothing of the decoded change past it,
-// only its values (rowChange), which point into data.
+// A row change is decoded into sc's room, which the next call reuses: the
+// callers keep nothing of the decoded change past it but its values
+// (rowChange), which point into data.
 func parseFast(data []byte, sc *parseScratch) (pglogrepl.Message, error) {
 	switch msgType(data) {
 	case pglogrepl.MessageTypeInsert, pglogrepl.MessageTypeUpdate, pglogrepl.MessageTypeDelete:
 	default:
 		return pglogrepl.Parse(data)
-	}
-	if sc == nil {
-		sc = &parseScratch{}
 	}
 	d := decoder{data: data, pos: 1}
 	var msg pglogrepl.Message

@@ -51,7 +51,7 @@ func TestParseFastMatchesPglogrepl(t *testing.T) {
 		if err != nil {
 			t.Fatalf("%s: pglogrepl: %v", name, err)
 		}
-		got, err := parseFast(data, nil)
+		got, err := parseFast(data, new(parseScratch))
 		if err != nil {
 			t.Fatalf("%s: %v", name, err)
 		}
@@ -77,7 +77,7 @@ func TestParseFastMatchesPglogrepl(t *testing.T) {
 	}
 	// An empty value is empty, not NULL; values point into the message.
 	data := msgs["insert"]
-	m, _ := parseFast(data, nil)
+	m, _ := parseFast(data, new(parseScratch))
 	cols := m.(*pglogrepl.InsertMessage).Tuple.Columns
 	if cols[1].Data == nil || len(cols[1].Data) != 0 || cols[2].Data != nil {
 		t.Errorf("empty %q, NULL %q", cols[1].Data, cols[2].Data)
@@ -91,13 +91,13 @@ func TestParseFastMatchesPglogrepl(t *testing.T) {
 func TestParseFastRefusesMalformedMessages(t *testing.T) {
 	full := message('U', 7, []byte{'K'}, tupleBytes("1", "two"), []byte{'N'}, tupleBytes("1", "three"))
 	for n := 1; n < len(full); n++ {
-		if _, err := parseFast(full[:n], nil); err == nil {
+		if _, err := parseFast(full[:n], new(parseScratch)); err == nil {
 			t.Errorf("a message cut to %d of %d bytes decoded without an error", n, len(full))
 		}
 	}
 	// A value cut short names its length.
 	cut := message('I', 1, []byte{'N'}, tupleBytes("abcdefghij"))
-	if _, err := parseFast(cut[:len(cut)-3], nil); err == nil || !strings.Contains(err.Error(), "want a value of 10 bytes") {
+	if _, err := parseFast(cut[:len(cut)-3], new(parseScratch)); err == nil || !strings.Contains(err.Error(), "want a value of 10 bytes") {
 		t.Errorf("a value cut short: %v", err)
 	}
 	bad := map[string][]byte{
@@ -106,7 +106,7 @@ func TestParseFastRefusesMalformedMessages(t *testing.T) {
 		"unknown column kind":   message('I', 1, []byte{'N'}, []byte{0, 1, 'z'}),
 	}
 	for name, data := range bad {
-		if _, err := parseFast(data, nil); err == nil {
+		if _, err := parseFast(data, new(parseScratch)); err == nil {
 			t.Errorf("%s: decoded without an error", name)
 		}
 	}

@@ -191,14 +191,12 @@ func (r *relation) insertSetSQL(cols []int) string {
 // updated a row. Parameters: the key arrays, then one array per column.
 // ok is false when none of cols can be set.
 func (r *relation) updateSetSQL(cols []int, roident uint32) (sql string, ok bool) {
-	sql = r.memo('u', cols, func() string {
-		sql, _ := r.buildUpdateSetSQL(cols, roident)
-		return sql
-	})
+	sql = r.memo('u', cols, func() string { return r.buildUpdateSetSQL(cols, roident) })
 	return sql, sql != ""
 }
 
-func (r *relation) buildUpdateSetSQL(cols []int, roident uint32) (sql string, ok bool) {
+// buildUpdateSetSQL is updateSetSQL's text, "" when none of cols can be set.
+func (r *relation) buildUpdateSetSQL(cols []int, roident uint32) string {
 	arrays, aliases := r.keyArrays()
 	var sets []string
 	for i, c := range cols {
@@ -209,9 +207,9 @@ func (r *relation) buildUpdateSetSQL(cols []int, roident uint32) (sql string, ok
 		}
 	}
 	if len(sets) == 0 {
-		return "", false
+		return ""
 	}
 	return fmt.Sprintf("WITH c AS (UPDATE %s t SET %s FROM unnest(%s) AS u(%s) WHERE %s AND %s RETURNING 1)",
 		r.qualified, strings.Join(sets, ", "), strings.Join(arrays, ", "), strings.Join(aliases, ", "),
-		r.keyMatch(), r.lastWriterIsFor(roident)) + expectAllRows, true
+		r.keyMatch(), r.lastWriterIsFor(roident)) + expectAllRows
 }

@@ -611,8 +611,9 @@ func closeEnough(set, want, now time.Time) bool {
 	if set.IsZero() {
 		return false
 	}
-	if !want.After(now) || !set.After(now) {
-		return !want.After(now) && !set.After(now)
+	wantPassed, setPassed := !want.After(now), !set.After(now)
+	if wantPassed || setPassed {
+		return wantPassed && setPassed
 	}
 	d := set.Sub(want)
 	return d >= -deadlineSlack && d <= deadlineSlack
