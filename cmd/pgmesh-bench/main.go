@@ -225,8 +225,8 @@ func medians(runs [][]float64) []float64 {
 }
 
 // latency writes at a fixed rate on the sender and reads the arrival times
-// the receiver stamped.
-func latency(ctx context.Context, sender, receiver *pgtest.Cluster) (p50, p99 float64, err error) {
+// the receiver stamped; n is how many transactions it wrote.
+func latency(ctx context.Context, sender, receiver *pgtest.Cluster) (p50, p99 float64, n int64, err error) {
 	workers := 4
 	per := time.Second * time.Duration(workers) / time.Duration(*rate)
 	var wg sync.WaitGroup
@@ -266,15 +266,14 @@ func latency(ctx context.Context, sender, receiver *pgtest.Cluster) (p50, p99 fl
 	wg.Wait()
 	for _, e := range errs {
 		if e != nil {
-			return 0, 0, e
+			return 0, 0, 0, e
 		}
 	}
-	var n int64
 	if err := queryRow(ctx, sender, `SELECT count(*) FROM lat`, &n); err != nil {
-		return 0, 0, err
+		return 0, 0, 0, err
 	}
 	if err := waitFor(ctx, receiver, `SELECT count(*) = $1 FROM lat`, n); err != nil {
-		return 0, 0, err
+		return 0, 0, 0, err
 	}
 	err = queryRow(ctx, receiver, `SELECT
 		percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM arrived - sent) * 1000),
@@ -282,7 +281,7 @@ func latency(ctx context.Context, sender, receiver *pgtest.Cluster) (p50, p99 fl
 	if err == nil {
 		err = sender.Exec(ctx, `TRUNCATE lat`)
 	}
-	return p50, p99, err
+	return p50, p99, n, err
 }
 
 func queryRow(ctx context.Context, c *pgtest.Cluster, sql string, dst ...any) error {

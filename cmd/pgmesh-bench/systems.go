@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"math"
 	"os"
 	"path/filepath"
 	"slices"
@@ -414,4 +415,38 @@ func cpuUse(roots []int) cpuSplit {
 func isWalsender(pid int) bool {
 	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cmdline")
 	return err == nil && bytes.HasPrefix(b, []byte("postgres: walsender "))
+}
+
+// busyTicks is the machine's CPU time so far from /proc/stat, in clock
+// ticks: busy (everything but idle and iowait) and in all.
+type busyTicks struct{ busy, total int64 }
+
+func machineBusy() busyTicks {
+	b, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return busyTicks{}
+	}
+	line, _, _ := strings.Cut(string(b), "\n")
+	var t busyTicks
+	for i, f := range strings.Fields(line)[1:] { // after "cpu"
+		v, _ := strconv.ParseInt(f, 10, 64)
+		if i >= 8 { // guest time is counted in user already
+			break
+		}
+		t.total += v
+		if i != 3 && i != 4 { // idle, iowait
+			t.busy += v
+		}
+	}
+	return t
+}
+
+// minus is the share of the time since since that the machine was busy, in
+// percent.
+func (t busyTicks) minus(since busyTicks) float64 {
+	total := t.total - since.total
+	if total <= 0 {
+		return math.NaN()
+	}
+	return 100 * float64(t.busy-since.busy) / float64(total)
 }

@@ -134,6 +134,8 @@ func (b *bench) catchUp(s system, build func(*pgtest.Cluster) error) (catchUpRun
 	if err := quiesce(ctx, s.sender(), s.receiver()); err != nil {
 		return catchUpRun{}, err
 	}
+	stopPerf := perfRecord(s.name(), b.sentinel)
+	defer stopPerf()
 	if err := s.release(ctx); err != nil {
 		return catchUpRun{}, err
 	}
@@ -152,6 +154,7 @@ func (b *bench) catchUp(s system, build func(*pgtest.Cluster) error) (catchUpRun
 		return catchUpRun{}, fmt.Errorf("%s: %w", s.name(), err)
 	}
 	r := catchUpRun{took: time.Since(start), cpu: cpuUse(s.roots()).minus(cpu)}
+	stopPerf()
 	if counts {
 		after, err := counter.applied(ctx)
 		if err != nil {
@@ -264,8 +267,12 @@ func (b *bench) latency() error {
 	fmt.Printf("4. commit-to-visible latency at %d transactions/s for %s, %d runs (medians)\n", *rate, *latencyDur, max(*repeat, 1))
 	n := len(b.systems)
 	// Per system, each run's p50 and p99 one way, then the other (b to a;
-	// NaN for a system that replicates one way only).
-	var runs [4][][]float64
+	// NaN for a system that replicates one way only), and for the run from
+	// a to b: the pair's CPU per 100k transactions, pgmesh's receiving
+	// daemon's share, and how busy the whole machine was (the load
+	// generator included). On a machine this small, the tail follows how
+	// busy it is.
+	var runs [7][][]float64
 	for i := range runs {
 		runs[i] = make([][]float64, n)
 	}
@@ -274,9 +281,21 @@ func (b *bench) latency() error {
 			if err := s.settle(b.ctx); err != nil {
 				return err
 			}
-			p50, p99, err := latency(b.ctx, s.sender(), s.receiver())
+			counter, counts := s.(appliedCounter)
+			var daemonCPU time.Duration
+			if counts {
+				daemonCPU = cpuTime([]int{counter.daemonPid()})
+			}
+			cpu, busy := cpuUse(s.roots()), machineBusy()
+			p50, p99, txns, err := latency(b.ctx, s.sender(), s.receiver())
 			if err != nil {
 				return err
+			}
+			per100k := func(d time.Duration) float64 { return d.Seconds() * 100000 / float64(max(txns, 1)) }
+			pairCPU, busyShare := per100k(cpuUse(s.roots()).minus(cpu).total), machineBusy().minus(busy)
+			daemonShare := math.NaN()
+			if counts {
+				daemonShare = per100k(cpuTime([]int{counter.daemonPid()}) - daemonCPU)
 			}
 			back50, back99 := math.NaN(), math.NaN()
 			if tw, ok := s.(twoWay); ok {
@@ -284,12 +303,13 @@ func (b *bench) latency() error {
 					return err
 				}
 				sender, receiver := tw.back()
-				if back50, back99, err = latency(b.ctx, sender, receiver); err != nil {
+				if back50, back99, _, err = latency(b.ctx, sender, receiver); err != nil {
 					return err
 				}
 			}
-			fmt.Printf("  %s: p50 / p99 %.2f / %.2f ms, b to a %.2f / %.2f ms\n", s.name(), p50, p99, back50, back99)
-			for k, v := range []float64{p50, p99, back50, back99} {
+			fmt.Printf("  %s: p50 / p99 %.2f / %.2f ms, b to a %.2f / %.2f ms; a to b: CPU %.2f s per 100k txn, machine %.0f%% busy\n",
+				s.name(), p50, p99, back50, back99, pairCPU, busyShare)
+			for k, v := range []float64{p50, p99, back50, back99, pairCPU, daemonShare, busyShare} {
 				runs[k][i] = append(runs[k][i], v)
 			}
 		}
@@ -300,6 +320,9 @@ func (b *bench) latency() error {
 	b.add("4. latency p99", medians(runs[1]), " ms", false, "%.2f")
 	b.add("4. latency p50, b to a", medians(runs[2]), " ms", false, "%.2f")
 	b.add("4. latency p99, b to a", medians(runs[3]), " ms", false, "%.2f")
+	b.add("4. latency, CPU s per 100k txn, a to b", medians(runs[4]), " s", false, "%.2f")
+	b.add("4. latency, of which pgmesh daemon", medians(runs[5]), " s", false, "%.2f")
+	b.add("4. latency, machine busy, a to b", medians(runs[6]), "%", false, "%.0f")
 	return nil
 }
 
