@@ -1,6 +1,7 @@
 package replicator
 
 import (
+	"context"
 	"testing"
 
 	"github.com/jackc/pglogrepl"
@@ -51,5 +52,21 @@ func TestHoldBackBoundsItsSamples(t *testing.T) {
 	got := h.confirmable(2*maxPending, originSample{remote: 2 * maxPending, local: 10_000 + 2*maxPending - 1}, 10_000+maxPending+10)
 	if want := pglogrepl.LSN(maxPending + 11); got != want {
 		t.Fatalf("confirmed %s, want %s", got, want)
+	}
+}
+
+// A watch that last found every local commit flushed confirms what the
+// stream passed over since without reading anything; a commit since makes
+// it read again, and what it cannot read is held.
+func TestFlushWatchReadsOnlyAfterACommit(t *testing.T) {
+	w := &flushWatch{dsn: "postgres://nobody@127.0.0.1:1/none?connect_timeout=1", settled: true}
+	w.hold.safe = 100
+	if got, why := w.limit(context.Background(), 300); got != 300 || why != "" {
+		t.Fatalf("settled: confirmed %s (%q), want 0/12C", got, why)
+	}
+	w.committed()
+	got, why := w.limit(context.Background(), 500)
+	if got != 300 || why == "" {
+		t.Fatalf("after a commit, unreadable: confirmed %s (%q), want 0/12C held with a reason", got, why)
 	}
 }

@@ -62,7 +62,7 @@ type Config struct {
 	OnApplyError string
 	// StandbySlots are the physical slots of this node's standbys that may
 	// be promoted: a change applied here is confirmed to the peer only once
-	// every one of them has flushed it (standby.go).
+	// every one of them has flushed it, as the local WAL has (standby.go).
 	StandbySlots []string
 }
 
@@ -74,8 +74,9 @@ type Stream struct {
 	// retryLSN is a large transaction (FinalLSN) whose bulk apply failed:
 	// streamed again, it takes the careful path.
 	retryLSN pglogrepl.LSN
-	// standbys holds confirmations for this node's standbys; nil without.
-	standbys *standbyWatch
+	// flush holds confirmations until the local WAL and the standbys have
+	// flushed what they confirm.
+	flush *flushWatch
 	// parked are the tables whose changes from the peer are parked (park.go),
 	// and requests the replays and discards waiting for the stream.
 	parked   parkedTables
@@ -91,7 +92,7 @@ func New(cfg Config) *Stream {
 		cfg.Logger = slog.Default()
 	}
 	return &Stream{cfg: cfg, stats: newStats(cfg.Peer.Name),
-		log: cfg.Logger.With("peer", cfg.Peer.Name), standbys: newStandbyWatch(cfg),
+		log: cfg.Logger.With("peer", cfg.Peer.Name), flush: newFlushWatch(cfg),
 		parked: parkedTables{}, requests: make(chan queueRequest)}
 }
 
@@ -102,7 +103,7 @@ func (s *Stream) Status() Status { return s.stats.snapshot() }
 // change that fails to apply is retried from the same position after each
 // reconnect: nothing is skipped.
 func (s *Stream) Run(ctx context.Context) {
-	defer s.standbys.close()
+	defer s.flush.close()
 	backoff := 500 * time.Millisecond
 	for {
 		start := time.Now()
@@ -159,17 +160,27 @@ func (s *Stream) Run(ctx context.Context) {
 
 // idleStatusInterval is how often a stream that received no change for
 // that long reports and asks for the peer's position; a stream with data
-// does so every Config.StatusInterval, and right after each commit.
+// does so every Config.StatusInterval, and within confirmDelay of each
+// commit.
 const idleStatusInterval = time.Second
 
-// sendStatus confirms flushed to the peer, or as much of it as this
-// node's standbys have, asking for the peer's position if ask.
+// confirmDelay is how long a position committed or passed here may wait
+// before the peer is told. Told at once, every transaction cost a status,
+// and a flush here when the stream is quiet (standby.go); wait_for_peers
+// looks every 10 ms anyway.
+const confirmDelay = 10 * time.Millisecond
+
+// flushProgress flushes the local WAL up to the apply session's last
+// commit (which committed asynchronously: standby.go).
+const flushProgress = `SELECT pg_catalog.pg_replication_origin_session_progress(true)`
+
+// sendStatus confirms flushed to the peer, or as much of it as the local
+// WAL and this node's standbys have flushed, asking for the peer's position
+// if ask.
 func (s *Stream) sendStatus(ctx context.Context, repl *pgconn.PgConn, received, flushed pglogrepl.LSN, ask bool) error {
-	if s.standbys != nil {
-		var held string
-		flushed, held = s.standbys.limit(ctx, flushed)
-		s.stats.setHeld(held)
-	}
+	var held string
+	flushed, held = s.flush.limit(ctx, flushed)
+	s.stats.setHeld(held)
 	if err := pglogrepl.SendStandbyStatusUpdate(ctx, repl, pglogrepl.StandbyStatusUpdate{
 		WALWritePosition: received, WALFlushPosition: flushed, WALApplyPosition: flushed,
 		ReplyRequested: ask,
@@ -286,8 +297,11 @@ func (s *Stream) connectApply(ctx context.Context) (*pgx.Conn, error) {
 	// again at every execution, as an array's length is known only then,
 	// which costs more than applying a small group (about 130 us a
 	// statement). Their generic plans look each row up by primary key.
+	// Commits are asynchronous: the stream confirms only what the WAL has
+	// flushed (standby.go).
 	conn, err := pgsession.Connect(ctx, s.cfg.LocalDSN, "pgmesh apply from "+s.cfg.Peer.Name, pgsession.Applier,
-		pgsession.Settings{"search_path": "", "client_connection_check_interval": "1000", "plan_cache_mode": "force_generic_plan"})
+		pgsession.Settings{"search_path": "", "client_connection_check_interval": "1000", "plan_cache_mode": "force_generic_plan",
+			"synchronous_commit": "off"})
 	if err != nil {
 		return nil, fmt.Errorf("connect to local Postgres: %w", err)
 	}
@@ -416,6 +430,9 @@ func (s *Stream) startOver(ctx context.Context, conn *pgx.Conn, r remadeSlot) er
 // progress. flushed is the position up to which everything the peer sent is
 // committed here (or was not for us), the only position ever confirmed.
 func (s *Stream) receive(ctx context.Context, repl *pgconn.PgConn, a *applier, flushed pglogrepl.LSN, inside *bool) error {
+	// The origin's progress, where this starts, may hold commits the WAL
+	// has not flushed yet (the last connection's).
+	s.flush.committed()
 	received := flushed
 	lastHeard, lastData := time.Now(), time.Now()
 	// heard and heardData are set when a message is done with: the next
@@ -425,17 +442,23 @@ func (s *Stream) receive(ctx context.Context, repl *pgconn.PgConn, a *applier, f
 	wake := newWakeThreshold(repl.Conn())
 	silence := max(15*time.Second, 10*idleStatusInterval)
 	nextStatus := time.Now()
-	// committed records that everything up to end is committed here, and
-	// confirms it soon: peers waiting in wait_for_peers see it.
+	// confirmSoon has the next status go within confirmDelay: peers
+	// waiting in wait_for_peers see the new position then.
+	confirmSoon := func() {
+		if soon := time.Now().Add(confirmDelay); soon.Before(nextStatus) {
+			nextStatus = soon
+		}
+	}
+	// committed records that everything up to end is committed here (not
+	// yet flushed: sendStatus waits for that), and confirms it soon.
 	committed := func(end pglogrepl.LSN) {
 		if end == 0 {
 			return
 		}
 		flushed, received = max(flushed, end), max(received, end)
+		s.flush.committed()
 		s.stats.setApplied(flushed)
-		if soon := time.Now().Add(10 * time.Millisecond); soon.Before(nextStatus) {
-			nextStatus = soon
-		}
+		confirmSoon()
 	}
 	for {
 		if ctx.Err() != nil {
@@ -478,6 +501,13 @@ func (s *Stream) receive(ctx context.Context, repl *pgconn.PgConn, a *applier, f
 		if !now.Before(nextStatus) {
 			if now.Sub(lastHeard) > silence {
 				return fmt.Errorf("peer %q sent nothing for %s: connection presumed dead", s.cfg.Peer.Name, silence.Round(time.Second))
+			}
+			if a.quiet() && !s.flush.settled {
+				// Nothing in flight: flush the last local commit now rather
+				// than when the WAL writer does, so that it is confirmed.
+				if err := a.s.conn().Exec(ctx, flushProgress).Close(); err != nil {
+					return fmt.Errorf("flush the local WAL: %w", err)
+				}
 			}
 			if err := s.sendStatus(ctx, repl, received, flushed, true); err != nil {
 				return err
@@ -557,14 +587,13 @@ func (s *Stream) receive(ctx context.Context, repl *pgconn.PgConn, a *applier, f
 				}
 				// Between transactions, everything the sender read up to
 				// ka.ServerWALEnd has reached us: nothing below it is pending.
-				// Confirmed at once, not at the next status: peers waiting
-				// in wait_for_peers see it one round trip after the ask.
+				// Confirmed soon rather than at the next status: peers
+				// waiting in wait_for_peers see it. Not at once: a walsender
+				// pings after every transaction it decodes.
 				if a.quiet() && ka.ServerWALEnd > flushed {
 					flushed, received = ka.ServerWALEnd, max(received, ka.ServerWALEnd)
 					s.stats.setApplied(flushed)
-					if err := s.sendStatus(ctx, repl, received, flushed, false); err != nil {
-						return err
-					}
+					confirmSoon()
 				}
 				if ka.ReplyRequested {
 					nextStatus = time.Now()

@@ -23,17 +23,19 @@ type Settings map[string]string
 // statement, and each query of a VOLATILE function, sees every transaction
 // committed before it began (a delete an insert waited for, for one).
 //
-// Its commits are also durable before they return (see durableCommits).
+// Its commits are also durable before they return (see durableCommits),
+// unless the session sets synchronous_commit itself.
 var Applier = Settings{"session_replication_role": "replica", "default_transaction_read_only": "off",
 	"default_transaction_isolation": "read committed"}
 
 // durableCommits raises a session's synchronous_commit from off to local.
-// pgmesh confirms a peer's transaction to the peer's slot once its local
-// commit returns, and the peer never sends it again: an asynchronous
+// A peer never sends again what its slot has confirmed: an asynchronous
 // commit, lost in a crash before the WAL writer wrote it, would be lost for
-// good. Stronger settings (on, remote_write, remote_apply) flush locally
-// too and are kept, so a commit that waits for a synchronous standby still
-// does.
+// good if it were confirmed before the flush. Stronger settings (on,
+// remote_write, remote_apply) flush locally too and are kept, so a commit
+// that waits for a synchronous standby still does. A session that sets
+// synchronous_commit itself takes charge: the apply session commits
+// asynchronously and confirms only what the WAL has flushed.
 const durableCommits = `SELECT pg_catalog.set_config('synchronous_commit', 'local', false)
 	WHERE pg_catalog.current_setting('synchronous_commit') = 'off'`
 
@@ -70,8 +72,9 @@ func name(cfg *pgx.ConnConfig, app string, sets []Settings) {
 			cfg.RuntimeParams[k] = v
 		}
 	}
-	// Every session that writes replicated changes commits them durably.
-	if cfg.RuntimeParams["session_replication_role"] == "replica" {
+	// Every session that writes replicated changes commits them durably,
+	// unless it chose otherwise.
+	if cfg.RuntimeParams["session_replication_role"] == "replica" && cfg.RuntimeParams["synchronous_commit"] == "" {
 		after := cfg.AfterConnect
 		cfg.AfterConnect = func(ctx context.Context, pc *pgconn.PgConn) error {
 			if after != nil {
