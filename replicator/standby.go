@@ -102,6 +102,10 @@ func newFlushWatch(cfg Config) *flushWatch {
 // committed notes a local commit since the last sample.
 func (w *flushWatch) committed() { w.settled = false }
 
+// flushedAll notes that the stream flushed every local commit it made
+// (flushProgress), which without standbys leaves nothing to read.
+func (w *flushWatch) flushedAll() { w.settled = len(w.slots) == 0 }
+
 // limit returns how much of flushed (read before the call) may be
 // confirmed, and why the rest is held ("" when nothing is, or only for
 // the local flush, which comes soon).

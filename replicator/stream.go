@@ -508,6 +508,7 @@ func (s *Stream) receive(ctx context.Context, repl *pgconn.PgConn, a *applier, f
 				if err := a.s.conn().Exec(ctx, flushProgress).Close(); err != nil {
 					return fmt.Errorf("flush the local WAL: %w", err)
 				}
+				s.flush.flushedAll()
 			}
 			if err := s.sendStatus(ctx, repl, received, flushed, true); err != nil {
 				return err
