@@ -20,7 +20,7 @@ import (
 // The apply session commits asynchronously (synchronous_commit off, as
 // native subscriptions do): a flush per local commit woke this node's
 // walsenders at every commit, and through them the peers' daemons, which
-// cost a live stream a fifth of its CPU (README, Performance). So a change
+// cost a live stream an eighth of its CPU (README, Performance). So a change
 // applied here is confirmed only once the local WAL is flushed past its
 // local commit; when the stream is quiet, it flushes at once
 // (pg_replication_origin_session_progress(true)), else the WAL writer
