@@ -108,9 +108,13 @@ func (a *applier) pause() time.Duration { return a.grouped.pause() }
 // transaction read committed a while ago.
 func (a *applier) behind() bool { return a.grouped.behind }
 
-// passingOver reports whether the stream reads a large transaction it
-// skips (grouped.passingOver).
-func (a *applier) passingOver() bool { return a.grouped.passingOver() }
+// inLarge reports whether the stream is inside a large transaction, whose
+// next messages are certain to follow at once: one it applies in bulk, or
+// one it skips (grouped.passingOver).
+func (a *applier) inLarge() bool {
+	_, bulk := a.mode.(*bulk)
+	return bulk || a.grouped.passingOver()
+}
 
 // quiet reports whether no transaction is open or unconfirmed.
 func (a *applier) quiet() bool { return !a.busy() && a.between() }

@@ -308,8 +308,8 @@ func TestFreshGroupsGoSoon(t *testing.T) {
 }
 
 // A forwarded transaction is skipped; once it shows itself large, the
-// stream reads the rest of it in batches (passingOver), and a small one not
-// at all.
+// stream reads the rest of it in batches (inLarge), and a small one not at
+// all.
 func TestLargeSkippedTransactionIsPassedOver(t *testing.T) {
 	a, f := testApplier(t, 0)
 	for _, rows := range []int{largeSkip - 1, 3 * largeSkip} {
@@ -323,7 +323,7 @@ func TestLargeSkippedTransactionIsPassedOver(t *testing.T) {
 				t.Fatal(err)
 			}
 			confirmed = max(confirmed, end)
-			if a.passingOver() {
+			if a.inLarge() {
 				passed++
 			} else if passed > 0 && i < len(msgs)-1 {
 				t.Fatalf("%d rows: no longer passing over after message %d of %d", rows, i, len(msgs))
@@ -332,8 +332,8 @@ func TestLargeSkippedTransactionIsPassedOver(t *testing.T) {
 		if want := max(0, rows-largeSkip+1); passed != want {
 			t.Errorf("%d rows: passing over after %d messages, want %d", rows, passed, want)
 		}
-		if a.passingOver() || !a.between() {
-			t.Errorf("%d rows: after its commit, passing over %v, between transactions %v", rows, a.passingOver(), a.between())
+		if a.inLarge() || !a.between() {
+			t.Errorf("%d rows: after its commit, passing over %v, between transactions %v", rows, a.inLarge(), a.between())
 		}
 		if confirmed != end || len(f.calls) != 0 {
 			t.Errorf("%d rows: confirmed %s (want %s) with calls %q, want none", rows, confirmed, end, f.calls)
@@ -383,7 +383,18 @@ func TestDDLGoesCarefulAndBack(t *testing.T) {
 func TestLargeTransactionGoesBulk(t *testing.T) {
 	a, f := testApplier(t, 0)
 	msgs, end := txn(1, time.Now(), insertMsgs(0, fastMaxTxnChanges+1)...)
-	modes := feed(t, a, msgs)
+	var modes []string
+	for i, m := range msgs {
+		if _, err := a.handle(context.Background(), m); err != nil {
+			t.Fatal(err)
+		}
+		modes = append(modes, modeName(a.mode))
+		// The stream reads a bulk transaction in batches, and what
+		// follows its commit as it comes.
+		if bulk := modes[i] == "bulk"; a.inLarge() != bulk {
+			t.Fatalf("after message %d of %d, in mode %s: inside a large transaction %v", i, len(msgs), modes[i], !bulk)
+		}
+	}
 	if modes[len(modes)-3] != "grouped" || modes[len(modes)-2] != "bulk" || modes[len(modes)-1] != "grouped" {
 		t.Errorf("modes end with %q, want grouped until it is large, bulk from there, grouped after its commit", modes[len(modes)-3:])
 	}

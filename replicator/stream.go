@@ -524,10 +524,10 @@ func (s *Stream) receive(ctx context.Context, repl *pgconn.PgConn, a *applier, f
 			}
 			nextStatus = now.Add(interval)
 		}
-		// Through a backlog or a large skipped transaction, be woken by a
-		// few kilobytes at once, never waiting longer than the pause below
+		// Through a backlog or a large transaction, be woken by a few
+		// kilobytes at once, never waiting longer than the pause below
 		// (wake.go); otherwise by every byte.
-		batched := a.behind() && a.busy() || a.passingOver()
+		batched := a.behind() && a.busy() || a.inLarge()
 		if batched {
 			wake.set(backlogWake)
 		} else {
@@ -541,8 +541,9 @@ func (s *Stream) receive(ctx context.Context, repl *pgconn.PgConn, a *applier, f
 			// the peer pauses.
 			soon = now.Add(a.pause())
 		case batched:
-			// Skipping: what follows may be for us, so wait briefly
-			// (with the poller's rounding, a millisecond).
+			// Inside a large transaction: what follows its end may be
+			// fresh, so wait briefly (with the poller's rounding, a
+			// millisecond).
 			soon = now.Add(freshPause)
 		}
 		if !soon.IsZero() && soon.Before(deadline) {

@@ -11,11 +11,11 @@ import (
 // for nearly every one: a read and a poll per message were over half the
 // daemon's CPU. Asking the kernel to wake the reader only once a few
 // kilobytes wait (SO_RCVLOWAT) makes each wake read dozens of
-// transactions. The same holds while the stream passes over a large
-// transaction it skips (grouped.passingOver). Otherwise the threshold stays
+// transactions. The same holds inside a large transaction, applied in bulk
+// or skipped (applier.inLarge). Otherwise the threshold stays
 // at one byte: a lone transaction must not wait for others. A deadline
-// bounds every wait: the backlog's pause, or freshPause while skipping,
-// since what follows a skipped transaction may be fresh.
+// bounds every wait: the backlog's pause, or freshPause inside a large
+// transaction, since what follows it may be fresh.
 const backlogWake = 4096
 
 // wakeThreshold sets a TCP socket's SO_RCVLOWAT, remembering the value so
